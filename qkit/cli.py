@@ -1,0 +1,267 @@
+"""The ``qkit`` command line (SPEC §7).
+
+Exit status: 0 done; 2 bad usage or bad input (one line on stderr); 1 a
+runtime failure (one line on stderr).  ``--json`` prints one JSON document.
+No traceback reaches the user unless ``QKIT_DEBUG=1``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+import qkit
+from qkit.config import redact
+from qkit.errors import BadInput, QkitError
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    return str(value)
+
+
+def emit(data: Any, as_json: bool, human: Callable[[Any], str] | None = None) -> None:
+    """Print ``data`` as one JSON document, or as the human form."""
+    if as_json:
+        click.echo(json.dumps(data, default=_json_default, ensure_ascii=False))
+    else:
+        click.echo(human(data) if human else json.dumps(data, default=_json_default, indent=2))
+
+
+def _open(queue: str) -> qkit.Queue:
+    return qkit.connect(queue=queue)
+
+
+queue_option = click.option("--queue", default="default", show_default=True, help="Queue name.")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(qkit.__version__, prog_name="qkit")
+def cli() -> None:
+    """qkit: a Redis priority job queue with leases, retries, a DLQ and a SQL ledger."""
+
+
+@cli.command()
+@queue_option
+def init(queue: str) -> None:
+    """Create or upgrade the ledger tables and check both backends."""
+    with _open(queue) as q:
+        version = q.ledger.init_schema()
+        q.backend.ping()
+        click.echo(f"ledger: {q.ledger.describe()} (schema v{version})")
+        click.echo(f"redis:  {q.backend.describe()} (reachable)")
+
+
+def _parse_payload(text: str | None) -> dict:
+    if text is None:
+        return {}
+    if text.startswith("@"):
+        path = Path(text[1:])
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise BadInput(f"--payload file {str(path)!r} cannot be read: {exc.strerror}") from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BadInput(f"--payload is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    return value
+
+
+@cli.command()
+@click.argument("type")
+@click.option("--payload", help="JSON object, or @file.json.")
+@click.option("--priority", type=int, default=0, show_default=True)
+@click.option("--max-attempts", type=int, default=3, show_default=True)
+@click.option("--delay", type=float, default=0.0, show_default=True, help="Seconds before it is due.")
+@click.option("--key", default=None, help="Idempotency key.")
+@queue_option
+@json_option
+def enqueue(type: str, payload: str | None, priority: int, max_attempts: int, delay: float,
+            key: str | None, queue: str, as_json: bool) -> None:
+    """Enqueue one job; prints its id."""
+    body = _parse_payload(payload)
+    with _open(queue) as q:
+        job_id = q.enqueue(type, body, priority=priority, max_attempts=max_attempts, delay=delay, key=key)
+    emit({"id": job_id}, as_json, lambda d: str(d["id"]))
+
+
+@cli.command()
+@click.option("--max-jobs", type=click.IntRange(min=1), default=None, help="Stop after N jobs.")
+@click.option("--max-seconds", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Stop claiming after S seconds.")
+@click.option("--concurrency", type=click.IntRange(1, 256), default=1, show_default=True,
+              help="Handler threads (for I/O-bound handlers).")
+@queue_option
+@json_option
+def work(max_jobs: int | None, max_seconds: float | None, concurrency: int, queue: str, as_json: bool) -> None:
+    """Run one worker burst; prints a summary."""
+    from tqdm import tqdm
+
+    with _open(queue) as q, tqdm(total=max_jobs, unit="job", desc=f"burst {queue}", disable=None,
+                                 file=sys.stderr) as bar:
+        summary = q.work(max_jobs=max_jobs, max_seconds=max_seconds, concurrency=concurrency,
+                         trigger="cli", progress=bar)
+    emit(summary.to_dict(), as_json, lambda d: (
+        f"worker {d['worker']}: processed {d['processed']} (completed {d['completed']}, retried "
+        f"{d['retried']}, failed {d['failed']}, lost {d['lost']}) in {d['seconds']:.2f} s; stopped: {d['stopped_by']}"))
+
+
+def _job_human(d: dict) -> str:
+    lines = [f"job {d['id']} [{d['queue']}] {d['type']}: {d['status']} "
+             f"(attempts {d['attempts']}/{d['max_attempts']}, priority {d['priority']})"]
+    if d.get("error"):
+        lines.append(f"  error: {d['error']}")
+    if d.get("result") is not None:
+        lines.append(f"  result: {json.dumps(d['result'], ensure_ascii=False)[:200]}")
+    for a in d.get("attempts_detail", []):
+        lines.append(f"  attempt {a['attempt']} (epoch {a['epoch']}) by {a['worker']}: {a['outcome'] or 'running'}"
+                     + (f" in {a['duration_ms']:.1f} ms" if a.get("duration_ms") is not None else "")
+                     + (f" - {a['error']}" if a.get("error") else ""))
+    return "\n".join(lines)
+
+
+@cli.command()
+@click.argument("job_id", type=int)
+@queue_option
+@json_option
+def job(job_id: int, queue: str, as_json: bool) -> None:
+    """Show one job with its attempts."""
+    with _open(queue) as q:
+        data = q.get(job_id).to_dict()
+        data["attempts_detail"] = [{k: v for k, v in a.items() if k != "traceback"} for a in q.ledger.attempts(job_id)]
+    emit(data, as_json, _job_human)
+
+
+@cli.command()
+@queue_option
+@json_option
+def stats(queue: str, as_json: bool) -> None:
+    """Counts per status, success rate and execution time of a queue."""
+    with _open(queue) as q:
+        data = q.stats()
+    emit(data, as_json, lambda d: "\n".join(f"{k:>13}: {v}" for k, v in d.items()))
+
+
+@cli.group()
+def dlq() -> None:
+    """The dead-letter queue: list, replay, purge."""
+
+
+@dlq.command("list")
+@queue_option
+@json_option
+def dlq_list(queue: str, as_json: bool) -> None:
+    """Failed jobs with their final error."""
+    with _open(queue) as q:
+        jobs = [j.to_dict() for j in q.dead()]
+    emit(jobs, as_json, lambda rows: "\n".join(
+        f"{r['id']}\t{r['type']}\tattempts {r['attempts']}\t{(r['error'] or '')[:120]}" for r in rows) or "DLQ is empty")
+
+
+@dlq.command("replay")
+@click.argument("job_ids", nargs=-1, type=int)
+@click.option("--all", "replay_all", is_flag=True, help="Replay every job in the DLQ.")
+@queue_option
+@json_option
+def dlq_replay(job_ids: tuple[int, ...], replay_all: bool, queue: str, as_json: bool) -> None:
+    """Put failed jobs back to pending with a fresh attempt budget."""
+    if bool(job_ids) == replay_all:
+        raise click.UsageError("give job ids or --all (not both)")
+    with _open(queue) as q:
+        ids = q.replay_all() if replay_all else q.replay(list(job_ids))
+    emit({"replayed": ids}, as_json, lambda d: f"replayed {len(d['replayed'])} job(s)")
+
+
+@dlq.command("purge")
+@queue_option
+@json_option
+def dlq_purge(queue: str, as_json: bool) -> None:
+    """Delete every job in the DLQ."""
+    with _open(queue) as q:
+        n = q.purge_dead()
+    emit({"purged": n}, as_json, lambda d: f"purged {d['purged']} job(s)")
+
+
+@cli.command()
+@queue_option
+@json_option
+def runs(queue: str, as_json: bool) -> None:
+    """The worker run history (scheduled, CLI, HTTP and notebook bursts)."""
+    from sqlalchemy import select
+
+    from qkit.ledger import worker_runs
+
+    with _open(queue) as q, q.ledger.read_engine.connect() as conn:
+        rows = [dict(r) for r in conn.execute(select(worker_runs).where(worker_runs.c.queue == queue)
+                                              .order_by(worker_runs.c.id.desc()).limit(200)).mappings()]
+    emit(rows, as_json, lambda rs: "\n".join(
+        f"{r['id']}\t{r['trigger']}\t{r['status']}\t{r['started_at']:%Y-%m-%d %H:%M:%S}\tprocessed {r['processed']}"
+        for r in rs) or "no runs yet")
+
+
+@cli.group()
+def dev() -> None:
+    """Developer tools."""
+
+
+@dev.command("upstash")
+@click.option("--redis-url", required=True, help="The Redis the endpoint forwards to.")
+@click.option("--token", envvar="UPSTASH_REDIS_REST_TOKEN", required=True,
+              help="Bearer token clients must send (default: $UPSTASH_REDIS_REST_TOKEN).")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8079, show_default=True)
+@click.option("--latency-ms", type=float, default=0.0, show_default=True, help="Injected delay per request.")
+def dev_upstash(redis_url: str, token: str, host: str, port: int, latency_ms: float) -> None:
+    """Serve a local Upstash-compatible REST endpoint in front of a real Redis."""
+    from qkit.upstash_dev import serve
+
+    serve(redis_url, token, host=host, port=port, latency_ms=latency_ms)
+
+
+@dev.command("stop-embedded")
+def dev_stop_embedded() -> None:
+    """Stop the embedded Redis of QKIT_HOME (its data stays on disk)."""
+    from qkit.backends.embedded import EmbeddedServer
+    from qkit.config import default_home
+
+    EmbeddedServer(default_home()).stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the CLI, turning every error into one line and an exit status."""
+    try:
+        cli.main(args=argv, prog_name="qkit", standalone_mode=False)
+        return 0
+    except click.exceptions.Exit as exc:
+        return int(exc.exit_code)
+    except click.UsageError as exc:
+        click.echo(f"qkit: {exc.format_message()}", err=True)
+        return 2
+    except click.ClickException as exc:
+        click.echo(f"qkit: {exc.format_message()}", err=True)
+        return exc.exit_code
+    except (click.Abort, KeyboardInterrupt):
+        click.echo("qkit: interrupted", err=True)
+        return 130
+    except QkitError as exc:
+        click.echo(f"qkit: {redact(str(exc))}", err=True)
+        return exc.exit_code
+    except Exception as exc:  # noqa: BLE001 - a bug: still one line unless debugging
+        if os.environ.get("QKIT_DEBUG"):
+            raise
+        click.echo(f"qkit: internal error ({type(exc).__name__}): {redact(str(exc))}", err=True)
+        return 1
+
+
+def entry_point() -> None:
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""The Redis side of a queue: the dispatch index.
+
+Redis answers one question fast — which job runs next, and who holds it —
+while the SQL ledger stays the source of truth.  Every method here is one
+atomic script call (see ``qkit/scripts/*.lua``), so a crash between two calls
+never leaves a job half-moved.  All keys of a queue share the hash tag
+``{<queue>}``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+from qkit.backends.base import Backend
+
+#: the largest number of jobs one script call moves; keeps scripts short and
+#: Lua's unpack() far below its stack limit
+MAX_BATCH = 1000
+
+
+@dataclass(frozen=True)
+class QueueKeys:
+    queue: str
+
+    @property
+    def all(self) -> list[str]:
+        prefix = f"qkit:{{{self.queue}}}:"
+        return [prefix + part for part in ("ready", "delayed", "leased", "owners", "dead", "prio")]
+
+
+@dataclass
+class Settlement:
+    """What Redis must do with a job once the ledger has recorded its outcome."""
+
+    job_id: int
+    action: str  # 'done' | 'retry' | 'dead'
+    delay_ms: int = 0
+    priority: int = 0
+
+
+@dataclass
+class ClaimResult:
+    now_ms: int
+    reclaimed: dict[int, str] = field(default_factory=dict)  # id -> previous owner's token
+    claimed: list[int] = field(default_factory=list)
+    fenced: list[int] = field(default_factory=list)
+    next_due_ms: int = -1
+    ready_count: int = 0
+
+
+@dataclass
+class Inventory:
+    now_ms: int
+    ready: int
+    delayed: int
+    leased: int
+    dead: int
+    delayed_due: int
+    leases_expired: int
+
+
+@dataclass
+class Snapshot:
+    now_ms: int
+    ready: set[int]
+    delayed: dict[int, int]  # id -> due ms
+    leased: dict[int, tuple[int, str]]  # id -> (deadline ms, owner)
+    dead: set[int]
+
+    def place_of(self, job_id: int) -> str | None:
+        for name in ("ready", "delayed", "leased", "dead"):
+            if job_id in getattr(self, name):
+                return name
+        return None
+
+
+class Dispatch:
+    """Atomic operations on one queue's Redis keys."""
+
+    def __init__(self, backend: Backend, queue: str) -> None:
+        self.backend = backend
+        self.queue = queue
+        self.keys = QueueKeys(queue).all
+
+    def push(self, jobs: Iterable[tuple[int, int, int]], mode: str = "new") -> int:
+        """Make jobs pending: (id, priority, delay_ms) each.  Returns how many were added."""
+        added = 0
+        batch: list[tuple[int, int, int]] = []
+        for item in jobs:
+            batch.append(item)
+            if len(batch) == MAX_BATCH:
+                added += self._push(batch, mode)
+                batch = []
+        if batch:
+            added += self._push(batch, mode)
+        return added
+
+    def _push(self, batch: Sequence[tuple[int, int, int]], mode: str) -> int:
+        args: list[object] = [mode]
+        for job_id, priority, delay_ms in batch:
+            args += [job_id, priority, max(0, int(delay_ms))]
+        return int(self.backend.run("push", self.keys, args))
+
+    def claim(self, token: str, lease_ms: int, want: int,
+              settlements: Sequence[Settlement] = ()) -> ClaimResult:
+        """Settle the previous batch and claim up to ``want`` jobs, in one call."""
+        args: list[object] = [token, int(lease_ms), int(want), len(settlements)]
+        for s in settlements:
+            args += [s.job_id, s.action, int(s.delay_ms), s.priority]
+        now, reclaimed, claimed, fenced, next_due, ready_count = self.backend.run("claim", self.keys, args)
+        pairs = reclaimed or []
+        return ClaimResult(
+            now_ms=int(now),
+            reclaimed={int(pairs[i]): pairs[i + 1] or "" for i in range(0, len(pairs), 2)},
+            claimed=[int(x) for x in claimed or []],
+            fenced=[int(x) for x in fenced or []],
+            next_due_ms=int(next_due),
+            ready_count=int(ready_count),
+        )
+
+    def renew(self, token: str, lease_ms: int, job_ids: Sequence[int]) -> list[int]:
+        """Extend held leases; return the ids this token no longer holds."""
+        if not job_ids:
+            return []
+        lost = self.backend.run("renew", self.keys[2:4], [token, int(lease_ms), *job_ids])
+        return [int(x) for x in lost or []]
+
+    def remove(self, job_ids: Sequence[int], scope: str = "dead") -> int:
+        """Take ids out of the DLQ (scope 'dead') or out of every place (scope 'all')."""
+        removed = 0
+        ids = list(job_ids)
+        for start in range(0, len(ids), MAX_BATCH):
+            removed += int(self.backend.run("remove", self.keys, [scope, *ids[start:start + MAX_BATCH]]))
+        return removed
+
+    def inventory(self) -> Inventory:
+        """Counts per place, in one command."""
+        reply = self.backend.run("inventory", self.keys, ["counts"])
+        return Inventory(*(int(x) for x in reply))
+
+    def snapshot(self) -> Snapshot:
+        """Every id and where it is, in one command (for audit and repair)."""
+        now, ready, delayed, leased, dead = self.backend.run("inventory", self.keys, ["full"])
+        return Snapshot(
+            now_ms=int(now),
+            ready={int(x) for x in ready or []},
+            delayed={int(delayed[i]): int(float(delayed[i + 1])) for i in range(0, len(delayed or []), 2)},
+            leased={int(leased[i]): (int(float(leased[i + 1])), leased[i + 2]) for i in range(0, len(leased or []), 3)},
+            dead={int(x) for x in dead or []},
+        )

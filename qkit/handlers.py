@@ -1,0 +1,161 @@
+"""The handler registry and the four simulated handlers (SPEC §6).
+
+Handlers come from an allow-list keyed by type name: ``@qkit.handler`` in
+this process, or modules named in ``QKIT_HANDLERS``.  Nothing in a payload
+can choose which code runs.
+"""
+from __future__ import annotations
+
+import contextvars
+import importlib
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+from qkit.backoff import unit_hash
+from qkit.errors import ConfigError
+
+DEFAULT_TIMEOUT = 300.0
+
+
+@dataclass(frozen=True)
+class Handler:
+    type: str
+    func: Callable[[dict], Any]
+    timeout: float
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """What a running handler may ask about its job: ``qkit.current_job()``."""
+
+    id: int
+    type: str
+    attempt: int
+    max_attempts: int
+    queue: str
+    worker: str
+
+
+_registry: dict[str, Handler] = {}
+_current: contextvars.ContextVar[JobContext | None] = contextvars.ContextVar("qkit_job", default=None)
+
+
+def handler(type: str, timeout: float = DEFAULT_TIMEOUT) -> Callable[[Callable], Callable]:
+    """Register the decorated function as the handler of jobs of ``type``.
+
+    ``timeout`` (seconds) bounds one attempt; past it the attempt counts as
+    ``timeout`` and is retried like a failure.
+    """
+    from qkit.model import check_name
+
+    check_name(type, "handler type")
+    if not timeout > 0:
+        raise ValueError("timeout must be > 0 seconds")
+
+    def register(func: Callable) -> Callable:
+        _registry[type] = Handler(type, func, float(timeout))
+        return func
+
+    return register
+
+
+def get_handler(type: str) -> Handler | None:
+    return _registry.get(type)
+
+
+def registered_types() -> list[str]:
+    return sorted(_registry)
+
+
+def import_handler_modules(modules: Iterable[str]) -> None:
+    """Import each module of ``QKIT_HANDLERS`` so its handlers register."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise ConfigError(f"QKIT_HANDLERS names {name!r}, which cannot be imported: {exc}") from None
+
+
+def current_job() -> JobContext | None:
+    """The job the calling handler is running, or None outside a handler."""
+    return _current.get()
+
+
+def run_in_context(ctx: JobContext, func: Callable[[dict], Any], payload: dict) -> Any:
+    token = _current.set(ctx)
+    try:
+        return func(payload)
+    finally:
+        _current.reset(token)
+
+
+# ---------------------------------------------------------------- simulations
+
+class SimulatedFailure(RuntimeError):
+    """A failure the simulation chose (payload ``simulate.fail_rate``)."""
+
+
+class SimulatedTimeout(TimeoutError):
+    """A timeout the simulation chose (payload ``simulate.timeout_rate``)."""
+
+
+def _simulate(kind: str, payload: dict) -> dict[str, Any]:
+    """Shared behaviour of the simulated handlers: deterministic per (job id, attempt).
+
+    ``payload["simulate"] = {"fail_rate": 0..1, "latency_ms": int, "timeout_rate": 0..1}``
+    """
+    sim = payload.get("simulate") or {}
+    ctx = current_job()
+    job_id, attempt = (ctx.id, ctx.attempt) if ctx else (0, 1)
+    latency_ms = float(sim.get("latency_ms", 0) or 0)
+    if latency_ms > 0:
+        time.sleep(latency_ms / 1000)
+    roll = unit_hash(kind, job_id, attempt)
+    timeout_rate = float(sim.get("timeout_rate", 0) or 0)
+    fail_rate = float(sim.get("fail_rate", 0) or 0)
+    if roll < timeout_rate:
+        raise SimulatedTimeout(f"{kind}: simulated upstream timeout on attempt {attempt}")
+    if roll < timeout_rate + fail_rate:
+        raise SimulatedFailure(f"{kind}: simulated upstream error 503 on attempt {attempt}")
+    return {"simulated": kind, "attempt": attempt, "latency_ms": latency_ms}
+
+
+@handler("ai_text_generation", timeout=120)
+def ai_text_generation(payload: dict) -> dict:
+    """Simulates an LLM call: returns fake text and token counts."""
+    out = _simulate("ai_text_generation", payload)
+    prompt = str(payload.get("prompt", ""))
+    out.update(text=f"Generated text for: {prompt[:80]}", tokens=len(prompt.split()) + 42)
+    return out
+
+
+@handler("ai_image_generation", timeout=300)
+def ai_image_generation(payload: dict) -> dict:
+    """Simulates an image API call: returns a fake image URL."""
+    out = _simulate("ai_image_generation", payload)
+    ctx = current_job()
+    out.update(image_url=f"https://images.invalid/{ctx.id if ctx else 0}.png",
+               size=str(payload.get("size", "1024x1024")))
+    return out
+
+
+@handler("web_scraping", timeout=60)
+def web_scraping(payload: dict) -> dict:
+    """Simulates a scraping API call: returns a fake page summary."""
+    out = _simulate("web_scraping", payload)
+    url = str(payload.get("url", "https://example.org"))
+    out.update(url=url, status=200, bytes=1024 + len(url) * 17)
+    return out
+
+
+@handler("scheduled_publish", timeout=60)
+def scheduled_publish(payload: dict) -> dict:
+    """Simulates publishing a post: returns a fake post id."""
+    out = _simulate("scheduled_publish", payload)
+    ctx = current_job()
+    out.update(channel=str(payload.get("channel", "blog")), post_id=f"post-{ctx.id if ctx else 0}")
+    return out
+
+
+BUILTIN_TYPES = ("ai_text_generation", "ai_image_generation", "web_scraping", "scheduled_publish")

@@ -1,0 +1,726 @@
+"""The SQL ledger (SPEC §5): the source of truth for every job and attempt.
+
+Redis is only the dispatch index.  Each step writes the ledger first and
+Redis second, so a crash between the two is repaired from the ledger:
+
+========== ================================= ======================================
+step       ledger (first, one transaction)   Redis (second, one script)
+========== ================================= ======================================
+enqueue    insert ``pending`` rows + events  push ids to ready/delayed
+claim      (after Redis) ``processing``,      claim.lua moves ready -> leased
+           open attempt rows, events          (Redis first: the lease is the lock)
+complete   ``completed``, attempt closed      settle 'done' (drop the lease)
+retry      ``pending`` + run_at, attempt      settle 'retry' (lease -> delayed)
+dead       ``failed``, attempt closed         settle 'dead' (lease -> DLQ)
+replay     ``failed`` -> ``pending``          push in 'repair' mode (DLQ -> ready)
+========== ================================= ======================================
+
+Crash windows and their repair: a pending row missing from Redis is pushed
+again by the next burst (:mod:`qkit.reconcile`); a Redis entry whose row is
+missing or terminal is dropped when claimed, never run; a lease whose ledger
+write never happened expires and is reclaimed; an outcome committed but not
+settled in Redis is found terminal at reclaim and dropped without a new attempt.
+Completion is fenced in SQL: a worker may only settle the attempt the ledger
+says is current (status ``processing``, same attempt and replay epoch).
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any, Iterable, Sequence
+
+from sqlalchemy import (JSON, BigInteger, case, Column, DateTime, Float, Index, Integer, MetaData, String,
+                        Table, Text, TypeDecorator, and_, bindparam, create_engine, delete, event, func,
+                        insert, select, text, update)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+
+from qkit.backoff import Backoff
+from qkit.config import redact
+from qkit.dispatch import Settlement
+from qkit.errors import BackendUnavailable, Conflict, NotFound
+from qkit.model import Job, NewJob
+
+SCHEMA_VERSION = 1
+MAX_TEXT = 64 * 1024  # stored error/traceback text is truncated to this
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class UTCDateTime(TypeDecorator):
+    """Timezone-aware UTC datetimes on SQLite (which stores naive text) and PostgreSQL."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=timezone.utc)
+        value = value.astimezone(timezone.utc)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+Id = BigInteger().with_variant(Integer(), "sqlite")  # INTEGER PRIMARY KEY is SQLite's rowid
+Json = JSON().with_variant(JSONB(), "postgresql")
+NOT_FAILED = "status <> 'failed'"
+
+metadata = MetaData()
+
+schema_info = Table("qkit_schema", metadata, Column("version", Integer, nullable=False))
+
+jobs = Table(
+    "jobs", metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("queue", String(64), nullable=False),
+    Column("type", String(64), nullable=False),
+    Column("payload", Json, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("priority", Integer, nullable=False, default=0),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("max_attempts", Integer, nullable=False, default=3),
+    Column("result", Json),
+    Column("error", Text),
+    Column("idempotency_key", String(256)),
+    Column("run_at", UTCDateTime, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Column("started_at", UTCDateTime),
+    Column("finished_at", UTCDateTime),
+    Column("epoch", Integer, nullable=False, default=0),  # bumped by each DLQ replay
+    Index("ix_jobs_queue_status", "queue", "status"),
+    Index("uq_jobs_idempotency", "queue", "idempotency_key", unique=True,
+          sqlite_where=text(NOT_FAILED), postgresql_where=text(NOT_FAILED)),
+)
+
+job_attempts = Table(
+    "job_attempts", metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("job_id", BigInteger, nullable=False),
+    Column("epoch", Integer, nullable=False, default=0),
+    Column("attempt", Integer, nullable=False),
+    Column("worker", String(128), nullable=False),
+    Column("started_at", UTCDateTime, nullable=False),
+    Column("finished_at", UTCDateTime),
+    Column("duration_ms", Float),
+    Column("outcome", String(16)),  # NULL while the attempt runs
+    Column("error", Text),
+    Column("traceback", Text),
+    Column("fingerprint", String(200)),
+    Index("uq_attempts_job", "job_id", "epoch", "attempt", unique=True),
+)
+
+worker_runs = Table(
+    "worker_runs", metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("worker", String(128), nullable=False),
+    Column("queue", String(64), nullable=False),
+    Column("started_at", UTCDateTime, nullable=False),
+    Column("finished_at", UTCDateTime),
+    Column("processed", Integer, nullable=False, default=0),
+    Column("completed", Integer, nullable=False, default=0),
+    Column("retried", Integer, nullable=False, default=0),
+    Column("failed", Integer, nullable=False, default=0),
+    Column("trigger", String(16), nullable=False),
+    Column("params", Json),
+    Column("status", String(16), nullable=False, default="running"),  # running|ok|failed|interrupted
+    Column("error", Text),
+)
+
+job_events = Table(
+    "job_events", metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("job_id", BigInteger, nullable=False),
+    Column("at", UTCDateTime, nullable=False),
+    Column("event", String(32), nullable=False),
+    Column("worker", String(128)),
+    Column("detail", Json),
+    Index("ix_events_job", "job_id"),
+)
+
+_NUMBER = re.compile(r"(?<![A-Za-z_])[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?", re.I)
+_HEX = re.compile(r"\b(?:0x)?[0-9a-f]{8,}\b|\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b", re.I)
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+
+
+def fingerprint(error: str | None) -> str | None:
+    """The error's type plus its message with numbers, ids and quoted values normalised."""
+    if not error:
+        return None
+    text_ = _QUOTED.sub("'?'", error.splitlines()[0])
+    text_ = _HEX.sub("<id>", text_)
+    text_ = _NUMBER.sub("<n>", text_)
+    return text_[:200]
+
+
+def _clip(value: str | None) -> str | None:
+    return value if value is None or len(value) <= MAX_TEXT else value[:MAX_TEXT] + "…[truncated]"
+
+
+@dataclass
+class Runnable:
+    """A claimed job the worker may run now (its attempt is recorded as open)."""
+
+    id: int
+    type: str
+    payload: dict[str, Any]
+    priority: int
+    attempt: int
+    max_attempts: int
+    epoch: int
+    started_at: datetime
+
+
+@dataclass
+class Outcome:
+    """How one attempt ended, as the worker reports it."""
+
+    job: Runnable
+    outcome: str  # completed | failed | timeout | released
+    finished_at: datetime
+    result: Any = None
+    error: str | None = None
+    traceback: str | None = None
+    permanent: bool = False  # no retry (unknown type)
+
+
+@dataclass
+class ClaimPlan:
+    runnable: list[Runnable] = field(default_factory=list)
+    settlements: list[Settlement] = field(default_factory=list)
+    lost: int = 0
+    retried: int = 0
+    failed: int = 0
+
+
+@dataclass
+class SettlePlan:
+    settlements: list[Settlement] = field(default_factory=list)
+    fenced: list[int] = field(default_factory=list)
+    completed: int = 0
+    retried: int = 0
+    failed: int = 0
+
+
+def _row_to_job(row: Any) -> Job:
+    m = row._mapping
+    return Job(**{name: m[name] for name in Job.__dataclass_fields__})
+
+
+class Ledger:
+    """The ledger database, through SQLAlchemy 2 (SQLite in WAL mode, or PostgreSQL)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        try:
+            if url.startswith("sqlite"):
+                self.engine = self._sqlite_engine(url, immediate=True)
+                self.read_engine = self._sqlite_engine(url, immediate=False)
+            else:
+                self.engine = create_engine(url, pool_pre_ping=True, json_serializer=_dumps)
+                self.read_engine = self.engine
+        except (SQLAlchemyError, ImportError) as exc:
+            raise BackendUnavailable(f"cannot open the ledger at QKIT_DATABASE_URL={redact(url)}: {exc}") from None
+        self.dialect = self.engine.dialect.name
+        self.statements = 0  # SQL statements sent, for cost figures
+
+    @staticmethod
+    def _sqlite_engine(url: str, immediate: bool) -> Engine:
+        from sqlalchemy.engine import make_url
+
+        path = make_url(url).database
+        if path and path != ":memory:":
+            from pathlib import Path
+
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False},
+                               json_serializer=_dumps)
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+            dbapi_conn.isolation_level = None  # qkit emits BEGIN itself, below
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA busy_timeout=60000")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn: Connection) -> None:
+            # writers take the lock up front: a deferred transaction that later
+            # upgrades to a writer can fail with SQLITE_BUSY instead of waiting
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+        return engine
+
+    # ------------------------------------------------------------------ plumbing
+    def _write(self):
+        try:
+            return self.engine.begin()
+        except OperationalError as exc:
+            raise self._unavailable(exc) from None
+
+    def _unavailable(self, exc: Exception) -> BackendUnavailable:
+        first = str(getattr(exc, "orig", exc)).strip().splitlines()
+        return BackendUnavailable(f"cannot use the ledger at QKIT_DATABASE_URL={redact(self.url)}: "
+                                  f"{redact(first[0]) if first else type(exc).__name__}")
+
+    def describe(self) -> str:
+        return redact(self.url)
+
+    def _insert(self, table: Table):
+        return (pg_insert if self.dialect == "postgresql" else sqlite_insert)(table)
+
+    # ------------------------------------------------------------------ schema
+    def init_schema(self) -> int:
+        """Create or upgrade the tables in place; return the schema version."""
+        try:
+            with self.engine.begin() as conn:
+                metadata.create_all(conn, checkfirst=True)
+                version = conn.execute(select(schema_info.c.version)).scalar()
+                if version is None:
+                    conn.execute(insert(schema_info).values(version=SCHEMA_VERSION))
+                    version = SCHEMA_VERSION
+                for target in range(version + 1, SCHEMA_VERSION + 1):
+                    MIGRATIONS[target](conn)
+                    conn.execute(update(schema_info).values(version=target))
+                    version = target
+        except OperationalError as exc:
+            raise self._unavailable(exc) from None
+        return version
+
+    def ping(self) -> bool:
+        try:
+            with self.read_engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        except SQLAlchemyError as exc:
+            raise self._unavailable(exc) from None
+        return True
+
+    # ------------------------------------------------------------------ enqueue
+    def insert_jobs(self, queue: str, new: Sequence[NewJob], now: datetime | None = None) -> list[tuple[int, bool]]:
+        """Insert jobs as ``pending``; returns (id, created) per item, in order.
+
+        An idempotency key held by a pending, processing or completed job of the
+        queue returns that job's id (created False); the database's partial
+        unique index decides, so concurrent callers agree.
+        """
+        now = now or utcnow()
+        results: list[tuple[int, bool] | None] = [None] * len(new)
+
+        def row(j: NewJob) -> dict[str, Any]:
+            return dict(queue=queue, type=j.type, payload=j.payload, status="pending", priority=j.priority,
+                        attempts=0, max_attempts=j.max_attempts, idempotency_key=j.key,
+                        run_at=now + timedelta(seconds=j.delay), created_at=now, updated_at=now, epoch=0)
+
+        with self._write() as conn:
+            plain = [i for i, j in enumerate(new) if j.key is None]
+            if plain:
+                ids = conn.execute(insert(jobs).returning(jobs.c.id, sort_by_parameter_order=True),
+                                   [row(new[i]) for i in plain]).scalars().all()
+                self.statements += 1
+                for i, job_id in zip(plain, ids):
+                    results[i] = (int(job_id), True)
+            for i, j in enumerate(new):
+                if j.key is None:
+                    continue
+                stmt = (self._insert(jobs).values(**row(j))
+                        .on_conflict_do_nothing(index_elements=["queue", "idempotency_key"],
+                                                index_where=text(NOT_FAILED))
+                        .returning(jobs.c.id))
+                job_id = conn.execute(stmt).scalar()
+                self.statements += 1
+                if job_id is not None:
+                    results[i] = (int(job_id), True)
+                    continue
+                existing = conn.execute(select(jobs.c.id).where(
+                    jobs.c.queue == queue, jobs.c.idempotency_key == j.key, text(NOT_FAILED))).scalar()
+                self.statements += 1
+                results[i] = (int(existing), False)
+            events = [dict(job_id=r[0], at=now, event="enqueued" if r[1] else "deduplicated", worker=None,
+                           detail=None if r[1] else {"key": new[i].key})
+                      for i, r in enumerate(results) if r is not None]
+            conn.execute(insert(job_events), events)
+            self.statements += 1
+        return [r for r in results if r is not None]
+
+    # ------------------------------------------------------------------ reads
+    def get(self, job_id: int, queue: str | None = None) -> Job:
+        """One job; NotFound if there is none (in that queue)."""
+        query = select(jobs).where(jobs.c.id == job_id)
+        if queue is not None:
+            query = query.where(jobs.c.queue == queue)
+        with self.read_engine.connect() as conn:
+            row = conn.execute(query).first()
+        if row is None:
+            where = f" in queue {queue!r}" if queue else ""
+            raise NotFound(f"no job {job_id}{where}")
+        return _row_to_job(row)
+
+    def attempts(self, job_id: int) -> list[dict[str, Any]]:
+        with self.read_engine.connect() as conn:
+            rows = conn.execute(select(job_attempts).where(job_attempts.c.job_id == job_id)
+                                .order_by(job_attempts.c.epoch, job_attempts.c.attempt)).mappings().all()
+        return [dict(r) for r in rows]
+
+    def events(self, job_id: int) -> list[dict[str, Any]]:
+        with self.read_engine.connect() as conn:
+            rows = conn.execute(select(job_events).where(job_events.c.job_id == job_id)
+                                .order_by(job_events.c.id)).mappings().all()
+        return [dict(r) for r in rows]
+
+    def list_jobs(self, queue: str, *, status: str | None = None, type: str | None = None,
+                  limit: int = 100, before_id: int | None = None) -> list[Job]:
+        """Newest first, optionally filtered; ``before_id`` pages backwards."""
+        query = select(jobs).where(jobs.c.queue == queue)
+        if status:
+            query = query.where(jobs.c.status == status)
+        if type:
+            query = query.where(jobs.c.type == type)
+        if before_id is not None:
+            query = query.where(jobs.c.id < before_id)
+        with self.read_engine.connect() as conn:
+            rows = conn.execute(query.order_by(jobs.c.id.desc()).limit(limit)).all()
+        return [_row_to_job(r) for r in rows]
+
+    def status_counts(self, queue: str, now: datetime | None = None) -> dict[str, int]:
+        """Jobs per status, and pending split into due and delayed, in one query."""
+        now = now or utcnow()
+        due = func.coalesce(func.sum(case((and_(jobs.c.status == "pending", jobs.c.run_at <= now), 1), else_=0)), 0)
+        with self.read_engine.connect() as conn:
+            rows = conn.execute(select(jobs.c.status, func.count(), due).where(jobs.c.queue == queue)
+                                .group_by(jobs.c.status)).all()
+        counts = {s: 0 for s in ("pending", "processing", "completed", "failed")}
+        due_total = 0
+        for status, n, d in rows:
+            counts[status] = int(n)
+            due_total += int(d or 0)
+        counts["due"] = due_total
+        counts["delayed"] = counts["pending"] - due_total
+        return counts
+
+    def exec_stats(self, queue: str) -> dict[str, Any]:
+        """Average execution time of completed attempts, and attempt outcomes."""
+        with self.read_engine.connect() as conn:
+            rows = conn.execute(
+                select(job_attempts.c.outcome, func.count(), func.avg(job_attempts.c.duration_ms))
+                .select_from(job_attempts.join(jobs, jobs.c.id == job_attempts.c.job_id))
+                .where(jobs.c.queue == queue).group_by(job_attempts.c.outcome)).all()
+        out: dict[str, Any] = {"attempts": {}, "avg_exec_ms": None}
+        for outcome, n, avg in rows:
+            out["attempts"][outcome or "running"] = int(n)
+            if outcome == "completed" and avg is not None:
+                out["avg_exec_ms"] = round(float(avg), 3)
+        return out
+
+    def active_rows(self, queue: str) -> list[tuple[int, str, int, datetime, int]]:
+        """(id, status, priority, run_at, epoch) of every pending, processing or failed job."""
+        with self.read_engine.connect() as conn:
+            return [tuple(r) for r in conn.execute(
+                select(jobs.c.id, jobs.c.status, jobs.c.priority, jobs.c.run_at, jobs.c.epoch)
+                .where(jobs.c.queue == queue, jobs.c.status.in_(("pending", "processing", "failed"))))]
+
+    def existing_ids(self, ids: Iterable[int]) -> set[int]:
+        ids = list(ids)
+        found: set[int] = set()
+        with self.read_engine.connect() as conn:
+            for start in range(0, len(ids), 500):
+                found |= set(conn.execute(select(jobs.c.id).where(jobs.c.id.in_(ids[start:start + 500]))).scalars())
+        return found
+
+    def dead(self, queue: str, limit: int | None = None) -> list[Job]:
+        """The DLQ: failed jobs, newest failure first."""
+        query = select(jobs).where(jobs.c.queue == queue, jobs.c.status == "failed") \
+            .order_by(jobs.c.finished_at.desc(), jobs.c.id.desc())
+        if limit:
+            query = query.limit(limit)
+        with self.read_engine.connect() as conn:
+            return [_row_to_job(r) for r in conn.execute(query)]
+
+    # ------------------------------------------------------------------ claim
+    def claim(self, queue: str, worker: str, job_ids: Sequence[int], reclaimed: dict[int, str],
+              backoff: Backoff, now: datetime | None = None) -> ClaimPlan:
+        """Record the claim of ids Redis just leased to ``worker``.
+
+        Rows that are missing or already terminal are dropped (settlement
+        'done', never run).  A row still ``processing`` had an attempt that
+        never finished: it is closed as ``lost`` and the job is retried or
+        dead-lettered like any failure.  The rest get an open attempt row.
+        """
+        now = now or utcnow()
+        plan = ClaimPlan()
+        ids = list(dict.fromkeys(list(reclaimed) + list(job_ids)))
+        if not ids:
+            return plan
+        with self._write() as conn:
+            query = select(jobs.c.id, jobs.c.status, jobs.c.type, jobs.c.payload, jobs.c.priority,
+                           jobs.c.attempts, jobs.c.max_attempts, jobs.c.epoch).where(jobs.c.id.in_(ids))
+            if self.dialect == "postgresql":
+                query = query.with_for_update()
+            rows = {r.id: r for r in conn.execute(query)}
+            open_attempts = {}
+            in_flight = [i for i in ids if i in rows and rows[i].status == "processing"]
+            if in_flight:
+                open_attempts = {r.job_id: r for r in conn.execute(
+                    select(job_attempts.c.job_id, job_attempts.c.attempt, job_attempts.c.worker,
+                           job_attempts.c.started_at, job_attempts.c.epoch)
+                    .where(job_attempts.c.job_id.in_(in_flight), job_attempts.c.outcome.is_(None)))}
+            self.statements += 2
+            claim_rows, attempt_rows, event_rows, lost_rows, job_updates = [], [], [], [], []
+            for job_id in ids:
+                r = rows.get(job_id)
+                if r is None or r.status not in ("pending", "processing"):
+                    plan.settlements.append(Settlement(job_id, "done"))
+                    continue
+                attempts = r.attempts
+                if r.status == "processing":
+                    # the previous holder's lease expired: that attempt was lost
+                    plan.lost += 1
+                    previous = open_attempts.get(job_id)
+                    holder = previous.worker if previous else (reclaimed.get(job_id) or "unknown")
+                    error = f"lost: worker {holder} stopped renewing its lease (process died or stalled)"
+                    if previous is not None:
+                        duration = (now - previous.started_at).total_seconds() * 1000
+                        lost_rows.append(dict(b_job=job_id, b_epoch=previous.epoch, b_attempt=previous.attempt,
+                                              finished_at=now, duration_ms=duration, error=error,
+                                              fingerprint=fingerprint(error)))
+                    event_rows.append(dict(job_id=job_id, at=now, event="reclaimed", worker=worker,
+                                           detail={"from_worker": holder, "lost_attempt": attempts}))
+                    if attempts >= r.max_attempts:
+                        job_updates.append(dict(b_id=job_id, status="failed", run_at=now, error=error,
+                                                finished_at=now, attempts=attempts))
+                        event_rows += [dict(job_id=job_id, at=now, event="failed", worker=worker,
+                                            detail={"attempt": attempts, "outcome": "lost"}),
+                                       dict(job_id=job_id, at=now, event="dead", worker=worker, detail=None)]
+                        plan.settlements.append(Settlement(job_id, "dead", 0, r.priority))
+                        plan.failed += 1
+                        continue
+                    delay = backoff.delay(job_id, r.epoch, attempts)
+                    if delay > 0:
+                        job_updates.append(dict(b_id=job_id, status="pending", run_at=now + timedelta(seconds=delay),
+                                                error=error, finished_at=None, attempts=attempts))
+                        event_rows.append(dict(job_id=job_id, at=now, event="retry_scheduled", worker=worker,
+                                               detail={"attempt": attempts, "delay_s": round(delay, 3)}))
+                        plan.settlements.append(Settlement(job_id, "retry", int(delay * 1000), r.priority))
+                        plan.retried += 1
+                        continue
+                attempt = attempts + 1
+                claim_rows.append(dict(b_id=job_id, attempts=attempt, now=now))
+                attempt_rows.append(dict(job_id=job_id, epoch=r.epoch, attempt=attempt, worker=worker, started_at=now))
+                event_rows.append(dict(job_id=job_id, at=now, event="claimed", worker=worker,
+                                       detail={"attempt": attempt}))
+                plan.runnable.append(Runnable(id=job_id, type=r.type, payload=r.payload, priority=r.priority,
+                                              attempt=attempt, max_attempts=r.max_attempts, epoch=r.epoch,
+                                              started_at=now))
+            if lost_rows:
+                conn.execute(update(job_attempts).where(
+                    job_attempts.c.job_id == bindparam("b_job"), job_attempts.c.epoch == bindparam("b_epoch"),
+                    job_attempts.c.attempt == bindparam("b_attempt"), job_attempts.c.outcome.is_(None))
+                    .values(outcome="lost", finished_at=bindparam("finished_at"),
+                            duration_ms=bindparam("duration_ms"), error=bindparam("error"),
+                            fingerprint=bindparam("fingerprint")), lost_rows)
+                self.statements += 1
+            if job_updates:
+                conn.execute(update(jobs).where(jobs.c.id == bindparam("b_id")).values(
+                    status=bindparam("status"), run_at=bindparam("run_at"), error=bindparam("error"),
+                    finished_at=bindparam("finished_at"), attempts=bindparam("attempts"), updated_at=now),
+                    job_updates)
+                self.statements += 1
+            if claim_rows:
+                conn.execute(update(jobs).where(jobs.c.id == bindparam("b_id")).values(
+                    status="processing", attempts=bindparam("attempts"),
+                    started_at=func.coalesce(jobs.c.started_at, bindparam("now")), updated_at=bindparam("now")),
+                    claim_rows)
+                conn.execute(insert(job_attempts), attempt_rows)
+                self.statements += 2
+            if event_rows:
+                conn.execute(insert(job_events), event_rows)
+                self.statements += 1
+        return plan
+
+    # ------------------------------------------------------------------ settle
+    def settle(self, worker: str, outcomes: Sequence[Outcome], backoff: Backoff,
+               now: datetime | None = None) -> SettlePlan:
+        """Record how attempts ended, fenced: only the attempt the ledger holds as current counts."""
+        now = now or utcnow()
+        plan = SettlePlan()
+        if not outcomes:
+            return plan
+        with self._write() as conn:
+            query = select(jobs.c.id, jobs.c.status, jobs.c.attempts, jobs.c.epoch) \
+                .where(jobs.c.id.in_([o.job.id for o in outcomes]))
+            if self.dialect == "postgresql":
+                query = query.with_for_update()
+            current = {r.id: r for r in conn.execute(query)}
+            self.statements += 1
+            job_rows: dict[str, list[dict[str, Any]]] = {"completed": [], "pending": [], "failed": []}
+            attempt_rows, released, event_rows = [], [], []
+            for o in outcomes:
+                j = o.job
+                r = current.get(j.id)
+                if r is None or r.status != "processing" or r.attempts != j.attempt or r.epoch != j.epoch:
+                    plan.fenced.append(j.id)
+                    continue
+                if o.outcome == "released":
+                    released.append(dict(b_id=j.id, b_epoch=j.epoch, b_attempt=j.attempt))
+                    event_rows.append(dict(job_id=j.id, at=now, event="released", worker=worker,
+                                           detail={"attempt": j.attempt}))
+                    plan.settlements.append(Settlement(j.id, "retry", 0, j.priority))
+                    continue
+                duration = (o.finished_at - j.started_at).total_seconds() * 1000
+                attempt_rows.append(dict(b_job=j.id, b_epoch=j.epoch, b_attempt=j.attempt, outcome=o.outcome,
+                                         finished_at=o.finished_at, duration_ms=duration, error=_clip(o.error),
+                                         traceback=_clip(o.traceback), fingerprint=fingerprint(o.error)))
+                if o.outcome == "completed":
+                    job_rows["completed"].append(dict(b_id=j.id, result=o.result, error=None, run_at=None,
+                                                      finished_at=o.finished_at))
+                    event_rows.append(dict(job_id=j.id, at=now, event="completed", worker=worker,
+                                           detail={"attempt": j.attempt, "duration_ms": round(duration, 3)}))
+                    plan.settlements.append(Settlement(j.id, "done"))
+                    plan.completed += 1
+                elif o.permanent or j.attempt >= j.max_attempts:
+                    job_rows["failed"].append(dict(b_id=j.id, result=None, error=_clip(o.error), run_at=None,
+                                                   finished_at=o.finished_at))
+                    event_rows += [dict(job_id=j.id, at=now, event="failed", worker=worker,
+                                        detail={"attempt": j.attempt, "outcome": o.outcome}),
+                                   dict(job_id=j.id, at=now, event="dead", worker=worker, detail=None)]
+                    plan.settlements.append(Settlement(j.id, "dead", 0, j.priority))
+                    plan.failed += 1
+                else:
+                    delay = backoff.delay(j.id, j.epoch, j.attempt)
+                    job_rows["pending"].append(dict(b_id=j.id, result=None, error=_clip(o.error),
+                                                    run_at=now + timedelta(seconds=delay), finished_at=None))
+                    event_rows.append(dict(job_id=j.id, at=now, event="retry_scheduled", worker=worker,
+                                           detail={"attempt": j.attempt, "outcome": o.outcome,
+                                                   "delay_s": round(delay, 3)}))
+                    plan.settlements.append(Settlement(j.id, "retry", int(delay * 1000), j.priority))
+                    plan.retried += 1
+            for status, rows in job_rows.items():
+                if not rows:
+                    continue
+                values: dict[str, Any] = dict(status=status, result=bindparam("result"), error=bindparam("error"),
+                                              finished_at=bindparam("finished_at"), updated_at=now)
+                if status == "pending":
+                    values["run_at"] = bindparam("run_at")
+                else:
+                    for r in rows:
+                        r.pop("run_at")
+                conn.execute(update(jobs).where(jobs.c.id == bindparam("b_id")).values(**values), rows)
+                self.statements += 1
+            if attempt_rows:
+                conn.execute(update(job_attempts).where(
+                    job_attempts.c.job_id == bindparam("b_job"), job_attempts.c.epoch == bindparam("b_epoch"),
+                    job_attempts.c.attempt == bindparam("b_attempt"))
+                    .values(outcome=bindparam("outcome"), finished_at=bindparam("finished_at"),
+                            duration_ms=bindparam("duration_ms"), error=bindparam("error"),
+                            traceback=bindparam("traceback"), fingerprint=bindparam("fingerprint")), attempt_rows)
+                self.statements += 1
+            if released:
+                conn.execute(delete(job_attempts).where(
+                    job_attempts.c.job_id == bindparam("b_id"), job_attempts.c.epoch == bindparam("b_epoch"),
+                    job_attempts.c.attempt == bindparam("b_attempt")), released)
+                conn.execute(update(jobs).where(jobs.c.id == bindparam("b_id")).values(
+                    status="pending", attempts=jobs.c.attempts - 1, updated_at=now), released)
+                self.statements += 2
+            if event_rows:
+                conn.execute(insert(job_events), event_rows)
+                self.statements += 1
+        return plan
+
+    def record_renewal(self, worker: str, job_ids: Sequence[tuple[int, int]], now: datetime | None = None) -> None:
+        """One ``lease_renewed`` event per (job id, attempt), the first time its lease is renewed."""
+        if not job_ids:
+            return
+        now = now or utcnow()
+        with self._write() as conn:
+            conn.execute(insert(job_events), [dict(job_id=j, at=now, event="lease_renewed", worker=worker,
+                                                   detail={"attempt": a}) for j, a in job_ids])
+        self.statements += 1
+
+    # ------------------------------------------------------------------ DLQ
+    def replay(self, queue: str, job_ids: Sequence[int], now: datetime | None = None) -> list[tuple[int, int]]:
+        """Failed -> pending with a fresh attempt budget; returns (id, priority) of each.
+
+        Refuses the whole call (nothing changed) if any id is missing or not failed.
+        """
+        now = now or utcnow()
+        ids = list(dict.fromkeys(int(i) for i in job_ids))
+        if not ids:
+            return []
+        try:
+            with self._write() as conn:
+                rows = {r.id: r for r in conn.execute(select(jobs.c.id, jobs.c.status, jobs.c.priority)
+                                                      .where(jobs.c.id.in_(ids), jobs.c.queue == queue))}
+                for job_id in ids:
+                    if job_id not in rows:
+                        raise NotFound(f"no job {job_id} in queue {queue!r}")
+                    if rows[job_id].status != "failed":
+                        raise Conflict(f"job {job_id} is {rows[job_id].status}, not failed: only failed jobs can be replayed")
+                conn.execute(update(jobs).where(jobs.c.id == bindparam("b_id")).values(
+                    status="pending", attempts=0, epoch=jobs.c.epoch + 1, run_at=now, result=None,
+                    finished_at=None, updated_at=now), [dict(b_id=i) for i in ids])
+                conn.execute(insert(job_events), [dict(job_id=i, at=now, event="replayed", worker=None, detail=None)
+                                                  for i in ids])
+                self.statements += 3
+        except IntegrityError:
+            raise Conflict("a replayed job's idempotency key is now held by a newer job") from None
+        return [(i, rows[i].priority) for i in ids]
+
+    def purge_dead(self, queue: str, job_ids: Sequence[int] | None = None) -> list[int]:
+        """Delete failed jobs (all of the queue's, or the given ids) with their attempts and events."""
+        with self._write() as conn:
+            query = select(jobs.c.id).where(jobs.c.queue == queue, jobs.c.status == "failed")
+            if job_ids is not None:
+                query = query.where(jobs.c.id.in_(list(job_ids)))
+            ids = list(conn.execute(query).scalars())
+            for start in range(0, len(ids), 500):
+                chunk = ids[start:start + 500]
+                conn.execute(delete(job_events).where(job_events.c.job_id.in_(chunk)))
+                conn.execute(delete(job_attempts).where(job_attempts.c.job_id.in_(chunk)))
+                conn.execute(delete(jobs).where(jobs.c.id.in_(chunk)))
+        return ids
+
+    def add_events(self, rows: Sequence[dict[str, Any]]) -> None:
+        if rows:
+            with self._write() as conn:
+                conn.execute(insert(job_events), list(rows))
+
+    # ------------------------------------------------------------------ worker runs
+    def start_run(self, worker: str, queue: str, trigger: str, params: dict[str, Any]) -> int:
+        with self._write() as conn:
+            return int(conn.execute(insert(worker_runs).values(
+                worker=worker, queue=queue, started_at=utcnow(), trigger=trigger, params=params,
+                status="running").returning(worker_runs.c.id)).scalar_one())
+
+    def finish_run(self, run_id: int, *, processed: int, completed: int, retried: int, failed: int,
+                   status: str, error: str | None = None) -> None:
+        with self._write() as conn:
+            conn.execute(update(worker_runs).where(worker_runs.c.id == run_id).values(
+                finished_at=utcnow(), processed=processed, completed=completed, retried=retried, failed=failed,
+                status=status, error=_clip(error)))
+
+    def close(self) -> None:
+        self.engine.dispose()
+        if self.read_engine is not self.engine:
+            self.read_engine.dispose()
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+#: in-place upgrades: version -> function(connection) bringing the schema to it
+MIGRATIONS: dict[int, Any] = {}

@@ -1,0 +1,173 @@
+"""The queue facade users and notebooks import: ``qkit.connect(queue=...)`` (SPEC §4)."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterable, Mapping, Sequence
+
+from qkit.backends import Backend, open_backend
+from qkit.backoff import Backoff
+from qkit.config import DEFAULT_QUEUE, Settings, settings as resolve_settings
+from qkit.dispatch import Dispatch
+from qkit.errors import BadInput
+from qkit.handlers import import_handler_modules
+from qkit.ledger import Ledger
+from qkit.model import Job, NewJob, WorkSummary, check_name, new_job, new_job_from_item
+
+log = logging.getLogger("qkit")
+
+MAX_BATCH_ITEMS = 100_000
+
+
+class Queue:
+    """One named queue: Redis dispatch index + SQL ledger."""
+
+    def __init__(self, name: str, settings: Settings, *, backend: Backend | None = None,
+                 ledger: Ledger | None = None) -> None:
+        self.name = check_name(name, "queue name")
+        self.settings = settings
+        self.backend = backend or open_backend(settings)
+        self.ledger = ledger or Ledger(settings.database_url)
+        self.ledger.init_schema()
+        self.dispatch = Dispatch(self.backend, self.name)
+        self.backoff = Backoff(settings.backoff_base, settings.backoff_max)
+
+    def __repr__(self) -> str:
+        return f"<qkit.Queue {self.name!r} on {self.backend.describe()} + {self.ledger.describe()}>"
+
+    def __enter__(self) -> "Queue":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ enqueue
+    def enqueue(self, type: str, payload: Mapping[str, Any] | None = None, *, priority: int = 0,
+                max_attempts: int = 3, delay: float = 0, key: str | None = None, **unknown: Any) -> int:
+        """Add one job; returns its id (an existing job's id if ``key`` is already held)."""
+        if unknown:
+            raise BadInput(f"unknown option(s) for enqueue: {', '.join(sorted(unknown))}")
+        job = new_job(type, {} if payload is None else payload, priority=priority,
+                      max_attempts=max_attempts, delay=delay, key=key)
+        return self._enqueue([job])[0]
+
+    def enqueue_many(self, items: Iterable[Mapping[str, Any]]) -> list[int]:
+        """Add a batch, all or nothing: one bad item refuses the whole batch.
+
+        One ledger transaction and one Redis script call per 1,000 jobs.
+        """
+        if isinstance(items, (str, bytes, Mapping)):
+            raise BadInput("enqueue_many takes a list of job objects")
+        jobs = [new_job_from_item(item, i) for i, item in enumerate(items)]
+        if len(jobs) > MAX_BATCH_ITEMS:
+            raise BadInput(f"a batch holds at most {MAX_BATCH_ITEMS} jobs (got {len(jobs)})")
+        return self._enqueue(jobs) if jobs else []
+
+    def _enqueue(self, jobs: Sequence[NewJob]) -> list[int]:
+        results = self.ledger.insert_jobs(self.name, jobs)
+        created = [(job_id, j.priority, int(j.delay * 1000)) for (job_id, new), j in zip(results, jobs) if new]
+        if created:
+            # the ledger row is committed first: if this push is lost, the next burst pushes it again
+            self.dispatch.push(created, mode="new")
+        return [job_id for job_id, _ in results]
+
+    # ------------------------------------------------------------------ reads
+    def get(self, job_id: int) -> Job:
+        """One job of this queue; raises NotFound."""
+        return self.ledger.get(_job_id(job_id), self.name)
+
+    def jobs(self, *, status: str | None = None, type: str | None = None, limit: int = 100,
+             before_id: int | None = None) -> list[Job]:
+        """Jobs of this queue, newest first."""
+        return self.ledger.list_jobs(self.name, status=status, type=type, limit=limit, before_id=before_id)
+
+    def stats(self) -> dict[str, Any]:
+        """Counts per status (pending = due + delayed), success rate, execution time, cost."""
+        counts = self.ledger.status_counts(self.name)
+        execution = self.ledger.exec_stats(self.name)
+        done = counts["completed"] + counts["failed"]
+        out: dict[str, Any] = {
+            "queue": self.name,
+            **{k: counts[k] for k in ("pending", "due", "delayed", "processing", "completed", "failed")},
+            "total": sum(counts[k] for k in ("pending", "processing", "completed", "failed")),
+            "success_rate": round(counts["completed"] / done, 6) if done else None,
+            "avg_exec_ms": execution["avg_exec_ms"],
+            "attempts": execution["attempts"],
+            "backend": self.backend.kind,
+        }
+        out["cost"] = self.cost()
+        return out
+
+    def cost(self) -> dict[str, Any]:
+        """Commands and requests this process sent, per finished job, and the Upstash price of that."""
+        c = self.backend.counters()
+        return {"redis_commands": c["commands"], "http_requests": c["requests"]
+                if self.backend.kind == "upstash" else 0, "ledger_statements": self.ledger.statements}
+
+    def dead(self, limit: int | None = None) -> list[Job]:
+        """The dead-letter queue: failed jobs with their payload and final error."""
+        return self.ledger.dead(self.name, limit)
+
+    # ------------------------------------------------------------------ DLQ
+    def replay(self, job_id: int | Sequence[int]) -> list[int]:
+        """Put failed jobs back to pending with a fresh attempt budget.
+
+        Refuses (Conflict) if any id is not failed; nothing changes then.
+        """
+        ids = [job_id] if isinstance(job_id, int) else list(job_id)
+        replayed = self.ledger.replay(self.name, [_job_id(i) for i in ids])
+        self.dispatch.push([(i, p, 0) for i, p in replayed], mode="repair")
+        return [i for i, _ in replayed]
+
+    def replay_all(self) -> list[int]:
+        """Replay every job in the DLQ."""
+        ids = [j.id for j in self.dead()]
+        return self.replay(ids) if ids else []
+
+    def purge_dead(self) -> int:
+        """Delete every job in the DLQ (ledger rows and Redis entries); returns how many."""
+        ids = self.ledger.purge_dead(self.name)
+        self.dispatch.remove(ids, scope="dead")
+        return len(ids)
+
+    # ------------------------------------------------------------------ work
+    def work(self, max_jobs: int | None = None, max_seconds: float | None = None, *,
+             concurrency: int = 1, trigger: str = "notebook", progress: Any = None,
+             params: dict[str, Any] | None = None) -> WorkSummary:
+        """Run one burst in this process: claim and run jobs until none is due or a budget is spent."""
+        from qkit.worker import Worker
+
+        if max_jobs is not None and (isinstance(max_jobs, bool) or not isinstance(max_jobs, int) or max_jobs < 1):
+            raise BadInput("max_jobs must be a positive integer")
+        if max_seconds is not None and (isinstance(max_seconds, bool) or not isinstance(max_seconds, (int, float))
+                                        or not max_seconds > 0):
+            raise BadInput("max_seconds must be a positive number")
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or not 1 <= concurrency <= 256:
+            raise BadInput("concurrency must be an integer 1..256")
+        import_handler_modules(self.settings.handler_modules)
+        return Worker(self, max_jobs=max_jobs, max_seconds=max_seconds, concurrency=concurrency,
+                      trigger=trigger, progress=progress, params=params).run()
+
+    def close(self) -> None:
+        """Release connections (the embedded server keeps running for other processes)."""
+        self.backend.close()
+        self.ledger.close()
+
+
+def _job_id(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise BadInput(f"job id must be a positive integer (got {value!r})")
+    return value
+
+
+def connect(queue: str = DEFAULT_QUEUE, **overrides: Any) -> Queue:
+    """Open a queue with settings from the environment; keyword arguments override them.
+
+    Accepted: ``redis_url, upstash_url, upstash_token, database_url, home,
+    backoff_base, backoff_max, lease_seconds``.
+    """
+    allowed = {"redis_url", "upstash_url", "upstash_token", "database_url", "home", "backoff_base",
+               "backoff_max", "lease_seconds"}
+    unknown = set(overrides) - allowed
+    if unknown:
+        raise BadInput(f"unknown option(s) for connect: {', '.join(sorted(unknown))}")
+    return Queue(queue, resolve_settings(**overrides))

@@ -1,0 +1,27 @@
+"""The Lua scripts that change a job's state in Redis, one ``.lua`` file each.
+
+Every script names all the keys it touches in KEYS, and every key of a queue
+shares the hash tag ``{<queue>}``, so a script runs on Redis Cluster and on
+Upstash.  User-supplied names reach a script only as KEYS or ARGV, never as
+script text.  Each file starts with a header stating its KEYS, ARGV and reply.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+from dataclasses import dataclass
+from importlib import resources
+
+
+@dataclass(frozen=True)
+class Script:
+    name: str
+    source: str
+    sha: str
+
+
+@functools.lru_cache(maxsize=None)
+def load_script(name: str) -> Script:
+    """Read ``<name>.lua`` from this package once and remember its SHA1."""
+    source = resources.files(__name__).joinpath(f"{name}.lua").read_text(encoding="utf-8")
+    return Script(name=name, source=source, sha=hashlib.sha1(source.encode()).hexdigest())

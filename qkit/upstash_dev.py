@@ -1,0 +1,645 @@
+"""A local, Upstash-compatible REST endpoint in front of a real Redis server.
+
+It lets the unmodified ``upstash-redis`` client (and so qkit's Upstash backend)
+run against a redis-server on this machine, with Upstash's wire protocol:
+
+* ``POST /``            one command, body ``["CMD", arg, ...]``
+* ``POST /pipeline``    several commands, not atomic, one reply per command
+* ``POST /multi-exec``  several commands inside MULTI/EXEC
+
+Replies follow Upstash's REST shapes (``{"result": ...}`` / ``{"error": ...}``,
+RESP2 values, ``Upstash-Encoding: base64`` for strings, 400 for Redis errors
+with the full error text, 401 for a bad token, JSON bodies everywhere).  The
+commands Upstash REST cannot serve (blocking and connection-state commands)
+are refused.  See ``/work/shared/research/upstash.md`` §2–§3 for the spec.
+
+For tests there are two knobs on ``app.state``, changeable while serving:
+``latency_ms`` (a sleep before each command request is answered) and
+``faults`` (a :class:`FaultPlan`, a queue of per-request failures such as
+"run the command, then drop the connection").
+
+Run it with ``python -m qkit.upstash_dev --redis-url redis://127.0.0.1:6379/0``
+(token from ``--token`` or ``UPSTASH_REDIS_REST_TOKEN``).  Neither the token nor
+request bodies are ever logged.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import collections
+import contextlib
+import hmac
+import json
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Iterable, Sequence
+from urllib.parse import urlsplit, urlunsplit
+
+import redis.asyncio
+import uvicorn
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = [
+    "FAULT_ACTIONS",
+    "EndpointStats",
+    "FaultPlan",
+    "ThreadedEndpoint",
+    "create_app",
+    "main",
+    "serve",
+    "start_in_thread",
+]
+
+logger = logging.getLogger("qkit.upstash_dev")
+
+#: Upstash's Free/PAYG "max request size" (2025–2026); 1 MB in older docs.
+DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
+
+WRONGPASS = "WRONGPASS invalid or missing auth token"
+MAX_REQUEST_SIZE = "ERR max request size exceeded"
+EXECABORT = "EXECABORT Transaction discarded because of previous errors."
+
+# Upstash REST does not serve these (§2.8).  On a pooled connection they would
+# also block it (BLPOP…), or change its state for the next request (SELECT,
+# AUTH, HELLO, CLIENT…), or break the reply stream (SUBSCRIBE, MONITOR).
+REFUSED_COMMANDS = frozenset(
+    """
+    BLPOP BRPOP BRPOPLPUSH BLMOVE BLMPOP BZPOPMIN BZPOPMAX BZMPOP
+    SUBSCRIBE PSUBSCRIBE SSUBSCRIBE UNSUBSCRIBE PUNSUBSCRIBE SUNSUBSCRIBE MONITOR
+    MULTI EXEC DISCARD WATCH UNWATCH
+    SELECT SWAPDB AUTH HELLO RESET QUIT CLIENT WAIT WAITAOF
+    REPLICAOF SLAVEOF SYNC PSYNC REPLCONF FAILOVER SHUTDOWN
+    READONLY READWRITE ASKING
+    """.split()
+)
+# XREAD/XREADGROUP are fine unless they carry a BLOCK option.
+BLOCK_OPTION_COMMANDS = frozenset({"XREAD", "XREADGROUP"})
+
+#: what a :class:`FaultPlan` may do to one request
+FAULT_ACTIONS = (
+    "ok",               # behave normally
+    "500_before",       # answer 500 with an HTML page (as a proxy would); the command does not run
+    "500_json_before",  # answer 500 with a JSON error; the command does not run
+    "500_after",        # run the command, then answer 500 with an HTML page
+    "drop_before",      # close the connection before a complete answer; the command does not run
+    "drop_after",       # run the command, then close the connection before a complete answer
+    "timeout_after",    # run the command, then hang until the client gives up (or hang_seconds)
+)
+
+_ROUTES = ("/", "/pipeline", "/multi-exec")
+
+
+# --------------------------------------------------------------------------- test knobs
+class FaultPlan:
+    """A queue of per-request fault actions for the command routes.
+
+    Each command request (``POST /``, ``/pipeline``, ``/multi-exec``) takes the
+    next action in arrival order; once the queue is empty every request is
+    answered normally.  Thread-safe, so a test thread can arm faults while the
+    server thread serves.  ``fired`` records the actions taken, in order.
+    """
+
+    def __init__(self, actions: Iterable[str] = (), hang_seconds: float = 30.0) -> None:
+        self._lock = threading.Lock()
+        self._queue: collections.deque[str] = collections.deque()
+        self.hang_seconds = hang_seconds
+        self.fired: list[str] = []
+        self.arm(*actions)
+
+    def arm(self, *actions: str) -> None:
+        """Append actions (see :data:`FAULT_ACTIONS`) for the next requests."""
+        for action in actions:
+            if action not in FAULT_ACTIONS:
+                raise ValueError(f"unknown fault action {action!r}; expected one of {FAULT_ACTIONS}")
+        with self._lock:
+            self._queue.extend(actions)
+
+    def clear(self) -> None:
+        """Forget pending actions and the history."""
+        with self._lock:
+            self._queue.clear()
+            self.fired.clear()
+
+    @property
+    def pending(self) -> int:
+        """How many armed actions have not been used yet."""
+        with self._lock:
+            return len(self._queue)
+
+    def next_action(self) -> str:
+        """Take the action for the request being served ("ok" when none is armed)."""
+        with self._lock:
+            action = self._queue.popleft() if self._queue else "ok"
+            self.fired.append(action)
+            return action
+
+
+@dataclass
+class EndpointStats:
+    """Counters a test can read (and reset) while the endpoint serves."""
+
+    requests: int = 0          # command requests received (POST /, /pipeline, /multi-exec)
+    commands: int = 0          # commands sent on to Redis (MULTI/EXEC wrappers excluded)
+    unauthorized: int = 0      # requests answered 401
+    latency_sleeps: int = 0    # injected latency sleeps completed
+    by_route: dict[str, int] = field(default_factory=dict)
+
+    def reset(self) -> None:
+        """Zero every counter."""
+        self.requests = self.commands = self.unauthorized = self.latency_sleeps = 0
+        self.by_route.clear()
+
+
+class _RestError(Exception):
+    """An answer with a JSON error body: raised anywhere, turned into a response once."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+# --------------------------------------------------------------------------- reply encoding
+def error_text(err: ResponseError) -> str:
+    """Redis's full error text, with the code prefix redis-py strips off (``NOSCRIPT …``)."""
+    code = getattr(err, "status_code", None)  # redis-py 8 keeps the stripped prefix here
+    text = str(err)
+    return f"{code} {text}" if code else text
+
+
+def encode_reply(value: Any, b64: bool) -> Any:
+    """Map a raw RESP2 reply (bytes/int/None/list) to Upstash's JSON value.
+
+    Only strings, integers, null and arrays are emitted: the client's decoder
+    raises on JSON floats and objects.  ``"OK"`` stays plain in base64 mode
+    because the client special-cases it.
+    """
+    if value is None or isinstance(value, int):
+        return value
+    if isinstance(value, bytes):
+        if not b64:
+            return value.decode("utf-8", "replace")  # Upstash replaces bad bytes with U+FFFD too
+        return "OK" if value == b"OK" else base64.b64encode(value).decode("ascii")
+    if isinstance(value, list):
+        return [encode_reply(item, b64) for item in value]
+    if isinstance(value, ResponseError):  # an error nested in a Lua table / EXEC reply
+        return encode_reply(error_text(value).encode("utf-8"), b64)
+    raise TypeError(f"unexpected reply type {type(value).__name__} (is the pool on protocol=2?)")
+
+
+def _item(value: Any, b64: bool) -> dict[str, Any]:
+    """One element of a /pipeline or /multi-exec answer."""
+    if isinstance(value, ResponseError):
+        return {"error": error_text(value)}
+    return {"result": encode_reply(value, b64)}
+
+
+# --------------------------------------------------------------------------- request parsing
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON here")
+
+
+def _parse_body(body: bytes) -> Any:
+    try:
+        # Numbers keep the literal text the client sent ("2.5", "1e+21"), so
+        # nothing is re-formatted on its way to Redis; NaN/Infinity are refused.
+        return json.loads(body, parse_int=str, parse_float=str, parse_constant=_no_constants)
+    except (ValueError, UnicodeDecodeError):
+        raise _RestError(400, "ERR failed to parse the request body as JSON") from None
+
+
+def _as_command(value: Any) -> list[str]:
+    """Validate one command array: a name, then string/number arguments."""
+    if not isinstance(value, list) or not value:
+        raise _RestError(400, "ERR a command must be a non-empty JSON array")
+    for arg in value:
+        # parse_int/parse_float turned numbers into str already; bools, null,
+        # objects and arrays are refused so qkit cannot come to rely on
+        # Upstash's undocumented coercion of them.
+        if not isinstance(arg, str):
+            raise _RestError(400, "ERR command arguments must be JSON strings or numbers")
+    return value
+
+
+def refusal(command: Sequence[str]) -> str | None:
+    """The error text for a command this endpoint will not run, else None."""
+    name = command[0].upper()
+    if name in REFUSED_COMMANDS or (
+        name in BLOCK_OPTION_COMMANDS and any(a.upper() == "BLOCK" for a in command[1:])
+    ):
+        return f"ERR command is not available over REST: {name}"
+    return None
+
+
+def _authorized(request: Request, expected: bytes) -> bool:
+    for name, value in request.headers.raw:
+        if name == b"authorization":
+            scheme, _, presented = value.partition(b" ")
+            # Raw header bytes, compared in constant time: a non-ASCII token
+            # is simply a mismatch (401), never a decoding error (500).
+            return scheme.lower() == b"bearer" and hmac.compare_digest(presented.strip(), expected)
+    return False
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _RestError(400, MAX_REQUEST_SIZE)
+    body = bytearray()
+    async for chunk in request.stream():  # counted while reading: never buffer more than the limit
+        body += chunk
+        if len(body) > limit:
+            raise _RestError(400, MAX_REQUEST_SIZE)
+    return bytes(body)
+
+
+# --------------------------------------------------------------------------- talking to Redis
+async def _send(pool: redis.asyncio.ConnectionPool, wire: list[list[str]]) -> list[Any]:
+    """Send commands on one raw connection; return one reply or ResponseError each.
+
+    A raw connection bypasses redis-py's response callbacks, which would turn
+    SET into a bool, ZRANGE WITHSCORES into tuples and so on; Upstash answers
+    with plain RESP2 values.
+    """
+    conn = await pool.get_connection()
+    try:
+        await conn.send_packed_command(conn.pack_commands(wire))
+        replies: list[Any] = []
+        for _ in wire:
+            try:
+                replies.append(await conn.read_response())
+            except ResponseError as err:  # an error reply: the connection stays in sync
+                replies.append(err)
+        return replies
+    except BaseException:
+        # Cancelled or broken mid-reply: never hand a half-read connection to the next request.
+        await conn.disconnect()
+        raise
+    finally:
+        await pool.release(conn)
+
+
+# --------------------------------------------------------------------------- responses
+def _json(status: int, body: Any) -> JSONResponse:
+    return JSONResponse(body, status_code=status)
+
+
+def _html_500() -> Response:
+    # What a proxy or load balancer in front of Upstash answers: not JSON, so
+    # the client's r.json() fails (pitfall P3).
+    return Response(
+        "<html><body><h1>500 Internal Server Error</h1></body></html>",
+        status_code=500,
+        media_type="text/html",
+    )
+
+
+class _DropConnection(Response):
+    """Start a response whose body never comes, so the server closes the socket.
+
+    ASGI has no "close the connection" message; uvicorn closes the transport
+    when an application returns without completing its response (it logs one
+    "returned without completing response" line, and nothing of the request).
+    The client sees the connection end mid-answer, like a dropped link.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(status_code=200)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", b"64")],
+            }
+        )
+
+
+async def _hang(request: Request, seconds: float) -> None:
+    """Wait until the client disconnects (it timed out) or ``seconds`` pass."""
+
+    async def disconnected() -> None:
+        while True:
+            message = await request.receive()  # body is consumed: only http.disconnect can come
+            if message["type"] == "http.disconnect":
+                return
+
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(disconnected(), seconds)
+
+
+# --------------------------------------------------------------------------- the handlers
+@dataclass
+class _Config:
+    pool: redis.asyncio.ConnectionPool
+    token: bytes
+
+
+async def _answer(request: Request, route: str) -> Response:
+    """Authenticate, parse, run and encode one command request."""
+    state = request.app.state
+    config: _Config = state.config
+    stats: EndpointStats = state.stats
+    if not _authorized(request, config.token):
+        stats.unauthorized += 1
+        return _json(401, {"error": WRONGPASS})
+    fmt = request.headers.get("upstash-response-format", "json").lower()
+    if fmt != "json":
+        # resp2 raw replies exist on Upstash but the Python client never asks for them.
+        return _json(400, {"error": "ERR only Upstash-Response-Format: json is supported here"})
+    b64 = request.headers.get("upstash-encoding", "").lower() == "base64"
+    body = _parse_body(await _read_body(request, state.max_body_bytes))
+
+    if route == "/":
+        command = _as_command(body)
+        refused = refusal(command)
+        if refused:
+            return _json(400, {"error": refused})
+        stats.commands += 1
+        (reply,) = await _send(config.pool, [command])
+        if isinstance(reply, ResponseError):
+            return _json(400, {"error": error_text(reply)})
+        return _json(200, {"result": encode_reply(reply, b64)})
+
+    if not isinstance(body, list) or not body:
+        raise _RestError(400, "ERR the body must be a non-empty JSON array of commands")
+    commands = [_as_command(item) for item in body]
+    refusals = [refusal(c) for c in commands]
+
+    if route == "/pipeline":
+        # Refused commands become per-item errors; the others still run, in order.
+        runnable = [c for c, r in zip(commands, refusals) if r is None]
+        stats.commands += len(runnable)
+        replies = iter(await _send(config.pool, runnable) if runnable else [])
+        items = [
+            {"error": r} if r is not None else _item(next(replies), b64)
+            for r in refusals
+        ]
+        return _json(200, items)
+
+    # /multi-exec: a refused command discards the whole transaction, exactly as a
+    # queue-time error inside MULTI would, so nothing is sent at all.
+    if any(r is not None for r in refusals):
+        return _json(400, {"error": EXECABORT})
+    stats.commands += len(commands)
+    replies = await _send(config.pool, [["MULTI"], *commands, ["EXEC"]])
+    result = replies[-1]
+    if isinstance(result, ResponseError):  # EXECABORT (queue-time error, CROSSSLOT, …)
+        return _json(400, {"error": error_text(result)})
+    return _json(200, [_item(value, b64) for value in result])
+
+
+def _command_endpoint(route: str):
+    async def endpoint(request: Request) -> Response:
+        state = request.app.state
+        stats: EndpointStats = state.stats
+        stats.requests += 1
+        stats.by_route[route] = stats.by_route.get(route, 0) + 1
+        faults: FaultPlan | None = state.faults
+        action = faults.next_action() if faults is not None else "ok"
+        latency_ms = float(state.latency_ms or 0.0)
+        if latency_ms > 0:
+            await asyncio.sleep(latency_ms / 1000.0)
+            stats.latency_sleeps += 1
+
+        if action == "500_before":
+            return _html_500()
+        if action == "500_json_before":
+            return _json(500, {"error": "ERR injected server error"})
+        if action == "drop_before":
+            return _DropConnection()
+        try:
+            response = await _answer(request, route)
+        except _RestError as err:
+            response = _json(err.status, {"error": err.message})
+        except (RedisConnectionError, RedisTimeoutError):
+            # Also raised by redis-py for some error *replies* (LOADING,
+            # NOAUTH, max clients).  Never include the Redis URL: it may hold
+            # a password.
+            response = _json(500, {"error": "ERR the dev endpoint cannot reach its Redis server"})
+        if action == "500_after":
+            return _html_500()
+        if action == "drop_after":
+            return _DropConnection()
+        if action == "timeout_after":
+            await _hang(request, faults.hang_seconds if faults is not None else 30.0)
+        return response
+
+    endpoint.__name__ = f"command_{route.strip('/') or 'single'}"
+    return endpoint
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    # Starlette's defaults are plain text; the client parses every body as JSON.
+    status = getattr(exc, "status_code", 500)
+    detail = getattr(exc, "detail", "Internal Server Error")
+    headers = getattr(exc, "headers", None)
+    return JSONResponse({"error": str(detail)}, status_code=status, headers=headers)
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    return JSONResponse({"error": "ERR internal error in the dev endpoint"}, status_code=500)
+
+
+class _AccessLog:
+    """One log line per request: method, route, status, time.  Never headers,
+    query strings or bodies (tokens and payloads live there); unknown paths are
+    logged as ``<other>`` because Upstash's path form carries arguments."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status: list[int] = []
+
+        async def send_and_note(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            path = scope.get("path", "")
+            logger.info(
+                "%s %s %s %.1fms",
+                scope.get("method", "?"),
+                path if path in _ROUTES else "<other>",
+                status[0] if status else "-",
+                (time.perf_counter() - started) * 1000.0,
+            )
+
+
+def redact_url(url: str) -> str:
+    """The URL without user info (passwords) or query string, for messages."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def create_app(
+    redis_url: str,
+    token: str,
+    latency_ms: float = 0.0,
+    faults: FaultPlan | None = None,
+    *,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+) -> Starlette:
+    """Build the Starlette app forwarding Upstash REST requests to ``redis_url``.
+
+    ``app.state.latency_ms``, ``app.state.faults`` (a :class:`FaultPlan`, empty
+    by default), ``app.state.max_body_bytes`` can be changed while serving;
+    ``app.state.stats`` (:class:`EndpointStats`) counts what was served.
+    """
+    if not token:
+        raise ValueError("the dev endpoint needs a non-empty token")
+    # protocol=2: Upstash replies have RESP2 shapes (redis-py 8 defaults to
+    # RESP3, where HGETALL is a map and ZSCORE a double).  decode_responses
+    # stays False: bytes in, base64 out.
+    pool = redis.asyncio.ConnectionPool.from_url(
+        redis_url, protocol=2, decode_responses=False, socket_connect_timeout=5
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        await pool.aclose()
+
+    routes = [Route(path, _command_endpoint(path), methods=["POST"]) for path in _ROUTES]
+    app = Starlette(
+        routes=routes,
+        middleware=[Middleware(_AccessLog)],
+        exception_handlers={HTTPException: _http_error, Exception: _server_error},
+        lifespan=lifespan,
+    )
+    app.state.config = _Config(pool=pool, token=token.encode("utf-8"))
+    app.state.latency_ms = float(latency_ms)
+    app.state.faults = faults if faults is not None else FaultPlan()
+    app.state.max_body_bytes = int(max_body_bytes)
+    app.state.stats = EndpointStats()
+    return app
+
+
+# --------------------------------------------------------------------------- running it
+@dataclass
+class ThreadedEndpoint:
+    """An endpoint served by uvicorn in a daemon thread (for tests and notebooks)."""
+
+    app: Starlette
+    server: uvicorn.Server
+    thread: threading.Thread
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        """The base URL to give the client as ``UPSTASH_REDIS_REST_URL``."""
+        return f"http://{self.host}:{self.port}"
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ask uvicorn to exit and wait for its thread."""
+        self.server.should_exit = True
+        self.thread.join(timeout)
+
+
+def start_in_thread(
+    app: Starlette, host: str = "127.0.0.1", port: int = 0, timeout: float = 10.0
+) -> ThreadedEndpoint:
+    """Serve ``app`` in a background thread; return once uvicorn has started.
+
+    ``port=0`` picks a free port: the socket is bound here and handed to
+    uvicorn, so there is no window in which another process can take it.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    bound_port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        app,
+        log_config=None,            # keep the host's logging setup (and pytest's caplog)
+        access_log=False,           # _AccessLog replaces it: uvicorn's would log query strings
+        lifespan="on",
+        timeout_graceful_shutdown=2,
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, name=f"upstash-dev-{bound_port}", daemon=True
+    )
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:  # uvicorn flips this once it listens
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            sock.close()
+            raise RuntimeError("the Upstash dev endpoint did not start")
+        time.sleep(0.01)
+    return ThreadedEndpoint(app=app, server=server, thread=thread, host=host, port=bound_port)
+
+
+def serve(
+    redis_url: str,
+    token: str,
+    host: str = "127.0.0.1",
+    port: int = 8079,
+    latency_ms: float = 0.0,
+) -> None:
+    """Serve the endpoint in the foreground until interrupted (the CLI's job)."""
+    app = create_app(redis_url, token, latency_ms=latency_ms)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("serving on %s: anyone who can reach it and knows the token can use this Redis", host)
+    logger.info(
+        "Upstash-compatible endpoint on http://%s:%d -> %s (latency %.1f ms)",
+        host, port, redact_url(redis_url), latency_ms,
+    )
+    uvicorn.run(app, host=host, port=port, access_log=False, log_level="info")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m qkit.upstash_dev --redis-url URL [--token T] [--port P] [--latency-ms MS]``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m qkit.upstash_dev",
+        description="Serve an Upstash-compatible REST endpoint in front of a local Redis.",
+    )
+    parser.add_argument("--redis-url", required=True, help="the Redis server to forward to")
+    parser.add_argument(
+        "--token",
+        default=None,
+        help="bearer token clients must send (default: $UPSTASH_REDIS_REST_TOKEN; "
+        "prefer the variable: command lines are visible to other users)",
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8079)
+    parser.add_argument("--latency-ms", type=float, default=0.0, help="sleep this long before each answer")
+    args = parser.parse_args(argv)
+    token = args.token or os.environ.get("UPSTASH_REDIS_REST_TOKEN", "")
+    if not token:
+        parser.error("a token is required: --token or UPSTASH_REDIS_REST_TOKEN")
+    if args.latency_ms < 0:
+        parser.error("--latency-ms must be >= 0")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    serve(args.redis_url, token, host=args.host, port=args.port, latency_ms=args.latency_ms)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

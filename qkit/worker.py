@@ -1,0 +1,342 @@
+"""The burst worker: claim in batches, run handlers, settle in batches, exit.
+
+One loop iteration costs one Redis script call (settle the last batch + claim
+the next, :meth:`qkit.dispatch.Dispatch.claim`) and two ledger transactions
+(record the claim, record the outcomes).  Leases are renewed by a background
+thread while handlers run; handlers run on worker threads so a handler that
+hangs past its timeout is abandoned instead of hanging the burst.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import os
+import queue as queue_mod
+import signal
+import socket
+import threading
+import time
+import traceback
+import uuid
+from typing import TYPE_CHECKING, Any, Callable
+
+from qkit.config import redact
+from qkit.dispatch import Settlement
+from qkit.errors import QkitError
+from qkit.handlers import JobContext, get_handler, run_in_context
+from qkit.ledger import Outcome, Runnable, utcnow
+from qkit.model import WorkSummary, compact_json
+
+if TYPE_CHECKING:
+    from qkit.queue import Queue
+
+log = logging.getLogger("qkit")
+
+MAX_BATCH = 1000
+TARGET_BATCH_SECONDS = 0.5
+TRIGGERS = ("papermill", "cli", "http", "notebook")
+
+
+def new_worker_id() -> str:
+    """Unique per burst, even for a restarted process with the same pid."""
+    host = socket.gethostname().split(".")[0][:24] or "host"
+    return f"w-{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+class _Slot(threading.Thread):
+    """A handler thread.  Retired (and replaced) when its handler overruns its timeout."""
+
+    def __init__(self, tasks: "queue_mod.Queue[Any]") -> None:
+        super().__init__(daemon=True, name="qkit-handler")
+        self.tasks = tasks
+        self.retired = False
+
+    def run(self) -> None:
+        while not self.retired:
+            item = self.tasks.get()
+            if item is None:
+                return
+            future, fn = item
+            future.slot = self
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn())
+            except BaseException as exc:  # noqa: BLE001 - reported as the attempt's outcome
+                future.set_exception(exc)
+
+
+class HandlerPool:
+    """``size`` threads running handlers; a stuck thread is abandoned, not awaited."""
+
+    def __init__(self, size: int) -> None:
+        self.tasks: queue_mod.Queue[Any] = queue_mod.Queue()
+        self.slots = [self._spawn() for _ in range(size)]
+
+    def _spawn(self) -> _Slot:
+        slot = _Slot(self.tasks)
+        slot.start()
+        return slot
+
+    def submit(self, fn: Callable[[], Any]) -> cf.Future:
+        future: cf.Future = cf.Future()
+        self.tasks.put((future, fn))
+        return future
+
+    def abandon(self, future: cf.Future) -> None:
+        """Give up on a running handler: its thread finishes alone, a new one takes its place."""
+        slot = getattr(future, "slot", None)
+        if slot is not None and slot in self.slots:
+            slot.retired = True
+            self.slots.remove(slot)
+            self.slots.append(self._spawn())
+
+    def close(self) -> None:
+        for _ in self.slots:
+            self.tasks.put(None)
+
+
+class Worker:
+    """One burst on one queue.  Use :meth:`qkit.queue.Queue.work`."""
+
+    def __init__(self, q: "Queue", *, max_jobs: int | None = None, max_seconds: float | None = None,
+                 concurrency: int = 1, trigger: str = "notebook", params: dict[str, Any] | None = None,
+                 progress: Any = None, handle_signals: bool = True) -> None:
+        if trigger not in TRIGGERS:
+            raise ValueError(f"trigger must be one of {', '.join(TRIGGERS)}")
+        self.q = q
+        self.max_jobs = max_jobs
+        self.max_seconds = max_seconds
+        self.concurrency = max(1, int(concurrency))
+        self.trigger = trigger
+        self.params = params or {}
+        self.progress = progress
+        self.handle_signals = handle_signals
+        self.worker_id = new_worker_id()
+        self.lease_ms = int(q.settings.lease_seconds * 1000)
+        self.summary = WorkSummary(worker=self.worker_id)
+        self._held: dict[int, int] = {}  # leased to us, not yet settled in Redis: id -> attempt (0: not run)
+        self._held_lock = threading.Lock()
+        self._renewed: set[tuple[int, int]] = set()
+        self._stop = threading.Event()
+        self._signal: int | None = None
+        self._started = 0
+        self._avg_job_s = 0.0
+
+    # ------------------------------------------------------------------ public
+    def run(self) -> WorkSummary:
+        q = self.q
+        t0 = time.monotonic()
+        self.deadline = t0 + self.max_seconds if self.max_seconds is not None else None
+        run_id = q.ledger.start_run(self.worker_id, q.name, self.trigger,
+                                    {"max_jobs": self.max_jobs, "max_seconds": self.max_seconds,
+                                     "concurrency": self.concurrency, **self.params})
+        self.summary.run_id = run_id
+        previous = self._install_signals()
+        renewer = threading.Thread(target=self._renew_loop, daemon=True, name="qkit-renewer")
+        renewer.start()
+        pool = HandlerPool(self.concurrency)
+        status, error = "ok", None
+        try:
+            from qkit.reconcile import repair_if_drifted
+
+            repair_if_drifted(q)
+            self._loop(pool)
+            if self._signal is not None:
+                status = "interrupted"
+        except BaseException as exc:
+            status, error = "failed", redact(f"{type(exc).__name__}: {exc}")
+            raise
+        finally:
+            self._stop.set()
+            pool.close()
+            self.summary.seconds = round(time.monotonic() - t0, 3)
+            s = self.summary
+            try:
+                q.ledger.finish_run(run_id, processed=s.processed, completed=s.completed, retried=s.retried,
+                                    failed=s.failed, status=status, error=error)
+            except QkitError as exc:
+                log.error("could not close worker run %s: %s", run_id, exc)
+            self._restore_signals(previous)
+        if self._signal is not None:
+            # the burst stopped cleanly; now let the signal do what its sender meant
+            signal.raise_signal(self._signal)
+        return self.summary
+
+    # ------------------------------------------------------------------ loop
+    def _batch_size(self) -> int:
+        if self._stop.is_set() or (self.deadline is not None and time.monotonic() >= self.deadline):
+            return 0
+        size = MAX_BATCH if self._avg_job_s <= 0 else int(TARGET_BATCH_SECONDS * self.concurrency / self._avg_job_s)
+        if self._started == 0:
+            size = max(self.concurrency, 8)  # first batch: small, until we know how long jobs take
+        size = max(self.concurrency, min(MAX_BATCH, size))
+        if self.max_jobs is not None:
+            size = min(size, self.max_jobs - self._started)
+        return max(0, size)
+
+    def _loop(self, pool: HandlerPool) -> None:
+        q, s = self.q, self.summary
+        to_settle: list[Settlement] = []
+        while True:
+            want = self._batch_size()
+            if want == 0:
+                s.stopped_by = "signal" if self._signal else ("max_jobs" if self.max_jobs is not None
+                                                               and self._started >= self.max_jobs else "max_seconds")
+                break
+            claim = q.dispatch.claim(self.worker_id, self.lease_ms, want, to_settle)
+            self._forget([x.job_id for x in to_settle])
+            to_settle = []
+            s.fenced += len(claim.fenced)
+            if not claim.claimed and not claim.reclaimed:
+                s.stopped_by = "empty"
+                break
+            with self._held_lock:
+                for job_id in [*claim.reclaimed, *claim.claimed]:
+                    self._held[job_id] = 0
+            plan = q.ledger.claim(q.name, self.worker_id, claim.claimed, claim.reclaimed, q.backoff)
+            to_settle += plan.settlements
+            s.lost += plan.lost
+            s.retried += plan.retried
+            s.failed += plan.failed
+            s.processed += plan.retried + plan.failed
+            outcomes = self._run_batch(pool, plan.runnable)
+            settled = q.ledger.settle(self.worker_id, outcomes, q.backoff)
+            for job_id in settled.fenced:
+                log.warning("job %s: outcome discarded, the lease was lost and the attempt replaced (fenced)", job_id)
+            to_settle += settled.settlements
+            s.fenced += len(settled.fenced)
+            s.completed += settled.completed
+            s.retried += settled.retried
+            s.failed += settled.failed
+            s.processed += settled.completed + settled.retried + settled.failed
+            if self.progress is not None:
+                self.progress.update(settled.completed + settled.retried + settled.failed)
+        if to_settle:
+            claim = q.dispatch.claim(self.worker_id, self.lease_ms, 0, to_settle)
+            self._forget([x.job_id for x in to_settle])
+            s.fenced += len(claim.fenced)
+
+    def _forget(self, job_ids: list[int]) -> None:
+        with self._held_lock:
+            for job_id in job_ids:
+                self._held.pop(job_id, None)
+
+    def _run_batch(self, pool: HandlerPool, batch: list[Runnable]) -> list[Outcome]:
+        outcomes: list[Outcome] = []
+        in_flight: dict[cf.Future, tuple[Runnable, float, float]] = {}
+        todo = list(batch)
+        t_batch = time.monotonic()
+        ran = 0
+        while todo or in_flight:
+            while todo and len(in_flight) < self.concurrency:
+                job = todo.pop(0)
+                if self._stop.is_set() or (self.deadline is not None and time.monotonic() >= self.deadline) \
+                        or (self.max_jobs is not None and self._started >= self.max_jobs):
+                    outcomes.append(Outcome(job, "released", utcnow()))
+                    continue
+                self._started += 1
+                ran += 1
+                with self._held_lock:
+                    self._held[job.id] = job.attempt
+                handler = get_handler(job.type)
+                if handler is None:
+                    outcomes.append(Outcome(job, "failed", utcnow(), permanent=True,
+                                            error=f"UnknownJobType: no handler is registered for job type "
+                                                  f"{job.type!r} in this worker"))
+                    continue
+                ctx = JobContext(job.id, job.type, job.attempt, job.max_attempts, self.q.name, self.worker_id)
+                job.started_at = utcnow()
+                future = pool.submit(lambda h=handler, c=ctx, p=job.payload: run_in_context(c, h.func, p))
+                in_flight[future] = (job, time.monotonic() + handler.timeout, handler.timeout)
+            if not in_flight:
+                continue
+            next_deadline = min(d for _, d, _ in in_flight.values())
+            done, _ = cf.wait(list(in_flight), timeout=max(0.0, next_deadline - time.monotonic()),
+                              return_when=cf.FIRST_COMPLETED)
+            now_mono = time.monotonic()
+            for future in list(in_flight):
+                job, deadline, timeout = in_flight[future]
+                if future in done:
+                    del in_flight[future]
+                    outcomes.append(self._outcome(job, future))
+                elif now_mono >= deadline:
+                    del in_flight[future]
+                    pool.abandon(future)
+                    outcomes.append(Outcome(job, "timeout", utcnow(),
+                                            error=f"HandlerTimeout: handler exceeded its {timeout:g} s timeout"))
+        if ran:
+            per_job = (time.monotonic() - t_batch) / ran * self.concurrency
+            self._avg_job_s = per_job if self._avg_job_s == 0 else 0.5 * self._avg_job_s + 0.5 * per_job
+            self._avg_job_s = max(self._avg_job_s, 1e-6)
+        return outcomes
+
+    @staticmethod
+    def _outcome(job: Runnable, future: cf.Future) -> Outcome:
+        finished = utcnow()
+        exc = future.exception()
+        if exc is None:
+            result = future.result()
+            try:
+                if result is not None:
+                    compact_json(result)
+            except (TypeError, ValueError) as err:
+                return Outcome(job, "failed", finished, error=f"BadResult: handler returned a value that is "
+                                                              f"not JSON-serialisable: {err}")
+            return Outcome(job, "completed", finished, result=result)
+        error = redact(f"{type(exc).__name__}: {exc}")
+        tb = redact("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+        return Outcome(job, "timeout" if isinstance(exc, TimeoutError) else "failed", finished,
+                       error=error, traceback=tb)
+
+    # ------------------------------------------------------------------ leases
+    def _renew_loop(self) -> None:
+        interval = max(0.05, self.q.settings.lease_seconds / 3)
+        while not self._stop.wait(interval):
+            with self._held_lock:
+                held = dict(self._held)
+            if not held:
+                continue
+            try:
+                lost = set(self.q.dispatch.renew(self.worker_id, self.lease_ms, list(held)))
+                for job_id in lost:
+                    log.warning("job %s: lease lost (reclaimed by another worker); its outcome will be fenced", job_id)
+                first = [(j, a) for j, a in held.items() if a and j not in lost and (j, a) not in self._renewed]
+                if first:
+                    self._renewed.update(first)
+                    self.q.ledger.record_renewal(self.worker_id, first)
+            except Exception as exc:  # noqa: BLE001 - renewal retries next tick; fencing keeps outcomes safe
+                log.warning("lease renewal failed: %s", redact(str(exc)))
+
+    # ------------------------------------------------------------------ signals
+    def _install_signals(self) -> dict[int, Any]:
+        if not self.handle_signals or threading.current_thread() is not threading.main_thread():
+            return {}
+        previous: dict[int, Any] = {}
+
+        def on_signal(signum: int, _frame: Any) -> None:
+            if self._signal is not None:  # a second signal: stop now
+                self._restore_signals(previous)
+                signal.raise_signal(signum)
+                return
+            self._signal = signum
+            self._stop_claiming()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                previous[sig] = signal.signal(sig, on_signal)
+            except (ValueError, OSError):
+                pass
+        return previous
+
+    def _stop_claiming(self) -> None:
+        # only the claim loop stops: the renewer keeps leases alive while the job in hand finishes
+        self.deadline = time.monotonic()
+
+    def _restore_signals(self, previous: dict[int, Any]) -> None:
+        for sig, handler in previous.items():
+            try:
+                signal.signal(sig, handler)
+            except (ValueError, OSError):
+                pass
+        previous.clear()
