@@ -605,6 +605,10 @@ def serve(
 ) -> None:
     """Serve the endpoint in the foreground until interrupted (the CLI's job)."""
     app = create_app(redis_url, token, latency_ms=latency_ms)
+    if not logging.getLogger().handlers:
+        # uvicorn configures only its own loggers; without this the startup
+        # and access lines of this module would be dropped.
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("serving on %s: anyone who can reach it and knows the token can use this Redis", host)
     logger.info(
@@ -636,7 +640,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("a token is required: --token or UPSTASH_REDIS_REST_TOKEN")
     if args.latency_ms < 0:
         parser.error("--latency-ms must be >= 0")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     serve(args.redis_url, token, host=args.host, port=args.port, latency_ms=args.latency_ms)
     return 0
 

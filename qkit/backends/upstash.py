@@ -44,6 +44,10 @@ class UpstashUnauthorized(BackendUnavailable):
     """Upstash answered 401: the token is wrong, expired or missing."""
 
 
+class _ReplyError(QkitError):
+    """Redis (or Upstash) answered with an error reply; the message is its full text."""
+
+
 class _HttpFailure(Exception):
     """An HTTP answer the client would misread, caught in the response hook."""
 
@@ -136,6 +140,10 @@ class UpstashBackend(Backend):
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError(f"{URL_VAR} must be an http(s) URL such as https://<db>.upstash.io")
+        if parts.query or parts.fragment:
+            # The client appends /pipeline to the URL text; and a ?_token=
+            # would leak the token into logs.  Never echo the URL here.
+            raise ConfigError(f"{URL_VAR} must not have a query string or fragment")
         if not token:
             raise ConfigError(f"{TOKEN_VAR} is empty")
         if not token.isascii() or not token.isprintable() or any(c.isspace() for c in token):
@@ -153,14 +161,18 @@ class UpstashBackend(Backend):
         if not isinstance(client, httpx.Client):
             raise RuntimeError("this upstash-redis version has no _http._client; qkit needs 1.8.x")
         client.timeout = httpx.Timeout(self._timeout)
+        # The client adds this header on its first call by mutating a dict
+        # shared by every thread's requests; adding it now leaves only value
+        # updates for later, which cannot break a concurrent iteration.
+        self._redis._headers.setdefault("Upstash-Sync-Token", "")
         hooks = client.event_hooks
         hooks["response"] = [*hooks.get("response", []), _check_response]
         client.event_hooks = hooks
 
     # ------------------------------------------------------------------ plumbing
     def describe(self) -> str:
-        """``upstash <url>`` without user info or query string (never the token)."""
-        return f"upstash {_redact(self._url)}"
+        """The REST URL without user info or query string (never the token)."""
+        return _redact(self._url)
 
     def _scrub(self, text: str) -> str:
         # Belt and braces: no message may ever carry the token.
@@ -181,7 +193,7 @@ class UpstashBackend(Backend):
                 ) from None
             if failure.status == 400 and failure.error:
                 # A discarded transaction or an oversized body: Redis/Upstash said no.
-                raise QkitError(self._scrub(failure.error)) from None
+                raise _ReplyError(self._scrub(failure.error)) from None
             detail = f": {self._scrub(failure.error)}" if failure.error else ""
             raise BackendUnavailable(
                 f"Upstash at {where} answered HTTP {failure.status}{detail}; check {URL_VAR}"
@@ -200,8 +212,14 @@ class UpstashBackend(Backend):
             raise BackendUnavailable(
                 f"Upstash at {where} answered with a body that is not JSON; check {URL_VAR}"
             ) from None
+        except (KeyError, AttributeError):
+            # A 200 JSON body without "result" (KeyError) or a pipeline answer
+            # that is not a list (AttributeError): not an Upstash endpoint.
+            raise BackendUnavailable(
+                f"{where} does not answer like Upstash's REST API; check {URL_VAR}"
+            ) from None
         except UpstashError as err:  # a Redis error reply: script error, WRONGTYPE, NOSCRIPT…
-            raise QkitError(self._scrub(str(err))) from None
+            raise _ReplyError(self._scrub(str(err))) from None
         except UnicodeDecodeError:
             raise QkitError("Redis returned a value that is not UTF-8 text") from None
 
@@ -228,14 +246,17 @@ class UpstashBackend(Backend):
 
     def _run_script_once(self, script: Script, keys: list[str], args: list[str]) -> Any:
         try:
-            return self._call(lambda: self._redis.evalsha(script.sha, keys, args), commands=1)
-        except BackendUnavailable:
-            raise
-        except QkitError as err:
-            # Upstash may route EVALSHA to a replica that lacks the script (P12).
-            if "NOSCRIPT" not in str(err):
-                raise
-        return self._call(lambda: self._redis.eval(script.source, keys, args), commands=1)
+            try:
+                return self._call(lambda: self._redis.evalsha(script.sha, keys, args), commands=1)
+            except _ReplyError as err:
+                # Not cached yet, or Upstash routed EVALSHA to a replica that
+                # lacks the script (P12): send the source.
+                if "NOSCRIPT" not in str(err):
+                    raise
+            return self._call(lambda: self._redis.eval(script.source, keys, args), commands=1)
+        except _ReplyError as err:
+            # Same wording as the redis backend, with Redis's full error text.
+            raise QkitError(f"Redis refused script {script.name}: {err}") from None
 
     def pipeline(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
         """Send read-only commands in one ``/pipeline`` request; replies shaped as redis-py's.

@@ -15,7 +15,10 @@
 --                   action 'done' (completed, or dropped because the ledger says so),
 --                   'retry' (back to ready after delay_ms), 'dead' (to the DLQ)
 -- Returns {now_ms, reclaimed, claimed, fenced, next_due_ms, ready_count}
---   reclaimed  flat list id1, old_token1, ... of expired leases taken over (claimed first)
+--   reclaimed  {id, old_token} of one expired lease taken over, or {}.  An expired lease is
+--              reclaimed alone, with nothing else claimed in the same call: its worker died
+--              holding a batch, and running each survivor alone keeps a job that kills its
+--              worker from costing attempts to the jobs batched with it.
 --   claimed    ids popped from ready, highest priority first
 --   fenced     settlement ids refused because this token no longer holds their lease
 --   next_due_ms  ms until the earliest delayed job is due, -1 if none
@@ -55,15 +58,17 @@ local reclaimed, claimed = {}, {}
 if want > 0 then
   local deadline = now + lease_ms
   -- expired leases first: their workers died or stalled; the caller records the lost attempt
-  local expired = redis.call('ZRANGEBYSCORE', leased, '-inf', now, 'LIMIT', 0, want)
+  local expired = redis.call('ZRANGEBYSCORE', leased, '-inf', now, 'LIMIT', 0, 1)
   for _, id in ipairs(expired) do
     reclaimed[#reclaimed + 1] = id
     reclaimed[#reclaimed + 1] = redis.call('HGET', owners, id) or ''
     redis.call('ZADD', leased, deadline, id)
     redis.call('HSET', owners, id, token)
+    want = 0
   end
   -- due delayed jobs join ready before popping, so priority holds among everything due
-  local due = redis.call('ZRANGEBYSCORE', delayed, '-inf', now, 'LIMIT', 0, 1000)
+  local due = {}
+  if want > 0 then due = redis.call('ZRANGEBYSCORE', delayed, '-inf', now, 'LIMIT', 0, 1000) end
   if #due > 0 then
     local prios = redis.call('HMGET', prio, unpack(due))
     for j, id in ipairs(due) do
@@ -72,7 +77,7 @@ if want > 0 then
     redis.call('ZREM', delayed, unpack(due))
     redis.call('HDEL', prio, unpack(due))
   end
-  local room = want - #expired
+  local room = want
   if room > 0 then
     local popped = redis.call('ZPOPMIN', ready, room)
     if #popped > 0 then

@@ -1,0 +1,169 @@
+"""Fixtures: one queue test suite, parameterized over backends x ledgers.
+
+- ``embedded-sqlite``: the embedded server (one per test session, under a
+  temporary QKIT_HOME) with a fresh SQLite ledger per test;
+- ``redis-postgres``: a real redis-server over TCP with a real PostgreSQL;
+- ``upstash-sqlite``: the real ``upstash-redis`` client through qkit's local
+  Upstash REST endpoint to a real redis-server.
+
+Each test gets its own queue name, so tests sharing a server never see each
+other's jobs.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+import qkit
+from qkit.backends.embedded import EmbeddedServer
+
+sys.path.insert(0, str(Path(__file__).parent))
+from services import Server, start_postgres, start_redis  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+_counter = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def session_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="qkit-tests-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def embedded_home(session_dir: Path) -> Iterator[Path]:
+    home = session_dir / "home"
+    home.mkdir()
+    yield home
+    EmbeddedServer(home).stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server(session_dir: Path) -> Iterator[Server]:
+    url = os.environ.get("QKIT_TEST_REDIS_URL")
+    if url:
+        yield Server(url, 0, lambda: None)
+        return
+    server = start_redis(session_dir / "redis")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[Server]:
+    url = os.environ.get("QKIT_TEST_DATABASE_URL")
+    if url:
+        yield Server(url, 0, lambda: None)
+        return
+    folder = Path(tempfile.mkdtemp(prefix="qkit-pg-"))
+    server = start_postgres(folder)
+    yield server
+    server.stop()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def upstash_endpoint(redis_server: Server) -> Iterator[tuple[str, str]]:
+    """qkit's local Upstash REST endpoint in front of the TCP redis-server."""
+    import uvicorn
+
+    from qkit.upstash_dev import create_app
+    from services import free_port
+
+    token = "test-upstash-token-" + os.urandom(6).hex()
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(redis_server.url, token), host="127.0.0.1", port=port,
+                                           log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    from services import wait_until
+
+    wait_until(lambda: server.started, 15, "the local Upstash endpoint")
+    yield f"http://127.0.0.1:{port}", token
+    server.should_exit = True
+    thread.join(10)
+
+
+@dataclass
+class Setup:
+    """How a test reaches its backend and ledger, in-process or from a subprocess."""
+
+    name: str
+    queue: str
+    home: Path
+    overrides: dict[str, Any]
+    env_vars: dict[str, str]
+    opened: list[qkit.Queue] = field(default_factory=list)
+
+    def connect(self, queue: str | None = None, **extra: Any) -> qkit.Queue:
+        q = qkit.connect(queue or self.queue, **{**self.overrides, **extra})
+        self.opened.append(q)
+        return q
+
+    def env(self, **extra: Any) -> dict[str, str]:
+        """Environment for a subprocess that must see the same queue."""
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("QKIT_REDIS_URL", "UPSTASH_REDIS_REST_URL", "UPSTASH_REDIS_REST_TOKEN")}
+        env.update(self.env_vars)
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
+        env.update({k: str(v) for k, v in extra.items()})
+        return env
+
+
+BACKENDS = ["embedded-sqlite", "redis-postgres", "upstash-sqlite"]
+
+
+@pytest.fixture(params=BACKENDS)
+def setup(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Setup]:
+    name = request.param
+    queue = f"t{next(_counter)}-{os.getpid()}"
+    sqlite_url = f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
+    if name == "embedded-sqlite":
+        home = request.getfixturevalue("embedded_home")
+        overrides = {"home": home, "database_url": sqlite_url}
+        env_vars = {"QKIT_HOME": str(home), "QKIT_DATABASE_URL": sqlite_url}
+    elif name == "redis-postgres":
+        redis_url = request.getfixturevalue("redis_server").url
+        db = request.getfixturevalue("postgres_server").url
+        overrides = {"home": tmp_path, "redis_url": redis_url, "database_url": db}
+        env_vars = {"QKIT_HOME": str(tmp_path), "QKIT_REDIS_URL": redis_url, "QKIT_DATABASE_URL": db}
+    else:
+        url, token = request.getfixturevalue("upstash_endpoint")
+        overrides = {"home": tmp_path, "upstash_url": url, "upstash_token": token, "database_url": sqlite_url}
+        env_vars = {"QKIT_HOME": str(tmp_path), "UPSTASH_REDIS_REST_URL": url, "UPSTASH_REDIS_REST_TOKEN": token,
+                    "QKIT_DATABASE_URL": sqlite_url}
+    s = Setup(name=name, queue=queue, home=Path(overrides["home"]), overrides=overrides, env_vars=env_vars)
+    yield s
+    for q in s.opened:
+        q.close()
+
+
+@pytest.fixture
+def q(setup: Setup) -> qkit.Queue:
+    """A queue with back-off off (base 0) unless a test asks otherwise."""
+    return setup.connect(backoff_base=0)
+
+
+def run_burst(setup: Setup, *args: str, env: dict[str, Any] | None = None, timeout: float = 120,
+              queue: str | None = None) -> subprocess.CompletedProcess:
+    """``qkit work`` in a subprocess against the test's queue."""
+    return subprocess.run([sys.executable, "-m", "qkit.cli", "work", "--queue", queue or setup.queue, "--json", *args],
+                          env=setup.env(**(env or {})), capture_output=True, text=True, timeout=timeout)
+
+
+def spawn_burst(setup: Setup, *args: str, env: dict[str, Any] | None = None, log: Path | None = None,
+                queue: str | None = None) -> subprocess.Popen:
+    out = open(log, "w") if log else subprocess.DEVNULL
+    return subprocess.Popen([sys.executable, "-m", "qkit.cli", "work", "--queue", queue or setup.queue, "--json",
+                             *args], env=setup.env(**(env or {})), stdout=out, stderr=subprocess.STDOUT)

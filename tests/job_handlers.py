@@ -1,0 +1,59 @@
+"""Handlers used by the crash-safety tests, imported by workers through QKIT_HANDLERS.
+
+Every side effect is a line appended to a log file named in the payload, so a
+test can count executions across processes without any Redis or SQL call.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import qkit
+
+
+def _log(payload: dict, what: str) -> None:
+    ctx = qkit.current_job()
+    with open(payload["log"], "a") as fh:
+        fh.write(f"{what} {ctx.id} {ctx.attempt} {os.getpid()}\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+@qkit.handler("record", timeout=60)
+def record(payload: dict) -> dict:
+    """Logs start and done; may wait for a release file or sleep first."""
+    _log(payload, "start")
+    if payload.get("wait_for"):
+        deadline = time.monotonic() + float(payload.get("wait_max", 60))
+        while not Path(payload["wait_for"]).exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+    if payload.get("sleep"):
+        time.sleep(float(payload["sleep"]))
+    _log(payload, "done")
+    return {"pid": os.getpid()}
+
+
+@qkit.handler("poison", timeout=60)
+def poison(payload: dict) -> None:
+    """Kills its own worker process on every attempt."""
+    _log(payload, "start")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@qkit.handler("hang", timeout=0.5)
+def hang(payload: dict) -> None:
+    """Never returns on its own: the worker must abandon it at its timeout."""
+    _log(payload, "start")
+    time.sleep(3600)
+
+
+def read_log(path: Path) -> list[tuple[str, int, int, int]]:
+    if not Path(path).exists():
+        return []
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        what, job_id, attempt, pid = line.split()
+        rows.append((what, int(job_id), int(attempt), int(pid)))
+    return rows
