@@ -17,7 +17,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -28,7 +27,8 @@ import qkit
 from qkit.backends.embedded import EmbeddedServer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from services import Server, start_postgres, start_redis  # noqa: E402
+from redis_servers import start_plain_redis  # noqa: E402
+from services import Server, start_postgres  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 _counter = itertools.count(1)
@@ -55,8 +55,8 @@ def redis_server(session_dir: Path) -> Iterator[Server]:
     if url:
         yield Server(url, 0, lambda: None)
         return
-    server = start_redis(session_dir / "redis")
-    yield server
+    server = start_plain_redis(session_dir)
+    yield Server(server.url, server.port, server.stop)
     server.stop()
 
 
@@ -76,23 +76,12 @@ def postgres_server() -> Iterator[Server]:
 @pytest.fixture(scope="session")
 def upstash_endpoint(redis_server: Server) -> Iterator[tuple[str, str]]:
     """qkit's local Upstash REST endpoint in front of the TCP redis-server."""
-    import uvicorn
-
-    from qkit.upstash_dev import create_app
-    from services import free_port
+    from qkit.upstash_dev import create_app, start_in_thread
 
     token = "test-upstash-token-" + os.urandom(6).hex()
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(redis_server.url, token), host="127.0.0.1", port=port,
-                                           log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    from services import wait_until
-
-    wait_until(lambda: server.started, 15, "the local Upstash endpoint")
-    yield f"http://127.0.0.1:{port}", token
-    server.should_exit = True
-    thread.join(10)
+    endpoint = start_in_thread(create_app(redis_server.url, token))
+    yield endpoint.url, token
+    endpoint.stop()
 
 
 @dataclass

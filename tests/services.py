@@ -1,9 +1,8 @@
-"""Real servers for the test suite: a redis-server over TCP and a PostgreSQL cluster.
+"""A real PostgreSQL cluster for the test suite (redis-server: ``redis_servers.py``).
 
-Each is started from the machine's binaries into a temporary folder, waited for
-by polling its readiness (never a fixed sleep), and stopped at the end.  When
-``QKIT_TEST_REDIS_URL`` / ``QKIT_TEST_DATABASE_URL`` are set, those servers
-are used instead (CI may start them itself).
+Started from the machine's binaries into a temporary folder, waited for by
+polling its readiness (never a fixed sleep), and stopped at the end.  When
+``QKIT_TEST_DATABASE_URL`` is set, that server is used instead.
 """
 from __future__ import annotations
 
@@ -11,22 +10,14 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import redis
+from redis_servers import free_port
 
-REDIS_CANDIDATES = ("/usr/bin/redis-server", "/usr/local/bin/redis-server")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
@@ -48,36 +39,6 @@ class Server:
     url: str
     port: int
     stop: Callable[[], None] = field(repr=False)
-
-
-def redis_binary() -> str:
-    for path in REDIS_CANDIDATES:
-        if os.access(path, os.X_OK):
-            return path
-    raise RuntimeError("redis-server not found: apt-get install redis-server")
-
-
-def start_redis(folder: Path, *extra: str) -> Server:
-    """A redis-server on a free loopback port, data in ``folder``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    proc = subprocess.Popen([redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder),
-                             "--save", "", "--appendonly", "no", "--maxmemory-policy", "noeviction", *extra],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-    wait_until(lambda: client.ping(), 10, f"redis-server on port {port}")
-    client.close()
-
-    def stop() -> None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-    return Server(url, port, stop)
 
 
 def pg_bin_dir() -> Path:
