@@ -170,6 +170,44 @@ def _clip(value: str | None) -> str | None:
     return value if value is None or len(value) <= MAX_TEXT else value[:MAX_TEXT] + "…[truncated]"
 
 
+class DriverSQL:
+    """Hot-path statements sent straight to the DB-API driver.
+
+    SQLAlchemy's per-row bind processing cost more than the rest of a no-op
+    job; these few statements take values already in the driver's form.
+    Statements are written with ``?`` placeholders and ``{json}`` for a JSON
+    parameter (compact text, or None for SQL NULL).
+    """
+
+    def __init__(self, dialect: str) -> None:
+        self.pg = dialect == "postgresql"
+
+    def sql(self, statement: str) -> str:
+        if self.pg:
+            return statement.replace("?", "%s").replace("{json}", "%s::jsonb")
+        return statement.replace("{json}", "?")
+
+    def ts(self, value: datetime | None) -> Any:
+        """A UTC time as the driver stores it (SQLAlchemy's SQLite text format)."""
+        if value is None or self.pg:
+            return value
+        return value.astimezone(timezone.utc).replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
+
+    def run(self, conn: Connection, statement: str, rows: Sequence[tuple]) -> None:
+        if rows:
+            conn.exec_driver_sql(self.sql(statement), list(rows) if len(rows) > 1 else rows[0])
+
+
+INSERT_JOB = ("INSERT INTO jobs (id, queue, type, payload, status, priority, attempts, max_attempts, run_at,"
+              " created_at, updated_at, epoch) VALUES (?, ?, ?, {json}, 'pending', ?, 0, ?, ?, ?, ?, 0)")
+INSERT_EVENT = "INSERT INTO job_events (job_id, at, event, worker, detail) VALUES (?, ?, ?, ?, {json})"
+INSERT_ATTEMPT = "INSERT INTO job_attempts (job_id, epoch, attempt, worker, started_at) VALUES (?, ?, ?, ?, ?)"
+SETTLE_JOB = ("UPDATE jobs SET status = ?, result = {json}, error = ?, finished_at = ?,"
+              " run_at = COALESCE(?, run_at), updated_at = ? WHERE id = ?")
+SETTLE_ATTEMPT = ("UPDATE job_attempts SET outcome = ?, finished_at = ?, duration_ms = ?, error = ?, traceback = ?,"
+                  " fingerprint = ? WHERE job_id = ? AND epoch = ? AND attempt = ?")
+
+
 @dataclass
 class Runnable:
     """A claimed job the worker may run now (its attempt is recorded as open)."""
@@ -235,6 +273,7 @@ class Ledger:
         except (SQLAlchemyError, ImportError) as exc:
             raise BackendUnavailable(f"cannot open the ledger at QKIT_DATABASE_URL={redact(url)}: {exc}") from None
         self.dialect = self.engine.dialect.name
+        self.driver = DriverSQL(self.dialect)
         self.statements = 0  # SQL statements sent, for cost figures
 
     @staticmethod
@@ -329,11 +368,15 @@ class Ledger:
         with self._write() as conn:
             plain = [i for i, j in enumerate(new) if j.key is None]
             if plain:
-                ids = conn.execute(insert(jobs).returning(jobs.c.id, sort_by_parameter_order=True),
-                                   [row(new[i]) for i in plain]).scalars().all()
-                self.statements += 1
+                ids = self._reserve_ids(conn, len(plain))
+                d = self.driver
+                self.driver.run(conn, INSERT_JOB, [
+                    (job_id, queue, new[i].type, new[i].payload_text, new[i].priority, new[i].max_attempts,
+                     d.ts(now + timedelta(seconds=new[i].delay)), d.ts(now), d.ts(now))
+                    for i, job_id in zip(plain, ids)])
+                self.statements += 2
                 for i, job_id in zip(plain, ids):
-                    results[i] = (int(job_id), True)
+                    results[i] = (job_id, True)
             for i, j in enumerate(new):
                 if j.key is None:
                     continue
@@ -350,12 +393,23 @@ class Ledger:
                     jobs.c.queue == queue, jobs.c.idempotency_key == j.key, text(NOT_FAILED))).scalar()
                 self.statements += 1
                 results[i] = (int(existing), False)
-            events = [dict(job_id=r[0], at=now, event="enqueued" if r[1] else "deduplicated", worker=None,
-                           detail=None if r[1] else {"key": new[i].key})
-                      for i, r in enumerate(results) if r is not None]
-            conn.execute(insert(job_events), events)
+            at = self.driver.ts(now)
+            self.driver.run(conn, INSERT_EVENT, [
+                (r[0], at, "enqueued", None, None) if r[1] else
+                (r[0], at, "deduplicated", None, _dumps({"key": new[i].key}))
+                for i, r in enumerate(results) if r is not None])
             self.statements += 1
         return [r for r in results if r is not None]
+
+    def _reserve_ids(self, conn: Connection, n: int) -> list[int]:
+        """Ids for ``n`` new jobs, in order: they are the FIFO sequence within a priority."""
+        if self.dialect == "postgresql":
+            rows = conn.exec_driver_sql(
+                "SELECT nextval(pg_get_serial_sequence('jobs', 'id')) FROM generate_series(1, %s)", (n,))
+            return sorted(int(r[0]) for r in rows)
+        # SQLite: this transaction holds the write lock (BEGIN IMMEDIATE), so max(id) cannot move
+        top = conn.exec_driver_sql("SELECT COALESCE(MAX(id), 0) FROM jobs").scalar()
+        return list(range(int(top) + 1, int(top) + n + 1))
 
     # ------------------------------------------------------------------ reads
     def get(self, job_id: int, queue: str | None = None) -> Job:
@@ -540,15 +594,15 @@ class Ledger:
                     job_updates)
                 self.statements += 1
             if claim_rows:
-                conn.execute(update(jobs).where(jobs.c.id == bindparam("b_id")).values(
-                    status="processing", attempts=bindparam("attempts"),
-                    started_at=func.coalesce(jobs.c.started_at, bindparam("now")), updated_at=bindparam("now")),
-                    claim_rows)
-                conn.execute(insert(job_attempts), attempt_rows)
+                # one statement for the whole batch: every claimed row gets its next attempt
+                conn.execute(update(jobs).where(jobs.c.id.in_([r["b_id"] for r in claim_rows])).values(
+                    status="processing", attempts=jobs.c.attempts + 1,
+                    started_at=func.coalesce(jobs.c.started_at, now), updated_at=now))
+                at = self.driver.ts(now)
+                self.driver.run(conn, INSERT_ATTEMPT, [(a["job_id"], a["epoch"], a["attempt"], worker, at)
+                                                       for a in attempt_rows])
                 self.statements += 2
-            if event_rows:
-                conn.execute(insert(job_events), event_rows)
-                self.statements += 1
+            self._insert_events(conn, event_rows)
         return plan
 
     # ------------------------------------------------------------------ settle
@@ -608,26 +662,15 @@ class Ledger:
                                                    "delay_s": round(delay, 3)}))
                     plan.settlements.append(Settlement(j.id, "retry", int(delay * 1000), j.priority))
                     plan.retried += 1
-            for status, rows in job_rows.items():
-                if not rows:
-                    continue
-                values: dict[str, Any] = dict(status=status, result=bindparam("result"), error=bindparam("error"),
-                                              finished_at=bindparam("finished_at"), updated_at=now)
-                if status == "pending":
-                    values["run_at"] = bindparam("run_at")
-                else:
-                    for r in rows:
-                        r.pop("run_at")
-                conn.execute(update(jobs).where(jobs.c.id == bindparam("b_id")).values(**values), rows)
-                self.statements += 1
-            if attempt_rows:
-                conn.execute(update(job_attempts).where(
-                    job_attempts.c.job_id == bindparam("b_job"), job_attempts.c.epoch == bindparam("b_epoch"),
-                    job_attempts.c.attempt == bindparam("b_attempt"))
-                    .values(outcome=bindparam("outcome"), finished_at=bindparam("finished_at"),
-                            duration_ms=bindparam("duration_ms"), error=bindparam("error"),
-                            traceback=bindparam("traceback"), fingerprint=bindparam("fingerprint")), attempt_rows)
-                self.statements += 1
+            d = self.driver
+            at = d.ts(now)
+            d.run(conn, SETTLE_JOB, [(status, None if r["result"] is None else _dumps(r["result"]), r["error"],
+                                      d.ts(r["finished_at"]), d.ts(r["run_at"]), at, r["b_id"])
+                                     for status, rows in job_rows.items() for r in rows])
+            d.run(conn, SETTLE_ATTEMPT, [(r["outcome"], d.ts(r["finished_at"]), r["duration_ms"], r["error"],
+                                         r["traceback"], r["fingerprint"], r["b_job"], r["b_epoch"], r["b_attempt"])
+                                        for r in attempt_rows])
+            self.statements += 2
             if released:
                 conn.execute(delete(job_attempts).where(
                     job_attempts.c.job_id == bindparam("b_id"), job_attempts.c.epoch == bindparam("b_epoch"),
@@ -635,10 +678,15 @@ class Ledger:
                 conn.execute(update(jobs).where(jobs.c.id == bindparam("b_id")).values(
                     status="pending", attempts=jobs.c.attempts - 1, updated_at=now), released)
                 self.statements += 2
-            if event_rows:
-                conn.execute(insert(job_events), event_rows)
-                self.statements += 1
+            self._insert_events(conn, event_rows)
         return plan
+
+    def _insert_events(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
+        if rows:
+            d = self.driver
+            d.run(conn, INSERT_EVENT, [(e["job_id"], d.ts(e["at"]), e["event"], e["worker"],
+                                        None if e["detail"] is None else _dumps(e["detail"])) for e in rows])
+            self.statements += 1
 
     def record_renewal(self, worker: str, job_ids: Sequence[tuple[int, int]], now: datetime | None = None) -> None:
         """One ``lease_renewed`` event per (job id, attempt), the first time its lease is renewed."""

@@ -70,13 +70,15 @@ class NewJob:
     max_attempts: int = 3
     delay: float = 0.0
     key: str | None = None
+    #: the payload's compact JSON, computed once by validation and stored as is
+    payload_text: str = field(default="{}", repr=False, compare=False)
 
 
 def new_job(type: Any, payload: Any, *, priority: Any = 0, max_attempts: Any = 3,
             delay: Any = 0, key: Any = None) -> NewJob:
     """Validate one enqueue request; raise BadInput saying what and why."""
     check_name(type, "job type")
-    check_payload(payload)
+    text = check_payload(payload)
     _check_int(priority, "priority", PRIORITY_MIN, PRIORITY_MAX)
     _check_int(max_attempts, "max_attempts", MAX_ATTEMPTS_MIN, MAX_ATTEMPTS_MAX)
     if isinstance(delay, bool) or not isinstance(delay, (int, float)):
@@ -87,7 +89,7 @@ def new_job(type: Any, payload: Any, *, priority: Any = 0, max_attempts: Any = 3
         if not isinstance(key, str) or not key or len(key) > MAX_KEY_LENGTH:
             raise BadInput(f"key must be a non-empty string of at most {MAX_KEY_LENGTH} characters")
     return NewJob(type=type, payload=dict(payload), priority=priority, max_attempts=max_attempts,
-                  delay=float(delay), key=key)
+                  delay=float(delay), key=key, payload_text=text)
 
 
 def new_job_from_item(item: Any, index: int) -> NewJob:
