@@ -181,6 +181,7 @@ class DriverSQL:
 
     def __init__(self, dialect: str) -> None:
         self.pg = dialect == "postgresql"
+        self._last_ts: tuple[Any, Any] = (None, None)
 
     def sql(self, statement: str) -> str:
         if self.pg:
@@ -191,7 +192,11 @@ class DriverSQL:
         """A UTC time as the driver stores it (SQLAlchemy's SQLite text format)."""
         if value is None or self.pg:
             return value
-        return value.astimezone(timezone.utc).replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
+        if value is self._last_ts[0]:  # a batch stamps many rows with the same time
+            return self._last_ts[1]
+        text_ = value.astimezone(timezone.utc).replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
+        self._last_ts = (value, text_)
+        return text_
 
     def run(self, conn: Connection, statement: str, rows: Sequence[tuple]) -> None:
         if rows:
@@ -575,7 +580,7 @@ class Ledger:
                 claim_rows.append(dict(b_id=job_id, attempts=attempt, now=now))
                 attempt_rows.append(dict(job_id=job_id, epoch=r.epoch, attempt=attempt, worker=worker, started_at=now))
                 event_rows.append(dict(job_id=job_id, at=now, event="claimed", worker=worker,
-                                       detail={"attempt": attempt}))
+                                       detail=f'{{"attempt":{attempt}}}'))
                 plan.runnable.append(Runnable(id=job_id, type=r.type, payload=r.payload, priority=r.priority,
                                               attempt=attempt, max_attempts=r.max_attempts, epoch=r.epoch,
                                               started_at=now))
@@ -642,7 +647,7 @@ class Ledger:
                     job_rows["completed"].append(dict(b_id=j.id, result=o.result, error=None, run_at=None,
                                                       finished_at=o.finished_at))
                     event_rows.append(dict(job_id=j.id, at=now, event="completed", worker=worker,
-                                           detail={"attempt": j.attempt, "duration_ms": round(duration, 3)}))
+                                           detail=f'{{"attempt":{j.attempt},"duration_ms":{duration:.3f}}}'))
                     plan.settlements.append(Settlement(j.id, "done"))
                     plan.completed += 1
                 elif o.permanent or j.attempt >= j.max_attempts:
@@ -685,7 +690,8 @@ class Ledger:
         if rows:
             d = self.driver
             d.run(conn, INSERT_EVENT, [(e["job_id"], d.ts(e["at"]), e["event"], e["worker"],
-                                        None if e["detail"] is None else _dumps(e["detail"])) for e in rows])
+                                        e["detail"] if e["detail"] is None or isinstance(e["detail"], str)
+                                        else _dumps(e["detail"])) for e in rows])
             self.statements += 1
 
     def record_renewal(self, worker: str, job_ids: Sequence[tuple[int, int]], now: datetime | None = None) -> None:
