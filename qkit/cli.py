@@ -237,6 +237,84 @@ def dev_stop_embedded() -> None:
     EmbeddedServer(default_home()).stop()
 
 
+@cli.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@queue_option
+def serve_command(host: str, port: int, queue: str) -> None:
+    """Serve the HTTP API (docs/http-api.md) until interrupted.
+
+    Closed by default: /api/jobs* need QKIT_API_TOKEN and /api/workers needs
+    WORKER_SECRET (or QStash signing keys); while unset they answer 503.
+    """
+    from qkit.api import serve as serve_api
+
+    serve_api(host=host, port=port, queue=queue)
+
+
+def _dlq_groups(queue: str, as_json: bool) -> None:
+    """``qkit dlq list --group``: the DLQ grouped by error fingerprint and type (qkit/triage.py)."""
+    from qkit.triage import dlq_groups
+
+    with _open(queue) as q:
+        df = dlq_groups(q)
+    rows = [{k: (v.to_pydatetime() if hasattr(v, "to_pydatetime") else v) for k, v in r.items()}
+            for r in df.to_dict(orient="records")]
+    emit(rows, as_json, lambda rs: "\n".join(
+        [f"{'fingerprint':<10}  {'jobs':>5}  {'type':<20} {'last seen (UTC)':<19}  error"]
+        + [f"{r['fingerprint_id']:<10}  {r['jobs']:>5}  {r['type']:<20} {r['last_seen']:%Y-%m-%d %H:%M:%S}  "
+           f"{r['fingerprint'][:100]}" for r in rs]) if rs else "DLQ is empty")
+
+
+@cli.command()
+@click.argument("job_id", type=int)
+@queue_option
+@json_option
+def explain(job_id: int, queue: str, as_json: bool) -> None:
+    """Why is this job where it is: ledger row, attempts, events, Redis state, verdict."""
+    from qkit.explain import explain as explain_job
+
+    with _open(queue) as q:
+        exp = explain_job(q, job_id)
+    emit(exp.to_dict(), as_json, lambda _d: str(exp))
+
+
+@cli.command()
+@click.option("--repair", is_flag=True, help="Fix what drifted (push, dead-letter, drop stale entries, rebuild).")
+@queue_option
+@json_option
+def audit(repair: bool, queue: str, as_json: bool) -> None:
+    """Check that Redis and the ledger agree and the ledger keeps its invariants (exit 1 if errors remain)."""
+    from qkit.audit import audit as run_audit
+
+    with _open(queue) as q:
+        report = run_audit(q, repair=repair)
+    emit(report.to_dict(), as_json, lambda _d: report.summary())
+    if not report.clean:
+        raise QkitError(f"audit: {len(report.errors)} error(s) remain in queue {queue!r}"
+                        + ("" if repair else " (qkit audit --repair fixes the Redis side)"))
+
+
+@cli.command()
+@click.option("--completed-older-than", "older_than", required=True, metavar="AGE",
+              help="Prune completed jobs that finished before midnight UTC of the day AGE ago (30d, 12h, 2w).")
+@click.option("--batch-size", type=click.IntRange(1, 10_000), default=500, show_default=True)
+@click.option("--dry-run", is_flag=True, help="Only count what would be pruned.")
+@queue_option
+@json_option
+def prune(older_than: str, batch_size: int, dry_run: bool, queue: str, as_json: bool) -> None:
+    """Delete old completed jobs (rows, attempts, events), keeping daily roll-ups; never the DLQ."""
+    from qkit.retention import prune as prune_queue
+
+    with _open(queue) as q:
+        report = prune_queue(q, older_than, batch_size=batch_size, dry_run=dry_run)
+    emit(report.to_dict(), as_json, lambda d: (
+        f"{'would prune' if d['dry_run'] else 'pruned'} {d['jobs']} completed job(s) finished before "
+        f"{d['cutoff'][:10]} ({d['attempts']} attempts, {d['events']} events"
+        + (f", {d['batches']} batch(es)" if not d["dry_run"] else "") + "); days: "
+        + (", ".join(d["days"]) or "none")))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI, turning every error into one line and an exit status."""
     try:

@@ -83,7 +83,7 @@ def new_job(type: Any, payload: Any, *, priority: Any = 0, max_attempts: Any = 3
     _check_int(max_attempts, "max_attempts", MAX_ATTEMPTS_MIN, MAX_ATTEMPTS_MAX)
     if isinstance(delay, bool) or not isinstance(delay, (int, float)):
         raise BadInput(f"delay must be a number of seconds (got {type_name(delay)})")
-    if not math.isfinite(delay) or not 0 <= delay <= MAX_DELAY_SECONDS:
+    if (isinstance(delay, float) and not math.isfinite(delay)) or not 0 <= delay <= MAX_DELAY_SECONDS:
         raise BadInput(f"delay {delay} is out of range 0..{MAX_DELAY_SECONDS} seconds")
     if key is not None:
         if not isinstance(key, str) or not key or len(key) > MAX_KEY_LENGTH:

@@ -214,6 +214,8 @@ BAD_CALLS = [
     ("long type", lambda q: q.enqueue("a" * 65, {}), "job type"),
     ("unknown option", lambda q: q.enqueue("ordered", {}, colour="red"), "unknown option"),
     ("negative delay", lambda q: q.enqueue("ordered", {}, delay=-1), "delay"),
+    ("huge delay", lambda q: q.enqueue("ordered", {}, delay=10**400), "delay"),
+    ("nan delay", lambda q: q.enqueue("ordered", {}, delay=float("nan")), "delay"),
     ("item unknown key", lambda q: q.enqueue_many([{"type": "ordered", "payload": {}, "prio": 1}]), "unknown option"),
     ("item not object", lambda q: q.enqueue_many([3]), "item 0"),
 ]

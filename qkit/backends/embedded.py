@@ -26,6 +26,8 @@ from importlib import resources
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from qkit.backends.redis import RedisBackend
 from qkit.errors import BackendUnavailable
@@ -68,9 +70,12 @@ class EmbeddedServer:
         return password
 
     # ---------------------------------------------------------------- client
-    def _client_for(self, info: dict, password: str) -> redis.Redis:
-        common = dict(password=password, protocol=2, decode_responses=True, socket_timeout=30,
-                      socket_connect_timeout=5)
+    def _client_for(self, info: dict, password: str, *, probe: bool = False) -> redis.Redis:
+        common: dict = dict(password=password, protocol=2, decode_responses=True, socket_timeout=30,
+                            socket_connect_timeout=5)
+        if probe:
+            # "is a server there?" must answer at once; redis-py's default retries take seconds
+            common["retry"] = Retry(NoBackoff(), 0)
         if info.get("socket"):
             return redis.Redis(unix_socket_path=info["socket"], **common)
         return redis.Redis(host="127.0.0.1", port=int(info["port"]), **common)
@@ -80,9 +85,9 @@ class EmbeddedServer:
             return None
         try:
             info = json.loads(self.info_file.read_text())
-            client = self._client_for(info, self.password_file.read_text().strip())
-            client.ping()
-            return client
+            password = self.password_file.read_text().strip()
+            self._client_for(info, password, probe=True).ping()
+            return self._client_for(info, password)
         except (OSError, ValueError, redis.RedisError):
             return None
 
@@ -120,7 +125,7 @@ class EmbeddedServer:
                            timeout=START_TIMEOUT)
         except (OSError, subprocess.SubprocessError) as exc:
             raise BackendUnavailable(f"cannot start the embedded Redis under QKIT_HOME={self.home}: {exc}") from None
-        client = self._client_for(info, password)
+        client = self._client_for(info, password, probe=True)
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             try:
@@ -137,7 +142,7 @@ class EmbeddedServer:
         tmp = self.info_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(info))
         os.replace(tmp, self.info_file)
-        return client
+        return self._client_for(info, password)
 
     def pid(self) -> int | None:
         try:
