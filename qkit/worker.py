@@ -103,7 +103,7 @@ def _outcome(job: Runnable, result: Any, exc: BaseException | None) -> Outcome:
         try:
             if result is not None:
                 compact_json(result)
-        except (TypeError, ValueError) as err:
+        except Exception as err:  # noqa: BLE001 - TypeError, ValueError, RecursionError...
             return Outcome(job, "failed", finished,
                            error=f"BadResult: handler returned a value that is not JSON-serialisable: {err}")
         return Outcome(job, "completed", finished, result=result)
@@ -131,9 +131,20 @@ class _SerialRunner(threading.Thread):
         self.current: tuple[Runnable, float, float] | None = None  # job, deadline, timeout
         self.finished = False
         self.abandoned = False
+        self.crash: BaseException | None = None
         self.cond = threading.Condition()
 
     def run(self) -> None:
+        try:
+            self._run_jobs()
+        except BaseException as exc:  # noqa: BLE001 - a bug around a handler call; reported by watch()
+            self.crash = exc
+        finally:  # whatever happens, the watcher must not wait forever
+            with self.cond:
+                self.finished = True
+                self.cond.notify()
+
+    def _run_jobs(self) -> None:
         for job in self.jobs:
             with self.cond:
                 if self.abandoned:
@@ -158,9 +169,6 @@ class _SerialRunner(threading.Thread):
                     return  # the watcher already recorded this job as timed out
                 self.current = None
                 self.outcomes.append(_outcome(job, result, exc))
-        with self.cond:
-            self.finished = True
-            self.cond.notify()
 
     def watch(self) -> list[Outcome]:
         """Wait for the batch; on a handler timeout, abandon this thread and return what is known."""
@@ -176,6 +184,10 @@ class _SerialRunner(threading.Thread):
                     self.outcomes.append(_timeout(job, timeout))
                     break
                 self.cond.wait(left)
+            if self.crash is not None and not self.abandoned and len(self.outcomes) < len(self.jobs):
+                # fail the job in hand rather than start it again and again
+                self.outcomes.append(Outcome(self.jobs[len(self.outcomes)], "failed", utcnow(),
+                                             error=redact(f"InternalError: {type(self.crash).__name__}: {self.crash}")))
             return self.outcomes
 
 

@@ -280,3 +280,20 @@ def test_work_budget_max_jobs(q):
     assert q.dispatch.inventory().leased == 0  # nothing left holding a lease
     q.work()
     assert all(q.get(i).status == "completed" for i in ids)
+
+
+@qkit.handler("unserialisable", timeout=10)
+def unserialisable(payload: dict) -> object:
+    deep: list = []
+    for _ in range(100_000):  # too deep for json: RecursionError, not TypeError
+        deep = [deep]
+    return {"deep": deep} if payload.get("deep") else {"obj": object()}
+
+
+def test_a_result_that_cannot_be_stored_fails_the_attempt(q):
+    ids = [q.enqueue("unserialisable", {"deep": True}, max_attempts=1),
+           q.enqueue("unserialisable", {}, max_attempts=1), q.enqueue("ordered", {})]
+    summary = q.work()
+    assert [q.get(i).status for i in ids] == ["failed", "failed", "completed"]
+    assert "BadResult" in q.get(ids[0]).error and "BadResult" in q.get(ids[1]).error
+    assert summary.failed == 2 and summary.completed == 1
