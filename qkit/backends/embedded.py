@@ -152,11 +152,11 @@ class EmbeddedServer:
 
     def stop(self) -> None:
         """Shut the server down (its data stays in the append-only file)."""
-        client = self._try_attach()
-        if client is None:
+        if self._try_attach() is None:
             return
+        info = json.loads(self.info_file.read_text())
         try:
-            client.shutdown(nosave=True)
+            self._client_for(info, self.password_file.read_text().strip(), probe=True).shutdown(nosave=True)
         except redis.RedisError:
             pass  # the server closes the connection as it exits
 
