@@ -570,7 +570,9 @@ def start_in_thread(
     ``port=0`` picks a free port: the socket is bound here and handed to
     uvicorn, so there is no window in which another process can take it.
     """
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY on accepted connections only for
+    # sockets whose proto says TCP; without it Nagle's algorithm adds ~40 ms per large reply
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     bound_port = sock.getsockname()[1]
