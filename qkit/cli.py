@@ -149,7 +149,19 @@ def stats(queue: str, as_json: bool) -> None:
     """Counts per status, success rate and execution time of a queue."""
     with _open(queue) as q:
         data = q.stats()
-    emit(data, as_json, lambda d: "\n".join(f"{k:>13}: {v}" for k, v in d.items()))
+    emit(data, as_json, _stats_human)
+
+
+def _stats_human(d: dict) -> str:
+    """One ``name: value`` line per figure; nested figures (attempts, cost) indented below their name."""
+    lines = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            lines.append(f"{k:>13}:")
+            lines += [f"{'':>15}{sk}: {sv}" for sk, sv in v.items()]
+        else:
+            lines.append(f"{k:>13}: {v}")
+    return "\n".join(lines)
 
 
 @cli.group()
@@ -158,10 +170,14 @@ def dlq() -> None:
 
 
 @dlq.command("list")
+@click.option("--group", is_flag=True, help="Group by error fingerprint and type (counts, first/last seen).")
 @queue_option
 @json_option
-def dlq_list(queue: str, as_json: bool) -> None:
-    """Failed jobs with their final error."""
+def dlq_list(group: bool, queue: str, as_json: bool) -> None:
+    """Failed jobs with their final error (or, with --group, grouped by error fingerprint)."""
+    if group:
+        _dlq_groups(queue, as_json)
+        return
     with _open(queue) as q:
         jobs = [j.to_dict() for j in q.dead()]
     emit(jobs, as_json, lambda rows: "\n".join(
@@ -171,14 +187,20 @@ def dlq_list(queue: str, as_json: bool) -> None:
 @dlq.command("replay")
 @click.argument("job_ids", nargs=-1, type=int)
 @click.option("--all", "replay_all", is_flag=True, help="Replay every job in the DLQ.")
+@click.option("--fingerprint", "fingerprint", default=None, metavar="FP",
+              help="Replay every DLQ job of one error fingerprint (its id from `dlq list --group`, or the text).")
 @queue_option
 @json_option
-def dlq_replay(job_ids: tuple[int, ...], replay_all: bool, queue: str, as_json: bool) -> None:
+def dlq_replay(job_ids: tuple[int, ...], replay_all: bool, fingerprint: str | None, queue: str,
+               as_json: bool) -> None:
     """Put failed jobs back to pending with a fresh attempt budget."""
-    if bool(job_ids) == replay_all:
-        raise click.UsageError("give job ids or --all (not both)")
+    if sum((bool(job_ids), replay_all, fingerprint is not None)) != 1:
+        raise click.UsageError("give job ids or --all or --fingerprint FP (exactly one of them)")
     with _open(queue) as q:
-        ids = q.replay_all() if replay_all else q.replay(list(job_ids))
+        if fingerprint is not None:
+            ids = q.replay_fingerprint(fingerprint)
+        else:
+            ids = q.replay_all() if replay_all else q.replay(list(job_ids))
     emit({"replayed": ids}, as_json, lambda d: f"replayed {len(d['replayed'])} job(s)")
 
 
@@ -204,9 +226,18 @@ def runs(queue: str, as_json: bool) -> None:
     with _open(queue) as q, q.ledger.read_engine.connect() as conn:
         rows = [dict(r) for r in conn.execute(select(worker_runs).where(worker_runs.c.queue == queue)
                                               .order_by(worker_runs.c.id.desc()).limit(200)).mappings()]
-    emit(rows, as_json, lambda rs: "\n".join(
-        f"{r['id']}\t{r['trigger']}\t{r['status']}\t{r['started_at']:%Y-%m-%d %H:%M:%S}\tprocessed {r['processed']}"
-        for r in rs) or "no runs yet")
+    emit(rows, as_json, lambda rs: "\n".join(_run_line(r) for r in rs) or "no runs yet")
+
+
+def _run_line(r: dict) -> str:
+    """One run; a scheduled run adds the runner's verdict and its executed notebook (qkit.scheduled)."""
+    line = (f"{r['id']}\t{r['trigger']}\t{r['status']}\t{r['started_at']:%Y-%m-%d %H:%M:%S}"
+            f"\tprocessed {r['processed']}")
+    params = r.get("params") if isinstance(r.get("params"), dict) else {}
+    runner = params.get("runner") if isinstance(params.get("runner"), dict) else None
+    if runner:
+        line += f"\t{runner.get('status')} (exit {runner.get('exit_code')}) -> {runner.get('output')}"
+    return line
 
 
 @cli.group()

@@ -119,6 +119,8 @@ class Settings:
     backoff_max: float = 300.0
     lease_seconds: float = 60.0
     handler_modules: tuple[str, ...] = ()
+    #: seconds of waiting worth one priority level (0: strict priority); see qkit/scripts/claim.lua
+    priority_aging: float = 0.0
 
     @property
     def backend_kind(self) -> str:
@@ -137,6 +139,7 @@ def settings(
     backoff_base: float | None = None,
     backoff_max: float | None = None,
     lease_seconds: float | None = None,
+    priority_aging: float | None = None,
 ) -> Settings:
     """Resolve settings: keyword arguments first, then the environment, then defaults."""
     home_path = Path(home).expanduser().resolve() if home is not None else default_home()
@@ -165,6 +168,23 @@ def settings(
     if lease <= 0:
         raise ConfigError("lease_seconds must be > 0")
     modules = tuple(m.strip() for m in os.environ.get("QKIT_HANDLERS", "").split(",") if m.strip())
+    aging = priority_aging if priority_aging is not None else _float_env("QKIT_PRIORITY_AGING_SECONDS", 0.0)
+    aging = check_priority_aging(aging)
     return Settings(home=home_path, redis_url=redis_url, upstash_url=upstash_url, upstash_token=upstash_token,
                     database_url=db, backoff_base=float(base), backoff_max=float(cap),
-                    lease_seconds=float(lease), handler_modules=modules)
+                    lease_seconds=float(lease), handler_modules=modules, priority_aging=aging)
+
+
+#: the largest priority-aging step, seconds: keeps every ready score an exact
+#: integer below 2**53 (|priority| <= 10**6, so the boost is at most 3.6e15 µs)
+MAX_PRIORITY_AGING = 3600.0
+
+
+def check_priority_aging(value: object) -> float:
+    """``QKIT_PRIORITY_AGING_SECONDS`` / ``priority_aging``: 0 (strict priority) .. 3600 seconds per level."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise ConfigError(f"QKIT_PRIORITY_AGING_SECONDS must be a number of seconds (got {value!r})")
+    if not 0 <= value <= MAX_PRIORITY_AGING:
+        raise ConfigError(f"QKIT_PRIORITY_AGING_SECONDS={value!r} is out of range 0..{MAX_PRIORITY_AGING:g} "
+                          "(seconds of waiting worth one priority level)")
+    return float(value)

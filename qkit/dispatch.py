@@ -25,7 +25,8 @@ class QueueKeys:
     @property
     def all(self) -> list[str]:
         prefix = f"qkit:{{{self.queue}}}:"
-        return [prefix + part for part in ("ready", "delayed", "leased", "owners", "dead", "prio")]
+        # "clock" (last) is only used with priority aging: scripts that take six keys ignore it
+        return [prefix + part for part in ("ready", "delayed", "leased", "owners", "dead", "prio", "clock")]
 
 
 @dataclass
@@ -74,13 +75,21 @@ class Snapshot:
         return None
 
 
+def _aging_arg(aging_s: float) -> str:
+    """The aging setting as the scripts read it (``repr`` keeps every digit of the float)."""
+    return repr(float(aging_s)) if aging_s > 0 else "0"
+
+
 class Dispatch:
     """Atomic operations on one queue's Redis keys."""
 
-    def __init__(self, backend: Backend, queue: str) -> None:
+    def __init__(self, backend: Backend, queue: str, aging_s: float = 0.0) -> None:
         self.backend = backend
         self.queue = queue
         self.keys = QueueKeys(queue).all
+        #: priority aging, seconds of waiting worth one priority level (0: strict priority).
+        #: Every process of a queue must use the same value: it decides the ready scores.
+        self.aging_s = float(aging_s)
 
     def push(self, jobs: Iterable[tuple[int, int, int]], mode: str = "new") -> int:
         """Make jobs pending: (id, priority, delay_ms) each.  Returns how many were added."""
@@ -96,7 +105,7 @@ class Dispatch:
         return added
 
     def _push(self, batch: Sequence[tuple[int, int, int]], mode: str) -> int:
-        args: list[object] = [mode]
+        args: list[object] = [mode, _aging_arg(self.aging_s)]
         for job_id, priority, delay_ms in batch:
             args += [job_id, priority, max(0, int(delay_ms))]
         return int(self.backend.run("push", self.keys, args))
@@ -104,7 +113,7 @@ class Dispatch:
     def claim(self, token: str, lease_ms: int, want: int,
               settlements: Sequence[Settlement] = ()) -> ClaimResult:
         """Settle the previous batch and claim up to ``want`` jobs, in one call."""
-        args: list[object] = [token, int(lease_ms), int(want), len(settlements)]
+        args: list[object] = [token, int(lease_ms), int(want), len(settlements), _aging_arg(self.aging_s)]
         for s in settlements:
             args += [s.job_id, s.action, int(s.delay_ms), s.priority]
         now, reclaimed, claimed, fenced, next_due, ready_count = self.backend.run("claim", self.keys, args)

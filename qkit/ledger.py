@@ -46,8 +46,11 @@ from qkit.dispatch import Settlement
 from qkit.errors import BackendUnavailable, Conflict, NotFound
 from qkit.model import Job, NewJob
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # v2: job_daily (retention roll-ups, qkit/retention.py)
 MAX_TEXT = 64 * 1024  # stored error/traceback text is truncated to this
+#: a pending job claimed this much before its run_at still runs: Redis decides due times on its
+#: own clock, which may run a little ahead of this host's
+NOT_DUE_SLACK = timedelta(seconds=1)
 
 
 def utcnow() -> datetime:
@@ -150,6 +153,39 @@ job_events = Table(
     Column("detail", Json),
     Index("ix_events_job", "job_id"),
 )
+
+# ---------------------------------------------------------------- retention roll-ups (schema v2)
+#: One row per (UTC day of finishing, queue, type) of completed jobs that
+#: ``qkit prune`` deleted (qkit/retention.py), so analyses still cover pruned
+#: days.  Counts and sums are exact; ``histograms`` holds mergeable log-bucket
+#: histograms of execution and wait times, the source of the p50/p95 columns.
+job_daily = Table(
+    "job_daily", metadata,
+    Column("day", String(10), primary_key=True),  # YYYY-MM-DD (UTC), the day the jobs finished
+    Column("queue", String(64), primary_key=True),
+    Column("type", String(64), primary_key=True),
+    Column("completed", Integer, nullable=False, default=0),  # jobs
+    Column("attempts", Integer, nullable=False, default=0),  # attempt rows of those jobs, every epoch
+    Column("retried", Integer, nullable=False, default=0),  # jobs that needed more than one attempt
+    Column("failed_attempts", Integer, nullable=False, default=0),
+    Column("timeout_attempts", Integer, nullable=False, default=0),
+    Column("lost_attempts", Integer, nullable=False, default=0),
+    Column("total_duration_ms", Float, nullable=False, default=0.0),  # every attempt's duration
+    Column("exec_ms_sum", Float, nullable=False, default=0.0),  # the completed attempts' durations
+    Column("exec_p50_ms", Float),
+    Column("exec_p95_ms", Float),
+    Column("wait_ms_sum", Float, nullable=False, default=0.0),  # enqueue -> first claim
+    Column("wait_p50_ms", Float),
+    Column("wait_p95_ms", Float),
+    Column("histograms", Json),
+    Column("updated_at", UTCDateTime, nullable=False),
+)
+
+
+def _migrate_v2(conn: Connection) -> None:
+    """v1 -> v2: add ``job_daily`` (no existing table changes)."""
+    job_daily.create(conn, checkfirst=True)
+
 
 _NUMBER = re.compile(r"(?<![A-Za-z_])[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?", re.I)
 _HEX = re.compile(r"\b(?:0x)?[0-9a-f]{8,}\b|\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b", re.I)
@@ -526,7 +562,7 @@ class Ledger:
             return plan
         with self._write() as conn:
             query = select(jobs.c.id, jobs.c.status, jobs.c.type, jobs.c.payload, jobs.c.priority,
-                           jobs.c.attempts, jobs.c.max_attempts, jobs.c.epoch).where(jobs.c.id.in_(ids))
+                           jobs.c.attempts, jobs.c.max_attempts, jobs.c.epoch, jobs.c.run_at).where(jobs.c.id.in_(ids))
             if self.dialect == "postgresql":
                 query = query.with_for_update()
             rows = {r.id: r for r in conn.execute(query)}
@@ -542,9 +578,18 @@ class Ledger:
             for job_id in ids:
                 r = rows.get(job_id)
                 if r is None or r.status not in ("pending", "processing"):
-                    plan.settlements.append(Settlement(job_id, "done"))
+                    # finished already (its settle never reached Redis): drop it, or put it back in the DLQ
+                    failed = r is not None and r.status == "failed"
+                    plan.settlements.append(Settlement(job_id, "dead" if failed else "done", 0,
+                                                       r.priority if failed else 0))
                     continue
                 attempts = r.attempts
+                if r.status == "pending" and r.run_at > now + NOT_DUE_SLACK:
+                    # a retry whose Redis settle never arrived (its lease expired instead): not due
+                    # before run_at (SPEC §3), so it goes back to wait, without an attempt
+                    wait_ms = int((r.run_at - now).total_seconds() * 1000)
+                    plan.settlements.append(Settlement(job_id, "retry", wait_ms, r.priority))
+                    continue
                 if r.status == "processing":
                     # the previous holder's lease expired: that attempt was lost
                     plan.lost += 1
@@ -777,4 +822,4 @@ def _dumps(value: Any) -> str:
 
 
 #: in-place upgrades: version -> function(connection) bringing the schema to it
-MIGRATIONS: dict[int, Any] = {}
+MIGRATIONS: dict[int, Any] = {2: _migrate_v2}

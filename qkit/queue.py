@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any, Iterable, Mapping, Sequence
 
 from qkit.backends import Backend, open_backend
@@ -16,6 +17,8 @@ from qkit.model import Job, NewJob, WorkSummary, check_name, new_job, new_job_fr
 log = logging.getLogger("qkit")
 
 MAX_BATCH_ITEMS = 100_000
+#: Upstash pay-as-you-go price (research note §5, 2026): USD per 100,000 commands
+UPSTASH_USD_PER_100K_COMMANDS = 0.20
 
 
 class Queue:
@@ -28,8 +31,12 @@ class Queue:
         self.backend = backend or open_backend(settings)
         self.ledger = ledger or Ledger(settings.database_url)
         self.ledger.init_schema()
-        self.dispatch = Dispatch(self.backend, self.name)
+        self.dispatch = Dispatch(self.backend, self.name, aging_s=settings.priority_aging)
         self.backoff = Backoff(settings.backoff_base, settings.backoff_max)
+        # what this process did, for cost per job (stats()["cost"]); bursts may run on threads
+        self._tally_lock = threading.Lock()
+        self.jobs_enqueued_here = 0  # jobs this process created (deduplicated ones excluded)
+        self.jobs_finished_here = 0  # jobs this process's bursts made terminal (completed + failed)
 
     def __repr__(self) -> str:
         return f"<qkit.Queue {self.name!r} on {self.backend.describe()} + {self.ledger.describe()}>"
@@ -65,6 +72,8 @@ class Queue:
     def _enqueue(self, jobs: Sequence[NewJob]) -> list[int]:
         results = self.ledger.insert_jobs(self.name, jobs)
         created = [(job_id, j.priority, int(j.delay * 1000)) for (job_id, new), j in zip(results, jobs) if new]
+        with self._tally_lock:
+            self.jobs_enqueued_here += len(created)
         if created:
             # the ledger row is committed first: if this push is lost, the next burst pushes it again
             self.dispatch.push(created, mode="new")
@@ -95,13 +104,34 @@ class Queue:
             "backend": self.backend.kind,
         }
         out["cost"] = self.cost()
+        from qkit.triage import starvation
+
+        # wait (enqueue -> first claim) per priority and the oldest waiting job: where starvation shows
+        out["starvation"] = starvation(self)
         return out
 
     def cost(self) -> dict[str, Any]:
-        """Commands and requests this process sent, per finished job, and the Upstash price of that."""
+        """Commands and requests this process sent, per finished job, and the Upstash price of that.
+
+        Everything counts only this process's own work: its enqueues, its
+        bursts and its reads (stats, inventory).  ``jobs_finished_here`` are
+        the jobs its bursts made terminal, so for a process that both enqueues
+        and works, ``commands_per_job`` is the whole lifecycle cost of a job.
+        Per-job figures are None until a burst of this process finished a job.
+        """
         c = self.backend.counters()
-        return {"redis_commands": c["commands"], "http_requests": c["requests"]
-                if self.backend.kind == "upstash" else 0, "ledger_statements": self.ledger.statements}
+        commands = c["commands"]
+        requests = c["requests"] if self.backend.kind == "upstash" else 0
+        with self._tally_lock:
+            enqueued, finished = self.jobs_enqueued_here, self.jobs_finished_here
+        per_job = round(commands / finished, 6) if finished else None
+        return {"redis_commands": commands, "http_requests": requests, "ledger_statements": self.ledger.statements,
+                "jobs_enqueued_here": enqueued, "jobs_finished_here": finished,
+                "commands_per_job": per_job,
+                "requests_per_job": round(requests / finished, 6) if finished else None,
+                # every command is billed, EVALSHA included (one script call = one command)
+                "upstash_usd_per_100k_jobs": (round(per_job * UPSTASH_USD_PER_100K_COMMANDS, 6)
+                                              if per_job is not None else None)}
 
     def dead(self, limit: int | None = None) -> list[Job]:
         """The dead-letter queue: failed jobs with their payload and final error."""
@@ -123,11 +153,20 @@ class Queue:
         ids = [j.id for j in self.dead()]
         return self.replay(ids) if ids else []
 
+    def replay_fingerprint(self, fingerprint: str, *, type: str | None = None) -> list[int]:
+        """Replay every DLQ job whose final error has this fingerprint (full text or short id)."""
+        from qkit.triage import replay_fingerprint
+
+        return replay_fingerprint(self, fingerprint, type=type)
+
     def purge_dead(self) -> int:
         """Delete every job in the DLQ (ledger rows and Redis entries); returns how many."""
-        ids = self.ledger.purge_dead(self.name)
+        # Redis first: if the ledger delete is then lost, the next burst's drift check puts the
+        # still-failed jobs back in Redis's DLQ.  The other order could leave DLQ entries that
+        # no ledger row explains, which no burst repairs.
+        ids = [row[0] for row in self.ledger.active_rows(self.name) if row[1] == "failed"]
         self.dispatch.remove(ids, scope="dead")
-        return len(ids)
+        return len(self.ledger.purge_dead(self.name, ids))
 
     # ------------------------------------------------------------------ work
     def work(self, max_jobs: int | None = None, max_seconds: float | None = None, *,
@@ -144,8 +183,14 @@ class Queue:
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or not 1 <= concurrency <= 256:
             raise BadInput("concurrency must be an integer 1..256")
         import_handler_modules(self.settings.handler_modules)
-        return Worker(self, max_jobs=max_jobs, max_seconds=max_seconds, concurrency=concurrency,
-                      trigger=trigger, progress=progress, params=params).run()
+        worker = Worker(self, max_jobs=max_jobs, max_seconds=max_seconds, concurrency=concurrency,
+                        trigger=trigger, progress=progress, params=params)
+        try:
+            return worker.run()
+        finally:
+            # also when the burst died mid-way: the jobs it finished did cost their commands
+            with self._tally_lock:
+                self.jobs_finished_here += worker.summary.completed + worker.summary.failed
 
     def close(self) -> None:
         """Release connections (the embedded server keeps running for other processes)."""
@@ -163,10 +208,10 @@ def connect(queue: str = DEFAULT_QUEUE, **overrides: Any) -> Queue:
     """Open a queue with settings from the environment; keyword arguments override them.
 
     Accepted: ``redis_url, upstash_url, upstash_token, database_url, home,
-    backoff_base, backoff_max, lease_seconds``.
+    backoff_base, backoff_max, lease_seconds, priority_aging``.
     """
     allowed = {"redis_url", "upstash_url", "upstash_token", "database_url", "home", "backoff_base",
-               "backoff_max", "lease_seconds"}
+               "backoff_max", "lease_seconds", "priority_aging"}
     unknown = set(overrides) - allowed
     if unknown:
         raise BadInput(f"unknown option(s) for connect: {', '.join(sorted(unknown))}")

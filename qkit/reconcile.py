@@ -5,7 +5,9 @@ disagreeing.  Each burst starts with a one-command check (counts per place
 against counts per status); only when Redis holds fewer active jobs than the
 ledger does it take a full snapshot and push the missing ones back.  Redis
 entries the ledger does not know, or knows as finished, are harmless: a claim
-drops them without running anything.
+drops them without running anything; ``qkit audit --repair`` (``repair(q,
+drop=True)``, :mod:`qkit.audit`) also takes them out, and after Redis lost a
+queue's data it rebuilds the whole Redis side from the ledger.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("qkit")
 
 
-def repair_if_drifted(q: "Queue") -> dict[str, int]:
+def repair_if_drifted(q: "Queue") -> dict[str, Any]:
     """The cheap check at the start of every burst; repairs only when needed."""
     inv = q.dispatch.inventory()
     counts = q.ledger.status_counts(q.name)
@@ -31,20 +33,30 @@ def repair_if_drifted(q: "Queue") -> dict[str, int]:
     return repair(q)
 
 
-def repair(q: "Queue") -> dict[str, Any]:
+def repair(q: "Queue", *, drop: bool = False) -> dict[str, Any]:
     """Push every pending or processing job Redis lacks, and dead-letter failed ones it lacks.
+
+    With ``drop`` (``qkit audit --repair``) it also takes out what Redis must
+    not hold: entries with no ledger row in this queue, entries of completed
+    jobs, failed jobs outside the DLQ (then dead-lettered), and jobs found in
+    more than one place (then pushed again from the ledger).  An entry under a
+    lease that is still valid is left alone: its worker settles it in its next
+    call, and taking it away would let a second worker run the job.  After
+    Redis lost the queue's data this is the full rebuild from the ledger.
 
     The Redis snapshot is read before the ledger, so a job that moves on
     meanwhile is at worst pushed once more, and a stale entry is dropped at
-    claim time.  Returns counts of what was done.
+    claim time.  Returns counts of what was done (and ``actions``: job id ->
+    what was done to it).
     """
     snap = q.dispatch.snapshot()
     rows = q.ledger.active_rows(q.name)
     now = utcnow()
+    dropped: dict[int, str] = _drop_stale(q, snap, {r[0]: r[1] for r in rows}) if drop else {}
     missing_active: list[tuple[int, int, int]] = []
     missing_dead: list[int] = []
-    for job_id, status, priority, run_at, _epoch in rows:
-        place = snap.place_of(job_id)
+    for job_id, status, priority, run_at, _epoch in sorted(rows):  # by id: a rebuild keeps FIFO order
+        place = None if job_id in dropped else snap.place_of(job_id)
         if status in ("pending", "processing") and place in (None, "dead"):
             # a processing job without a lease is reclaimed at claim time (attempt recorded as lost)
             delay_ms = 0 if status == "processing" else max(0, int((run_at - now).total_seconds() * 1000))
@@ -53,11 +65,56 @@ def repair(q: "Queue") -> dict[str, Any]:
             missing_dead.append(job_id)
     pushed = q.dispatch.push(missing_active, mode="repair") if missing_active else 0
     dead_lettered = q.dispatch.push([(j, 0, 0) for j in missing_dead], mode="dead") if missing_dead else 0
-    if pushed or dead_lettered:
-        log.warning("queue %s: repaired Redis from the ledger (%d pending pushed, %d dead-lettered)",
-                    q.name, pushed, dead_lettered)
-        q.ledger.add_events([dict(job_id=j, at=now, event="repaired", worker=None,
-                                  detail={"action": "pushed"}) for j, _, _ in missing_active]
-                            + [dict(job_id=j, at=now, event="repaired", worker=None,
-                                    detail={"action": "dead-lettered"}) for j in missing_dead])
-    return {"pushed": pushed, "dead_lettered": dead_lettered}
+    actions: dict[int, str] = {j: f"dropped ({why})" for j, why in dropped.items()}
+    actions.update({j: "pushed" for j, _, _ in missing_active})
+    actions.update({j: "dead-lettered" for j in missing_dead})
+    if pushed or dead_lettered or dropped:
+        log.warning("queue %s: repaired Redis from the ledger (%d pending pushed, %d dead-lettered, %d dropped)",
+                    q.name, pushed, dead_lettered, len(dropped))
+        # no event for an entry without a ledger row: there is no job to attach it to (only the log line)
+        known = {r[0] for r in rows} | set(_statuses(q, dropped))
+        q.ledger.add_events([dict(job_id=j, at=now, event="repaired", worker=None, detail={"action": what})
+                             for j, what in sorted(actions.items()) if j in known])
+    return {"pushed": pushed, "dead_lettered": dead_lettered, "dropped": len(dropped), "actions": actions}
+
+
+def _statuses(q: "Queue", ids: Any) -> dict[int, str]:
+    """Ledger status of each id that has a row in this queue (ids without one are left out)."""
+    from sqlalchemy import select
+
+    from qkit.ledger import jobs
+
+    ids = sorted(int(i) for i in ids)
+    found: dict[int, str] = {}
+    with q.ledger.read_engine.connect() as conn:
+        for start in range(0, len(ids), 500):
+            found.update(conn.execute(select(jobs.c.id, jobs.c.status).where(
+                jobs.c.queue == q.name, jobs.c.id.in_(ids[start:start + 500]))).all())
+    return found
+
+
+def _drop_stale(q: "Queue", snap: Any, active: dict[int, str]) -> dict[int, str]:
+    """Remove the Redis entries the ledger says must not be there; returns id -> why."""
+    places: dict[int, list[str]] = {}
+    for name in ("ready", "delayed", "leased", "dead"):
+        for job_id in getattr(snap, name):
+            places.setdefault(job_id, []).append(name)
+    unknown = [j for j in places if j not in active]
+    status = {**_statuses(q, unknown), **active}
+    why: dict[int, str] = {}
+    for job_id, where in places.items():
+        lease = snap.leased.get(job_id)
+        if lease is not None and lease[0] > snap.now_ms:
+            continue  # a valid lease: its worker settles it (or the claim drops it) in its next call
+        st = status.get(job_id)
+        if st is None:
+            why[job_id] = "no ledger row"
+        elif st == "completed":
+            why[job_id] = "completed"
+        elif st == "failed" and where != ["dead"]:
+            why[job_id] = "failed, not in the DLQ"
+        elif len(where) > 1:
+            why[job_id] = "in more than one place"
+    if why:
+        q.dispatch.remove(sorted(why), scope="all")
+    return why

@@ -17,6 +17,7 @@ from sqlalchemy import select
 
 from conftest import Setup, run_burst, spawn_burst
 from job_handlers import read_log
+from qkit.audit import audit
 from qkit.ledger import job_attempts, job_events
 
 import job_handlers  # noqa: F401 - same handlers in this process for in-process bursts
@@ -71,6 +72,7 @@ def test_sigkill_mid_handler_is_reclaimed_after_lease(setup: Setup, tmp_path: Pa
     entries = read_log(log)
     assert [e[0] for e in entries].count("done") == 1
     assert "reclaimed" in events_of(q, job_id)
+    assert audit(q).clean
 
 
 def test_long_handler_is_never_reclaimed_while_its_worker_lives(setup: Setup, tmp_path: Path):
@@ -90,6 +92,7 @@ def test_long_handler_is_never_reclaimed_while_its_worker_lives(setup: Setup, tm
     assert [a["outcome"] for a in attempts_of(q, job_id)] == ["completed"]
     events = events_of(q, job_id)
     assert "reclaimed" not in events and events.count("lease_renewed") == 1
+    assert audit(q).clean
 
 
 def test_stalled_worker_cannot_overwrite_the_attempt_that_replaced_it(setup: Setup, tmp_path: Path):
@@ -118,6 +121,7 @@ def test_stalled_worker_cannot_overwrite_the_attempt_that_replaced_it(setup: Set
     assert attempts[1]["worker"] == winner
     # both executions happened (at-least-once), but the ledger holds one completion
     assert [e[0] for e in read_log(log)].count("done") == 2
+    assert audit(q).clean
 
 
 def test_poison_job_ends_in_dlq_after_max_attempts(setup: Setup, tmp_path: Path):
@@ -138,6 +142,7 @@ def test_poison_job_ends_in_dlq_after_max_attempts(setup: Setup, tmp_path: Path)
     assert poison in {j.id for j in q.dead()}
     assert all(q.get(i).status == "completed" for i in innocent)
     assert [e for e in read_log(log) if e[0] == "start" and e[1] == poison].__len__() == 3
+    assert audit(q).clean
 
 
 def test_four_processes_drain_2000_jobs_exactly_once(setup: Setup, tmp_path: Path):
@@ -152,6 +157,7 @@ def test_four_processes_drain_2000_jobs_exactly_once(setup: Setup, tmp_path: Pat
     assert sorted(done) == sorted(ids)  # every job executed exactly once
     inv = q.dispatch.inventory()
     assert (inv.ready, inv.delayed, inv.leased) == (0, 0, 0)
+    assert audit(q).clean
 
 
 def test_sigterm_releases_what_it_holds_and_closes_the_run(setup: Setup, tmp_path: Path):
@@ -174,3 +180,4 @@ def test_sigterm_releases_what_it_holds_and_closes_the_run(setup: Setup, tmp_pat
         run = conn.execute(select(worker_runs).where(worker_runs.c.queue == q.name)).mappings().one()
     assert run["status"] == "interrupted" and run["finished_at"] is not None and run["completed"] == 1
     assert all(a["attempt"] == 1 for i in rest for a in attempts_of(q, i)) and not attempts_of(q, rest[0])
+    assert audit(q).clean

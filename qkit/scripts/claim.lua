@@ -1,17 +1,24 @@
 -- claim.lua: settle the outcomes of a worker's last batch, then claim its next one.
 -- One call per batch is the whole Redis cost of a burst (Upstash bills per command).
 --
--- KEYS[1] ready    zset  id -> (1000000 - priority) * 2^32 + id   (higher priority first, FIFO by id)
+-- KEYS[1] ready    zset  id -> score, lowest first.  Strict (aging 0):
+--                        (1000000 - priority) * 2^32 + id   (higher priority first, FIFO by id)
+--                        With aging A > 0 s: since_us - EPOCH_US - round(priority * A * 10^6), where since_us
+--                        is when the job became due (µs of Redis TIME, made unique by KEYS[7]): a job of
+--                        priority p sorts like a priority-0 job that became due A*p seconds earlier.
 -- KEYS[2] delayed  zset  id -> due time, ms of Redis TIME
 -- KEYS[3] leased   zset  id -> lease deadline, ms of Redis TIME
 -- KEYS[4] owners   hash  id -> fence token of the worker holding the lease
 -- KEYS[5] dead     zset  id -> time it was dead-lettered, ms
 -- KEYS[6] prio     hash  id -> priority, for delayed jobs only
+-- KEYS[7] clock    string  last since_us given to a ready job (aging only): keeps since_us strictly
+--                        increasing, so jobs that become due in one call or one µs stay FIFO
 -- ARGV[1] token     this worker's fence token (unique per burst)
 -- ARGV[2] lease_ms  lease length for claimed jobs
 -- ARGV[3] want      how many jobs to claim (0: settle only)
 -- ARGV[4] n         number of settlements that follow
--- ARGV[5..]         n groups of 4: id, action, delay_ms, priority
+-- ARGV[5] aging     priority aging A, seconds per priority level ('0': strict priority)
+-- ARGV[6..]         n groups of 4: id, action, delay_ms, priority
 --                   action 'done' (completed, or dropped because the ledger says so),
 --                   'retry' (back to ready after delay_ms), 'dead' (to the DLQ)
 -- Returns {now_ms, reclaimed, claimed, fenced, next_due_ms, ready_count}
@@ -19,20 +26,34 @@
 --              reclaimed alone, with nothing else claimed in the same call: its worker died
 --              holding a batch, and running each survivor alone keeps a job that kills its
 --              worker from costing attempts to the jobs batched with it.
---   claimed    ids popped from ready, highest priority first
+--   claimed    ids popped from ready, lowest score first (highest priority, then FIFO)
 --   fenced     settlement ids refused because this token no longer holds their lease
 --   next_due_ms  ms until the earliest delayed job is due, -1 if none
 local ready, delayed, leased, owners, dead, prio = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local token, lease_ms, want, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local aging = tonumber(ARGV[5]) or 0
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
 
+-- same formula as push.lua
+local EPOCH_US = 1577836800000000  -- 2020-01-01T00:00:00Z: keeps aged scores small and exact
+local function aged_score(since_us, p)
+  return string.format('%.0f', since_us - EPOCH_US - math.floor(p * aging * 1000000 + 0.5))
+end
+local last_us = nil
+local function next_since()  -- now, or 1 µs after the last job made ready (aging only)
+  if last_us == nil then last_us = tonumber(redis.call('GET', KEYS[7]) or '0') end
+  last_us = math.max(now_us, last_us + 1)
+  return last_us
+end
 local function ready_score(id, p)
+  if aging > 0 then return aged_score(next_since(), p) end
   return string.format('%.0f', (1000000 - p) * 4294967296 + id)
 end
 
 local fenced = {}
-local i = 5
+local i = 6
 for _ = 1, n do
   local id, action, delay, p = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
   i = i + 4
@@ -68,14 +89,34 @@ if want > 0 then
   end
   -- due delayed jobs join ready before popping, so priority holds among everything due
   local due = {}
-  if want > 0 then due = redis.call('ZRANGEBYSCORE', delayed, '-inf', now, 'LIMIT', 0, 1000) end
+  if want > 0 then due = redis.call('ZRANGEBYSCORE', delayed, '-inf', now, 'WITHSCORES', 'LIMIT', 0, 1000) end
   if #due > 0 then
-    local prios = redis.call('HMGET', prio, unpack(due))
-    for j, id in ipairs(due) do
-      redis.call('ZADD', ready, ready_score(tonumber(id), tonumber(prios[j]) or 0), id)
+    local ids, due_ms = {}, {}
+    for j = 1, #due, 2 do
+      ids[#ids + 1] = due[j]
+      due_ms[due[j]] = tonumber(due[j + 1])
     end
-    redis.call('ZREM', delayed, unpack(due))
-    redis.call('HDEL', prio, unpack(due))
+    local prios = redis.call('HMGET', prio, unpack(ids))
+    local prio_of = {}
+    for j, id in ipairs(ids) do prio_of[id] = tonumber(prios[j]) or 0 end
+    if aging > 0 then
+      -- aged from the moment it became due; jobs due in the same ms keep id (FIFO) order
+      table.sort(ids, function(a, b)
+        if due_ms[a] ~= due_ms[b] then return due_ms[a] < due_ms[b] end
+        return tonumber(a) < tonumber(b)
+      end)
+      local prev_ms, offset = nil, 0
+      for _, id in ipairs(ids) do
+        if due_ms[id] == prev_ms then offset = offset + 1 else prev_ms, offset = due_ms[id], 0 end
+        redis.call('ZADD', ready, aged_score(due_ms[id] * 1000 + offset, prio_of[id]), id)
+      end
+    else
+      for _, id in ipairs(ids) do
+        redis.call('ZADD', ready, ready_score(tonumber(id), prio_of[id]), id)
+      end
+    end
+    redis.call('ZREM', delayed, unpack(ids))
+    redis.call('HDEL', prio, unpack(ids))
   end
   local room = want
   if room > 0 then
@@ -95,6 +136,8 @@ if want > 0 then
     end
   end
 end
+
+if last_us ~= nil then redis.call('SET', KEYS[7], string.format('%.0f', last_us)) end
 
 local next_due = -1
 local first = redis.call('ZRANGE', delayed, 0, 0, 'WITHSCORES')

@@ -1,19 +1,36 @@
 -- push.lua: make jobs pending in Redis (enqueue, retry repair, DLQ replay, rebuild).
 --
--- KEYS[1] ready, KEYS[2] delayed, KEYS[3] leased, KEYS[4] owners, KEYS[5] dead, KEYS[6] prio
---   (same layout as claim.lua)
+-- KEYS[1] ready, KEYS[2] delayed, KEYS[3] leased, KEYS[4] owners, KEYS[5] dead, KEYS[6] prio,
+-- KEYS[7] clock   (same layout and ready-score formula as claim.lua)
 -- ARGV[1] mode  'new'    (enqueue: a job already leased or dead-lettered is left alone)
 --               'repair' (replay and rebuild: a dead-lettered job is taken out of the DLQ)
 --               'dead'   (rebuild of the DLQ: a job found nowhere is put in the DLQ)
--- ARGV[2..]     groups of 3: id, priority, delay_ms (0: ready now)
+-- ARGV[2] aging priority aging A, seconds per priority level ('0': strict priority)
+-- ARGV[3..]     groups of 3: id, priority, delay_ms (0: ready now)
 -- Returns the number of jobs added.  A job already ready, delayed or leased is never
 -- added twice, so pushing is idempotent and a late or repeated push cannot duplicate a job.
 local ready, delayed, leased, dead, prio = KEYS[1], KEYS[2], KEYS[3], KEYS[5], KEYS[6]
 local mode = ARGV[1]
+local aging = tonumber(ARGV[2]) or 0
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+
+-- same formula as claim.lua
+local EPOCH_US = 1577836800000000  -- 2020-01-01T00:00:00Z: keeps aged scores small and exact
+local last_us = nil
+local function ready_score(id, p)
+  if aging > 0 then
+    -- since_us: now, or 1 µs after the last job made ready, so a batch stays FIFO
+    if last_us == nil then last_us = tonumber(redis.call('GET', KEYS[7]) or '0') end
+    last_us = math.max(now_us, last_us + 1)
+    return string.format('%.0f', last_us - EPOCH_US - math.floor(p * aging * 1000000 + 0.5))
+  end
+  return string.format('%.0f', (1000000 - p) * 4294967296 + tonumber(id))
+end
+
 local added = 0
-for i = 2, #ARGV, 3 do
+for i = 3, #ARGV, 3 do
   local id, p, delay = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
   local skip = redis.call('ZSCORE', leased, id) or redis.call('ZSCORE', ready, id)
     or redis.call('ZSCORE', delayed, id)
@@ -28,9 +45,10 @@ for i = 2, #ARGV, 3 do
       redis.call('ZADD', delayed, now + delay, id)
       redis.call('HSET', prio, id, p)
     else
-      redis.call('ZADD', ready, string.format('%.0f', (1000000 - p) * 4294967296 + tonumber(id)), id)
+      redis.call('ZADD', ready, ready_score(id, p), id)
     end
     added = added + 1
   end
 end
+if last_us ~= nil then redis.call('SET', KEYS[7], string.format('%.0f', last_us)) end
 return added

@@ -1,0 +1,380 @@
+"""``qkit audit``: do Redis and the ledger agree, and does the ledger keep its promises?
+
+The checks are the G1-G8 audit list of the reliability research
+(``/work/shared/research/reliability-anchors.md``), for one queue:
+
+* Redis against the ledger (G2, G7): every pending job is ready or delayed,
+  every processing job is leased, every failed job is in the DLQ, a completed
+  job is nowhere, and nothing in Redis lacks a ledger row.
+* The ledger alone (G3-G6, G8): ``jobs.attempts`` equals the attempt rows of
+  the current replay epoch and is at most ``max_attempts``; ``completed`` iff
+  exactly one completed attempt in the epoch; every attempt but the last ended
+  ``failed``/``timeout``/``lost``, and the last one agrees with the status;
+  only the four status words; created <= started <= finished; no attempt
+  began before the one it replaced had ended.
+
+A finding is an *error* (the two sides disagree, or an invariant is broken)
+or a *notice* (a state that is correct but worth knowing and that the next
+burst resolves on its own: an expired lease waiting to be reclaimed, a claim
+or a settlement in flight).  ``clean`` means no error.  ``repair=True`` runs
+:func:`qkit.reconcile.repair` with ``drop=True`` (push, dead-letter, drop
+stale entries; a full rebuild when Redis lost the queue's data), records what
+it did as ``repaired`` events, and checks again.  Ledger errors are never
+"repaired" by guessing: they are reported.
+
+Each check is one SQL query returning only the offending rows, plus one Redis
+snapshot; nothing is read per job.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Iterable
+
+from sqlalchemy import and_, case, func, not_, or_, select
+
+from qkit.ledger import job_attempts, jobs, utcnow
+from qkit.model import OUTCOMES, STATUSES
+
+if TYPE_CHECKING:
+    from qkit.queue import Queue
+
+#: code -> (severity, what it means, what ``--repair`` does or None)
+CODES: dict[str, tuple[str, str, str | None]] = {
+    # Redis against the ledger
+    "redis_lost_data": ("error", "Redis holds nothing for this queue while the ledger has active jobs",
+                        "rebuild the queue's Redis side from the ledger"),
+    "pending_missing": ("error", "pending in the ledger, but neither ready nor delayed in Redis", "push it"),
+    "pending_in_dlq": ("error", "pending in the ledger, but in the Redis DLQ", "push it back to ready"),
+    "processing_not_leased": ("error", "processing in the ledger, but no lease in Redis",
+                              "push it (its claim then records the attempt as lost)"),
+    "failed_not_in_dlq": ("error", "failed in the ledger, but not in the Redis DLQ", "dead-letter it"),
+    "terminal_entry": ("error", "completed in the ledger, but still in Redis", "drop the entry"),
+    "orphan_entry": ("error", "in Redis, but no ledger row in this queue", "drop the entry"),
+    "duplicate_entry": ("error", "in more than one place in Redis", "drop and push again from the ledger"),
+    # the ledger alone
+    "bad_status": ("error", "status is not one of pending, processing, completed, failed", None),
+    "bad_outcome": ("error", "an attempt outcome is not completed, failed, timeout, lost (or open)", None),
+    "bad_timestamps": ("error", "timestamps out of order (created <= started <= finished)", None),
+    "attempts_mismatch": ("error", "jobs.attempts differs from the attempt rows of the current epoch", None),
+    "attempts_over_max": ("error", "more attempts than max_attempts", None),
+    "completed_mismatch": ("error", "status completed iff exactly one completed attempt in the epoch", None),
+    "unexplained_attempt": ("error", "an attempt before the last did not end failed, timeout or lost", None),
+    "final_attempt_mismatch": ("error", "the last attempt's outcome disagrees with the job's status", None),
+    "overlap": ("error", "an attempt began before the attempt it replaced had ended", None),
+    # correct states that the next burst resolves
+    "lease_expired": ("notice", "leased by a worker whose lease expired; the next burst reclaims it", None),
+    "awaiting_reclaim": ("notice", "processing, back in ready after a repair; its claim records the lost attempt",
+                         None),
+    "claim_in_flight": ("notice", "pending, leased with a valid lease: a worker is recording its claim", None),
+    "settle_in_flight": ("notice", "finished, still leased with a valid lease: its worker settles it next call",
+                         None),
+}
+
+#: clock-skew allowance between worker hosts for the overlap check (ledger times come from
+#: the workers' clocks; leases use Redis's): a real double claim overlaps by a whole lease
+OVERLAP_TOLERANCE_S = 0.25
+
+
+@dataclass
+class Finding:
+    """One thing the audit found about one job (``job_id`` None: about the whole queue)."""
+
+    code: str
+    job_id: int | None
+    message: str
+
+    @property
+    def severity(self) -> str:
+        return CODES[self.code][0]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "severity": self.severity, "job_id": self.job_id, "message": self.message}
+
+
+@dataclass
+class AuditReport:
+    """What ``audit`` found (after repair, when it repaired) for one queue."""
+
+    queue: str
+    at: datetime
+    jobs: int  # ledger rows of the queue
+    redis_entries: int
+    findings: list[Finding] = field(default_factory=list)
+    found_before_repair: dict[str, int] | None = None  # counts per code, when repair ran
+    repaired: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "error"]
+
+    @property
+    def notices(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "notice"]
+
+    @property
+    def clean(self) -> bool:
+        """True when no error remains (notices are fine: the next burst resolves them)."""
+        return not self.errors
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Findings per code, errors first."""
+        c = Counter(f.code for f in self.findings)
+        return dict(sorted(c.items(), key=lambda kv: (CODES[kv[0]][0] != "error", kv[0])))
+
+    def for_job(self, job_id: int) -> list[Finding]:
+        return [f for f in self.findings if f.job_id == job_id]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"queue": self.queue, "at": self.at.isoformat(), "clean": self.clean, "jobs": self.jobs,
+                "redis_entries": self.redis_entries, "counts": self.counts,
+                "errors": len(self.errors), "notices": len(self.notices),
+                "found_before_repair": self.found_before_repair, "repaired": self.repaired,
+                "findings": [f.to_dict() for f in self.findings]}
+
+    def summary(self) -> str:
+        """Counts per finding, one line each, for people."""
+        head = (f"queue {self.queue}: {self.jobs} job(s) in the ledger, {self.redis_entries} Redis entr"
+                f"{'y' if self.redis_entries == 1 else 'ies'}: "
+                + ("clean" if self.clean else f"{len(self.errors)} error(s)")
+                + (f", {len(self.notices)} notice(s)" if self.notices else ""))
+        lines = [head]
+        if self.found_before_repair is not None:
+            lines.append("  repaired: " + (", ".join(f"{k} {v}" for k, v in self.repaired.items() if v) or "nothing"))
+        for code, n in self.counts.items():
+            severity, meaning, fix = CODES[code]
+            ids = [str(f.job_id) for f in self.findings if f.code == code and f.job_id is not None]
+            sample = f" (e.g. {', '.join(ids[:5])}{', …' if len(ids) > 5 else ''})" if ids else ""
+            hint = f"; --repair: {fix}" if fix and severity == "error" else ""
+            lines.append(f"  {severity:<6} {code:<22} {n:>6}  {meaning}{sample}{hint}")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- Redis against the ledger
+def place_findings(job_id: int, status: str | None, places: dict[str, Any], now_ms: int) -> list[Finding]:
+    """Findings for one job from where Redis holds it.
+
+    ``places``: ``ready`` (bool), ``delayed`` (due ms or None), ``leased``
+    ((deadline ms, owner) or None), ``dead`` (bool).  Shared by :func:`audit`
+    (from the snapshot) and :mod:`qkit.explain` (from ``locate.lua``), so both
+    say the same thing about a job.
+    """
+    where = [p for p in ("ready", "delayed", "leased", "dead") if places.get(p) not in (None, False)]
+    lease = places.get("leased")
+    valid = lease is not None and lease[0] > now_ms
+    owner = lease[1] if lease else None
+    expired_for = f"{(now_ms - lease[0]) / 1000:.1f} s ago" if lease and not valid else ""
+    out: list[Finding] = []
+
+    def add(code: str, message: str) -> None:
+        out.append(Finding(code, job_id, message))
+
+    if status is None:
+        if where:
+            add("orphan_entry", f"job {job_id} is in {'+'.join(where)} but has no ledger row in this queue")
+        return out
+    if len(where) > 1:
+        add("duplicate_entry", f"job {job_id} ({status}) is in {' and '.join(where)}")
+        return out
+    place = where[0] if where else None
+    if status == "pending":
+        if place == "dead":
+            add("pending_in_dlq", f"job {job_id} is pending but in the DLQ")
+        elif place is None:
+            add("pending_missing", f"job {job_id} is pending but not in Redis")
+        elif place == "leased":
+            if valid:
+                add("claim_in_flight", f"job {job_id} is pending, leased to {owner}")
+            else:
+                add("lease_expired", f"job {job_id} is pending, leased to {owner} whose lease expired {expired_for}")
+    elif status == "processing":
+        if place in (None, "dead"):
+            add("processing_not_leased", f"job {job_id} is processing but has no lease"
+                + (" (it is in the DLQ)" if place == "dead" else ""))
+        elif place == "leased" and not valid:
+            add("lease_expired", f"job {job_id} is processing, leased to {owner} whose lease expired {expired_for}")
+        elif place in ("ready", "delayed"):
+            add("awaiting_reclaim", f"job {job_id} is processing and {place}: its claim records the lost attempt")
+    elif status == "completed":
+        if place == "leased" and valid:
+            add("settle_in_flight", f"job {job_id} is completed, still leased to {owner}")
+        elif place is not None:
+            add("terminal_entry", f"job {job_id} is completed but still {place} in Redis")
+    elif status == "failed":
+        if place == "leased" and valid:
+            add("settle_in_flight", f"job {job_id} is failed, still leased to {owner}")
+        elif place != "dead":
+            add("failed_not_in_dlq", f"job {job_id} is failed but {place or 'not in Redis'}")
+    return out
+
+
+def _places(snap: Any) -> dict[int, dict[str, Any]]:
+    """job id -> where a snapshot holds it, in the form :func:`place_findings` takes."""
+    places: dict[int, dict[str, Any]] = {}
+    for job_id in snap.ready:
+        places.setdefault(job_id, {})["ready"] = True
+    for job_id, due in snap.delayed.items():
+        places.setdefault(job_id, {})["delayed"] = due
+    for job_id, lease in snap.leased.items():
+        places.setdefault(job_id, {})["leased"] = lease
+    for job_id in snap.dead:
+        places.setdefault(job_id, {})["dead"] = True
+    return places
+
+
+def redis_findings(q: "Queue") -> tuple[list[Finding], int, int]:
+    """Compare a Redis snapshot with the ledger; returns (findings, ledger rows, Redis entries).
+
+    Redis is read before the ledger (the order of every write is ledger
+    first), and each finding about a job is confirmed by a second look — a
+    new snapshot, then the job's row again — so a job enqueued, claimed or
+    settled while the audit ran is not reported.
+    """
+    from qkit.reconcile import _statuses
+
+    snap = q.dispatch.snapshot()
+    with q.ledger.read_engine.connect() as conn:
+        total = int(conn.execute(select(func.count()).select_from(jobs).where(jobs.c.queue == q.name)).scalar())
+        active = dict(conn.execute(select(jobs.c.id, jobs.c.status).where(
+            jobs.c.queue == q.name, jobs.c.status != "completed")).all())
+    places = _places(snap)
+    status = dict(active)
+    others = [j for j in places if j not in status]
+    if others:
+        status.update(_statuses(q, others))
+    findings: list[Finding] = []
+    if not places and any(s in ("pending", "processing", "failed") for s in active.values()):
+        n = sum(1 for s in active.values() if s in ("pending", "processing", "failed"))
+        findings.append(Finding("redis_lost_data", None, f"Redis holds no entry for queue {q.name!r} while the "
+                                                         f"ledger has {n} pending, processing or failed job(s)"))
+    for job_id in sorted(set(status) | set(places)):
+        findings += place_findings(job_id, status.get(job_id), places.get(job_id, {}), snap.now_ms)
+    suspects = {f.job_id for f in findings if f.job_id is not None}
+    if suspects:
+        snap2 = q.dispatch.snapshot()
+        places2, status2 = _places(snap2), _statuses(q, suspects)
+        confirmed = {(f.code, f.job_id) for j in suspects
+                     for f in place_findings(j, status2.get(j), places2.get(j, {}), snap2.now_ms)}
+        findings = [f for f in findings if f.job_id is None or (f.code, f.job_id) in confirmed]
+    return findings, total, len(places)
+
+
+# ---------------------------------------------------------------- the ledger alone
+def ledger_findings(q: "Queue", job_ids: Iterable[int] | None = None) -> list[Finding]:
+    """G3-G6 and G8 on the ledger rows of the queue (or only ``job_ids``)."""
+    ids = None if job_ids is None else [int(i) for i in job_ids]
+    j, a = jobs, job_attempts
+
+    def scope(query: Any) -> Any:
+        query = query.where(j.c.queue == q.name)
+        return query if ids is None else query.where(j.c.id.in_(ids))
+
+    out: list[Finding] = []
+    lost_like = ("failed", "timeout", "lost")
+    completed_n = func.coalesce(func.sum(case((a.c.outcome == "completed", 1), else_=0)), 0)
+    rows_n = func.count(a.c.id)
+    with q.ledger.read_engine.connect() as conn:
+        # G8: status words
+        for r in conn.execute(scope(select(j.c.id, j.c.status).where(not_(j.c.status.in_(STATUSES))))):
+            out.append(Finding("bad_status", r.id, f"job {r.id} has status {r.status!r}"))
+        # G5 / G3: attempt counts of the current epoch
+        counted = scope(
+            select(j.c.id, j.c.status, j.c.attempts, j.c.max_attempts, rows_n.label("n"), completed_n.label("done"))
+            .select_from(j.outerjoin(a, and_(a.c.job_id == j.c.id, a.c.epoch == j.c.epoch)))
+        ).group_by(j.c.id, j.c.status, j.c.attempts, j.c.max_attempts).having(or_(
+            rows_n != j.c.attempts, j.c.attempts > j.c.max_attempts, completed_n > 1,
+            and_(j.c.status == "completed", completed_n != 1), and_(j.c.status != "completed", completed_n > 0)))
+        for r in conn.execute(counted):
+            if r.n != r.attempts:
+                out.append(Finding("attempts_mismatch", r.id, f"job {r.id} has attempts={r.attempts} but {r.n} "
+                                                              "attempt row(s) in its current epoch"))
+            if r.attempts > r.max_attempts:
+                out.append(Finding("attempts_over_max", r.id,
+                                   f"job {r.id} has attempts={r.attempts} > max_attempts={r.max_attempts}"))
+            if (r.status == "completed") != (r.done == 1) or r.done > 1:
+                out.append(Finding("completed_mismatch", r.id, f"job {r.id} is {r.status} with {r.done} completed "
+                                                               "attempt(s) in its current epoch"))
+        # G4 and the last attempt against the status
+        earlier = or_(a.c.epoch < j.c.epoch, a.c.attempt < j.c.attempts)
+        last = and_(a.c.epoch == j.c.epoch, a.c.attempt == j.c.attempts)
+        agrees = or_(and_(j.c.status == "processing", a.c.outcome.is_(None)),
+                     and_(j.c.status == "completed", a.c.outcome == "completed"),
+                     and_(j.c.status.in_(("failed", "pending")), a.c.outcome.in_(lost_like)))
+        query = scope(select(a.c.job_id, a.c.epoch, a.c.attempt, a.c.outcome, j.c.status, j.c.epoch.label("cur"),
+                             j.c.attempts.label("cur_attempts"))
+                      .select_from(a.join(j, j.c.id == a.c.job_id))
+                      .where(or_(and_(earlier, or_(a.c.outcome.is_(None), not_(a.c.outcome.in_(lost_like)))),
+                                 and_(last, not_(agrees)),
+                                 and_(a.c.outcome.is_not(None), not_(a.c.outcome.in_(OUTCOMES))))))
+        for r in conn.execute(query.order_by(a.c.job_id, a.c.epoch, a.c.attempt)):
+            label = f"attempt {r.attempt}" + (f" of epoch {r.epoch}" if r.epoch != r.cur else "")
+            if r.outcome is not None and r.outcome not in OUTCOMES:
+                out.append(Finding("bad_outcome", r.job_id, f"job {r.job_id} {label} has outcome {r.outcome!r}"))
+            elif r.epoch < r.cur or r.attempt < r.cur_attempts:
+                out.append(Finding("unexplained_attempt", r.job_id, f"job {r.job_id} {label} ended "
+                                   f"{r.outcome or 'never (still open)'} but a later attempt ran"))
+            else:
+                out.append(Finding("final_attempt_mismatch", r.job_id, f"job {r.job_id} is {r.status} but its last "
+                                   f"{label} is {r.outcome or 'open'}"))
+        # G8: time order (UTC by construction: the column type refuses naive times)
+        for r in conn.execute(scope(select(j.c.id, j.c.created_at, j.c.started_at, j.c.finished_at).where(or_(
+                j.c.started_at < j.c.created_at, j.c.finished_at < j.c.started_at,
+                j.c.finished_at < j.c.created_at)))):
+            out.append(Finding("bad_timestamps", r.id, f"job {r.id}: created {_t(r.created_at)}, started "
+                                                       f"{_t(r.started_at)}, finished {_t(r.finished_at)}"))
+        for r in conn.execute(scope(select(a.c.job_id, a.c.attempt, a.c.started_at, a.c.finished_at)
+                                    .select_from(a.join(j, j.c.id == a.c.job_id))
+                                    .where(a.c.finished_at < a.c.started_at))):
+            out.append(Finding("bad_timestamps", r.job_id, f"job {r.job_id} attempt {r.attempt} finished "
+                                                           f"{_t(r.finished_at)} before it started {_t(r.started_at)}"))
+        # G6: an attempt begins only once the one before it has ended (lost: at its reclaim)
+        nxt = a.alias("next_attempt")
+        pairs = scope(select(a.c.job_id, a.c.epoch, a.c.attempt, a.c.finished_at, nxt.c.started_at.label("next_start"))
+                      .select_from(a.join(nxt, and_(nxt.c.job_id == a.c.job_id, nxt.c.epoch == a.c.epoch,
+                                                    nxt.c.attempt == a.c.attempt + 1))
+                                   .join(j, j.c.id == a.c.job_id))
+                      .where(nxt.c.started_at < a.c.finished_at))
+        for r in conn.execute(pairs):
+            gap = (r.finished_at - r.next_start).total_seconds()
+            if gap > OVERLAP_TOLERANCE_S:
+                out.append(Finding("overlap", r.job_id, f"job {r.job_id} attempt {r.attempt + 1} started "
+                                                        f"{gap:.3f} s before attempt {r.attempt} ended"))
+    return out
+
+
+def _t(value: datetime | None) -> str:
+    return value.isoformat() if value is not None else "-"
+
+
+# ---------------------------------------------------------------- the whole audit
+def check(q: "Queue") -> AuditReport:
+    """Run every check once (no repair)."""
+    at = utcnow()
+    found, total, entries = redis_findings(q)
+    found += ledger_findings(q)
+    return AuditReport(queue=q.name, at=at, jobs=total, redis_entries=entries, findings=found)
+
+
+def audit(q: "Queue", repair: bool = False) -> AuditReport:
+    """Check that Redis and the ledger agree (G1-G8); with ``repair``, fix what can be fixed and check again.
+
+    Safe while bursts run: it never touches an entry under a valid lease.
+    What a repair did is recorded as ``repaired`` events on the jobs.
+    """
+    report = check(q)
+    if not repair:
+        return report
+    before = report.counts
+    fixable = [f for f in report.errors if CODES[f.code][2] is not None]
+    repaired: dict[str, int] = {"pushed": 0, "dead_lettered": 0, "dropped": 0}
+    if fixable:
+        from qkit.reconcile import repair as reconcile_repair
+
+        done = reconcile_repair(q, drop=True)
+        repaired = {k: int(done.get(k, 0)) for k in repaired}
+    report = check(q)
+    report.found_before_repair = before
+    report.repaired = repaired
+    return report

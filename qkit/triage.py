@@ -1,0 +1,192 @@
+"""The analyst's edge: DLQ triage by error fingerprint, and the starvation view.
+
+* :func:`dlq_groups` — the DLQ grouped by (fingerprint, type): counts, first
+  and last failure, a sample error and payload.  The fingerprint is the one
+  stored on the job's final attempt (``job_attempts.fingerprint``: exception
+  type + message with numbers, ids and quoted values normalised, see
+  :func:`qkit.ledger.fingerprint`); ``fingerprint_id`` is a short stable hash
+  of it, easy to type: ``qkit dlq replay --fingerprint 3f2a9c01be``.
+* :func:`replay_fingerprint` — bulk replay of one group.
+* :func:`starvation` / :func:`starvation_frame` — wait from enqueue to first
+  claim per priority (percentiles) and the oldest job waiting per priority:
+  the view that shows a low priority starving (``q.stats()["starvation"]``).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import and_, func, select
+
+from qkit.errors import BadInput, NotFound
+from qkit.ledger import fingerprint as error_fingerprint
+from qkit.ledger import job_attempts, jobs, utcnow
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from qkit.queue import Queue
+
+NO_ERROR = "(no error recorded)"
+_EARLIEST = datetime.min.replace(tzinfo=timezone.utc)
+
+#: how many of the most recently created claimed jobs the wait percentiles cover (a bounded read)
+WAIT_SAMPLE = 10_000
+
+
+def fingerprint_id(fp: str | None) -> str:
+    """A short, stable id of a fingerprint (10 hex digits of its SHA-1)."""
+    return hashlib.sha1((fp or NO_ERROR).encode("utf-8")).hexdigest()[:10]
+
+
+def _dlq_rows(q: "Queue") -> list[dict[str, Any]]:
+    """Failed jobs of the queue with the fingerprint of their final attempt (one query)."""
+    j, a = jobs, job_attempts
+    query = (select(j.c.id, j.c.type, j.c.error, j.c.payload, j.c.finished_at, j.c.attempts, a.c.fingerprint)
+             .select_from(j.outerjoin(a, and_(a.c.job_id == j.c.id, a.c.epoch == j.c.epoch,
+                                              a.c.attempt == j.c.attempts)))
+             .where(j.c.queue == q.name, j.c.status == "failed").order_by(j.c.id))
+    with q.ledger.read_engine.connect() as conn:
+        rows = [dict(r) for r in conn.execute(query).mappings()]
+    for r in rows:
+        # rows written before fingerprints were stored: the same function on the job's final error
+        r["fingerprint"] = r["fingerprint"] or error_fingerprint(r["error"]) or NO_ERROR
+        r["fingerprint_id"] = fingerprint_id(r["fingerprint"])
+    return rows
+
+
+def dlq_groups(q: "Queue") -> "pd.DataFrame":
+    """The DLQ grouped by error fingerprint and job type, largest group first.
+
+    Columns: ``fingerprint_id``, ``fingerprint``, ``type``, ``jobs``,
+    ``first_seen``, ``last_seen`` (UTC, when the group's jobs failed),
+    ``sample_id``, ``sample_error``, ``sample_payload`` (of the most recent
+    failure) and ``job_ids`` (a list, oldest first).
+    """
+    import pandas as pd
+
+    columns = ["fingerprint_id", "fingerprint", "type", "jobs", "first_seen", "last_seen", "sample_id",
+               "sample_error", "sample_payload", "job_ids"]
+    rows = _dlq_rows(q)
+    if not rows:
+        return pd.DataFrame(columns=columns)
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["fingerprint"], r["type"]), []).append(r)
+    out = []
+    for (fp, type_), members in groups.items():
+        times = [m["finished_at"] for m in members if m["finished_at"] is not None]
+        sample = max(members, key=lambda m: (m["finished_at"] or _EARLIEST, m["id"]))
+        out.append({"fingerprint_id": fingerprint_id(fp), "fingerprint": fp, "type": type_, "jobs": len(members),
+                    "first_seen": min(times) if times else None, "last_seen": max(times) if times else None,
+                    "sample_id": sample["id"], "sample_error": sample["error"], "sample_payload": sample["payload"],
+                    "job_ids": [m["id"] for m in members]})
+    df = pd.DataFrame(out, columns=columns)
+    for col in ("first_seen", "last_seen"):
+        df[col] = pd.to_datetime(df[col], utc=True)
+    return df.sort_values(["jobs", "last_seen", "type"], ascending=[False, False, True]).reset_index(drop=True)
+
+
+def fingerprint_job_ids(q: "Queue", fp: str, *, type: str | None = None) -> list[int]:
+    """Ids of the DLQ jobs whose final error has fingerprint ``fp`` (the full text or its short id)."""
+    fp = (fp or "").strip()
+    if not fp:
+        raise BadInput("a fingerprint (or its short id from `qkit dlq list --group`) is required")
+    return [r["id"] for r in _dlq_rows(q)
+            if fp in (r["fingerprint"], r["fingerprint_id"]) and (type is None or r["type"] == type)]
+
+
+def replay_fingerprint(q: "Queue", fp: str, *, type: str | None = None) -> list[int]:
+    """Replay every DLQ job of one fingerprint group (optionally one type); returns the ids replayed.
+
+    Raises NotFound when no DLQ job has that fingerprint.  Replays go in
+    chunks of 500, each all-or-nothing (a job replayed meanwhile by someone
+    else makes its chunk refuse; run it again).
+    """
+    ids = fingerprint_job_ids(q, fp, type=type)
+    if not ids:
+        raise NotFound(f"no job in the DLQ of queue {q.name!r} has fingerprint {fp!r}")
+    done: list[int] = []
+    for start in range(0, len(ids), 500):
+        done += q.replay(ids[start:start + 500])
+    return done
+
+
+# ---------------------------------------------------------------- starvation
+def _pct(values: list[float], p: float) -> float | None:
+    """Percentile with linear interpolation (pandas' default), without pandas."""
+    if not values:
+        return None
+    s = sorted(values)
+    k = (len(s) - 1) * p
+    lo, hi = math.floor(k), math.ceil(k)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def starvation(q: "Queue", *, now: datetime | None = None) -> dict[str, Any]:
+    """Per priority (highest first): how long jobs waited for their first claim, and who waits now.
+
+    ``by_priority`` rows: ``priority``, ``claimed`` (jobs in the sample that
+    were claimed), ``wait_p50_s``, ``wait_p95_s``, ``wait_max_s`` (enqueue to
+    first claim, over the most recent ``WAIT_SAMPLE`` claimed jobs), ``waiting``
+    (pending and due now), ``oldest_waiting_id`` and ``oldest_waiting_s``
+    (how long the longest-waiting due job has been due).  ``aging_s`` is
+    the queue's priority-aging setting (0: strict priority, so a steady flow
+    of higher priorities can starve lower ones; see ``QKIT_PRIORITY_AGING_SECONDS``).
+    """
+    now = now or utcnow()
+    j = jobs
+    with q.ledger.read_engine.connect() as conn:
+        claimed = conn.execute(select(j.c.priority, j.c.created_at, j.c.started_at)
+                               .where(j.c.queue == q.name, j.c.started_at.is_not(None))
+                               .order_by(j.c.id.desc()).limit(WAIT_SAMPLE)).all()
+        # per priority: how many are due and waiting, and the one due the longest (a window function:
+        # one query however many priorities)
+        due = (j.c.queue == q.name) & (j.c.status == "pending") & (j.c.run_at <= now)
+        ranked = select(j.c.id, j.c.priority, j.c.run_at,
+                        func.row_number().over(partition_by=j.c.priority, order_by=(j.c.run_at, j.c.id)).label("rn"),
+                        func.count().over(partition_by=j.c.priority).label("n")).where(due).subquery()
+        firsts = conn.execute(select(ranked.c.priority, ranked.c.n, ranked.c.id, ranked.c.run_at)
+                              .where(ranked.c.rn == 1)).all()
+    waiting = [(r.priority, r.n) for r in firsts]
+    oldest: dict[int, tuple[int, datetime]] = {r.priority: (r.id, _utc(r.run_at)) for r in firsts}
+    waits: dict[int, list[float]] = {}
+    for priority, created, started in claimed:
+        waits.setdefault(priority, []).append(max(0.0, (started - created).total_seconds()))
+    counts = {p: int(n) for p, n in waiting}
+    rows = []
+    for priority in sorted(set(waits) | set(counts), reverse=True):
+        w = waits.get(priority, [])
+        old = oldest.get(priority)
+        rows.append({
+            "priority": priority, "claimed": len(w),
+            "wait_p50_s": _round(_pct(w, 0.50)), "wait_p95_s": _round(_pct(w, 0.95)),
+            "wait_max_s": _round(max(w) if w else None),
+            "waiting": counts.get(priority, 0),
+            "oldest_waiting_id": old[0] if old else None,
+            "oldest_waiting_s": _round((now - old[1]).total_seconds()) if old else None,
+        })
+    return {"aging_s": q.settings.priority_aging, "sample": WAIT_SAMPLE, "by_priority": rows}
+
+
+def _utc(value: Any) -> datetime:
+    """A subquery column loses the column type on SQLite: parse its text back to an aware UTC datetime."""
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+def starvation_frame(q: "Queue", *, now: datetime | None = None) -> "pd.DataFrame":
+    """:func:`starvation` as a DataFrame (one row per priority, highest first)."""
+    import pandas as pd
+
+    view = starvation(q, now=now)
+    columns = ["priority", "claimed", "wait_p50_s", "wait_p95_s", "wait_max_s", "waiting", "oldest_waiting_id",
+               "oldest_waiting_s"]
+    return pd.DataFrame(view["by_priority"], columns=columns)
