@@ -1,0 +1,529 @@
+"""What if the retries had followed another policy?  Replays recorded failures.
+
+The ledger records, for every job, the outcome and duration of each attempt
+(``job_attempts``).  :func:`replay` runs those recorded sequences through
+other retry policies (fixed, linear, exponential, full/equal/decorrelated
+jitter, caps, max attempts) and reports, per policy, the time to success,
+the extra attempts and the DLQ size each would have given.
+
+The model, and what it assumes:
+
+* An *episode* is one job in one replay epoch that reached an end:
+  completed, or dead-lettered.  Episodes still in flight are left out.
+* Whether attempt n succeeds depends on n, not on when it runs (as for the
+  simulated handlers, SPEC §6).  So an episode that completed at attempt k
+  completes at k under any policy allowing k attempts, and is
+  dead-lettered after ``max_attempts`` otherwise.
+* Attempts the record never made (a policy allowing more attempts than a
+  dead-lettered job got) are *modelled*: with ``assume="model"`` attempt n
+  of a type succeeds with the success rate observed for attempt n of that
+  type (falling back to the type's retries, the type, then all types, when
+  fewer than :data:`MIN_TRIALS` attempts back an estimate); outcomes are then
+  expected values (fractional DLQ sizes).  ``assume="fail"`` counts them as
+  failures (a lower bound on success).  The summary says how many episodes
+  depend on modelled attempts.
+* Permanent failures (dead-lettered before using their attempts, e.g. an
+  unknown job type) are never retried under any policy.
+* Time to success = the attempts' execution times + the back-off delays
+  between them, as if each retry ran the moment it was due.  Recorded
+  durations are used where they exist, the type's median elsewhere.  The
+  ``recorded`` row instead shows the wall-clock time the jobs really took,
+  including the time retries waited for a worker burst.
+* Jittered delays are drawn from a hash of (job id, epoch, attempt), like
+  :class:`qkit.backoff.Backoff`, so ``current`` reproduces the recorded delays
+  and every replay gives the same numbers.
+"""
+from __future__ import annotations
+
+import ast
+import re
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from qkit.backoff import unit_hash
+
+if TYPE_CHECKING:
+    from qkit.queue import Queue
+
+KINDS = ("immediate", "fixed", "linear", "exponential", "full_jitter", "equal_jitter", "decorrelated")
+ASSUMPTIONS = ("model", "fail")
+#: fewest attempts behind a per-attempt success-rate estimate before falling back to a pooled one
+MIN_TRIALS = 5
+#: the policies the backoff_whatif notebook compares by default
+DEFAULT_POLICIES = [
+    "current",
+    "fixed 1s x1",
+    "immediate x3",
+    "fixed 1s x3",
+    "exponential 1s..30s x5",
+    "full_jitter 1s..30s x5",
+    "decorrelated 1s..30s x5",
+    "full_jitter 2s..300s x10",
+]
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A retry policy: how long to wait after failed attempt n, and how many attempts in all.
+
+    ``kind``: ``immediate`` (0), ``fixed`` (base), ``linear`` (base·n),
+    ``exponential`` (base·2^(n-1)), ``full_jitter`` (uniform in
+    [0, base·2^(n-1)], qkit's own), ``equal_jitter`` (half that plus a
+    uniform half), ``decorrelated`` (uniform in [base, 3·previous delay]).
+    Every delay is capped at ``cap`` seconds.  ``max_attempts`` None keeps
+    each job's own ``max_attempts``.
+    """
+
+    kind: str
+    base: float = 1.0
+    cap: float = 300.0
+    max_attempts: int | None = None
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown policy kind {self.kind!r}; use one of {', '.join(KINDS)}")
+        for what in ("base", "cap"):
+            v = getattr(self, what)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf"):
+                raise ValueError(f"{self.kind}: {what} must be a number of seconds >= 0 (got {v!r})")
+        m = self.max_attempts
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= 100):
+            raise ValueError(f"{self.kind}: max_attempts must be an integer 1..100 or None (got {m!r})")
+        if not self.name:
+            object.__setattr__(self, "name", self.describe())
+
+    def describe(self) -> str:
+        """The policy in the compact syntax :func:`parse_policy` reads (``exponential 1s..30s x5``)."""
+        if self.kind == "immediate":
+            delays = ""
+        elif self.kind == "fixed" and self.cap >= self.base:
+            delays = f" {self.base:g}s"
+        else:
+            delays = f" {self.base:g}s..{self.cap:g}s"
+        return f"{self.kind}{delays}" + (f" x{self.max_attempts}" if self.max_attempts else "")
+
+    def ceiling(self, attempt: int) -> float:
+        """The exponential envelope ``min(cap, base·2^(n-1))`` after failed attempt ``attempt``."""
+        if self.base <= 0:
+            return 0.0
+        return min(self.cap, self.base * 2.0 ** min(attempt - 1, 60))
+
+    def delay(self, job_id: int, epoch: int, attempt: int, previous: float = 0.0) -> float:
+        """Seconds to wait after failed attempt ``attempt`` (1-based); ``previous`` is the last delay."""
+        k = self.kind
+        if k == "immediate":
+            return 0.0
+        if k == "fixed":
+            return min(self.cap, self.base)
+        if k == "linear":
+            return min(self.cap, self.base * attempt)
+        if k == "exponential":
+            return self.ceiling(attempt)
+        if k == "full_jitter":
+            # the same draw as qkit.backoff.Backoff.delay: "current" reproduces the recorded delays
+            c = self.ceiling(attempt)
+            return 0.0 if c <= 0 else unit_hash("backoff", job_id, epoch, attempt) * c
+        if k == "equal_jitter":
+            c = self.ceiling(attempt)
+            return c / 2 + unit_hash("backoff", job_id, epoch, attempt) * c / 2
+        # decorrelated jitter (AWS architecture blog): uniform in [base, 3 * previous], capped
+        high = max(self.base, 3 * (previous if attempt > 1 else self.base))
+        return min(self.cap, self.base + unit_hash("decorrelated", job_id, epoch, attempt) * (high - self.base))
+
+
+def current_policy(base: float, cap: float) -> Policy:
+    """qkit's own policy (full jitter) with the queue's back-off settings and each job's max_attempts."""
+    return Policy("full_jitter", base=float(base), cap=float(cap), max_attempts=None, name="current")
+
+
+def _number(node: ast.AST, text: str) -> Any:
+    try:
+        value = ast.literal_eval(node)
+    except ValueError:
+        raise ValueError(f"policy {text!r}: arguments must be numbers or None") from None
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise ValueError(f"policy {text!r}: arguments must be numbers or None")
+    return value
+
+
+_SECONDS = re.compile(r"(?P<v>\d+(?:\.\d*)?|\.\d+)(?P<unit>ms|s)?")
+
+
+def _seconds(token: str, text: str) -> float:
+    m = _SECONDS.fullmatch(token)
+    if not m:
+        raise ValueError(f"policy {text!r}: {token!r} is not a duration such as 2s, 0.5s or 250ms")
+    return float(m["v"]) / (1000 if m["unit"] == "ms" else 1)
+
+
+def _parse_compact(text: str) -> tuple[str, dict[str, Any]]:
+    """``kind [base[..cap]] [xN]``, e.g. ``exponential 1s..30s x5``."""
+    kind, *tokens = text.split()
+    values: dict[str, Any] = {}
+    for token in tokens:
+        if token[:1] in "xX" and token[1:].isdigit():
+            values["max_attempts"] = int(token[1:])
+        elif ".." in token and not token.startswith(".."):
+            low, high = token.split("..", 1)
+            values["base"], values["cap"] = _seconds(low, text), _seconds(high, text)
+        elif "base" not in values:
+            values["base"] = _seconds(token, text)
+        else:
+            raise ValueError(f"policy {text!r}: unexpected {token!r} (write kind base..cap xN, e.g. "
+                             f"'exponential 1s..30s x5')")
+    return kind, values
+
+
+def _parse_call(text: str) -> tuple[str, dict[str, Any]]:
+    """``kind(base=1, cap=30, max_attempts=5)`` or positional ``kind(1, 30, 5)``."""
+    try:
+        node = ast.parse(text, mode="eval").body
+    except SyntaxError:
+        node = None
+    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)):
+        raise ValueError(f"policy {text!r} is not of the form kind(base=..., cap=..., max_attempts=...)")
+    if len(node.args) > 3:
+        raise ValueError(f"policy {text!r}: at most 3 positional arguments (base, cap, max_attempts)")
+    values: dict[str, Any] = {}
+    for name, arg in zip(("base", "cap", "max_attempts"), node.args):
+        values[name] = _number(arg, text)
+    for kw in node.keywords:
+        key = "max_attempts" if kw.arg == "max" else kw.arg
+        if key not in ("base", "cap", "max_attempts"):
+            raise ValueError(f"policy {text!r}: unknown argument {kw.arg!r} (use base, cap, max_attempts)")
+        values[key] = _number(kw.value, text)
+    if isinstance(values.get("max_attempts"), float) and values["max_attempts"].is_integer():
+        values["max_attempts"] = int(values["max_attempts"])
+    return node.func.id, values
+
+
+def parse_policy(spec: Any, current: Policy | None = None) -> Policy:
+    """A :class:`Policy` from a Policy, a dict, or text.
+
+    Text is compact, ``kind [base[..cap]] [xN]`` (``exponential 1s..30s x5``:
+    base 1 s, cap 30 s, 5 attempts in all; ``fixed 2s x3``; ``immediate x3``),
+    or a call, ``exponential(base=1, cap=30, max_attempts=5)``.  Without
+    ``xN`` each job keeps its own max_attempts.  ``current`` is qkit's own
+    policy with the queue's settings (``current``; from the environment when
+    not given) and may override them: ``current x5``.  The text is the
+    policy's name.
+    """
+    if isinstance(spec, Policy):
+        return spec
+    if isinstance(spec, Mapping):
+        data = dict(spec)
+        if "max" in data:
+            data["max_attempts"] = data.pop("max")
+        unknown = set(data) - {"kind", "base", "cap", "max_attempts", "name"}
+        if unknown or "kind" not in data:
+            raise ValueError(f"policy {spec!r}: needs 'kind' and only base, cap, max_attempts, name")
+        if data["kind"] == "current":
+            return replace(current or _env_current(), **{k: v for k, v in data.items() if k != "kind"})
+        return Policy(**data)
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"a policy must be text, a dict or a Policy (got {spec!r})")
+    text = " ".join(spec.split())
+    kind, values = _parse_call(text) if "(" in text else _parse_compact(text)
+    if kind == "current":
+        return replace(current or _env_current(), **values, name=text)
+    if kind not in KINDS:
+        raise ValueError(f"policy {text!r}: unknown kind {kind!r}; use current or one of {', '.join(KINDS)}")
+    return Policy(kind, **{k: v for k, v in values.items() if v is not None or k == "max_attempts"}, name=text)
+
+
+def _env_current() -> Policy:
+    from qkit.config import settings
+
+    s = settings()
+    return current_policy(s.backoff_base, s.backoff_max)
+
+
+def parse_policies(specs: Iterable[Any], current: Policy | None = None) -> list[Policy]:
+    """Parse several policies; names must be unique."""
+    out = [parse_policy(s, current) for s in specs]
+    names = [p.name for p in out]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"policy names must be unique: {', '.join(dupes)}")
+    if not out:
+        raise ValueError("give at least one policy")
+    return out
+
+
+def check_policies(specs: Any) -> None:
+    """Raise ValueError if ``specs`` (a list) holds a policy that does not parse; for notebook checks."""
+    parse_policies(specs, current=current_policy(2.0, 300.0))
+
+
+# ---------------------------------------------------------------- episodes
+@dataclass
+class Episode:
+    """One job in one replay epoch that reached an end."""
+
+    job_id: int
+    epoch: int
+    type: str
+    max_attempts: int
+    durations_ms: list[float]
+    success_at: int  # the attempt that completed, 0 if none did
+    permanent: bool  # dead-lettered before using its attempts: never retried
+    observed_tts_s: float | None  # first attempt start to completion, wall clock
+
+    @property
+    def n(self) -> int:
+        return len(self.durations_ms)
+
+
+def episodes(attempts: pd.DataFrame) -> tuple[list[Episode], int]:
+    """Finished episodes from an attempts frame (:func:`qkit.frames.attempts`), and how many are in flight."""
+    need = ["job_id", "epoch", "attempt", "type", "outcome", "duration_ms", "started_at", "finished_at",
+            "job_status", "job_epoch", "max_attempts"]
+    missing = [c for c in need if c not in attempts.columns]
+    if missing:
+        raise ValueError(f"the attempts frame lacks column(s) {', '.join(missing)}")
+    out: list[Episode] = []
+    in_flight = 0
+    if attempts.empty:
+        return out, 0
+    df = attempts.sort_values(["job_id", "epoch", "attempt"])
+    for (job_id, epoch), g in df.groupby(["job_id", "epoch"], sort=False):
+        outcomes = list(g["outcome"])
+        if any(o is None or (isinstance(o, float) and np.isnan(o)) for o in outcomes):
+            in_flight += 1
+            continue
+        first = g.iloc[0]
+        success_at = outcomes.index("completed") + 1 if "completed" in outcomes else 0
+        dead = not success_at and (int(epoch) < int(first["job_epoch"]) or first["job_status"] == "failed")
+        if not success_at and not dead:
+            in_flight += 1  # failed, retry pending
+            continue
+        durations = [0.0 if pd.isna(d) else float(d) for d in g["duration_ms"]][: success_at or None]
+        observed = None
+        if success_at:
+            end = g.iloc[success_at - 1]["finished_at"]
+            observed = max(0.0, (end - first["started_at"]).total_seconds())
+        out.append(Episode(int(job_id), int(epoch), str(first["type"]), int(first["max_attempts"]), durations,
+                           success_at, permanent=bool(dead and len(durations) < int(first["max_attempts"])),
+                           observed_tts_s=observed))
+    return out, in_flight
+
+
+class _Rates:
+    """Per-type, per-attempt success rates, with pooled fall-backs, and typical durations."""
+
+    def __init__(self, eps: Sequence[Episode]) -> None:
+        rows = []
+        fail_ms: dict[str, list[float]] = {}
+        ok_ms: dict[str, list[float]] = {}
+        for e in eps:
+            if e.permanent:
+                continue
+            for k, d in enumerate(e.durations_ms, start=1):
+                ok = k == e.success_at
+                rows.append((e.type, k, ok))
+                (ok_ms if ok else fail_ms).setdefault(e.type, []).append(d)
+        t = pd.DataFrame(rows, columns=["type", "attempt", "ok"])
+        self.table = (t.groupby(["type", "attempt"])["ok"].agg(trials="size", successes="sum").reset_index()
+                      if len(t) else pd.DataFrame(columns=["type", "attempt", "trials", "successes"]))
+        self.table["trials"] = self.table["trials"].astype("int64")
+        self.table["successes"] = self.table["successes"].astype("int64")
+        self.table["success_rate"] = self.table["successes"] / self.table["trials"]
+        self._cell = {(r.type, int(r.attempt)): (int(r.trials), int(r.successes)) for r in self.table.itertuples()}
+        self._type_all: dict[str, tuple[int, int]] = {}
+        self._type_retry: dict[str, tuple[int, int]] = {}
+        total = [0, 0]
+        for (typ, k), (n, s) in self._cell.items():
+            a = self._type_all.setdefault(typ, (0, 0))
+            self._type_all[typ] = (a[0] + n, a[1] + s)
+            if k >= 2:
+                r = self._type_retry.setdefault(typ, (0, 0))
+                self._type_retry[typ] = (r[0] + n, r[1] + s)
+            total[0] += n
+            total[1] += s
+        self._global = (total[0], total[1])
+        all_fail = [d for v in fail_ms.values() for d in v]
+        all_ok = [d for v in ok_ms.values() for d in v]
+        self._fail_ms = {t: float(np.median(v)) for t, v in fail_ms.items()}
+        self._ok_ms = {t: float(np.median(v)) for t, v in ok_ms.items()}
+        self._fail_default = float(np.median(all_fail)) if all_fail else 0.0
+        self._ok_default = float(np.median(all_ok)) if all_ok else self._fail_default
+
+    def p(self, typ: str, k: int) -> float:
+        """Estimated chance that attempt ``k`` of a job of ``typ`` completes."""
+        chain = [self._cell.get((typ, k)), self._type_retry.get(typ) if k >= 2 else None,
+                 self._type_all.get(typ), self._global]
+        for cell in chain:
+            if cell and cell[0] >= MIN_TRIALS:
+                return cell[1] / cell[0]
+        for cell in chain:  # too few anywhere: take what there is
+            if cell and cell[0]:
+                return cell[1] / cell[0]
+        return 0.0
+
+    def fail_ms(self, typ: str) -> float:
+        return self._fail_ms.get(typ, self._fail_default)
+
+    def ok_ms(self, typ: str) -> float:
+        return self._ok_ms.get(typ, self._ok_default)
+
+
+# ---------------------------------------------------------------- replay
+@dataclass
+class Outcome:
+    """One episode under one policy: a distribution over outcomes."""
+
+    p_success: float
+    p_dlq: float
+    attempts: float  # expected attempts made
+    times: list[tuple[float, float]]  # (time to success in s, probability)
+    modelled: bool  # depends on attempts the record never made
+
+
+def simulate_episode(e: Episode, policy: Policy, rates: _Rates, assume: str = "model") -> Outcome:
+    """What ``policy`` would have done with the recorded episode ``e``."""
+    limit = policy.max_attempts or e.max_attempts
+    if e.permanent:
+        return Outcome(0.0, 1.0, float(min(e.n, limit)), [], False)
+    delays: list[float] = []
+    previous = 0.0
+    for k in range(1, max(limit, e.n) + 1):
+        previous = policy.delay(e.job_id, e.epoch, k, previous)
+        delays.append(previous)
+    if e.success_at:
+        k = e.success_at
+        if k > limit:
+            return Outcome(0.0, 1.0, float(limit), [], False)
+        t = sum(e.durations_ms[:k]) / 1000 + sum(delays[: k - 1])
+        return Outcome(1.0, 0.0, float(k), [(t, 1.0)], False)
+    if limit <= e.n:
+        return Outcome(0.0, 1.0, float(limit), [], False)
+    if assume == "fail":
+        return Outcome(0.0, 1.0, float(limit), [], True)
+    # attempts n+1..limit were never made: weigh them by the observed success rates
+    alive = 1.0
+    expected = float(e.n)
+    t = sum(e.durations_ms) / 1000 + sum(delays[: e.n])
+    times: list[tuple[float, float]] = []
+    for k in range(e.n + 1, limit + 1):
+        h = rates.p(e.type, k)
+        expected += alive
+        if alive * h > 0:
+            times.append((t + rates.ok_ms(e.type) / 1000, alive * h))
+        alive *= 1 - h
+        t += rates.fail_ms(e.type) / 1000 + delays[k - 1]
+    return Outcome(1 - alive, alive, expected, times, True)
+
+
+def weighted_quantile(values: Sequence[float], weights: Sequence[float], q: float) -> float:
+    """The ``q`` quantile (0..1) of values with probability weights; NaN when the weights sum to 0."""
+    v = np.asarray(values, dtype=float)
+    w = np.asarray(weights, dtype=float)
+    keep = w > 0
+    v, w = v[keep], w[keep]
+    if not len(v):
+        return float("nan")
+    order = np.argsort(v, kind="stable")
+    v, w = v[order], w[order]
+    cum = np.cumsum(w)
+    return float(v[np.searchsorted(cum, q * cum[-1] - 1e-12)])
+
+
+@dataclass
+class WhatIf:
+    """The result of :func:`replay`: summary per policy, per policy and type, per episode, and the rates used."""
+
+    summary: pd.DataFrame
+    by_type: pd.DataFrame
+    outcomes: pd.DataFrame
+    rates: pd.DataFrame
+    policies: list[Policy]
+    in_flight: int = 0
+    assume: str = "model"
+    notes: list[str] = field(default_factory=list)
+
+
+_SUMMARY_COLUMNS = ["policy", "description", "jobs", "completed", "dlq", "success_rate", "attempts",
+                    "extra_attempts", "attempts_vs_recorded", "tts_mean_s", "tts_p50_s", "tts_p90_s", "tts_max_s",
+                    "modelled_jobs"]
+
+
+def _stats(policy: str, description: str, rows: list[tuple[Episode, Outcome]]) -> dict[str, Any]:
+    jobs = len(rows)
+    completed = sum(o.p_success for _, o in rows)
+    attempts = sum(o.attempts for _, o in rows)
+    pairs = [tp for _, o in rows for tp in o.times]
+    vals = [t for t, _ in pairs]
+    wts = [w for _, w in pairs]
+    total_w = sum(wts)
+    return {
+        "policy": policy, "description": description, "jobs": jobs, "completed": completed,
+        "dlq": sum(o.p_dlq for _, o in rows), "success_rate": completed / jobs if jobs else float("nan"),
+        "attempts": attempts, "extra_attempts": attempts - jobs,
+        "tts_mean_s": sum(t * w for t, w in pairs) / total_w if total_w else float("nan"),
+        "tts_p50_s": weighted_quantile(vals, wts, 0.5), "tts_p90_s": weighted_quantile(vals, wts, 0.9),
+        "tts_max_s": max(vals) if vals else float("nan"),
+        "modelled_jobs": sum(1 for _, o in rows if o.modelled),
+    }
+
+
+def simulate(attempts: pd.DataFrame, policies: Sequence[Any], *, assume: str = "model",
+             current: Policy | None = None) -> WhatIf:
+    """Replay the episodes of an attempts frame against ``policies`` (see the module docstring)."""
+    if assume not in ASSUMPTIONS:
+        raise ValueError(f"assume must be one of {', '.join(ASSUMPTIONS)} (got {assume!r})")
+    parsed = parse_policies(policies, current)
+    eps, in_flight = episodes(attempts)
+    rates = _Rates(eps)
+    recorded = [(e, Outcome(1.0 if e.success_at else 0.0, 0.0 if e.success_at else 1.0, float(e.n),
+                            [(e.observed_tts_s, 1.0)] if e.success_at and e.observed_tts_s is not None else [],
+                            False)) for e in eps]
+    results = {"recorded": recorded}
+    for p in parsed:
+        results[p.name] = [(e, simulate_episode(e, p, rates, assume)) for e in eps]
+    descriptions = {"recorded": "as recorded (wall clock, including waits for a worker)",
+                    **{p.name: p.describe() for p in parsed}}
+    summary = pd.DataFrame([_stats(name, descriptions[name], rows) for name, rows in results.items()],
+                           columns=[c for c in _SUMMARY_COLUMNS if c != "attempts_vs_recorded"])
+    recorded_attempts = float(summary.loc[0, "attempts"]) if len(summary) else 0.0
+    summary.insert(8, "attempts_vs_recorded", summary["attempts"] - recorded_attempts)
+    by_type_rows = []
+    for name, rows in results.items():
+        for typ in sorted({e.type for e in eps}):
+            st = _stats(name, descriptions[name], [(e, o) for e, o in rows if e.type == typ])
+            by_type_rows.append({"type": typ, **st})
+    by_type = pd.DataFrame(by_type_rows, columns=["type", *[c for c in _SUMMARY_COLUMNS
+                                                             if c != "attempts_vs_recorded"]])
+    by_type = by_type.drop(columns=["description"])
+    outcomes = pd.DataFrame(
+        [{"policy": name, "job_id": e.job_id, "epoch": e.epoch, "type": e.type, "recorded_attempts": e.n,
+          "recorded_success_at": e.success_at, "permanent": e.permanent, "p_success": o.p_success,
+          "p_dlq": o.p_dlq, "attempts": o.attempts,
+          "tts_s": (sum(t * w for t, w in o.times) / sum(w for _, w in o.times)) if o.times else float("nan"),
+          "modelled": o.modelled} for name, rows in results.items() for e, o in rows])
+    notes = [f"{len(eps)} finished episode(s) replayed; {in_flight} still in flight left out."]
+    if assume == "model":
+        notes.append("Attempts the record never made use the success rate observed for that attempt number "
+                     f"and type (pooled when under {MIN_TRIALS} attempts back it): outcomes are expected values.")
+    else:
+        notes.append("Attempts the record never made are counted as failures: success rates are lower bounds.")
+    return WhatIf(summary=summary, by_type=by_type, outcomes=outcomes, rates=rates.table, policies=parsed,
+                  in_flight=in_flight, assume=assume, notes=notes)
+
+
+def replay(q: "Queue", policies: Sequence[Any] | None = None, *, since: Any = None,
+           assume: str = "model") -> WhatIf:
+    """Replay the queue's recorded attempts (one ledger query) against ``policies``.
+
+    ``policies`` defaults to :data:`DEFAULT_POLICIES`; ``"current"`` is the
+    queue's own back-off (``q.settings``).  ``since`` keeps jobs enqueued
+    since then.
+    """
+    from qkit import frames
+
+    current = current_policy(q.settings.backoff_base, q.settings.backoff_max)
+    return simulate(frames.attempts(q, since=since), policies or DEFAULT_POLICIES, assume=assume,
+                    current=current)

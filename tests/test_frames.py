@@ -1,0 +1,296 @@
+"""qkit.frames (DataFrames from the ledger, one query each) and qkit.plots (figures from them)."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from matplotlib.figure import Figure
+from sqlalchemy import event
+
+import qkit
+from qkit import frames, plots, whatif
+from qkit.backends.embedded import EmbeddedServer
+from qkit.notebook import seeded_batch
+
+TYPES = ("web_scraping", "ai_text_generation", "scheduled_publish")
+
+
+def stop_server(home) -> None:
+    """Stop the embedded Redis of ``home``: SIGTERM (it syncs its append-only file and exits), then wait.
+
+    Faster than ``EmbeddedServer.stop()``, whose client retries the closed connection for seconds.
+    """
+    pid = EmbeddedServer(home).pid()
+    if not pid:
+        return
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:  # gone, or a zombie waiting for init to reap it
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return
+        except (OSError, IndexError):
+            return
+        time.sleep(0.01)
+
+
+def drain(q, seconds: float = 60, **work) -> int:
+    """Bursts until nothing is pending or processing; returns how many bursts ran."""
+    deadline = time.monotonic() + seconds
+    bursts = 0
+    while True:
+        q.work(**work)
+        bursts += 1
+        counts = q.ledger.status_counts(q.name)
+        if counts["pending"] + counts["processing"] == 0:
+            return bursts
+        assert time.monotonic() < deadline, counts
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def q(tmp_path_factory):
+    """A drained queue: 3 types x 3 priorities, failing attempts, timeouts, one job of an unknown type."""
+    home = tmp_path_factory.mktemp("frames") / "home"
+    q = qkit.connect(queue="frames", home=home, backoff_base=0.0)
+    q.start = datetime.now(timezone.utc)
+    q.enqueue_many([{"type": TYPES[i % 3], "priority": i % 3, "max_attempts": 3,
+                     "payload": {"simulate": {"fail_rate": 0.35, "timeout_rate": 0.05, "latency_ms": 1}}}
+                    for i in range(60)])
+    q.enqueue("no_such_type", {})
+    q.bursts = drain(q, params={"run_id": "run-frames-1"})
+    yield q
+    q.close()
+    stop_server(home)
+
+
+@pytest.fixture
+def count_queries(q):
+    """Collects the queries (SELECT statements) the read engine executes."""
+    seen: list[str] = []
+
+    def before(conn, cursor, statement, *args):
+        if statement.lstrip().upper().startswith(("SELECT", "WITH")):  # not the BEGIN of the connection
+            seen.append(statement)
+
+    event.listen(q.ledger.read_engine, "before_cursor_execute", before)
+    yield seen
+    event.remove(q.ledger.read_engine, "before_cursor_execute", before)
+
+
+def test_jobs_attempts_events(q):
+    jobs = frames.jobs(q)
+    assert len(jobs) == 61 and jobs["id"].is_monotonic_increasing
+    assert set(jobs["status"]) == {"completed", "failed"}
+    assert (jobs["wait_s"] >= 0).all() and str(jobs["created_at"].dt.tz) == "UTC"
+    att = frames.attempts(q)
+    assert len(att) == jobs["attempts"].sum()
+    assert set(att["outcome"]) <= {"completed", "failed", "timeout"}
+    assert {"type", "priority", "job_status", "max_attempts", "fingerprint"} <= set(att.columns)
+    assert "traceback" in frames.attempts(q, traceback=True).columns
+    ev = frames.events(q)
+    assert (ev["event"] == "enqueued").sum() == 61
+    one = jobs.iloc[5]
+    assert len(frames.events(q, job_id=int(one["id"]))) >= 3
+    assert len(frames.attempts(q, job_id=int(one["id"]))) == one["attempts"]
+    assert frames.jobs(q, status="failed", payload=True)["payload"].map(type).eq(dict).all()
+    assert len(frames.jobs(q, ids=[1, 2, 3])) == 3
+
+
+def test_since_filters_and_time_parsing(q):
+    assert len(frames.jobs(q, since=q.start - timedelta(minutes=1))) == 61
+    assert frames.jobs(q, since="2999-01-01").empty
+    assert frames.attempts(q, since=datetime(2999, 1, 1)).empty
+    assert frames.retry_distribution(q, since="2999-01-01T00:00:00Z").empty
+    assert frames.as_utc("2025-01-31T12:00:00") == datetime(2025, 1, 31, 12, tzinfo=timezone.utc)
+    assert frames.as_utc("2025-01-31T13:00:00+01:00") == datetime(2025, 1, 31, 12, tzinfo=timezone.utc)
+    assert frames.as_utc("") is None and frames.as_utc(None) is None
+    with pytest.raises(ValueError, match="ISO 8601"):
+        frames.as_utc("last tuesday")
+
+
+def test_retry_distribution(q):
+    dist = frames.retry_distribution(q)
+    jobs = frames.jobs(q)
+    expected = jobs.groupby(["type", "status", "attempts"]).size()
+    got = dist.assign(status=dist["outcome"].map({"completed": "completed", "dlq": "failed"})) \
+        .set_index(["type", "status", "attempts"])["jobs"]
+    assert got.sort_index().to_dict() == expected.sort_index().to_dict()
+    assert dist.groupby("type")["share"].sum().round(9).eq(1).all()
+    # the unknown type fails at once, without retries
+    assert dist[dist["type"] == "no_such_type"][["outcome", "attempts", "jobs"]].values.tolist() == [["dlq", 1, 1]]
+
+
+def test_type_summary_and_attempt_outcomes(q):
+    s = frames.type_summary(q).set_index("type")
+    jobs = frames.jobs(q)
+    for t, g in jobs.groupby("type"):
+        done = (g["status"] == "completed").sum()
+        assert s.loc[t, "jobs"] == len(g) and s.loc[t, "completed"] == done
+        assert s.loc[t, "success_rate"] == pytest.approx(done / len(g))
+    ok = s.dropna(subset=["exec_p50_ms"])
+    assert len(ok) == 3
+    assert (ok["exec_p50_ms"] <= ok["exec_p90_ms"]).all() and (ok["exec_p90_ms"] <= ok["exec_p99_ms"]).all()
+    outcomes = frames.attempt_outcomes(q)
+    assert outcomes["attempts"].sum() == len(frames.attempts(q))
+    first = outcomes[outcomes["attempt"] == 1].set_index("type")
+    assert first["attempts"].to_dict() == jobs.groupby("type").size().to_dict()
+
+
+def test_wait_times_and_waiting(q):
+    w = frames.wait_times(q)
+    assert w["priority"].tolist() == [2, 1, 0]
+    assert w["jobs"].sum() == 61 and (w["waiting"] == 0).all()
+    assert (w["wait_p50_s"] <= w["wait_p99_s"]).all()
+    assert frames.waiting(q).empty
+
+
+def test_queue_depth_ends_at_the_status_counts(q):
+    depth = frames.queue_depth(q)
+    counts = q.ledger.status_counts(q.name)
+    last = depth.iloc[-1]
+    assert last.to_dict() == {"pending": 0, "delayed": 0, "processing": 0, "completed": counts["completed"],
+                              "failed": counts["failed"]}
+    assert (depth >= 0).all().all()
+    assert depth[["pending", "delayed", "processing", "completed", "failed"]].sum(axis=1).max() == 61
+    binned = frames.queue_depth(q, freq="auto")
+    assert binned.iloc[-1].to_dict() == last.to_dict()
+
+
+def test_depth_from_events_marks_back_off_as_delayed():
+    t = datetime(2025, 1, 1, tzinfo=timezone.utc)
+    ev = pd.DataFrame([
+        (1, t, "enqueued", None),
+        (1, t + timedelta(seconds=1), "claimed", {"attempt": 1}),
+        (1, t + timedelta(seconds=2), "retry_scheduled", {"attempt": 1, "delay_s": 3.0}),
+        (1, t + timedelta(seconds=6), "claimed", {"attempt": 2}),
+        (1, t + timedelta(seconds=7), "completed", {"attempt": 2}),
+        (2, t, "enqueued", None),
+        (2, t + timedelta(seconds=1), "claimed", {"attempt": 1}),
+        (2, t + timedelta(seconds=2), "failed", {"attempt": 1}),
+        (2, t + timedelta(seconds=2), "dead", None),
+    ], columns=["job_id", "at", "event", "detail"])
+    depth = frames.depth_from_events(ev, now=t + timedelta(seconds=60))
+    at = lambda s: depth.loc[:t + timedelta(seconds=s)].iloc[-1].to_dict()  # noqa: E731
+    assert at(0) == {"pending": 2, "delayed": 0, "processing": 0, "completed": 0, "failed": 0}
+    assert at(2) == {"pending": 0, "delayed": 1, "processing": 0, "completed": 0, "failed": 1}
+    assert at(5) == {"pending": 1, "delayed": 0, "processing": 0, "completed": 0, "failed": 1}  # due at 2 + 3 s
+    assert at(7) == {"pending": 0, "delayed": 0, "processing": 0, "completed": 1, "failed": 1}
+
+
+def test_throughput_and_dlq_groups(q):
+    tp = frames.throughput(q)
+    assert tp.to_numpy().sum() == len(frames.attempts(q)) and tp.attrs["freq"]
+    groups = frames.dlq_groups(q)
+    assert groups["jobs"].sum() == q.ledger.status_counts(q.name)["failed"]
+    assert sum(len(ids) for ids in groups["job_ids"]) == groups["jobs"].sum()
+    assert groups["fingerprint"].str.contains("UnknownJobType").any()
+    assert groups["jobs"].is_monotonic_decreasing
+
+
+def test_runs_with_sidecars(q, tmp_path):
+    r = frames.runs(q, runs_dir=tmp_path)
+    assert len(r) == q.bursts and (r["run_id"] == "run-frames-1").all()
+    assert (r["status"] == "ok").all() and r["run_status"].isna().all()
+    car = tmp_path / "2025" / "01" / "01" / "worker-20250101T000000Z.ipynb.json"
+    car.parent.mkdir(parents=True)
+    car.write_text(json.dumps({"run_id": "run-frames-1", "queue": "frames", "status": "ok", "exit_code": 0,
+                               "started_at": "2025-01-01T00:00:00+00:00", "duration_s": 4.5,
+                               "output": str(car)[:-5]}))
+    r = frames.runs(q, runs_dir=tmp_path)
+    assert (r["run_status"] == "ok").all() and (r["run_duration_s"] == 4.5).all()
+
+
+def test_next_due(q, tmp_path):
+    assert frames.next_due(q) is None
+    home = tmp_path / "home"
+    with qkit.connect(queue="later", home=home) as q2:
+        try:
+            q2.enqueue("web_scraping", {}, delay=120)
+            due = frames.next_due(q2)
+            assert timedelta(seconds=100) < due - datetime.now(timezone.utc) <= timedelta(seconds=120)
+        finally:
+            stop_server(home)
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("jobs", {}), ("attempts", {}), ("events", {}), ("retry_distribution", {}), ("attempt_outcomes", {}),
+    ("type_summary", {}), ("wait_times", {}), ("waiting", {}), ("queue_depth", {}), ("throughput", {}),
+    ("dlq_groups", {}),
+])
+def test_one_query_each(q, count_queries, name, kwargs):
+    getattr(frames, name)(q, **kwargs)
+    assert len(count_queries) == 1, count_queries
+
+
+def test_determinism_of_seeded_batches(tmp_path):
+    """The same seeded batch in two fresh ledgers gives the same retry distribution."""
+    dists = []
+    for run in ("a", "b"):
+        home = tmp_path / run
+        with qkit.connect(home=home, backoff_base=0.0) as q:
+            try:
+                q.enqueue_many(seeded_batch("mixed", 80, fail_rate=0.4, latency_ms=0, seed=7))
+                drain(q)
+                dists.append(frames.retry_distribution(q))
+            finally:
+                stop_server(home)
+    pd.testing.assert_frame_equal(dists[0], dists[1])
+    assert dists[0]["jobs"].sum() == 80 and (dists[0]["outcome"] == "dlq").any()
+
+
+# ---------------------------------------------------------------- plots
+def _check_figure(fig: Figure) -> None:
+    assert isinstance(fig, Figure)
+    title = fig._suptitle.get_text() if fig._suptitle is not None else fig.axes[0].get_title()
+    assert title
+    visible = [ax for ax in fig.axes if ax.get_visible() and (ax.get_xticks().size or ax.get_yticks().size)]
+    for ax in visible:
+        assert ax.get_xlabel() or ax.get_ylabel(), ax
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    assert buf.getvalue()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _figures(q):
+    res = whatif.replay(q, ["current", "immediate x1", "exponential 1s..30s x5"])
+    return [
+        plots.retry_distribution(frames.retry_distribution(q)),
+        plots.success_rate(frames.type_summary(q)),
+        plots.exec_time(frames.attempts(q)),
+        plots.attempt_outcomes(frames.attempt_outcomes(q)),
+        plots.queue_depth(frames.queue_depth(q)),
+        plots.throughput(frames.throughput(q)),
+        plots.wait_times(frames.wait_times(q)),
+        plots.runs(frames.runs(q)),
+        plots.dlq_groups(frames.dlq_groups(q)),
+        plots.whatif(res.summary),
+    ]
+
+
+def test_plots_with_data(q):
+    for fig in _figures(q):
+        _check_figure(fig)
+    # labelled with units
+    assert "(ms)" in plots.exec_time(frames.attempts(q)).axes[0].get_ylabel()
+    assert "(s)" in plots.wait_times(frames.wait_times(q)).axes[0].get_ylabel()
+
+
+def test_plots_of_an_empty_queue(tmp_path):
+    home = tmp_path / "home"
+    with qkit.connect(queue="empty", home=home) as q:
+        try:
+            for fig in _figures(q):
+                _check_figure(fig)
+        finally:
+            stop_server(home)
