@@ -113,6 +113,11 @@ class Dispatch:
     def claim(self, token: str, lease_ms: int, want: int,
               settlements: Sequence[Settlement] = ()) -> ClaimResult:
         """Settle the previous batch and claim up to ``want`` jobs, in one call."""
+        settlements = list(settlements)
+        fenced_early: list[int] = []
+        while len(settlements) > MAX_BATCH:  # rare: keep each script's argument list bounded
+            head, settlements = settlements[:MAX_BATCH], settlements[MAX_BATCH:]
+            fenced_early += self.claim(token, lease_ms, 0, head).fenced
         args: list[object] = [token, int(lease_ms), int(want), len(settlements), _aging_arg(self.aging_s)]
         for s in settlements:
             args += [s.job_id, s.action, int(s.delay_ms), s.priority]
@@ -122,7 +127,7 @@ class Dispatch:
             now_ms=int(now),
             reclaimed={int(pairs[i]): pairs[i + 1] or "" for i in range(0, len(pairs), 2)},
             claimed=[int(x) for x in claimed or []],
-            fenced=[int(x) for x in fenced or []],
+            fenced=fenced_early + [int(x) for x in fenced or []],
             next_due_ms=int(next_due),
             ready_count=int(ready_count),
         )

@@ -38,7 +38,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError, SQLAlchemyError
 
 from qkit.backoff import Backoff
 from qkit.config import redact
@@ -365,10 +365,23 @@ class Ledger:
         return (pg_insert if self.dialect == "postgresql" else sqlite_insert)(table)
 
     # ------------------------------------------------------------------ schema
+    def schema_version(self) -> int | None:
+        """The ledger's schema version, or None while it has no tables."""
+        try:
+            with self.read_engine.connect() as conn:
+                return conn.execute(select(schema_info.c.version)).scalar()
+        except (OperationalError, ProgrammingError):
+            return None  # no such table yet (or no database: init_schema says which)
+
     def init_schema(self) -> int:
         """Create or upgrade the tables in place; return the schema version."""
+        if self.schema_version() == SCHEMA_VERSION:
+            return SCHEMA_VERSION  # every connect asks; one query answers
         try:
             with self.engine.begin() as conn:
+                if self.dialect == "postgresql":
+                    # concurrent first connects would race on CREATE TABLE: one creator at a time
+                    conn.exec_driver_sql("SELECT pg_advisory_xact_lock(724731)")
                 metadata.create_all(conn, checkfirst=True)
                 version = conn.execute(select(schema_info.c.version)).scalar()
                 if version is None:

@@ -53,13 +53,25 @@ local function ready_score(id, p)
 end
 
 local fenced = {}
+local holders = {}
+if n > 0 then
+  local ids = {}
+  for j = 0, n - 1 do ids[#ids + 1] = ARGV[6 + 4 * j] end
+  holders = redis.call('HMGET', owners, unpack(ids))
+  local mine = {}
+  for j, id in ipairs(ids) do
+    if holders[j] == token then mine[#mine + 1] = id end
+  end
+  if #mine > 0 then
+    redis.call('ZREM', leased, unpack(mine))
+    redis.call('HDEL', owners, unpack(mine))
+  end
+end
 local i = 6
-for _ = 1, n do
+for j = 1, n do
   local id, action, delay, p = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
   i = i + 4
-  if redis.call('HGET', owners, id) == token then
-    redis.call('ZREM', leased, id)
-    redis.call('HDEL', owners, id)
+  if holders[j] == token then
     if action == 'retry' then
       if delay <= 0 then
         redis.call('ZADD', ready, ready_score(tonumber(id), p), id)

@@ -7,8 +7,9 @@
 --               'dead'   (rebuild of the DLQ: a job found nowhere is put in the DLQ)
 -- ARGV[2] aging priority aging A, seconds per priority level ('0': strict priority)
 -- ARGV[3..]     groups of 3: id, priority, delay_ms (0: ready now)
--- Returns the number of jobs added.  A job already ready, delayed or leased is never
--- added twice, so pushing is idempotent and a late or repeated push cannot duplicate a job.
+-- Returns the number of jobs added.  A job already leased is never added, and ZADD NX never
+-- adds one twice to a set, so pushing is idempotent: a late or repeated push cannot let two
+-- workers hold one job (an extra entry of a finished job is dropped when claimed).
 local ready, delayed, leased, dead, prio = KEYS[1], KEYS[2], KEYS[3], KEYS[5], KEYS[6]
 local mode = ARGV[1]
 local aging = tonumber(ARGV[2]) or 0
@@ -32,9 +33,14 @@ end
 local added = 0
 for i = 3, #ARGV, 3 do
   local id, p, delay = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
-  local skip = redis.call('ZSCORE', leased, id) or redis.call('ZSCORE', ready, id)
-    or redis.call('ZSCORE', delayed, id)
-  if not skip and redis.call('ZSCORE', dead, id) then
+  -- a leased job is never pushed again: that would let a second worker take it mid-attempt.
+  -- A new id (fresh from the ledger) can be elsewhere only after a repair pushed it first,
+  -- and ZADD NX below keeps it single; other modes check every place.
+  local skip = redis.call('ZSCORE', leased, id)
+  if not skip and mode ~= 'new' then
+    skip = redis.call('ZSCORE', ready, id) or redis.call('ZSCORE', delayed, id)
+  end
+  if not skip and mode ~= 'new' and redis.call('ZSCORE', dead, id) then
     if mode == 'repair' then redis.call('ZREM', dead, id) else skip = true end
   end
   if not skip and mode == 'dead' then
@@ -42,12 +48,11 @@ for i = 3, #ARGV, 3 do
     added = added + 1
   elseif not skip then
     if delay > 0 then
-      redis.call('ZADD', delayed, now + delay, id)
+      added = added + redis.call('ZADD', delayed, 'NX', now + delay, id)
       redis.call('HSET', prio, id, p)
     else
-      redis.call('ZADD', ready, ready_score(id, p), id)
+      added = added + redis.call('ZADD', ready, 'NX', ready_score(id, p), id)
     end
-    added = added + 1
   end
 end
 if last_us ~= nil then redis.call('SET', KEYS[7], string.format('%.0f', last_us)) end
