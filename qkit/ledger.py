@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import namedtuple
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Iterable, Sequence
@@ -238,11 +239,45 @@ class DriverSQL:
         if rows:
             conn.exec_driver_sql(self.sql(statement), list(rows) if len(rows) > 1 else rows[0])
 
+    def select_ids(self, conn: Connection, statement: str, ids: Sequence[int], *, lock: bool = False) -> list:
+        """Rows of ``statement`` (``... WHERE id {ids}``) for the given ids, as plain tuples.
 
+        The id list travels as one parameter (``= ANY(%s)`` / ``json_each(?)``), so the
+        statement text is the same for every batch and the driver's cache keeps it prepared.
+        """
+        sql_ = self.with_ids(statement) + (" FOR UPDATE" if lock and self.pg else "")
+        return conn.exec_driver_sql(sql_, (self.ids_arg(ids),)).all()
+
+    def with_ids(self, statement: str) -> str:
+        """``statement`` with ``{ids}`` taking a whole id list as one parameter."""
+        return self.sql(statement.replace("{ids}", "= ANY(?)" if self.pg else "IN (SELECT value FROM json_each(?))"))
+
+    def ids_arg(self, ids: Sequence[int]) -> Any:
+        return list(ids) if self.pg else json.dumps(list(ids))
+
+    def json_in(self, value: Any) -> Any:
+        return json.loads(value) if isinstance(value, str) else value
+
+    def ts_in(self, value: Any) -> datetime | None:
+        if value is None or isinstance(value, datetime):
+            return value if value is None or value.tzinfo else value.replace(tzinfo=timezone.utc)
+        return datetime.fromisoformat(value).replace(tzinfo=timezone.utc)
+
+
+ClaimRow = namedtuple("ClaimRow", "id status type payload priority attempts max_attempts epoch run_at")
+SELECT_CLAIM = ("SELECT id, status, type, payload, priority, attempts, max_attempts, epoch, run_at"
+                " FROM jobs WHERE id {ids}")
+OpenAttempt = namedtuple("OpenAttempt", "job_id attempt worker started_at epoch")
+SELECT_OPEN = ("SELECT job_id, attempt, worker, started_at, epoch FROM job_attempts"
+               " WHERE job_id {ids} AND outcome IS NULL")
+FenceRow = namedtuple("FenceRow", "id status attempts epoch")
+SELECT_FENCE = "SELECT id, status, attempts, epoch FROM jobs WHERE id {ids}"
 INSERT_JOB = ("INSERT INTO jobs (id, queue, type, payload, status, priority, attempts, max_attempts, run_at,"
               " created_at, updated_at, epoch) VALUES (?, ?, ?, {json}, 'pending', ?, 0, ?, ?, ?, ?, 0)")
 INSERT_EVENT = "INSERT INTO job_events (job_id, at, event, worker, detail) VALUES (?, ?, ?, ?, {json})"
 INSERT_ATTEMPT = "INSERT INTO job_attempts (job_id, epoch, attempt, worker, started_at) VALUES (?, ?, ?, ?, ?)"
+CLAIM_JOBS = ("UPDATE jobs SET status = 'processing', attempts = attempts + 1, started_at = COALESCE(started_at, ?),"
+              " updated_at = ? WHERE id {ids}")
 SETTLE_JOB = ("UPDATE jobs SET status = ?, result = {json}, error = ?, finished_at = ?,"
               " run_at = COALESCE(?, run_at), updated_at = ? WHERE id = ?")
 SETTLE_ATTEMPT = ("UPDATE job_attempts SET outcome = ?, finished_at = ?, duration_ms = ?, error = ?, traceback = ?,"
@@ -574,18 +609,14 @@ class Ledger:
         if not ids:
             return plan
         with self._write() as conn:
-            query = select(jobs.c.id, jobs.c.status, jobs.c.type, jobs.c.payload, jobs.c.priority,
-                           jobs.c.attempts, jobs.c.max_attempts, jobs.c.epoch, jobs.c.run_at).where(jobs.c.id.in_(ids))
-            if self.dialect == "postgresql":
-                query = query.with_for_update()
-            rows = {r.id: r for r in conn.execute(query)}
+            d = self.driver
+            rows = {r[0]: ClaimRow(r[0], r[1], r[2], d.json_in(r[3]), r[4], r[5], r[6], r[7], d.ts_in(r[8]))
+                    for r in d.select_ids(conn, SELECT_CLAIM, ids, lock=True)}
             open_attempts = {}
             in_flight = [i for i in ids if i in rows and rows[i].status == "processing"]
             if in_flight:
-                open_attempts = {r.job_id: r for r in conn.execute(
-                    select(job_attempts.c.job_id, job_attempts.c.attempt, job_attempts.c.worker,
-                           job_attempts.c.started_at, job_attempts.c.epoch)
-                    .where(job_attempts.c.job_id.in_(in_flight), job_attempts.c.outcome.is_(None)))}
+                open_attempts = {r[0]: OpenAttempt(r[0], r[1], r[2], d.ts_in(r[3]), r[4])
+                                 for r in d.select_ids(conn, SELECT_OPEN, in_flight)}
             self.statements += 2
             claim_rows, attempt_rows, event_rows, lost_rows, job_updates = [], [], [], [], []
             for job_id in ids:
@@ -658,10 +689,9 @@ class Ledger:
                 self.statements += 1
             if claim_rows:
                 # one statement for the whole batch: every claimed row gets its next attempt
-                conn.execute(update(jobs).where(jobs.c.id.in_([r["b_id"] for r in claim_rows])).values(
-                    status="processing", attempts=jobs.c.attempts + 1,
-                    started_at=func.coalesce(jobs.c.started_at, now), updated_at=now))
                 at = self.driver.ts(now)
+                conn.exec_driver_sql(self.driver.with_ids(CLAIM_JOBS),
+                                     (at, at, self.driver.ids_arg([r["b_id"] for r in claim_rows])))
                 self.driver.run(conn, INSERT_ATTEMPT, [(a["job_id"], a["epoch"], a["attempt"], worker, at)
                                                        for a in attempt_rows])
                 self.statements += 2
@@ -677,11 +707,8 @@ class Ledger:
         if not outcomes:
             return plan
         with self._write() as conn:
-            query = select(jobs.c.id, jobs.c.status, jobs.c.attempts, jobs.c.epoch) \
-                .where(jobs.c.id.in_([o.job.id for o in outcomes]))
-            if self.dialect == "postgresql":
-                query = query.with_for_update()
-            current = {r.id: r for r in conn.execute(query)}
+            current = {r[0]: FenceRow(*r) for r in self.driver.select_ids(
+                conn, SELECT_FENCE, [o.job.id for o in outcomes], lock=True)}
             self.statements += 1
             job_rows: dict[str, list[dict[str, Any]]] = {"completed": [], "pending": [], "failed": []}
             attempt_rows, released, event_rows = [], [], []
