@@ -35,9 +35,6 @@ from typing import Any, Iterable, Sequence
 from sqlalchemy import (JSON, BigInteger, case, Column, DateTime, Float, Index, Integer, MetaData, String,
                         Table, Text, TypeDecorator, and_, bindparam, create_engine, delete, event, func,
                         insert, select, text, update)
-from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError, SQLAlchemyError
 
@@ -79,7 +76,25 @@ class UTCDateTime(TypeDecorator):
 
 
 Id = BigInteger().with_variant(Integer(), "sqlite")  # INTEGER PRIMARY KEY is SQLite's rowid
-Json = JSON().with_variant(JSONB(), "postgresql")
+class _Json(TypeDecorator):
+    """JSON, stored as JSONB on PostgreSQL.
+
+    The PostgreSQL dialect is imported only when used: a worker on SQLite
+    starts faster without it.
+    """
+
+    impl = JSON
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Any) -> Any:
+        if dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import JSONB
+
+            return dialect.type_descriptor(JSONB())
+        return dialect.type_descriptor(JSON())
+
+
+Json = _Json()
 NOT_FAILED = "status <> 'failed'"
 
 metadata = MetaData()
@@ -397,7 +412,11 @@ class Ledger:
         return redact(self.url)
 
     def _insert(self, table: Table):
-        return (pg_insert if self.dialect == "postgresql" else sqlite_insert)(table)
+        if self.dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as dialect_insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert as dialect_insert
+        return dialect_insert(table)
 
     # ------------------------------------------------------------------ schema
     def schema_version(self) -> int | None:
@@ -710,8 +729,13 @@ class Ledger:
             current = {r[0]: FenceRow(*r) for r in self.driver.select_ids(
                 conn, SELECT_FENCE, [o.job.id for o in outcomes], lock=True)}
             self.statements += 1
-            job_rows: dict[str, list[dict[str, Any]]] = {"completed": [], "pending": [], "failed": []}
-            attempt_rows, released, event_rows = [], [], []
+            d = self.driver
+            at = d.ts(now)
+            # rows in the driver's form, built directly: this loop runs once per job
+            job_rows: list[tuple] = []
+            attempt_rows: list[tuple] = []
+            event_rows: list[dict[str, Any]] = []
+            released: list[dict[str, Any]] = []
             for o in outcomes:
                 j = o.job
                 r = current.get(j.id)
@@ -725,19 +749,19 @@ class Ledger:
                     plan.settlements.append(Settlement(j.id, "retry", 0, j.priority))
                     continue
                 duration = (o.finished_at - j.started_at).total_seconds() * 1000
-                attempt_rows.append(dict(b_job=j.id, b_epoch=j.epoch, b_attempt=j.attempt, outcome=o.outcome,
-                                         finished_at=o.finished_at, duration_ms=duration, error=_clip(o.error),
-                                         traceback=_clip(o.traceback), fingerprint=fingerprint(o.error)))
+                finished = d.ts(o.finished_at)
+                error = _clip(o.error)
+                attempt_rows.append((o.outcome, finished, duration, error, _clip(o.traceback), fingerprint(o.error),
+                                     j.id, j.epoch, j.attempt))
                 if o.outcome == "completed":
-                    job_rows["completed"].append(dict(b_id=j.id, result=o.result, error=None, run_at=None,
-                                                      finished_at=o.finished_at))
+                    job_rows.append(("completed", None if o.result is None else _dumps(o.result), None, finished,
+                                     None, at, j.id))
                     event_rows.append(dict(job_id=j.id, at=now, event="completed", worker=worker,
                                            detail=f'{{"attempt":{j.attempt},"duration_ms":{duration:.3f}}}'))
                     plan.settlements.append(Settlement(j.id, "done"))
                     plan.completed += 1
                 elif o.permanent or j.attempt >= j.max_attempts:
-                    job_rows["failed"].append(dict(b_id=j.id, result=None, error=_clip(o.error), run_at=None,
-                                                   finished_at=o.finished_at))
+                    job_rows.append(("failed", None, error, finished, None, at, j.id))
                     event_rows += [dict(job_id=j.id, at=now, event="failed", worker=worker,
                                         detail={"attempt": j.attempt, "outcome": o.outcome}),
                                    dict(job_id=j.id, at=now, event="dead", worker=worker, detail=None)]
@@ -745,21 +769,14 @@ class Ledger:
                     plan.failed += 1
                 else:
                     delay = backoff.delay(j.id, j.epoch, j.attempt)
-                    job_rows["pending"].append(dict(b_id=j.id, result=None, error=_clip(o.error),
-                                                    run_at=now + timedelta(seconds=delay), finished_at=None))
+                    job_rows.append(("pending", None, error, None, d.ts(now + timedelta(seconds=delay)), at, j.id))
                     event_rows.append(dict(job_id=j.id, at=now, event="retry_scheduled", worker=worker,
                                            detail={"attempt": j.attempt, "outcome": o.outcome,
                                                    "delay_s": round(delay, 3)}))
                     plan.settlements.append(Settlement(j.id, "retry", int(delay * 1000), j.priority))
                     plan.retried += 1
-            d = self.driver
-            at = d.ts(now)
-            d.run(conn, SETTLE_JOB, [(status, None if r["result"] is None else _dumps(r["result"]), r["error"],
-                                      d.ts(r["finished_at"]), d.ts(r["run_at"]), at, r["b_id"])
-                                     for status, rows in job_rows.items() for r in rows])
-            d.run(conn, SETTLE_ATTEMPT, [(r["outcome"], d.ts(r["finished_at"]), r["duration_ms"], r["error"],
-                                         r["traceback"], r["fingerprint"], r["b_job"], r["b_epoch"], r["b_attempt"])
-                                        for r in attempt_rows])
+            d.run(conn, SETTLE_JOB, job_rows)
+            d.run(conn, SETTLE_ATTEMPT, attempt_rows)
             self.statements += 2
             if released:
                 conn.execute(delete(job_attempts).where(
