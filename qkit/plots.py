@@ -95,6 +95,8 @@ def retry_distribution(dist: pd.DataFrame, *, title: str = "Attempts to success 
         ax.grid(axis="y", alpha=0.3)
         if i % ncols == 0:
             ax.set_ylabel("jobs (count)")
+    tallest = dist.groupby(["type", "attempts"])["jobs"].sum().max()
+    axes.flat[0].set_ylim(0, max(1.0, float(tallest)) * 1.12)  # shared y: headroom for the tallest bar
     axes.flat[0].legend(loc="upper right", fontsize=8)
     return fig
 
