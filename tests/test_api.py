@@ -31,6 +31,7 @@ from sqlalchemy import create_engine, select
 
 from qkit.api import MAX_BODY_BYTES, UNAVAILABLE, bearer_token, endpoint_url, token_matches, verify_qstash_signature
 from qkit.backends.embedded import EmbeddedServer
+from qkit.devservers import free_port, stop_process, wait_until
 from qkit.model import MAX_PAYLOAD_BYTES
 
 try:
@@ -65,19 +66,7 @@ class ApiServer:
         return f"http://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        stop_process(self.process, grace=30)
 
 
 def start_server(home: Path, log_path: Path, env_extra: dict[str, str]) -> ApiServer:
@@ -86,20 +75,17 @@ def start_server(home: Path, log_path: Path, env_extra: dict[str, str]) -> ApiSe
     env.update(QKIT_HOME=str(home), QKIT_API_MAX_SECONDS=str(MAX_SECONDS_CAP),
                QKIT_API_MAX_JOBS=str(MAX_JOBS_CAP), **env_extra)
     for _ in range(3):  # a port picked as free can be taken before the server binds it
-        port = _free_port()
+        port = free_port()
         with open(log_path, "ab") as log:
             process = subprocess.Popen([sys.executable, "-m", "qkit.cli", "serve", "--port", str(port)],
                                        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         server = ApiServer(process, port, log_path)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and process.poll() is None:
-            try:
-                if httpx.get(f"{server.url}/api/health", timeout=5).status_code == 200:
-                    return server
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)  # poll interval
-        server.stop()
+        try:
+            wait_until(lambda: httpx.get(f"{server.url}/api/health", timeout=5).status_code == 200, 60,
+                       f"qkit serve on port {port}", interval=0.05, process=process)
+            return server
+        except RuntimeError:  # exited (port taken?) or timed out: try again on another port
+            server.stop()
     raise RuntimeError(f"qkit serve did not become healthy:\n{log_path.read_text(errors='replace')[-3000:]}")
 
 

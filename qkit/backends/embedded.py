@@ -19,7 +19,6 @@ import fcntl
 import json
 import os
 import secrets
-import socket
 import subprocess
 import time
 from importlib import resources
@@ -30,6 +29,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from qkit.backends.redis import RedisBackend
+from qkit.devservers import free_port
 from qkit.errors import BackendUnavailable
 
 #: unix socket paths longer than this do not fit in sockaddr_un (108 bytes on Linux)
@@ -108,7 +108,7 @@ class EmbeddedServer:
     def _start(self) -> redis.Redis:
         password = self._password()
         sock = self._socket_path()
-        info: dict = {"socket": str(sock)} if sock else {"port": _free_port()}
+        info: dict = {"socket": str(sock)} if sock else {"port": free_port()}
         if sock and sock.exists():
             sock.unlink()  # left by a server that was killed
         args = [server_binary(), "--daemonize", "yes", "--dir", str(self.dir),
@@ -159,12 +159,6 @@ class EmbeddedServer:
             self._client_for(info, self.password_file.read_text().strip(), probe=True).shutdown(nosave=True)
         except redis.RedisError:
             pass  # the server closes the connection as it exits
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class EmbeddedBackend(RedisBackend):
