@@ -214,6 +214,7 @@ class Worker:
         self._held_lock = threading.Lock()
         self._renewed: set[tuple[int, int]] = set()
         self._stop = threading.Event()
+        self._wake = threading.Event()  # cuts short a wait for delayed jobs when a signal stops the burst
         self._signal: int | None = None
         self._started = 0
         self._avg_job_s = 0.0
@@ -284,6 +285,8 @@ class Worker:
             to_settle = []
             s.fenced += len(claim.fenced)
             if not claim.claimed and not claim.reclaimed:
+                if self._wait_for_delayed(claim.next_due_ms):
+                    continue
                 s.stopped_by = "empty"
                 break
             with self._held_lock:
@@ -433,9 +436,25 @@ class Worker:
                 pass
         return previous
 
+    def _wait_for_delayed(self, next_due_ms: int) -> bool:
+        """Sleep until the next delayed job is due, if that is within this burst's time budget.
+
+        Pending delayed jobs (retries in back-off) are still the queue's work: a burst
+        with ``max_seconds`` keeps going for them, at one claim call per wake-up.
+        Without a time budget a burst ends as soon as nothing is due, like RQ's.
+        """
+        if next_due_ms < 0 or self.deadline is None or self._signal is not None:
+            return False
+        wake = time.monotonic() + next_due_ms / 1000 + 0.005  # due by Redis's clock: a hair later
+        if wake >= self.deadline:
+            return False
+        self._wake.wait(wake - time.monotonic())
+        return self._signal is None
+
     def _stop_claiming(self) -> None:
         # only the claim loop stops: the renewer keeps leases alive while the job in hand finishes
         self.deadline = time.monotonic()
+        self._wake.set()
 
     def _restore_signals(self, previous: dict[int, Any]) -> None:
         for sig, handler in previous.items():

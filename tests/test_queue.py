@@ -297,3 +297,14 @@ def test_a_result_that_cannot_be_stored_fails_the_attempt(q):
     assert [q.get(i).status for i in ids] == ["failed", "failed", "completed"]
     assert "BadResult" in q.get(ids[0]).error and "BadResult" in q.get(ids[1]).error
     assert summary.failed == 2 and summary.completed == 1
+
+
+def test_a_burst_with_a_time_budget_waits_for_retries_due_within_it(setup):
+    q = setup.connect(backoff_base=0.05, backoff_max=0.2)
+    job_id = q.enqueue("always_fails", {}, max_attempts=4)
+    later = q.enqueue("ordered", {}, delay=3600)
+    summary = q.work(max_seconds=30)
+    assert q.get(job_id).status == "failed" and q.get(job_id).attempts == 4
+    assert summary.retried == 3 and summary.failed == 1
+    assert summary.stopped_by == "empty"  # the hour-away job is not waited for
+    assert q.get(later).status == "pending"
