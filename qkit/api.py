@@ -46,7 +46,7 @@ Security decisions (each one is deliberate and tested in ``tests/test_api.py``):
   as it passes the cap.  A payload over 256 KiB of compact JSON is a 413 too.
   JSON nesting is capped at 64 levels.  A burst's ``max_seconds`` and
   ``max_jobs`` are clamped to the server's caps.
-* **Logs**: uvicorn's access log is off; :class:`AccessLog` writes method,
+* **Logs**: uvicorn's access log is off; :class:`qkit.accesslog.AccessLog` writes method,
   route template, status and time, never headers, query strings or bodies.
   Every log record passes through :func:`qkit.config.redact`.  Error
   responses never carry URLs, versions or configuration.
@@ -64,7 +64,6 @@ import math
 import os
 import re
 import threading
-import time
 import traceback
 from dataclasses import dataclass
 from datetime import datetime
@@ -81,8 +80,9 @@ from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Scope
 
+from qkit.accesslog import AccessLog
 from qkit.config import DEFAULT_QUEUE, Settings, redact, settings as resolve_settings
 from qkit.errors import BackendUnavailable, BadInput, ConfigError, NotFound, QkitError
 from qkit.model import MAX_PAYLOAD_BYTES, NAME_RE, STATUSES, check_name, compact_json, new_job
@@ -158,7 +158,7 @@ def _guard(fn: Callable[[Request], Awaitable[Response]], *,
         except ApiError as exc:
             return exc.response()
         except BackendUnavailable as exc:
-            log.error("%s %s: %s", request.method, _route_of(request.scope), exc)
+            log.error("%s %s: %s", request.method, _route_of(request.url.path), exc)
             if on_unavailable is not None:
                 on_unavailable()
             return ApiError(503, UNAVAILABLE).response()
@@ -169,10 +169,10 @@ def _guard(fn: Callable[[Request], Awaitable[Response]], *,
         except ClientDisconnect:
             return Response(status_code=400)  # nobody is listening; keep the log quiet
         except QkitError as exc:
-            log.error("%s %s: %s: %s", request.method, _route_of(request.scope), type(exc).__name__, exc)
+            log.error("%s %s: %s: %s", request.method, _route_of(request.url.path), type(exc).__name__, exc)
             return ApiError(500, "server error (details are in the server log)").response()
         except Exception:  # noqa: BLE001 - a bug: one redacted log entry, a generic answer
-            log.error("%s %s failed:\n%s", request.method, _route_of(request.scope), traceback.format_exc())
+            log.error("%s %s failed:\n%s", request.method, _route_of(request.url.path), traceback.format_exc())
             return ApiError(500, "internal server error").response()
 
     endpoint.__name__ = fn.__name__
@@ -523,42 +523,11 @@ KNOWN_ROUTES = ("/api/jobs", "/api/workers", "/api/health", "/api/openapi.json")
 _JOB_PATH = re.compile(r"/api/jobs/[^/]+")
 
 
-def _route_of(scope: Scope) -> str:
+def _route_of(path: str) -> str:
     """The route template of a path; never the raw path (it could carry anything)."""
-    path = scope.get("path", "")
     if path in KNOWN_ROUTES:
         return path
     return "/api/jobs/{id}" if _JOB_PATH.fullmatch(path) else "<other>"
-
-
-class AccessLog:
-    """One line per request: client host, method, route template, status, time.
-
-    Never headers, query strings or bodies: tokens and payloads live there.
-    Replaces uvicorn's access log, which prints the query string.
-    """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status: list[int] = []
-
-        async def send_and_note(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                status.append(message["status"])
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_and_note)
-        finally:
-            client = scope.get("client") or ("-", 0)
-            log.info("%s %s %s %s %.1fms", client[0], scope.get("method", "?"), _route_of(scope),
-                     status[0] if status else "-", (time.perf_counter() - started) * 1000.0)
 
 
 # --------------------------------------------------------------------------- the app
@@ -730,7 +699,7 @@ def create_app(queue: str = DEFAULT_QUEUE, **connect_overrides: Any) -> Starlett
         Route("/api/health", health, methods=["GET"]),
         Route("/api/openapi.json", openapi, methods=["GET"]),
     ]
-    app = Starlette(routes=routes, middleware=[Middleware(AccessLog)],
+    app = Starlette(routes=routes, middleware=[Middleware(AccessLog, logger=log, route_of=_route_of)],
                     exception_handlers={HTTPException: _http_error}, lifespan=lifespan)
     app.state.limits = limits
     app.state.queue = holder

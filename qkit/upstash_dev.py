@@ -52,7 +52,9 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
+
+from qkit.accesslog import AccessLog
 
 __all__ = [
     "FAULT_ACTIONS",
@@ -457,39 +459,6 @@ async def _server_error(request: Request, exc: Exception) -> Response:
     return JSONResponse({"error": "ERR internal error in the dev endpoint"}, status_code=500)
 
 
-class _AccessLog:
-    """One log line per request: method, route, status, time.  Never headers,
-    query strings or bodies (tokens and payloads live there); unknown paths are
-    logged as ``<other>`` because Upstash's path form carries arguments."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status: list[int] = []
-
-        async def send_and_note(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                status.append(message["status"])
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_and_note)
-        finally:
-            path = scope.get("path", "")
-            logger.info(
-                "%s %s %s %.1fms",
-                scope.get("method", "?"),
-                path if path in _ROUTES else "<other>",
-                status[0] if status else "-",
-                (time.perf_counter() - started) * 1000.0,
-            )
-
-
 def redact_url(url: str) -> str:
     """The URL without user info (passwords) or query string, for messages."""
     parts = urlsplit(url)
@@ -528,7 +497,7 @@ def create_app(
     routes = [Route(path, _command_endpoint(path), methods=["POST"]) for path in _ROUTES]
     app = Starlette(
         routes=routes,
-        middleware=[Middleware(_AccessLog)],
+        middleware=[Middleware(AccessLog, logger=logger, route_of=lambda path: path if path in _ROUTES else "<other>")],
         exception_handlers={HTTPException: _http_error, Exception: _server_error},
         lifespan=lifespan,
     )
@@ -579,7 +548,7 @@ def start_in_thread(
     config = uvicorn.Config(
         app,
         log_config=None,            # keep the host's logging setup (and pytest's caplog)
-        access_log=False,           # _AccessLog replaces it: uvicorn's would log query strings
+        access_log=False,           # qkit.accesslog replaces it: uvicorn's would log query strings
         lifespan="on",
         timeout_graceful_shutdown=2,
     )

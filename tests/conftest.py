@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -82,6 +83,18 @@ def upstash_endpoint(redis_server: Server) -> Iterator[tuple[str, str]]:
     endpoint = start_in_thread(create_app(redis_server.url, token))
     yield endpoint.url, token
     endpoint.stop()
+
+
+def wait_for(check, timeout: float = 30, what: str = "condition"):
+    """Poll ``check`` until it returns something true, and return that; fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
 
 
 @dataclass

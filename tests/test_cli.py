@@ -18,17 +18,9 @@ def qkit_cli(setup: Setup | None, *args: str, env: dict | None = None) -> subpro
                           timeout=120)
 
 
-@pytest.fixture(params=["embedded-sqlite"])
-def setup(request, tmp_path):
-    from conftest import setup as base_setup  # noqa: F401
-
-    yield request.getfixturevalue("setup_embedded")
-
-
 @pytest.fixture
-def setup_embedded(embedded_home, tmp_path):
-    from conftest import Setup
-
+def setup(embedded_home, tmp_path):
+    """The CLI runs against the embedded server with a fresh SQLite ledger."""
     url = f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
     yield Setup(name="embedded-sqlite", queue="clitest", home=embedded_home,
                 overrides={"home": embedded_home, "database_url": url},

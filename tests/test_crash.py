@@ -7,15 +7,12 @@ inventory, process exit), never on fixed sleeps.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import time
 from pathlib import Path
 
-import pytest
 from sqlalchemy import select
 
-from conftest import Setup, run_burst, spawn_burst
+from conftest import Setup, run_burst, spawn_burst, wait_for
 from job_handlers import read_log
 from qkit.audit import audit
 from qkit.ledger import job_attempts, job_events
@@ -24,17 +21,6 @@ import job_handlers  # noqa: F401 - same handlers in this process for in-process
 
 LEASE = 1.0
 WORKER_ENV = {"QKIT_HANDLERS": "job_handlers", "QKIT_LEASE_SECONDS": LEASE, "QKIT_BACKOFF_BASE": 0}
-
-
-def wait_for(check, timeout: float = 30, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def attempts_of(q, job_id):

@@ -13,14 +13,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 from datetime import timedelta
 from pathlib import Path
 
 from sqlalchemy import insert, select, update
 
 import qkit
-from conftest import Setup, spawn_burst
+from conftest import Setup, spawn_burst, wait_for
 from job_handlers import read_log
 from qkit.audit import audit
 from qkit.explain import explain
@@ -42,17 +41,6 @@ def ax_ok(payload: dict) -> dict:
 @qkit.handler("ax_fail", timeout=10)
 def ax_fail(payload: dict) -> None:
     raise RuntimeError(f"upstream said no to order {payload.get('n', 0)}")
-
-
-def wait_for(check, timeout: float = 30, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def events_of(q, job_id):

@@ -3,11 +3,8 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import signal
 import time
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -20,28 +17,6 @@ from qkit.backends.embedded import EmbeddedServer
 from qkit.notebook import seeded_batch
 
 TYPES = ("web_scraping", "ai_text_generation", "scheduled_publish")
-
-
-def stop_server(home) -> None:
-    """Stop the embedded Redis of ``home``: SIGTERM (it syncs its append-only file and exits), then wait.
-
-    Faster than ``EmbeddedServer.stop()``, whose client retries the closed connection for seconds.
-    """
-    pid = EmbeddedServer(home).pid()
-    if not pid:
-        return
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:  # gone, or a zombie waiting for init to reap it
-            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                return
-        except (OSError, IndexError):
-            return
-        time.sleep(0.01)
 
 
 def drain(q, seconds: float = 60, **work) -> int:
@@ -71,7 +46,7 @@ def q(tmp_path_factory):
     q.bursts = drain(q, params={"run_id": "run-frames-1"})
     yield q
     q.close()
-    stop_server(home)
+    EmbeddedServer(home).stop()
 
 
 @pytest.fixture
@@ -220,7 +195,7 @@ def test_next_due(q, tmp_path):
             due = frames.next_due(q2)
             assert timedelta(seconds=100) < due - datetime.now(timezone.utc) <= timedelta(seconds=120)
         finally:
-            stop_server(home)
+            EmbeddedServer(home).stop()
 
 
 @pytest.mark.parametrize("name,kwargs", [
@@ -244,7 +219,7 @@ def test_determinism_of_seeded_batches(tmp_path):
                 drain(q)
                 dists.append(frames.retry_distribution(q))
             finally:
-                stop_server(home)
+                EmbeddedServer(home).stop()
     pd.testing.assert_frame_equal(dists[0], dists[1])
     assert dists[0]["jobs"].sum() == 80 and (dists[0]["outcome"] == "dlq").any()
 
@@ -293,4 +268,4 @@ def test_plots_of_an_empty_queue(tmp_path):
             for fig in _figures(q):
                 _check_figure(fig)
         finally:
-            stop_server(home)
+            EmbeddedServer(home).stop()

@@ -7,7 +7,6 @@ notebooks/`` separately runs every notebook with its defaults.
 from __future__ import annotations
 
 import os
-import signal
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,28 +24,6 @@ from qkit.notebook import (INJECTED_MARKER, JOB_IDS, QUEUE, SINCE, Param, Parame
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
 NAMES = ["enqueue_batch", "worker", "retry_analysis", "dlq_triage", "queue_monitor", "backoff_whatif", "debug_job"]
-
-
-def stop_server(home) -> None:
-    """Stop the embedded Redis of ``home``: SIGTERM (it syncs its append-only file and exits), then wait.
-
-    Faster than ``EmbeddedServer.stop()``, whose client retries the closed connection for seconds.
-    """
-    pid = EmbeddedServer(home).pid()
-    if not pid:
-        return
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:  # gone, or a zombie waiting for init to reap it
-            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                return
-        except (OSError, IndexError):
-            return
-        time.sleep(0.01)
 
 
 # ---------------------------------------------------------------- committed notebooks
@@ -159,7 +136,7 @@ def lab(tmp_path_factory):
     mp.setenv("MPLBACKEND", "Agg")
     mp.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
     yield base
-    stop_server(home)
+    EmbeddedServer(home).stop()
     mp.undo()
 
 
@@ -263,7 +240,7 @@ def dq(tmp_path):
     q = qkit.connect(queue="debug", home=home, backoff_base=0.0)
     yield q
     q.close()
-    stop_server(home)
+    EmbeddedServer(home).stop()
 
 
 def snapshot(q) -> tuple:

@@ -28,18 +28,6 @@ RUNNER = ROOT / "scheduled" / "run_worker.py"
 KERNEL = {"name": "python3", "display_name": "Python 3", "language": "python"}
 
 
-def stop_server(home) -> None:
-    """Stop the embedded Redis of ``home``: SIGTERM (it syncs its append-only file and exits), then wait."""
-    pid = EmbeddedServer(home).pid()
-    if not pid:
-        return
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    wait_gone(pid)
-
-
 def wait_gone(pid: int, seconds: float = 15) -> bool:
     """Wait until ``pid`` has exited (a zombie counts as exited); True if it did."""
     deadline = time.monotonic() + seconds
@@ -92,7 +80,7 @@ def env(tmp_path):
              QKIT_TEST_RELEASE=str(tmp_path / "release"), QKIT_BACKOFF_BASE="0")
     yield e
     (tmp_path / "release").touch()  # let any blocked kernel go
-    stop_server(home)
+    EmbeddedServer(home).stop()
 
 
 def runner(env: dict, *args: str, runs: Path, wait: bool = True):

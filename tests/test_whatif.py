@@ -2,11 +2,8 @@
 from __future__ import annotations
 
 import math
-import os
-import signal
 import time
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -18,28 +15,6 @@ from qkit.whatif import (DEFAULT_POLICIES, MIN_TRIALS, Policy, check_policies, c
                          parse_policies, parse_policy, replay, simulate, weighted_quantile)
 
 T0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
-
-
-def stop_server(home) -> None:
-    """Stop the embedded Redis of ``home``: SIGTERM (it syncs its append-only file and exits), then wait.
-
-    Faster than ``EmbeddedServer.stop()``, whose client retries the closed connection for seconds.
-    """
-    pid = EmbeddedServer(home).pid()
-    if not pid:
-        return
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:  # gone, or a zombie waiting for init to reap it
-            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                return
-        except (OSError, IndexError):
-            return
-        time.sleep(0.01)
 
 
 def attempts_frame(jobs: list[dict]) -> pd.DataFrame:
@@ -254,7 +229,7 @@ def queue(tmp_path):
     q = qkit.connect(queue="whatif", home=home, backoff_base=0.01, backoff_max=1)
     yield q
     q.close()
-    stop_server(home)
+    EmbeddedServer(home).stop()
 
 
 def drain(q, seconds: float = 60) -> None:

@@ -19,6 +19,7 @@ import fcntl
 import json
 import os
 import secrets
+import signal
 import subprocess
 import time
 from importlib import resources
@@ -150,8 +151,15 @@ class EmbeddedServer:
         except (OSError, ValueError):
             return None
 
-    def stop(self) -> None:
-        """Shut the server down (its data stays in the append-only file)."""
+    def stop(self, timeout: float = 15.0) -> None:
+        """Shut the server down and wait until it has exited (its data stays in the append-only file)."""
+        pid = self.pid()
+        if pid and _running_server(pid):
+            os.kill(pid, signal.SIGTERM)  # Redis syncs its append-only file on SIGTERM, then exits
+            deadline = time.monotonic() + timeout
+            while _running_server(pid) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            return
         if self._try_attach() is None:
             return
         info = json.loads(self.info_file.read_text())
@@ -159,6 +167,16 @@ class EmbeddedServer:
             self._client_for(info, self.password_file.read_text().strip(), probe=True).shutdown(nosave=True)
         except redis.RedisError:
             pass  # the server closes the connection as it exits
+
+
+def _running_server(pid: int) -> bool:
+    """True while ``pid`` is a live (not zombie) Redis-compatible server process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    name, _, rest = stat.partition(" (")[2].rpartition(") ")
+    return rest.split()[0] != "Z" and ("server" in name or "valkey" in name or "redis" in name)
 
 
 class EmbeddedBackend(RedisBackend):
