@@ -158,7 +158,12 @@ def _stats_human(d: dict) -> str:
     for k, v in d.items():
         if isinstance(v, dict):
             lines.append(f"{k:>13}:")
-            lines += [f"{'':>15}{sk}: {sv}" for sk, sv in v.items()]
+            for sk, sv in v.items():
+                if isinstance(sv, list) and all(isinstance(x, dict) for x in sv):  # a small table
+                    lines.append(f"{'':>15}{sk}:")
+                    lines += [f"{'':>17}" + ", ".join(f"{xk} {xv}" for xk, xv in x.items()) for x in sv]
+                else:
+                    lines.append(f"{'':>15}{sk}: {sv}")
         else:
             lines.append(f"{k:>13}: {v}")
     return "\n".join(lines)
