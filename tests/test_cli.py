@@ -99,3 +99,18 @@ def test_malformed_configuration_names_the_variable(tmp_path, var, value):
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and var in lines[0], out.stderr
+
+
+def test_an_evicting_redis_gets_one_warning(tmp_path):
+    from qkit.devservers import start_redis
+
+    server = start_redis(tmp_path / "lru", extra_args=("--maxmemory-policy", "allkeys-lru"))
+    try:
+        env = {"QKIT_HOME": str(tmp_path), "QKIT_REDIS_URL": server.url,
+               "QKIT_DATABASE_URL": f"sqlite:///{tmp_path / 'l.db'}"}
+        out = qkit_cli(None, "enqueue", "web_scraping", env=env)
+        assert out.returncode == 0, out.stderr
+        warnings = [line for line in out.stderr.splitlines() if "maxmemory-policy" in line]
+        assert len(warnings) == 1 and "allkeys-lru" in warnings[0] and "noeviction" in warnings[0]
+    finally:
+        server.stop()
