@@ -31,9 +31,12 @@ import random
 import re
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from qkit.errors import BadInput
+
+if TYPE_CHECKING:  # pandas is imported where a table is built: notebooks start faster
+    import pandas as pd
 
 #: the first line papermill writes into its injected-parameters cell (Python translator)
 INJECTED_MARKER = "# Parameters"
