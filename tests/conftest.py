@@ -28,7 +28,7 @@ import qkit
 from qkit.backends.embedded import EmbeddedServer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from redis_servers import start_plain_redis  # noqa: E402
+from redis_servers import start_cluster_redis, start_plain_redis  # noqa: E402
 from services import Server, start_postgres  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,6 +95,38 @@ def wait_for(check, timeout: float = 30, what: str = "condition"):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.01)
+
+
+@pytest.fixture(scope="module")
+def module_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A redis-server for one test module alone: its tests count, fault or flush its commands."""
+    server = start_plain_redis(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def module_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A one-node Redis Cluster owning every slot, for one test module."""
+    server = start_cluster_redis(tmp_path_factory.mktemp("cluster"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def endpoint_on() -> Iterator[Any]:
+    """``endpoint_on(redis_url, token)`` starts qkit's local Upstash endpoint; all stop after the module."""
+    from qkit.upstash_dev import create_app, start_in_thread
+
+    started = []
+
+    def start(redis_url: str, token: str) -> Any:
+        started.append(start_in_thread(create_app(redis_url, token)))
+        return started[-1]
+
+    yield start
+    for running in started:
+        running.stop()
 
 
 @dataclass

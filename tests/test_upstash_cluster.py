@@ -47,12 +47,6 @@ from qkit.explain import locate
 from qkit.ledger import job_attempts, job_events
 from qkit.reconcile import repair
 from qkit.scripts import Script, load_script
-from qkit.upstash_dev import create_app, start_in_thread
-
-try:
-    from redis_servers import start_cluster_redis
-except ImportError:  # when tests/ is imported as a package
-    from tests.redis_servers import start_cluster_redis
 
 SCRIPTS_DIR = Path(qkit.__file__).parent / "scripts"
 #: every production script (files starting with "_" are test-only)
@@ -199,18 +193,14 @@ class Monitor:
 
 # --------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    server = start_cluster_redis(tmp_path_factory.mktemp("cluster"))
-    yield server
-    server.stop()
+def cluster(module_cluster):
+    return module_cluster
 
 
 @pytest.fixture(scope="module")
-def cluster_endpoint(cluster):
+def cluster_endpoint(cluster, endpoint_on):
     """The local Upstash endpoint forwarding to the one-node cluster."""
-    running = start_in_thread(create_app(cluster.url, TOKEN))
-    yield running
-    running.stop()
+    return endpoint_on(cluster.url, TOKEN)
 
 
 @pytest.fixture

@@ -14,12 +14,6 @@ import pytest
 import qkit
 from qkit.cli import main
 from qkit.queue import UPSTASH_USD_PER_100K_COMMANDS
-from qkit.upstash_dev import create_app, start_in_thread
-
-try:
-    from redis_servers import start_plain_redis
-except ImportError:  # when tests/ is imported as a package
-    from tests.redis_servers import start_plain_redis
 
 TOKEN = "cost-test-" + secrets.token_hex(8)
 COST_KEYS = {"redis_commands", "http_requests", "ledger_statements", "jobs_enqueued_here", "jobs_finished_here",
@@ -37,17 +31,8 @@ def _fail(payload: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def redis_server(tmp_path_factory):
-    server = start_plain_redis(tmp_path_factory.mktemp("redis"))
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def endpoint(redis_server):
-    running = start_in_thread(create_app(redis_server.url, TOKEN))
-    yield running
-    running.stop()
+def endpoint(module_redis, endpoint_on):
+    return endpoint_on(module_redis.url, TOKEN)
 
 
 def test_cost_per_finished_job_matches_what_the_endpoint_served(endpoint, tmp_path):
@@ -82,8 +67,8 @@ def test_cost_per_finished_job_matches_what_the_endpoint_served(endpoint, tmp_pa
         q.close()
 
 
-def test_cost_on_a_tcp_backend_has_no_http_requests(redis_server, tmp_path):
-    q = qkit.connect("cost-tcp", redis_url=redis_server.url, home=tmp_path,
+def test_cost_on_a_tcp_backend_has_no_http_requests(module_redis, tmp_path):
+    q = qkit.connect("cost-tcp", redis_url=module_redis.url, home=tmp_path,
                      database_url=f"sqlite:///{tmp_path / 'ledger.sqlite3'}")
     try:
         q.enqueue_many([{"type": "cost-noop", "payload": {}} for _ in range(5)])

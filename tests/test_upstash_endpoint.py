@@ -24,14 +24,10 @@ import upstash_redis
 from upstash_redis.errors import UpstashError
 
 from qkit.backends.upstash import TOKEN_VAR, URL_VAR, UpstashBackend, UpstashUnauthorized
+from qkit.devservers import free_port
 from qkit.errors import BackendUnavailable, ConfigError, QkitError
 from qkit.scripts import Script, load_script
 from qkit.upstash_dev import DEFAULT_MAX_BODY_BYTES, FaultPlan, create_app, start_in_thread
-
-try:
-    from redis_servers import free_port, start_cluster_redis, start_plain_redis
-except ImportError:  # when tests/ is imported as a package
-    from tests.redis_servers import free_port, start_cluster_redis, start_plain_redis
 
 # Random per run, so "the token never appears" cannot pass by accident.
 TOKEN = "qkit-test-" + secrets.token_hex(12)
@@ -51,17 +47,8 @@ return redis.call('INCR', KEYS[1])
 
 # --------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def redis_server(tmp_path_factory):
-    server = start_plain_redis(tmp_path_factory.mktemp("redis"))
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def endpoint(redis_server):
-    running = start_in_thread(create_app(redis_server.url, TOKEN))
-    yield running
-    running.stop()
+def endpoint(module_redis, endpoint_on):
+    return endpoint_on(module_redis.url, TOKEN)
 
 
 @pytest.fixture(autouse=True)
@@ -70,7 +57,7 @@ def clean_state(request):
     if "endpoint" not in request.fixturenames:
         yield
         return
-    server = request.getfixturevalue("redis_server")
+    server = request.getfixturevalue("module_redis")
     app = request.getfixturevalue("endpoint").app
     with server.client() as r:
         r.flushall()
@@ -92,9 +79,9 @@ def client(endpoint):
 
 
 @pytest.fixture
-def rds(redis_server):
+def rds(module_redis):
     """redis-py straight to the server, to check what the endpoint really did."""
-    with redis_server.client() as r:
+    with module_redis.client() as r:
         yield r
 
 
@@ -345,13 +332,13 @@ def test_token_and_bodies_never_logged(endpoint, client, caplog):
     assert TOKEN not in text and secret_value not in text
 
 
-def test_cli_module_serves(redis_server, tmp_path):
+def test_cli_module_serves(module_redis, tmp_path):
     port = free_port()
     # The token travels in the environment, as the CLI help recommends (argv is visible in ps).
     paths = [str(Path(__file__).resolve().parents[1]), *filter(None, [os.environ.get("PYTHONPATH")])]
     env = {**os.environ, "UPSTASH_REDIS_REST_TOKEN": TOKEN, "PYTHONPATH": os.pathsep.join(paths)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "qkit.upstash_dev", "--redis-url", redis_server.url,
+        [sys.executable, "-m", "qkit.upstash_dev", "--redis-url", module_redis.url,
          "--port", str(port), "--latency-ms", "1"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
@@ -588,12 +575,8 @@ def test_fault_plan_rejects_unknown_actions():
 
 # --------------------------------------------------------------------------- one-node cluster
 @pytest.fixture(scope="module")
-def cluster_endpoint(tmp_path_factory):
-    server = start_cluster_redis(tmp_path_factory.mktemp("cluster"))
-    running = start_in_thread(create_app(server.url, TOKEN))
-    yield running
-    running.stop()
-    server.stop()
+def cluster_endpoint(module_cluster, endpoint_on):
+    return endpoint_on(module_cluster.url, TOKEN)
 
 
 def test_cluster_crossslot_through_endpoint(cluster_endpoint):

@@ -50,12 +50,6 @@ from qkit.config import settings as resolve_settings
 from qkit.errors import BackendUnavailable
 from qkit.ledger import job_attempts, job_events, jobs, worker_runs
 from qkit.scripts import load_script
-from qkit.upstash_dev import create_app, start_in_thread
-
-try:
-    from redis_servers import start_plain_redis
-except ImportError:  # when tests/ is imported as a package
-    from tests.redis_servers import start_plain_redis
 
 TOKEN = "faults-test-" + secrets.token_hex(8)
 SCRIPT_NAMES = sorted(p.stem for p in (Path(qkit.__file__).parent / "scripts").glob("*.lua")
@@ -126,32 +120,21 @@ def read_log(path: Path) -> list[tuple[str, int, int, str]]:
 
 # --------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def redis_server(tmp_path_factory):
-    server = start_plain_redis(tmp_path_factory.mktemp("redis"))
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def faulty(redis_server):
+def faulty(module_redis, endpoint_on):
     """The endpoint whose FaultPlan the tests arm."""
-    running = start_in_thread(create_app(redis_server.url, TOKEN))
-    yield running
-    running.stop()
+    return endpoint_on(module_redis.url, TOKEN)
 
 
 @pytest.fixture(scope="module")
-def clean(redis_server):
+def clean(module_redis, endpoint_on):
     """A second endpoint on the same Redis that never faults: another worker's healthy network path."""
-    running = start_in_thread(create_app(redis_server.url, TOKEN))
-    yield running
-    running.stop()
+    return endpoint_on(module_redis.url, TOKEN)
 
 
 @pytest.fixture(autouse=True)
-def fresh(redis_server, faulty) -> Iterator[None]:
+def fresh(module_redis, faulty) -> Iterator[None]:
     """Empty Redis with the scripts cached (so no NOSCRIPT round trip shifts the request order), no faults."""
-    with redis_server.client() as r:
+    with module_redis.client() as r:
         r.flushall()
         for name in SCRIPT_NAMES:
             r.script_load(load_script(name).source)
