@@ -11,9 +11,12 @@ other's jobs.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -201,3 +204,35 @@ def spawn_burst(setup: Setup, *args: str, env: dict[str, Any] | None = None, log
     out = open(log, "w") if log else subprocess.DEVNULL
     return subprocess.Popen([sys.executable, "-m", "qkit.cli", "work", "--queue", queue or setup.queue, "--json",
                              *args], env=setup.env(**(env or {})), stdout=out, stderr=subprocess.STDOUT)
+
+
+@dataclass
+class Stall:
+    """A ``record`` job whose first attempt is held by a stopped (SIGSTOP) worker burst."""
+
+    job_id: int
+    log: Path
+    release: Path
+    worker: subprocess.Popen
+    summary: dict[str, Any] = field(default_factory=dict)  # the stalled burst's JSON, once it exits
+
+
+@contextlib.contextmanager
+def stalled_past_its_lease(setup: Setup, q: qkit.Queue, tmp_path: Path, env: dict[str, Any]) -> Iterator[Stall]:
+    """Start a burst on a job that waits for ``release``, SIGSTOP it mid-handler and yield once
+    its lease has expired; on leaving, SIGCONT it, wait for it and read its summary."""
+    from job_handlers import read_log
+
+    log, release, out = tmp_path / "log", tmp_path / "release", tmp_path / "stalled.out"
+    job_id = q.enqueue("record", {"log": str(log), "wait_for": str(release)})
+    worker = spawn_burst(setup, env=env, log=out)
+    wait_for(lambda: read_log(log), what="the first attempt to start")
+    worker.send_signal(signal.SIGSTOP)
+    stall = Stall(job_id, log, release, worker)
+    try:
+        wait_for(lambda: q.dispatch.inventory().leases_expired == 1, what="the stalled lease to expire")
+        yield stall
+    finally:
+        worker.send_signal(signal.SIGCONT)
+    assert worker.wait(60) == 0
+    stall.summary = json.loads(out.read_text().strip().splitlines()[-1])

@@ -6,13 +6,12 @@ inventory, process exit), never on fixed sleeps.
 """
 from __future__ import annotations
 
-import json
 import signal
 from pathlib import Path
 
 from sqlalchemy import select
 
-from conftest import Setup, run_burst, spawn_burst, wait_for
+from conftest import Setup, run_burst, spawn_burst, stalled_past_its_lease, wait_for
 from job_handlers import read_log
 from qkit.audit import audit
 from qkit.ledger import job_attempts, job_events
@@ -83,30 +82,19 @@ def test_long_handler_is_never_reclaimed_while_its_worker_lives(setup: Setup, tm
 
 def test_stalled_worker_cannot_overwrite_the_attempt_that_replaced_it(setup: Setup, tmp_path: Path):
     q = setup.connect(lease_seconds=LEASE, backoff_base=0)
-    log, release = tmp_path / "log", tmp_path / "release"
-    job_id = q.enqueue("record", {"log": str(log), "wait_for": str(release)})
-    stalled_log = tmp_path / "stalled.out"
-    stalled = spawn_burst(setup, env=WORKER_ENV, log=stalled_log)
-    wait_for(lambda: read_log(log), what="the first attempt to start")
-    stalled.send_signal(signal.SIGSTOP)
-    try:
-        wait_for(lambda: q.dispatch.inventory().leases_expired == 1, what="the stalled lease to expire")
-        release.touch()
+    with stalled_past_its_lease(setup, q, tmp_path, WORKER_ENV) as stall:
+        stall.release.touch()
         summary = q.work()
         assert summary.completed == 1 and summary.lost == 1
         winner = summary.worker
-    finally:
-        stalled.send_signal(signal.SIGCONT)
-    assert stalled.wait(60) == 0
-    out = json.loads(stalled_log.read_text().strip().splitlines()[-1])
-    assert out["completed"] == 0 and out["fenced"] >= 1
-    job = q.get(job_id)
+    assert stall.summary["completed"] == 0 and stall.summary["fenced"] >= 1
+    job = q.get(stall.job_id)
     assert job.status == "completed" and job.attempts == 2
-    attempts = attempts_of(q, job_id)
+    attempts = attempts_of(q, stall.job_id)
     assert [a["outcome"] for a in attempts] == ["lost", "completed"]
     assert attempts[1]["worker"] == winner
     # both executions happened (at-least-once), but the ledger holds one completion
-    assert [e[0] for e in read_log(log)].count("done") == 2
+    assert [e[0] for e in read_log(stall.log)].count("done") == 2
     assert audit(q).clean
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from sqlalchemy import insert, select, update
 
 import qkit
-from conftest import Setup, spawn_burst, wait_for
+from conftest import Setup, spawn_burst, stalled_past_its_lease, wait_for
 from job_handlers import read_log
 from qkit.audit import audit
 from qkit.explain import explain
@@ -100,34 +100,24 @@ def test_sigkilled_worker(setup: Setup, tmp_path: Path):
 
 def test_lease_expired_under_a_stopped_worker(setup: Setup, tmp_path: Path):
     q = setup.connect(lease_seconds=LEASE, backoff_base=0)
-    log, release = tmp_path / "log", tmp_path / "release"
-    job_id = q.enqueue("record", {"log": str(log), "wait_for": str(release)})
-    stalled_log = tmp_path / "stalled.out"
-    stalled = spawn_burst(setup, env=WORKER_ENV, log=stalled_log)
-    wait_for(lambda: read_log(log), what="the first attempt to start")
-    stalled.send_signal(signal.SIGSTOP)
-    try:
-        wait_for(lambda: q.dispatch.inventory().leases_expired == 1, what="the stalled lease to expire")
+    with stalled_past_its_lease(setup, q, tmp_path, WORKER_ENV) as stall:
+        job_id = stall.job_id
         stuck = explain(q, job_id)
         holder = stuck.attempts[0]["worker"]
         assert stuck.redis["leased"]["owner"] == holder and not stuck.redis["leased"]["valid"]
         assert f"leased by worker {holder} whose lease expired" in stuck.verdict
         assert "record attempt 1 as lost (2 attempt(s) left after that)" in stuck.verdict
         assert audit(q).counts == {"lease_expired": 1}
-        release.touch()
+        stall.release.touch()
         summary = q.work()
         assert summary.completed == 1 and summary.lost == 1
-    finally:
-        stalled.send_signal(signal.SIGCONT)
-    assert stalled.wait(60) == 0
-    out = json.loads(stalled_log.read_text().strip().splitlines()[-1])
-    assert out["fenced"] >= 1  # the stalled worker's late completion was refused
+    assert stall.summary["fenced"] >= 1  # the stalled worker's late completion was refused
 
     done = explain(q, job_id)
     assert "Its handler was started twice" in done.verdict
     assert f"Attempt 1 was lost when worker {holder} stopped renewing its lease" in done.verdict
     assert f"{holder} was stalled, not dead" in done.verdict and "refused (fenced)" in done.verdict
-    assert [e[0] for e in read_log(log)].count("done") == 2  # both ran; the ledger holds one completion
+    assert [e[0] for e in read_log(stall.log)].count("done") == 2  # both ran; the ledger holds one completion
     final = audit(q)
     assert final.clean and not final.findings
     assert_terminal_exactly_once(q, [job_id])
