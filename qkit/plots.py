@@ -34,6 +34,14 @@ def _figure(width: float = 9.0, height: float = 4.5, nrows: int = 1, ncols: int 
     return fig, axes
 
 
+def _titled(title: str, width: float = 9.0, height: float = 4.5) -> tuple[Figure, Any]:
+    """A one-axes figure with its title set: the start of most plots here."""
+    fig, axes = _figure(width, height)
+    ax = axes[0][0]
+    ax.set_title(title, fontsize=13)
+    return fig, ax
+
+
 def _no_data(ax: Any, text: str = "no data yet") -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=12, color="#757575")
     ax.set_xticks([])
@@ -108,9 +116,7 @@ def success_rate(summary: pd.DataFrame, *,
     ``summary`` is :func:`qkit.frames.type_summary`.
     """
     rows = summary.dropna(subset=["success_rate"]) if len(summary) else summary
-    fig, axes = _figure(9, 1.2 + 0.55 * max(1, len(rows)))
-    ax = axes[0][0]
-    ax.set_title(title, fontsize=13)
+    fig, ax = _titled(title, 9, 1.2 + 0.55 * max(1, len(rows)))
     if rows.empty:
         _no_data(ax, "no finished jobs yet")
         return fig
@@ -138,9 +144,7 @@ def exec_time(attempts: pd.DataFrame, *, title: str = "Handler execution time pe
     ``attempts`` is :func:`qkit.frames.attempts`; lost attempts (no
     handler result) are left out.  Whiskers span p5..p95.
     """
-    fig, axes = _figure(9, 4.8)
-    ax = axes[0][0]
-    ax.set_title(title, fontsize=13)
+    fig, ax = _titled(title, 9, 4.8)
     ran = attempts[attempts["outcome"].isin(["completed", "failed", "timeout"])] if len(attempts) else attempts
     if ran.empty:
         _no_data(ax, "no finished attempts yet")
@@ -183,9 +187,7 @@ def attempt_outcomes(outcomes: pd.DataFrame, *, title: str = "Does a retry help?
 
     ``outcomes`` is :func:`qkit.frames.attempt_outcomes`.
     """
-    fig, axes = _figure(9, 4.5)
-    ax = axes[0][0]
-    ax.set_title(title, fontsize=13)
+    fig, ax = _titled(title, 9, 4.5)
     if outcomes.empty:
         _no_data(ax, "no finished attempts yet")
         return fig
@@ -243,9 +245,7 @@ def queue_depth(depth: pd.DataFrame, *, title: str = "Queue depth over time (reb
 def throughput(tp: pd.DataFrame, *, title: str | None = None) -> Figure:
     """Stacked bars of finished attempts per time bin, by outcome.  ``tp`` is :func:`qkit.frames.throughput`."""
     freq = tp.attrs.get("freq", "bin")
-    fig, axes = _figure(10, 4)
-    ax = axes[0][0]
-    ax.set_title(title or f"Throughput: attempts finished per {freq}, by outcome", fontsize=13)
+    fig, ax = _titled(title or f"Throughput: attempts finished per {freq}, by outcome", 10, 4)
     if tp.empty:
         _no_data(ax)
         return fig
@@ -270,9 +270,7 @@ def wait_times(waits: pd.DataFrame, *, title: str = "Wait from enqueue to first 
 
     ``waits`` is :func:`qkit.frames.wait_times`.
     """
-    fig, axes = _figure(9, 4.5)
-    ax = axes[0][0]
-    ax.set_title(title, fontsize=13)
+    fig, ax = _titled(title, 9, 4.5)
     if waits.empty:
         _no_data(ax, "no jobs yet")
         return fig
@@ -332,9 +330,7 @@ def dlq_groups(groups: pd.DataFrame, *, title: str = "Dead-letter queue by error
     """Horizontal bars: jobs per (fingerprint, type) group, largest on top, each labelled with its
     fingerprint id.  ``groups`` is :func:`qkit.frames.dlq_groups`."""
     top = groups.head(15)
-    fig, axes = _figure(10, 1.3 + 0.45 * max(1, len(top)))
-    ax = axes[0][0]
-    ax.set_title(title, fontsize=13)
+    fig, ax = _titled(title, 10, 1.3 + 0.45 * max(1, len(top)))
     if top.empty:
         _no_data(ax, "the DLQ is empty")
         return fig
