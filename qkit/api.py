@@ -491,31 +491,9 @@ def _parse_list_query(request: Request) -> dict[str, Any]:
 
 def list_rows(q: Any, *, status: str | None, type: str | None, limit: int,
               before_id: int | None) -> list[dict[str, Any]]:
-    """Jobs of ``q``, newest first, without payload and result (up to 1,000 rows of
-    256 KiB payloads would be 256 MB); ``error`` clipped to ``LIST_ERROR_CHARS``."""
-    from sqlalchemy import func, select
-    from sqlalchemy.exc import SQLAlchemyError
-
-    from qkit.ledger import jobs as t
-
-    query = select(t.c.id, t.c.queue, t.c.type, t.c.status, t.c.priority, t.c.attempts, t.c.max_attempts,
-                   func.substr(t.c.error, 1, LIST_ERROR_CHARS).label("error"), t.c.idempotency_key,
-                   t.c.run_at, t.c.created_at, t.c.updated_at, t.c.started_at, t.c.finished_at) \
-        .where(t.c.queue == q.name)
-    if status:
-        query = query.where(t.c.status == status)
-    if type:
-        query = query.where(t.c.type == type)
-    if before_id is not None:
-        query = query.where(t.c.id < before_id)
-    try:
-        with q.ledger.read_engine.connect() as conn:
-            rows = conn.execute(query.order_by(t.c.id.desc()).limit(limit)).mappings().all()
-    except SQLAlchemyError as exc:
-        first = str(getattr(exc, "orig", exc)).strip().splitlines()
-        raise BackendUnavailable(f"cannot read the ledger: {redact(first[0]) if first else type(exc).__name__}") \
-            from None
-    return [_jsonable(dict(r)) for r in rows]
+    """Jobs of ``q``, newest first, without payload and result; ``error`` clipped to ``LIST_ERROR_CHARS``."""
+    return [_jsonable(r) for r in q.ledger.job_summaries(q.name, status=status, type=type, limit=limit,
+                                                         before_id=before_id, error_chars=LIST_ERROR_CHARS)]
 
 
 # --------------------------------------------------------------------------- access log

@@ -38,6 +38,7 @@ from redis.crc import key_slot
 from sqlalchemy import select
 
 import qkit
+from conftest import wait_for
 from qkit.backends.base import Backend
 from qkit.backends.redis import RedisBackend
 from qkit.dispatch import QueueKeys, Settlement
@@ -312,16 +313,6 @@ def test_monitor_sees_undeclared_keys_inside_scripts(cluster, rds):
 
 
 # --------------------------------------------------------------------------- dynamic: a real workload
-def _wait_for(check, timeout: float = 20.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)  # poll interval
-
-
 def _drain(q: qkit.Queue) -> None:
     """Bursts until the ledger has nothing pending or processing, waiting on Redis state between them."""
     deadline = time.monotonic() + 25
@@ -336,7 +327,7 @@ def _drain(q: qkit.Queue) -> None:
             inv = q.dispatch.inventory()
             return inv.ready > 0 or inv.delayed_due > 0 or inv.leases_expired > 0
 
-        _wait_for(actionable, what="a delayed job to fall due or a lease to expire")
+        wait_for(actionable, what="a delayed job to fall due or a lease to expire")
 
 
 def _attempts(q: qkit.Queue, job_id: int) -> list[tuple[int, int, str | None]]:
@@ -407,7 +398,7 @@ def test_workload_through_every_script_on_a_cluster(via, aging, cluster, cluster
         crash = q.dispatch.claim("w-crashed", 0, 3)
         assert len(crash.claimed) == 3
         q.ledger.claim(q.name, "w-crashed", crash.claimed, {}, q.backoff)
-        _wait_for(lambda: q.dispatch.inventory().leases_expired == 3, what="the crashed leases to expire")
+        wait_for(lambda: q.dispatch.inventory().leases_expired == 3, what="the crashed leases to expire")
 
         _drain(q)  # claim (settle done/retry/dead, reclaim), renew
 

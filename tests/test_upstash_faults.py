@@ -39,12 +39,13 @@ import secrets
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import pytest
 from sqlalchemy import select
 
 import qkit
+from conftest import wait_for
 from qkit.backends.upstash import URL_VAR, UpstashBackend
 from qkit.config import settings as resolve_settings
 from qkit.errors import BackendUnavailable
@@ -152,16 +153,6 @@ def make_queue(endpoint, tmp_path: Path, name: str, *, lease: float = 1.0, backo
                                 database_url=f"sqlite:///{tmp_path / 'ledger.sqlite3'}", lease_seconds=lease,
                                 backoff_base=backoff_base, backoff_max=backoff_max)
     return qkit.Queue(name, settings, backend=UpstashBackend(endpoint.url, TOKEN, timeout=CLIENT_TIMEOUT))
-
-
-def wait_for(check, timeout: float = 20.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)  # poll interval
 
 
 def assert_one_line_naming_url(exc: BaseException) -> None:
