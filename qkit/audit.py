@@ -378,3 +378,101 @@ def audit(q: "Queue", repair: bool = False) -> AuditReport:
     report.found_before_repair = before
     report.repaired = repaired
     return report
+
+
+# ---------------------------------------------------------------- Jepsen's total-queue check
+@dataclass
+class TotalQueueReport:
+    """Jepsen ``total-queue`` counts for one queue after a run (drain it first), plus the G1-G8 audit.
+
+    * ``lost``: acknowledged enqueues whose job is not terminal (or has no row);
+    * ``unexpected``: handler executions of ids with no ledger row in the queue;
+    * ``duplicated``: jobs whose handler ran to the end more than once;
+    * ``unexplained``: those extra executions, ``(job_id, epoch, attempt)``, that no
+      ``lost``/``timeout`` attempt accounts for (G4; must be empty);
+    * ``recovered``: ledger rows of enqueues that were attempted but not
+      acknowledged (the client died or got an error), which ended terminal.
+    """
+
+    queue: str
+    acknowledged: int
+    lost: list[int]
+    unexpected: list[int]
+    duplicated: list[int]
+    unexplained: list[tuple[int, int, int]]
+    recovered: list[int]
+    audit: AuditReport
+
+    @property
+    def valid(self) -> bool:
+        """lost = unexpected = 0, every duplicate explained, and the G1-G8 audit clean."""
+        return not (self.lost or self.unexpected or self.unexplained) and self.audit.clean
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"queue": self.queue, "valid": self.valid, "acknowledged": self.acknowledged,
+                "lost": len(self.lost), "unexpected": len(self.unexpected), "duplicated": len(self.duplicated),
+                "unexplained": len(self.unexplained), "recovered": len(self.recovered),
+                "audit_errors": len(self.audit.errors), "audit_counts": self.audit.counts,
+                "ids": {"lost": self.lost, "unexpected": self.unexpected, "duplicated": self.duplicated,
+                        "unexplained": [list(x) for x in self.unexplained], "recovered": self.recovered}}
+
+    def summary(self) -> str:
+        """One line: the Jepsen counts and the audit verdict."""
+        explained = "all explained" if not self.unexplained else f"{len(self.unexplained)} UNEXPLAINED"
+        verdict = "audit clean" if self.audit.clean else f"audit: {len(self.audit.errors)} error(s) {self.audit.counts}"
+        return (f"{self.acknowledged} acknowledged: lost {len(self.lost)} · unexpected {len(self.unexpected)} · "
+                f"duplicated {len(self.duplicated)} ({explained}) · recovered {len(self.recovered)} · {verdict}")
+
+
+def total_queue(q: "Queue", acknowledged: Iterable[int], executions: Iterable[tuple[int, int]] = (),
+                attempted: Iterable[int] = (), epochs: dict[tuple[int, int], int] | None = None
+                ) -> TotalQueueReport:
+    """Check a drained queue the way Jepsen's total-queue checker checks a queue.
+
+    ``acknowledged``: ids that enqueue calls returned.  ``executions``: one
+    ``(job_id, attempt)`` per handler call that ran to its end (what a side-effect
+    log records; the attempt is ``qkit.current_job().attempt``).  ``attempted``:
+    ids whose enqueue may have landed without an answer (e.g. ids read back by
+    idempotency key after the enqueuing process died).  Executions are taken to
+    belong to the job's current replay epoch unless ``epochs`` maps
+    ``(job_id, attempt)`` to another.
+    An execution is *explained* when it is the attempt the ledger completed, or
+    an attempt the ledger recorded as ``lost`` or ``timeout`` (its result was
+    never recorded, so running the job again was right).
+    """
+    acked = sorted(set(int(i) for i in acknowledged))
+    runs = Counter((int(j), int(a)) for j, a in executions)
+    by_job: dict[int, list[int]] = {}
+    for (job_id, attempt), n in runs.items():
+        by_job.setdefault(job_id, []).extend([attempt] * n)
+    wanted = sorted(set(acked) | set(by_job) | {int(i) for i in attempted})
+    status: dict[int, tuple[str, int]] = {}
+    outcomes: dict[tuple[int, int, int], str | None] = {}
+    with q.ledger.read_engine.connect() as conn:
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start:start + 500]
+            status.update({r.id: (r.status, r.epoch) for r in conn.execute(
+                select(jobs.c.id, jobs.c.status, jobs.c.epoch).where(jobs.c.queue == q.name, jobs.c.id.in_(chunk)))})
+            outcomes.update({(r.job_id, r.epoch, r.attempt): r.outcome for r in conn.execute(
+                select(job_attempts.c.job_id, job_attempts.c.epoch, job_attempts.c.attempt, job_attempts.c.outcome)
+                .where(job_attempts.c.job_id.in_(chunk)))})
+    terminal = ("completed", "failed")
+    lost = [i for i in acked if status.get(i, ("missing", 0))[0] not in terminal]
+    unexpected = sorted(j for j in by_job if j not in status)
+    duplicated = sorted(j for j, attempts in by_job.items() if len(attempts) > 1 and j in status)
+    unexplained: list[tuple[int, int, int]] = []
+    for job_id, attempts in sorted(by_job.items()):
+        if job_id not in status:
+            continue
+        seen: Counter[tuple[int, int]] = Counter()
+        for attempt in attempts:
+            epoch = (epochs or {}).get((job_id, attempt), status[job_id][1])
+            seen[(epoch, attempt)] += 1
+            outcome = outcomes.get((job_id, epoch, attempt))
+            # one run per attempt, ending as the ledger says; a second run of the same attempt is never right
+            if seen[(epoch, attempt)] > 1 or outcome not in ("completed", "lost", "timeout"):
+                unexplained.append((job_id, epoch, attempt))
+    recovered = sorted(i for i in {int(x) for x in attempted} - set(acked)
+                       if status.get(i, ("missing", 0))[0] in terminal)
+    return TotalQueueReport(queue=q.name, acknowledged=len(acked), lost=lost, unexpected=unexpected,
+                            duplicated=duplicated, unexplained=unexplained, recovered=recovered, audit=check(q))

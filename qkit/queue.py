@@ -5,6 +5,7 @@ import logging
 import threading
 from typing import Any, Iterable, Mapping, Sequence
 
+from qkit import faults
 from qkit.backends import Backend, open_backend
 from qkit.backoff import Backoff
 from qkit.config import DEFAULT_QUEUE, Settings, settings as resolve_settings
@@ -71,6 +72,8 @@ class Queue:
 
     def _enqueue(self, jobs: Sequence[NewJob]) -> list[int]:
         results = self.ledger.insert_jobs(self.name, jobs)
+        if faults.ARMED:
+            faults.reach("enqueue.after_ledger")
         created = [(job_id, j.priority, int(j.delay * 1000)) for (job_id, new), j in zip(results, jobs) if new]
         with self._tally_lock:
             self.jobs_enqueued_here += len(created)

@@ -20,6 +20,7 @@ import traceback
 import uuid
 from typing import TYPE_CHECKING, Any, Callable
 
+from qkit import faults
 from qkit.config import redact
 from qkit.dispatch import Settlement
 from qkit.errors import QkitError
@@ -281,6 +282,8 @@ class Worker:
                                                                and self._started >= self.max_jobs else "max_seconds")
                 break
             claim = q.dispatch.claim(self.worker_id, self.lease_ms, want, to_settle)
+            if faults.ARMED and (claim.claimed or claim.reclaimed):
+                faults.reach("claim.after_redis")
             self._forget([x.job_id for x in to_settle])
             to_settle = []
             s.fenced += len(claim.fenced)
@@ -293,13 +296,21 @@ class Worker:
                 for job_id in [*claim.reclaimed, *claim.claimed]:
                     self._held[job_id] = 0
             plan = q.ledger.claim(q.name, self.worker_id, claim.claimed, claim.reclaimed, q.backoff)
+            if faults.ARMED:
+                faults.reach("claim.after_ledger")
             to_settle += plan.settlements
             s.lost += plan.lost
             s.retried += plan.retried
             s.failed += plan.failed
             s.processed += plan.retried + plan.failed
             outcomes = self._run_batch(pool, plan.runnable)
+            if faults.ARMED and outcomes:
+                faults.reach("complete.before_ledger")
             settled = q.ledger.settle(self.worker_id, outcomes, q.backoff)
+            if faults.ARMED:
+                faults.reach(*[point for point, n in (("complete.after_ledger", settled.completed),
+                                                      ("retry.after_ledger", settled.retried),
+                                                      ("dead.after_ledger", settled.failed)) if n])
             for job_id in settled.fenced:
                 log.warning("job %s: outcome discarded, the lease was lost and the attempt replaced (fenced)", job_id)
             to_settle += settled.settlements
