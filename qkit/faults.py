@@ -48,15 +48,21 @@ _point: str | None = None
 _left = 0
 
 
-def reach(*points: str) -> None:
-    """SIGKILL this process if the armed crash point is among ``points`` and its count is reached.
+def arm() -> None:
+    """Parse ``QKIT_CRASH_AT``; a malformed value raises :class:`ConfigError` (one CLI line).
 
-    A malformed ``QKIT_CRASH_AT`` raises :class:`ConfigError` here, at the
-    first crash point, so the CLI reports it as one line.
+    Called before a burst or an enqueue writes anything, so a typo cannot
+    strand a half-done step.
     """
     global _point, _left
     if _point is None:
         _point, _left = _parse(_RAW)
+
+
+def reach(*points: str) -> None:
+    """SIGKILL this process if the armed crash point is among ``points`` and its count is reached."""
+    global _left
+    arm()
     if _point not in points:
         return
     _left -= 1

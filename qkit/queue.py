@@ -1,7 +1,6 @@
 """The queue facade users and notebooks import: ``qkit.connect(queue=...)`` (SPEC §4)."""
 from __future__ import annotations
 
-import logging
 import threading
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -15,7 +14,6 @@ from qkit.handlers import import_handler_modules
 from qkit.ledger import Ledger
 from qkit.model import Job, NewJob, WorkSummary, check_name, new_job, new_job_from_item
 
-log = logging.getLogger("qkit")
 
 MAX_BATCH_ITEMS = 100_000
 #: Upstash pay-as-you-go price (research note §5, 2026): USD per 100,000 commands
@@ -71,6 +69,8 @@ class Queue:
         return self._enqueue(jobs) if jobs else []
 
     def _enqueue(self, jobs: Sequence[NewJob]) -> list[int]:
+        if faults.ARMED:
+            faults.arm()
         results = self.ledger.insert_jobs(self.name, jobs)
         if faults.ARMED:
             faults.reach("enqueue.after_ledger")

@@ -11,15 +11,14 @@ queue's data it rebuilds the whole Redis side from the ledger.
 """
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING, Any
 
 from qkit.ledger import utcnow
+from qkit.logs import log
 
 if TYPE_CHECKING:
     from qkit.queue import Queue
 
-log = logging.getLogger("qkit")
 
 
 def repair_if_drifted(q: "Queue") -> dict[str, Any]:

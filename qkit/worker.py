@@ -9,7 +9,6 @@ hangs past its timeout is abandoned instead of hanging the burst.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import logging
 import os
 import queue as queue_mod
 import signal
@@ -26,12 +25,12 @@ from qkit.dispatch import Settlement
 from qkit.errors import QkitError
 from qkit.handlers import JobContext, get_handler, run_in_context
 from qkit.ledger import Outcome, Runnable, utcnow
+from qkit.logs import log
 from qkit.model import WorkSummary, compact_json
 
 if TYPE_CHECKING:
     from qkit.queue import Queue
 
-log = logging.getLogger("qkit")
 
 MAX_BATCH = 1000
 TARGET_BATCH_SECONDS = 0.5
@@ -117,6 +116,25 @@ def _timeout(job: Runnable, timeout: float) -> Outcome:
     return Outcome(job, "timeout", utcnow(), error=f"HandlerTimeout: handler exceeded its {timeout:g} s timeout")
 
 
+def kill_children_since(since: float) -> int:
+    """SIGKILL this process's descendants created at or after ``since`` (epoch seconds); returns how many.
+
+    An abandoned handler thread cannot be killed, but the processes it started
+    can: otherwise a timed-out handler's child would outlive the burst.
+    """
+    import psutil
+
+    killed = 0
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.create_time() >= since - 1.0:  # create_time counts from a boot time rounded down to 1 s
+                child.kill()
+                killed += 1
+        except psutil.Error:
+            pass
+    return killed
+
+
 class _SerialRunner(threading.Thread):
     """Runs a batch's jobs in order on one thread, watched by the burst's thread.
 
@@ -129,7 +147,7 @@ class _SerialRunner(threading.Thread):
         self.worker = worker
         self.jobs = jobs
         self.outcomes: list[Outcome] = []
-        self.current: tuple[Runnable, float, float] | None = None  # job, deadline, timeout
+        self.current: tuple[Runnable, float, float, float] | None = None  # job, deadline, timeout, started
         self.finished = False
         self.abandoned = False
         self.crash: BaseException | None = None
@@ -158,7 +176,7 @@ class _SerialRunner(threading.Thread):
                     self.outcomes.append(prepared)
                     continue
                 call, timeout = prepared
-                self.current = (job, time.monotonic() + timeout, timeout)
+                self.current = (job, time.monotonic() + timeout, timeout, time.time())
                 self.cond.notify()
             result, exc = None, None
             try:
@@ -178,11 +196,13 @@ class _SerialRunner(threading.Thread):
                 if self.current is None:
                     self.cond.wait(1.0)
                     continue
-                job, deadline, timeout = self.current
+                job, deadline, timeout, started = self.current
                 left = deadline - time.monotonic()
                 if left <= 0:
                     self.abandoned = True
                     self.outcomes.append(_timeout(job, timeout))
+                    # one handler at a time: every process started since this one began is its own
+                    kill_children_since(started)
                     break
                 self.cond.wait(left)
             if self.crash is not None and not self.abandoned and len(self.outcomes) < len(self.jobs):
@@ -200,6 +220,8 @@ class Worker:
                  progress: Any = None, handle_signals: bool = True) -> None:
         if trigger not in TRIGGERS:
             raise ValueError(f"trigger must be one of {', '.join(TRIGGERS)}")
+        if faults.ARMED:
+            faults.arm()
         self.q = q
         self.max_jobs = max_jobs
         self.max_seconds = max_seconds
@@ -219,6 +241,7 @@ class Worker:
         self._signal: int | None = None
         self._started = 0
         self._avg_job_s = 0.0
+        self._abandoned_since: float | None = None  # epoch start of the earliest abandoned concurrent handler
 
     # ------------------------------------------------------------------ public
     def run(self) -> WorkSummary:
@@ -247,6 +270,9 @@ class Worker:
         finally:
             self._stop.set()
             pool.close()
+            if self._abandoned_since is not None:
+                # concurrent handlers share the process: their children are told apart only now
+                kill_children_since(self._abandoned_since)
             self.summary.seconds = round(time.monotonic() - t0, 3)
             s = self.summary
             try:
@@ -375,7 +401,7 @@ class Worker:
 
     def _run_concurrent(self, pool: HandlerPool, batch: list[Runnable]) -> list[Outcome]:
         outcomes: list[Outcome] = []
-        in_flight: dict[cf.Future, tuple[Runnable, float, float]] = {}
+        in_flight: dict[cf.Future, tuple[Runnable, float, float, float]] = {}
         todo = list(batch)
         while todo or in_flight:
             while todo and len(in_flight) < self.concurrency:
@@ -388,15 +414,15 @@ class Worker:
                     outcomes.append(prepared)
                     continue
                 call, timeout = prepared
-                in_flight[pool.submit(call)] = (job, time.monotonic() + timeout, timeout)
+                in_flight[pool.submit(call)] = (job, time.monotonic() + timeout, timeout, time.time())
             if not in_flight:
                 continue
-            next_deadline = min(d for _, d, _ in in_flight.values())
+            next_deadline = min(d for _, d, _, _ in in_flight.values())
             done, _ = cf.wait(list(in_flight), timeout=max(0.0, next_deadline - time.monotonic()),
                               return_when=cf.FIRST_COMPLETED)
             now_mono = time.monotonic()
             for future in list(in_flight):
-                job, deadline, timeout = in_flight[future]
+                job, deadline, timeout, started = in_flight[future]
                 if future in done:
                     del in_flight[future]
                     exc = future.exception()
@@ -405,11 +431,13 @@ class Worker:
                     del in_flight[future]
                     pool.abandon(future)
                     outcomes.append(_timeout(job, timeout))
+                    self._abandoned_since = min(started, self._abandoned_since or started)
         return outcomes
 
     # ------------------------------------------------------------------ leases
     def _renew_loop(self) -> None:
         interval = max(0.05, self.q.settings.lease_seconds / 3)
+        failing = False  # warn once per outage, not once per tick
         while not self._stop.wait(interval):
             with self._held_lock:
                 held = dict(self._held)
@@ -423,8 +451,11 @@ class Worker:
                 if first:
                     self._renewed.update(first)
                     self.q.ledger.record_renewal(self.worker_id, first)
+                failing = False
             except Exception as exc:  # noqa: BLE001 - renewal retries next tick; fencing keeps outcomes safe
-                log.warning("lease renewal failed: %s", redact(str(exc)))
+                if not failing:
+                    log.warning("lease renewal failed (retrying): %s", redact(str(exc)))
+                failing = True
 
     # ------------------------------------------------------------------ signals
     def _install_signals(self) -> dict[int, Any]:

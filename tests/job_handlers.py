@@ -49,6 +49,31 @@ def hang(payload: dict) -> None:
     time.sleep(3600)
 
 
+@qkit.handler("fail", timeout=60)
+def fail(payload: dict) -> None:
+    """Logs start, then raises: every attempt fails."""
+    _log(payload, "start")
+    raise RuntimeError("this job always fails")
+
+
+@qkit.handler("spawn_and_hang", timeout=0.5)
+def spawn_and_hang(payload: dict) -> None:
+    """Starts a long-lived child process, logs its pid, then never returns."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
+    with open(payload["children"], "a") as fh:
+        fh.write(f"{child.pid}\n")
+    _log(payload, "start")
+    time.sleep(3600)
+
+
+def executions(path: Path) -> list[tuple[int, int]]:
+    """``(job_id, attempt)`` of every handler call that ran to its end: the input of ``total_queue``."""
+    return [(job_id, attempt) for what, job_id, attempt, _ in read_log(path) if what == "done"]
+
+
 def read_log(path: Path) -> list[tuple[str, int, int, int]]:
     if not Path(path).exists():
         return []

@@ -1,7 +1,6 @@
 """Any Redis server over TCP or a unix socket, through redis-py (RESP2)."""
 from __future__ import annotations
 
-import logging
 from typing import Any, Sequence
 
 import redis
@@ -10,9 +9,9 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 from qkit.backends.base import Backend
 from qkit.config import redact
 from qkit.errors import BackendUnavailable, QkitError
+from qkit.logs import log
 from qkit.scripts import Script
 
-log = logging.getLogger("qkit")
 
 
 class RedisBackend(Backend):
