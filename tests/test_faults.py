@@ -516,3 +516,31 @@ def test_f28_logging_to_a_full_device_from_a_cli_burst(setup: Setup, tmp_path: P
     assert done.returncode == 0 and json.loads(done.stdout)["failed"] == 1
     assert q.get(failing).status == "failed" and [j.id for j in q.dead()] == [failing]
     checked(q, [failing])
+
+
+# --------------------------------------------------------------------------- the payload boundary, from the CLI
+def test_f21_payload_boundary_through_the_cli(setup: Setup, tmp_path: Path):
+    """262,144 bytes of compact UTF-8 JSON are accepted, 262,145 refused (exit 2) with nothing written."""
+    q = setup.connect()
+    envelope = len('{"x":""}')
+    fits = tmp_path / "fits.json"
+    # two-byte characters: the limit counts UTF-8 bytes, not characters
+    fits.write_text(json.dumps({"x": "é" * ((262_144 - envelope) // 2)}, ensure_ascii=False), encoding="utf-8")
+    assert len(json.dumps(json.loads(fits.read_text()), separators=(",", ":"), ensure_ascii=False).encode()) == 262_144
+    over = tmp_path / "over.json"
+    over.write_text(json.dumps({"x": "é" * ((262_144 - envelope) // 2) + "a"}, ensure_ascii=False), encoding="utf-8")
+
+    def cli(path: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "qkit.cli", "enqueue", "web_scraping", "--queue", setup.queue,
+                               "--payload", f"@{path}"], env=setup.env(), capture_output=True, text=True, timeout=60)
+
+    accepted = cli(fits)
+    assert accepted.returncode == 0, accepted.stderr
+    before_rows, before_inv = len(q.jobs()), q.dispatch.inventory()
+    refused = cli(over)
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert refused.stderr.count("\n") == 1 and "262145 bytes" in refused.stderr and "262144" in refused.stderr
+    after_inv = q.dispatch.inventory()
+    assert len(q.jobs()) == before_rows == 1
+    assert (after_inv.ready, after_inv.delayed, after_inv.leased) == (before_inv.ready, before_inv.delayed,
+                                                                      before_inv.leased)
