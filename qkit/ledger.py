@@ -26,7 +26,10 @@ says is current (status ``processing``, same attempt and replay epoch).
 from __future__ import annotations
 
 import json
+import logging
+import queue as queue_mod
 import re
+import threading
 from collections import namedtuple
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -44,11 +47,15 @@ from qkit.dispatch import Settlement
 from qkit.errors import BackendUnavailable, Conflict, NotFound
 from qkit.model import Job, NewJob
 
+log = logging.getLogger("qkit")
+
 SCHEMA_VERSION = 2  # v2: job_daily (retention roll-ups, qkit/retention.py)
 MAX_TEXT = 64 * 1024  # stored error/traceback text is truncated to this
 #: a pending job claimed this much before its run_at still runs: Redis decides due times on its
 #: own clock, which may run a little ahead of this host's
 NOT_DUE_SLACK = timedelta(seconds=1)
+#: how long a lease renewer waits for its ``lease_renewed`` event to commit (see Ledger.record_renewal)
+RENEWAL_EVENT_WAIT_S = 0.1
 
 
 def utcnow() -> datetime:
@@ -366,6 +373,8 @@ class Ledger:
         self.dialect = self.engine.dialect.name
         self.driver = DriverSQL(self.dialect)
         self.statements = 0  # SQL statements sent, for cost figures
+        self._writer: _EventWriter | None = None  # background writer of lease_renewed events
+        self._writer_lock = threading.Lock()
 
     @staticmethod
     def _sqlite_engine(url: str, immediate: bool) -> Engine:
@@ -810,15 +819,32 @@ class Ledger:
                                         else _dumps(e["detail"])) for e in rows])
             self.statements += 1
 
-    def record_renewal(self, worker: str, job_ids: Sequence[tuple[int, int]], now: datetime | None = None) -> None:
-        """One ``lease_renewed`` event per (job id, attempt), the first time its lease is renewed."""
+    def record_renewal(self, worker: str, job_ids: Sequence[tuple[int, int]], now: datetime | None = None,
+                       wait: float = RENEWAL_EVENT_WAIT_S) -> bool:
+        """One ``lease_renewed`` event per (job id, attempt), the first time its lease is renewed.
+
+        The caller is the worker's lease renewer, whose next Redis renewal must
+        not wait on the database: while the ledger is locked or slow (another
+        writer holding SQLite's lock, a ``LOCK TABLE``, a stalled server) the
+        leases of a live worker would expire and its jobs be reclaimed as lost.
+        So the rows go to a writer thread; this waits up to ``wait`` seconds
+        for their commit (the usual case: written when it returns) and never
+        when an earlier write is still pending.  Returns whether the rows are
+        committed.  A write that fails is logged and dropped: the event is
+        "at most once" per attempt.  :meth:`close` flushes what is pending.
+        """
         if not job_ids:
-            return
+            return True
         now = now or utcnow()
-        with self._write() as conn:
-            conn.execute(insert(job_events), [dict(job_id=j, at=now, event="lease_renewed", worker=worker,
-                                                   detail={"attempt": a}) for j, a in job_ids])
-        self.statements += 1
+        rows = [dict(job_id=j, at=now, event="lease_renewed", worker=worker, detail={"attempt": a})
+                for j, a in job_ids]
+        return self._event_writer().submit(rows, wait)
+
+    def _event_writer(self) -> "_EventWriter":
+        with self._writer_lock:
+            if self._writer is None:
+                self._writer = _EventWriter(self)
+            return self._writer
 
     # ------------------------------------------------------------------ DLQ
     def replay(self, queue: str, job_ids: Sequence[int], now: datetime | None = None) -> list[tuple[int, int]]:
@@ -883,9 +909,69 @@ class Ledger:
                 status=status, error=_clip(error)))
 
     def close(self) -> None:
+        with self._writer_lock:
+            writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.close()
         self.engine.dispose()
         if self.read_engine is not self.engine:
             self.read_engine.dispose()
+
+
+class _EventWriter:
+    """A daemon thread writing ``job_events`` rows for callers that must not block on the database.
+
+    Rows submitted while a write is pending are written together, in order,
+    in the next transaction.
+    """
+
+    def __init__(self, ledger: "Ledger") -> None:
+        self.ledger = ledger
+        self.pending: queue_mod.Queue[Any] = queue_mod.Queue()
+        self.busy = 0  # submitted, not yet written (or dropped)
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self._run, daemon=True, name="qkit-ledger-events")
+        self.thread.start()
+
+    def submit(self, rows: list[dict[str, Any]], wait: float) -> bool:
+        done = threading.Event()
+        with self.lock:
+            idle = self.busy == 0
+            self.busy += 1
+        self.pending.put((rows, done))
+        return done.wait(wait) if idle and wait > 0 else done.is_set()
+
+    def _run(self) -> None:
+        while True:
+            item = self.pending.get()
+            batch = [item]
+            while item is not None:
+                try:
+                    item = self.pending.get_nowait()
+                except queue_mod.Empty:
+                    break
+                batch.append(item)
+            work = [b for b in batch if b is not None]
+            if work:
+                rows = [r for b in work for r in b[0]]
+                try:
+                    with self.ledger._write() as conn:
+                        conn.execute(insert(job_events), rows)
+                    self.ledger.statements += 1
+                except Exception as exc:  # noqa: BLE001 - an event is at most once; the worker goes on
+                    log.warning("could not record %d lease_renewed event(s): %s", len(rows),
+                                redact(str(exc)) or type(exc).__name__)
+                with self.lock:
+                    self.busy -= len(work)
+                for _, done in work:
+                    done.set()
+            if item is None or None in batch:
+                return
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Write what is pending (waiting at most ``timeout`` seconds), then stop the thread."""
+        self.pending.put(None)
+        self.thread.join(timeout)
 
 
 def _dumps(value: Any) -> str:

@@ -6,8 +6,11 @@ inventory, process exit), never on fixed sleeps.
 """
 from __future__ import annotations
 
+import contextlib
 import signal
+import time
 from pathlib import Path
+from typing import Iterator
 
 from sqlalchemy import select
 
@@ -154,4 +157,65 @@ def test_sigterm_releases_what_it_holds_and_closes_the_run(setup: Setup, tmp_pat
         run = conn.execute(select(worker_runs).where(worker_runs.c.queue == q.name)).mappings().one()
     assert run["status"] == "interrupted" and run["finished_at"] is not None and run["completed"] == 1
     assert all(a["attempt"] == 1 for i in rest for a in attempts_of(q, i)) and not attempts_of(q, rest[0])
+    assert audit(q).clean
+
+
+@contextlib.contextmanager
+def ledger_locked(q) -> Iterator[None]:
+    """Another connection holds the ledger locked (SQLite ``BEGIN EXCLUSIVE``; PostgreSQL ``LOCK TABLE``
+    on jobs and job_events) until the block ends, as a slow or stuck database would."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(q.ledger.url)
+    if url.get_backend_name() == "sqlite":
+        import sqlite3
+
+        conn = sqlite3.connect(url.database, timeout=30, isolation_level=None)
+        conn.execute("BEGIN EXCLUSIVE")
+        try:
+            yield
+        finally:
+            conn.execute("COMMIT")
+            conn.close()
+    else:
+        import psycopg
+
+        with psycopg.connect(url.set(drivername="postgresql").render_as_string(hide_password=False)) as conn:
+            conn.execute("LOCK TABLE jobs, job_events IN ACCESS EXCLUSIVE MODE")
+            try:
+                yield
+            finally:
+                conn.commit()
+
+
+def test_a_locked_ledger_does_not_stop_lease_renewal(setup: Setup, tmp_path: Path):
+    """The renewer records a job's first renewal in the ledger; a locked ledger must not hold back
+    the Redis renewals of the jobs the worker is running (found by the nemesis soak, F29)."""
+    q = setup.connect(lease_seconds=LEASE, backoff_base=0)
+    log, go, release = tmp_path / "log", tmp_path / "go", tmp_path / "release"
+    first = q.enqueue("record", {"log": str(log), "wait_for": str(go)})
+    second = q.enqueue("record", {"log": str(log), "wait_for": str(release)})
+    worker = spawn_burst(setup, env=WORKER_ENV)  # claims both in its first batch
+    try:
+        wait_for(lambda: "lease_renewed" in events_of(q, first), what="the first job's renewal")
+        with ledger_locked(q):
+            go.touch()  # the second job starts: its first renewal needs the ledger
+            wait_for(lambda: any(e[0] == "start" and e[1] == second for e in read_log(log)),
+                     what="the second job to start")
+            # three leases long, the worker keeps both leases alive although its ledger writes wait
+            deadline = time.monotonic() + 3 * LEASE
+            while time.monotonic() < deadline:
+                assert q.dispatch.inventory().leases_expired == 0
+                time.sleep(0.02)
+        release.touch()
+        assert worker.wait(60) == 0
+    finally:
+        release.touch()
+        if worker.poll() is None:
+            worker.kill()
+    for job_id in (first, second):
+        job = q.get(job_id)
+        assert job.status == "completed" and job.attempts == 1
+        assert [a["outcome"] for a in attempts_of(q, job_id)] == ["completed"]
+    assert "lease_renewed" in events_of(q, second)
     assert audit(q).clean
