@@ -360,6 +360,7 @@ class SeedResult:
     attempted_only: int  # keys whose enqueue never returned an id (found in the ledger by key)
     kills: int
     kills_mid_run: int  # killed workers that held an open attempt (recorded lost by the ledger)
+    lost_by: dict[str, int]  # lost attempts by how their worker ended: killed, live, exit N
     redis_restarts: int
     redis_down_s: float
     db_locks: int
@@ -378,12 +379,15 @@ class SeedResult:
     problems: list[str]
     report: dict[str, Any]
 
+    def _lost_by(self) -> str:
+        return ", ".join(f"{k} {v}" for k, v in sorted(self.lost_by.items())) or "-"
+
     def line(self) -> str:
         att = " ".join(f"{k} {v}" for k, v in sorted(self.attempts.items()))
         return (f"seed {self.seed:>3}: {'VALID  ' if self.valid else 'INVALID'} {self.acknowledged} acked · "
                 f"lost {self.lost} · unexpected {self.unexpected} · duplicated {self.duplicated} "
                 f"({self.explained} explained / {self.unexplained} unexplained) · recovered {self.recovered} · "
-                f"kills {self.kills} ({self.kills_mid_run} mid-run) · redis restarts {self.redis_restarts} · "
+                f"kills {self.kills} ({self.kills_mid_run} mid-run) · lost by {self._lost_by()} · redis restarts {self.redis_restarts} · "
                 f"db lock {self.db_lock_held_s:.1f} s · attempts: {att} · {self.wall_s:.1f} s"
                 + (f" · audit {self.audit_counts}" if self.audit_counts else "")
                 + (f" · PROBLEMS: {'; '.join(self.problems)}" if self.problems else ""))
@@ -527,6 +531,15 @@ def run_seed(seed: int, *, jobs: int = 500, workers: int = 4, fail_rate: float =
                 .where(jobs_table.c.queue == QUEUE, job_attempts.c.outcome == "lost"))]
         lost_pids = {int(m.group(1)) for w in lost_workers if (m := _PID.search(w))}
         killed_pids = {pid for _, pid in nemesis.log.kills}
+        # whose lost attempts: a killed worker's, a worker that ended on an error (e.g. Redis gone)
+        # or a live worker's ("live": its lease expired while it ran, which renewal must prevent)
+        exit_of = {e.pid: e for e in pool.exits}
+        lost_by: Counter[str] = Counter()
+        for w in lost_workers:
+            m = _PID.search(w)
+            e = exit_of.get(int(m.group(1))) if m else None
+            lost_by["unknown" if e is None else "killed" if e.killed else "live" if e.code == 0
+                    else f"exit {e.code}"] += 1
         exits = Counter("killed" if e.killed else ("ok" if e.code == 0 else f"exit {e.code}") for e in pool.exits)
         for lock in nemesis.log.db_locks:
             if lock.error:
@@ -538,7 +551,7 @@ def run_seed(seed: int, *, jobs: int = 500, workers: int = 4, fail_rate: float =
             unexpected=len(report.unexpected), duplicated=len(report.duplicated),
             explained=len([j for j in report.duplicated if j not in dup_unexplained]),
             unexplained=len(report.unexplained), recovered=len(report.recovered), attempted_only=len(never),
-            kills=len(nemesis.log.kills), kills_mid_run=len(killed_pids & lost_pids),
+            kills=len(nemesis.log.kills), kills_mid_run=len(killed_pids & lost_pids), lost_by=dict(lost_by),
             redis_restarts=len(nemesis.log.redis_restarts),
             redis_down_s=round(sum(d for _, d in nemesis.log.redis_restarts), 3),
             db_locks=sum(1 for lock in nemesis.log.db_locks if lock.held is not None),
@@ -624,13 +637,15 @@ TOTAL_KEYS = ("acknowledged", "lost", "unexpected", "duplicated", "explained", "
 def totals(results: list[SeedResult]) -> dict[str, Any]:
     out: dict[str, Any] = {k: sum(getattr(r, k) for r in results) for k in TOTAL_KEYS}
     attempts: Counter[str] = Counter()
+    lost_by: Counter[str] = Counter()
     for r in results:
         attempts.update(r.attempts)
+        lost_by.update(r.lost_by)
     out.update(seeds=len(results), valid=sum(r.valid for r in results),
                invalid=[r.seed for r in results if not r.valid],
                db_lock_held_s=round(sum(r.db_lock_held_s for r in results), 3),
                redis_down_s=round(sum(r.redis_down_s for r in results), 3),
-               attempts=dict(sorted(attempts.items())),
+               attempts=dict(sorted(attempts.items())), lost_by=dict(sorted(lost_by.items())),
                wall_s=round(sum(r.wall_s for r in results), 3),
                wall_s_max=max((r.wall_s for r in results), default=0.0))
     return out
@@ -711,7 +726,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"totals over {tot['seeds']} seed(s) ({args.ledger}): valid {tot['valid']}/{tot['seeds']} · "
               f"acknowledged {tot['acknowledged']} · lost {tot['lost']} · unexpected {tot['unexpected']} · "
               f"duplicated {tot['duplicated']} ({tot['explained']} explained / {tot['unexplained']} unexplained) · "
-              f"recovered {tot['recovered']} · kills {tot['kills']} ({tot['kills_mid_run']} mid-run) · "
+              f"recovered {tot['recovered']} · kills {tot['kills']} ({tot['kills_mid_run']} mid-run) · lost attempts by "
+              f"{', '.join(f'{k} {v}' for k, v in tot['lost_by'].items()) or '-'} · "
               f"redis restarts {tot['redis_restarts']} · db lock held {tot['db_lock_held_s']:.1f} s · "
               f"attempts: {att} · wall {tot['wall_s']:.1f} s")
     return 0 if results and all(r.valid for r in results) else 1
