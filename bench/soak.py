@@ -361,6 +361,7 @@ class SeedResult:
     kills: int
     kills_mid_run: int  # killed workers that held an open attempt (recorded lost by the ledger)
     lost_by: dict[str, int]  # lost attempts by how their worker ended: killed, live, exit N
+    lost_not_started: int  # lost attempts whose handler never began (batch-mates of the job in hand)
     redis_restarts: int
     redis_down_s: float
     db_locks: int
@@ -387,7 +388,8 @@ class SeedResult:
         return (f"seed {self.seed:>3}: {'VALID  ' if self.valid else 'INVALID'} {self.acknowledged} acked · "
                 f"lost {self.lost} · unexpected {self.unexpected} · duplicated {self.duplicated} "
                 f"({self.explained} explained / {self.unexplained} unexplained) · recovered {self.recovered} · "
-                f"kills {self.kills} ({self.kills_mid_run} mid-run) · lost by {self._lost_by()} · redis restarts {self.redis_restarts} · "
+                f"kills {self.kills} ({self.kills_mid_run} mid-run) · lost attempts by {self._lost_by()} "
+                f"({self.lost_not_started} never started) · redis restarts {self.redis_restarts} · "
                 f"db lock {self.db_lock_held_s:.1f} s · attempts: {att} · {self.wall_s:.1f} s"
                 + (f" · audit {self.audit_counts}" if self.audit_counts else "")
                 + (f" · PROBLEMS: {'; '.join(self.problems)}" if self.problems else ""))
@@ -525,10 +527,14 @@ def run_seed(seed: int, *, jobs: int = 500, workers: int = 4, fail_rate: float =
                 select(job_attempts.c.outcome, func.count()).select_from(
                     job_attempts.join(jobs_table, jobs_table.c.id == job_attempts.c.job_id))
                 .where(jobs_table.c.queue == QUEUE).group_by(job_attempts.c.outcome)).all()
-            lost_workers = [r[0] for r in conn.execute(
-                select(job_attempts.c.worker).select_from(
+            lost_rows = conn.execute(
+                select(job_attempts.c.worker, job_attempts.c.job_id, job_attempts.c.attempt).select_from(
                     job_attempts.join(jobs_table, jobs_table.c.id == job_attempts.c.job_id))
-                .where(jobs_table.c.queue == QUEUE, job_attempts.c.outcome == "lost"))]
+                .where(jobs_table.c.queue == QUEUE, job_attempts.c.outcome == "lost")).all()
+        lost_workers = [r[0] for r in lost_rows]
+        started = {(j, a) for what, j, a, _ in rows if what == "start"}
+        # claimed in a batch, charged a lost attempt when the worker died, but its handler never began
+        lost_not_started = sum(1 for _, j, a in lost_rows if (j, a) not in started)
         lost_pids = {int(m.group(1)) for w in lost_workers if (m := _PID.search(w))}
         killed_pids = {pid for _, pid in nemesis.log.kills}
         # whose lost attempts: a killed worker's, a worker that ended on an error (e.g. Redis gone)
@@ -552,6 +558,7 @@ def run_seed(seed: int, *, jobs: int = 500, workers: int = 4, fail_rate: float =
             explained=len([j for j in report.duplicated if j not in dup_unexplained]),
             unexplained=len(report.unexplained), recovered=len(report.recovered), attempted_only=len(never),
             kills=len(nemesis.log.kills), kills_mid_run=len(killed_pids & lost_pids), lost_by=dict(lost_by),
+            lost_not_started=lost_not_started,
             redis_restarts=len(nemesis.log.redis_restarts),
             redis_down_s=round(sum(d for _, d in nemesis.log.redis_restarts), 3),
             db_locks=sum(1 for lock in nemesis.log.db_locks if lock.held is not None),
@@ -630,7 +637,7 @@ def enqueuer_main(argv: list[str]) -> int:
 
 # ============================================================================ many seeds
 TOTAL_KEYS = ("acknowledged", "lost", "unexpected", "duplicated", "explained", "unexplained", "recovered",
-              "attempted_only", "kills", "kills_mid_run", "redis_restarts", "db_locks", "executions",
+              "attempted_only", "kills", "kills_mid_run", "lost_not_started", "redis_restarts", "db_locks", "executions",
               "enqueue_errors", "worker_runs")
 
 
@@ -727,7 +734,7 @@ def main(argv: list[str] | None = None) -> int:
               f"acknowledged {tot['acknowledged']} · lost {tot['lost']} · unexpected {tot['unexpected']} · "
               f"duplicated {tot['duplicated']} ({tot['explained']} explained / {tot['unexplained']} unexplained) · "
               f"recovered {tot['recovered']} · kills {tot['kills']} ({tot['kills_mid_run']} mid-run) · lost attempts by "
-              f"{', '.join(f'{k} {v}' for k, v in tot['lost_by'].items()) or '-'} · "
+              f"{', '.join(f'{k} {v}' for k, v in tot['lost_by'].items()) or '-'} ({tot['lost_not_started']} never started) · "
               f"redis restarts {tot['redis_restarts']} · db lock held {tot['db_lock_held_s']:.1f} s · "
               f"attempts: {att} · wall {tot['wall_s']:.1f} s")
     return 0 if results and all(r.valid for r in results) else 1
