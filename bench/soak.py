@@ -217,10 +217,13 @@ class WorkerPool:
     def kill_all(self) -> None:
         """Last-resort cleanup (an exception or Ctrl-C): kill whatever still runs."""
         self.stopping.set()
-        for proc in list(self.slots):
-            if proc is not None and proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
+        if self._thread.is_alive():
+            self._thread.join(10)  # no respawn after this
+        with self.lock:
+            for proc in self.slots:
+                if proc is not None and proc.poll() is None:
+                    proc.kill()
+                    proc.wait(10)
 
 
 # ============================================================================ the DB lock
