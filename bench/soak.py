@@ -458,11 +458,12 @@ def run_seed(seed: int, *, jobs: int = 500, workers: int = 4, fail_rate: float =
                          lease_seconds=LEASE_SECONDS, backoff_base=BACKOFF_BASE)  # creates the tables
         env = _worker_env(redis_server.url, database_url, base)
         acks = base / "enqueue.jsonl"
-        enqueuer = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "_enqueue", "--seed", str(seed), "--jobs", str(jobs),
-             "--fail-rate", str(fail_rate), "--max-attempts", str(max_attempts), "--log", str(log),
-             "--out", str(acks), "--seconds", str(enqueue_seconds)],
-            env=env, stdout=subprocess.DEVNULL, stderr=open(base / "enqueuer.err", "w"))
+        with open(base / "enqueuer.err", "w") as err:
+            enqueuer = subprocess.Popen(
+                [sys.executable, str(Path(__file__).resolve()), "_enqueue", "--seed", str(seed), "--jobs", str(jobs),
+                 "--fail-rate", str(fail_rate), "--max-attempts", str(max_attempts), "--log", str(log),
+                 "--out", str(acks), "--seconds", str(enqueue_seconds)],
+                env=env, stdout=subprocess.DEVNULL, stderr=err)
         pool = WorkerPool(workers, env, base / "workers", burst_seconds)
         t0 = time.monotonic()
         pool.start()
@@ -488,7 +489,10 @@ def run_seed(seed: int, *, jobs: int = 500, workers: int = 4, fail_rate: float =
         errored: set[int] = set()
         enqueue_errors = 0
         for line in acks.read_text().splitlines() if acks.exists() else []:
-            rec = json.loads(line)
+            try:
+                rec = json.loads(line)
+            except ValueError:  # a torn last line: the enqueuer was killed mid-write
+                continue
             if "id" in rec:
                 acked[rec["i"]] = rec["id"]
             else:
@@ -721,7 +725,15 @@ def main(argv: list[str] | None = None) -> int:
             if not r.valid:
                 tqdm.write("  " + r.report["audit_summary"].replace("\n", "\n  "), file=sys.stdout)
                 tqdm.write(f"  ids: {json.dumps(r.report['ids'])}", file=sys.stdout)
+            sys.stdout.flush()  # a line per seed as it ends, also into a pipe or file
 
+    def interrupt(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    # Ctrl-C and SIGTERM (CI cancelling) both unwind through the cleanup of every server and process;
+    # SIGINT explicitly, since a shell starting this in the background hands it down ignored
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
     seeds = list(range(args.seed_start, args.seed_start + args.seeds))
     results = run_soak(seeds, ledger=args.ledger, on_result=show, jobs=args.jobs, workers=args.workers,
                        fail_rate=args.fail_rate, max_attempts=args.max_attempts, window=args.window,
