@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 from qkit.backends.base import Backend
+from qkit.logs import log
+
 
 #: the largest number of jobs one script call moves; keeps scripts short and
 #: Lua's unpack() far below its stack limit
@@ -47,6 +49,8 @@ class ClaimResult:
     fenced: list[int] = field(default_factory=list)
     next_due_ms: int = -1
     ready_count: int = 0
+    #: members of the queue's keys that were not job ids, removed by the script (never run)
+    malformed: int = 0
 
 
 @dataclass
@@ -121,8 +125,12 @@ class Dispatch:
         args: list[object] = [token, int(lease_ms), int(want), len(settlements), _aging_arg(self.aging_s)]
         for s in settlements:
             args += [s.job_id, s.action, int(s.delay_ms), s.priority]
-        now, reclaimed, claimed, fenced, next_due, ready_count = self.backend.run("claim", self.keys, args)
+        now, reclaimed, claimed, fenced, next_due, ready_count, malformed = self.backend.run("claim", self.keys, args)
         pairs = reclaimed or []
+        if malformed:
+            # written by something other than qkit: only the ledger says what a job is, so nothing ran
+            log.warning("queue %s: removed %d malformed Redis entr%s (not job ids) from its keys; nothing ran",
+                        self.queue, int(malformed), "y" if int(malformed) == 1 else "ies")
         return ClaimResult(
             now_ms=int(now),
             reclaimed={int(pairs[i]): pairs[i + 1] or "" for i in range(0, len(pairs), 2)},
@@ -130,6 +138,7 @@ class Dispatch:
             fenced=fenced_early + [int(x) for x in fenced or []],
             next_due_ms=int(next_due),
             ready_count=int(ready_count),
+            malformed=int(malformed),
         )
 
     def renew(self, token: str, lease_ms: int, job_ids: Sequence[int]) -> list[int]:

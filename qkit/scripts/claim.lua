@@ -21,7 +21,7 @@
 -- ARGV[6..]         n groups of 4: id, action, delay_ms, priority
 --                   action 'done' (completed, or dropped because the ledger says so),
 --                   'retry' (back to ready after delay_ms), 'dead' (to the DLQ)
--- Returns {now_ms, reclaimed, claimed, fenced, next_due_ms, ready_count}
+-- Returns {now_ms, reclaimed, claimed, fenced, next_due_ms, ready_count, malformed}
 --   reclaimed  {id, old_token} of one expired lease taken over, or {}.  An expired lease is
 --              reclaimed alone, with nothing else claimed in the same call: its worker died
 --              holding a batch, and running each survivor alone keeps a job that kills its
@@ -29,6 +29,9 @@
 --   claimed    ids popped from ready, lowest score first (highest priority, then FIFO)
 --   fenced     settlement ids refused because this token no longer holds their lease
 --   next_due_ms  ms until the earliest delayed job is due, -1 if none
+--   malformed  how many members that are not job ids (decimal 1..2^63-1, as qkit writes them) were found in
+--              ready, due delayed or expired leased, and removed.  They are never returned,
+--              never leased and never run: only the ledger says what a job is (SPEC §3, S1).
 local ready, delayed, leased, owners, dead, prio = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local token, lease_ms, want, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local aging = tonumber(ARGV[5]) or 0
@@ -51,6 +54,24 @@ local function ready_score(id, p)
   if aging > 0 then return aged_score(next_since(), p) end
   return string.format('%.0f', (1000000 - p) * 4294967296 + id)
 end
+
+-- a job id as qkit writes it: decimal, no sign, no leading zero, 1..2^63-1 (BIGINT)
+local function is_id(m)
+  local len = string.len(m)
+  if len > 19 or string.find(m, '^[1-9][0-9]*$') == nil then return false end
+  return len < 19 or m <= '9223372036854775807'  -- same length: text order is numeric order
+end
+local function clamp_priority(p)
+  p = tonumber(p) or 0
+  if p ~= p then return 0 end
+  return math.max(-1000000, math.min(1000000, p))
+end
+-- a fence token as workers make them; anything else is reported as unknown
+local function clean_token(v)
+  if type(v) == 'string' and string.len(v) <= 128 and string.find(v, '^[%w%._:-]*$') then return v end
+  return ''
+end
+local malformed = 0
 
 local fenced = {}
 local holders = {}
@@ -91,26 +112,45 @@ local reclaimed, claimed = {}, {}
 if want > 0 then
   local deadline = now + lease_ms
   -- expired leases first: their workers died or stalled; the caller records the lost attempt
-  local expired = redis.call('ZRANGEBYSCORE', leased, '-inf', now, 'LIMIT', 0, 1)
-  for _, id in ipairs(expired) do
-    reclaimed[#reclaimed + 1] = id
-    reclaimed[#reclaimed + 1] = redis.call('HGET', owners, id) or ''
-    redis.call('ZADD', leased, deadline, id)
-    redis.call('HSET', owners, id, token)
-    want = 0
+  while want > 0 do
+    local expired = redis.call('ZRANGEBYSCORE', leased, '-inf', now, 'LIMIT', 0, 1)
+    if #expired == 0 then break end
+    local id = expired[1]
+    if is_id(id) then
+      reclaimed[#reclaimed + 1] = id
+      reclaimed[#reclaimed + 1] = clean_token(redis.call('HGET', owners, id))
+      redis.call('ZADD', leased, deadline, id)
+      redis.call('HSET', owners, id, token)
+      want = 0
+    else
+      redis.call('ZREM', leased, id)
+      redis.call('HDEL', owners, id)
+      malformed = malformed + 1
+    end
   end
   -- due delayed jobs join ready before popping, so priority holds among everything due
-  local due = {}
+  local due, ids, due_ms = {}, {}, {}
   if want > 0 then due = redis.call('ZRANGEBYSCORE', delayed, '-inf', now, 'WITHSCORES', 'LIMIT', 0, 1000) end
   if #due > 0 then
-    local ids, due_ms = {}, {}
+    local junk = {}
     for j = 1, #due, 2 do
-      ids[#ids + 1] = due[j]
-      due_ms[due[j]] = tonumber(due[j + 1])
+      if is_id(due[j]) then
+        ids[#ids + 1] = due[j]
+        due_ms[due[j]] = tonumber(due[j + 1])
+      else
+        junk[#junk + 1] = due[j]
+      end
     end
+    if #junk > 0 then
+      redis.call('ZREM', delayed, unpack(junk))
+      redis.call('HDEL', prio, unpack(junk))
+      malformed = malformed + #junk
+    end
+  end
+  if #due > 0 and #ids > 0 then
     local prios = redis.call('HMGET', prio, unpack(ids))
     local prio_of = {}
-    for j, id in ipairs(ids) do prio_of[id] = tonumber(prios[j]) or 0 end
+    for j, id in ipairs(ids) do prio_of[id] = clamp_priority(prios[j]) end
     if aging > 0 then
       -- aged from the moment it became due; jobs due in the same ms keep id (FIFO) order
       table.sort(ids, function(a, b)
@@ -131,21 +171,27 @@ if want > 0 then
     redis.call('HDEL', prio, unpack(ids))
   end
   local room = want
-  if room > 0 then
+  local lease_args, owner_args = {}, {}
+  while room > 0 do  -- each round pops at least one member, so this ends
     local popped = redis.call('ZPOPMIN', ready, room)
-    if #popped > 0 then
-      local lease_args, owner_args = {}, {}
-      for j = 1, #popped, 2 do
-        local id = popped[j]
+    if #popped == 0 then break end
+    for j = 1, #popped, 2 do
+      local id = popped[j]
+      if is_id(id) then
         claimed[#claimed + 1] = id
         lease_args[#lease_args + 1] = deadline
         lease_args[#lease_args + 1] = id
         owner_args[#owner_args + 1] = id
         owner_args[#owner_args + 1] = token
+        room = room - 1
+      else
+        malformed = malformed + 1  -- popped: gone from ready, never leased
       end
-      redis.call('ZADD', leased, unpack(lease_args))
-      redis.call('HSET', owners, unpack(owner_args))
     end
+  end
+  if #lease_args > 0 then
+    redis.call('ZADD', leased, unpack(lease_args))
+    redis.call('HSET', owners, unpack(owner_args))
   end
 end
 
@@ -156,4 +202,4 @@ local first = redis.call('ZRANGE', delayed, 0, 0, 'WITHSCORES')
 if #first > 0 then
   next_due = math.max(0, tonumber(first[2]) - now)
 end
-return {now, reclaimed, claimed, fenced, next_due, redis.call('ZCARD', ready)}
+return {now, reclaimed, claimed, fenced, next_due, redis.call('ZCARD', ready), malformed}

@@ -12,12 +12,32 @@ if ARGV[1] == 'counts' then
           redis.call('ZCARD', KEYS[5]), redis.call('ZCOUNT', KEYS[2], '-inf', now),
           redis.call('ZCOUNT', KEYS[3], '-inf', now)}
 end
-local leased = redis.call('ZRANGE', KEYS[3], 0, -1, 'WITHSCORES')
+-- 'full' lists job ids only: a member that is not one (decimal 1..2^63-1, as qkit writes them) was
+-- written by something else; it is left out here, and claim.lua removes it without running anything
+local function is_id(m)
+  local len = string.len(m)
+  if len > 19 or string.find(m, '^[1-9][0-9]*$') == nil then return false end
+  return len < 19 or m <= '9223372036854775807'
+end
+local function ids_of(members, step)
+  local out = {}
+  for i = 1, #members, step do
+    if is_id(members[i]) then
+      for j = 0, step - 1 do out[#out + 1] = members[i + j] end
+    end
+  end
+  return out
+end
+local function clean_token(v)
+  if type(v) == 'string' and string.len(v) <= 128 and string.find(v, '^[%w%._:-]*$') then return v end
+  return ''
+end
+local leased = ids_of(redis.call('ZRANGE', KEYS[3], 0, -1, 'WITHSCORES'), 2)
 local with_owner = {}
 for i = 1, #leased, 2 do
   with_owner[#with_owner + 1] = leased[i]
   with_owner[#with_owner + 1] = leased[i + 1]
-  with_owner[#with_owner + 1] = redis.call('HGET', KEYS[4], leased[i]) or ''
+  with_owner[#with_owner + 1] = clean_token(redis.call('HGET', KEYS[4], leased[i]))
 end
-return {now, redis.call('ZRANGE', KEYS[1], 0, -1), redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES'),
-        with_owner, redis.call('ZRANGE', KEYS[5], 0, -1)}
+return {now, ids_of(redis.call('ZRANGE', KEYS[1], 0, -1), 1), ids_of(redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES'), 2),
+        with_owner, ids_of(redis.call('ZRANGE', KEYS[5], 0, -1), 1)}
