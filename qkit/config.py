@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import os
 import re
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from typing import Iterator
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from qkit.errors import ConfigError
 
@@ -36,16 +38,69 @@ def default_home() -> Path:
     return Path(env).expanduser().resolve() if env else project_root() / ".qkit"
 
 
-_SECRET_IN_URL = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\s]+)@", re.I)
+#: the user info of a URL with a password, matched right after its ``scheme://``.  Bounded, and
+#: only tried where ``://`` occurs: redact() runs on handler messages of any size (a 1 MB message
+#: made the old unanchored ``[a-z][a-z0-9+.-]*://`` pattern backtrack quadratically: minutes)
+_USERINFO = re.compile(r"(?P<user>[^:/@\s]{0,1024}):(?P<pw>[^@/\s]{1,1024})@")
+_SCHEME_CHARS = frozenset(string.ascii_letters + string.digits + "+.-")
+_MAX_SCHEME = 32
+
+
+def _url_passwords(text: str) -> Iterator[tuple[int, int]]:
+    """(start, end) of each password in a ``scheme://user:password@`` inside ``text``, in linear time."""
+    at = text.find("://")
+    while at != -1:
+        start = at
+        while start > 0 and at - start < _MAX_SCHEME and text[start - 1] in _SCHEME_CHARS:
+            start -= 1
+        while start < at and text[start] not in string.ascii_letters:  # a scheme starts with a letter
+            start += 1
+        m = _USERINFO.match(text, at + 3) if start < at else None
+        if m:
+            yield m.start("pw"), m.end("pw")
+            at = text.find("://", m.end())
+        else:
+            at = text.find("://", at + 3)
+
+
+def has_url_password(text: str) -> bool:
+    """True when ``text`` holds a URL with a password (``scheme://user:password@...``)."""
+    return next(_url_passwords(text), None) is not None
+
+
+#: variables whose whole value is a secret
+SECRET_VARIABLES = ("UPSTASH_REDIS_REST_TOKEN", "WORKER_SECRET", "QKIT_API_TOKEN",
+                    "QSTASH_CURRENT_SIGNING_KEY", "QSTASH_NEXT_SIGNING_KEY")
+#: variables holding a URL whose password is a secret
+SECRET_URL_VARIABLES = ("QKIT_REDIS_URL", "QKIT_DATABASE_URL")
+
+
+def _url_password(url: str) -> str | None:
+    try:
+        return urlsplit(url).password
+    except ValueError:
+        return None
 
 
 def redact(text: str) -> str:
-    """Mask passwords in URLs and known secret values inside ``text``."""
-    text = _SECRET_IN_URL.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
-    for name in ("UPSTASH_REDIS_REST_TOKEN", "WORKER_SECRET", "QKIT_API_TOKEN",
-                 "QSTASH_CURRENT_SIGNING_KEY", "QSTASH_NEXT_SIGNING_KEY"):
-        secret = os.environ.get(name)
-        if secret and len(secret) >= 4:
+    """Mask passwords in URLs and known secret values inside ``text``.
+
+    Known secrets are the values of :data:`SECRET_VARIABLES` and the passwords
+    of the URLs in :data:`SECRET_URL_VARIABLES` (also outside a URL, e.g. a
+    handler's message quoting a password alone), when at least 6 characters.
+    """
+    parts, last = [], 0
+    for start, end in _url_passwords(text):
+        parts += [text[last:start], "***"]
+        last = end
+    text = "".join(parts) + text[last:] if parts else text
+    secrets_ = [os.environ.get(name) or "" for name in SECRET_VARIABLES]
+    for name in SECRET_URL_VARIABLES:
+        password = _url_password(os.environ.get(name) or "")
+        if password:
+            secrets_ += [password, unquote(password)]
+    for secret in sorted(set(secrets_), key=len, reverse=True):  # longest first: no partial masks
+        if len(secret) >= 6 or (secret in secrets_[:len(SECRET_VARIABLES)] and len(secret) >= 4):
             text = text.replace(secret, "***")
     return text
 

@@ -44,6 +44,8 @@ RECORD_MIME = "application/vnd.qkit.record+json"
 _SECRET_NAME = re.compile(r"secret|token|passw|api_?key|credential|private_?key", re.I)
 _SECRET_ENV = ("UPSTASH_REDIS_REST_TOKEN", "WORKER_SECRET", "QKIT_API_TOKEN", "QSTASH_CURRENT_SIGNING_KEY",
                "QSTASH_NEXT_SIGNING_KEY")
+#: variables holding URLs whose password is a secret too
+_SECRET_URL_ENV = ("QKIT_REDIS_URL", "QKIT_DATABASE_URL")
 
 
 class ParameterError(BadInput):
@@ -162,15 +164,58 @@ def _check_one(name: str, value: Any, p: Param) -> Any:
     return value
 
 
-def _looks_secret(value: Any) -> bool:
+def _env_secrets() -> list[str]:
+    """The secret values of this environment: tokens and keys, and the passwords inside the backend URLs."""
+    from urllib.parse import unquote, urlsplit
+
+    values = [os.environ.get(n) or "" for n in _SECRET_ENV]
+    for name in _SECRET_URL_ENV:
+        try:
+            password = urlsplit(os.environ.get(name) or "").password
+        except ValueError:
+            password = None
+        if password:
+            values += [password, unquote(password)]
+    return [v for v in values if len(v) >= 4]
+
+
+def _texts(value: Any) -> list[str]:
+    """Every string inside a parameter value (lists and dicts included, keys too)."""
     if isinstance(value, str):
-        texts = [value]
-    elif isinstance(value, (list, tuple)):
-        texts = [v for v in value if isinstance(v, str)]
-    else:
-        texts = []
-    secrets_ = [os.environ.get(n) for n in _SECRET_ENV]
-    return any(s and len(s) >= 4 and s in t for s in secrets_ for t in texts)
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _texts(v)]
+    if isinstance(value, dict):
+        return [t for k, v in value.items() for t in (*_texts(k), *_texts(v))]
+    return []
+
+
+def _looks_secret(value: Any) -> bool:
+    """A value holding a secret of this environment, or any URL with a password in it."""
+    from qkit.config import has_url_password
+
+    texts = _texts(value)
+    secrets_ = _env_secrets()
+    return any(s in t for s in secrets_ for t in texts) or any(has_url_password(t) for t in texts)
+
+
+def secret_parameter_problems(parameters: Mapping[str, Any]) -> list[str]:
+    """Why these papermill parameters must not be used (empty when they may).
+
+    papermill writes every parameter into the executed notebook (its
+    ``injected-parameters`` cell), so a secret passed as one would be kept in
+    ``scheduled/runs/``: refuse secret-looking names, secret values and URLs
+    with a password, before anything runs.
+    """
+    problems = []
+    for name, value in parameters.items():
+        if _SECRET_NAME.search(str(name)):
+            problems.append(f"{name}: secrets must not be notebook parameters (papermill writes parameters "
+                            f"into the executed notebook); set them in the environment")
+        elif _looks_secret(value):
+            problems.append(f"{name} holds a secret (a secret environment variable's value or a URL with a "
+                            f"password); secrets must not be notebook parameters")
+    return problems
 
 
 def check_params(namespace: dict[str, Any], spec: Mapping[str, Param | type]) -> dict[str, Any]:
@@ -203,8 +248,8 @@ def check_params(namespace: dict[str, Any], spec: Mapping[str, Param | type]) ->
             problems.append(str(exc))
             continue
         if _looks_secret(values[name]):
-            problems.append(f"{name} holds the value of a secret environment variable; secrets must not be "
-                            f"notebook parameters")
+            problems.append(f"{name} holds the value of a secret environment variable (or a URL with a "
+                            f"password); secrets must not be notebook parameters")
     if problems:
         raise ParameterError("bad notebook parameters:\n  " + "\n  ".join(problems))
     namespace.update(values)

@@ -357,6 +357,11 @@ def run_worker(*, queue: str = "default", max_jobs: int | None = None, max_secon
         raise BadInput("--max-jobs must be a positive integer")
     if max_seconds is not None and not (isinstance(max_seconds, (int, float)) and max_seconds > 0):
         raise BadInput("--max-seconds must be a positive number")
+    from qkit.notebook import secret_parameter_problems
+
+    refused = secret_parameter_problems(parameters or {})
+    if refused:  # before papermill writes them into scheduled/runs/
+        raise BadInput("refused notebook parameters: " + "; ".join(refused))
     nb_path = Path(notebook).resolve() if notebook is not None else default_notebook()
     if not nb_path.is_file():
         raise BadInput(f"notebook {str(nb_path)!r} does not exist")
