@@ -287,7 +287,7 @@ class DriverSQL:
 
 
 ClaimRow = namedtuple("ClaimRow", "id status type payload priority attempts max_attempts epoch run_at")
-SELECT_CLAIM = ("SELECT id, status, type, payload, priority, attempts, max_attempts, epoch, run_at"
+SELECT_CLAIM = ("SELECT id, status, type, payload, priority, attempts, max_attempts, epoch, run_at, queue"
                 " FROM jobs WHERE id {ids}")
 OpenAttempt = namedtuple("OpenAttempt", "job_id attempt worker started_at epoch")
 SELECT_OPEN = ("SELECT job_id, attempt, worker, started_at, epoch FROM job_attempts"
@@ -652,8 +652,9 @@ class Ledger:
             return plan
         with self._write() as conn:
             d = self.driver
+            # another queue's id written into this queue's keys is no job of this queue: dropped, never run
             rows = {r[0]: ClaimRow(r[0], r[1], r[2], d.json_in(r[3]), r[4], r[5], r[6], r[7], d.ts_in(r[8]))
-                    for r in d.select_ids(conn, SELECT_CLAIM, ids, lock=True)}
+                    for r in d.select_ids(conn, SELECT_CLAIM, ids, lock=True) if r[9] == queue}
             open_attempts = {}
             in_flight = [i for i in ids if i in rows and rows[i].status == "processing"]
             if in_flight:

@@ -22,6 +22,8 @@ MAX_ATTEMPTS_MIN, MAX_ATTEMPTS_MAX = 1, 100
 MAX_PAYLOAD_BYTES = 256 * 1024
 MAX_KEY_LENGTH = 256
 MAX_DELAY_SECONDS = 366 * 24 * 3600
+#: deepest nesting of objects and arrays in a payload (the HTTP API parses bodies with the same cap)
+MAX_JSON_DEPTH = 64
 #: the keys an ``enqueue_many`` item may carry
 ITEM_KEYS = frozenset({"type", "payload", "priority", "max_attempts", "delay", "key"})
 
@@ -46,10 +48,33 @@ def _check_int(value: Any, what: str, low: int, high: int) -> int:
     return value
 
 
+def json_depth(value: Any) -> int:
+    """Levels of objects and arrays in ``value`` (0 for a scalar), found without recursion.
+
+    Stops counting past :data:`MAX_JSON_DEPTH` + 1 (a cyclic value is as deep as that).
+    """
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, Mapping):
+            children: Any = item.values()
+        elif isinstance(item, (list, tuple)):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if depth > MAX_JSON_DEPTH:
+            break
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
 def check_payload(payload: Any) -> str:
     """Return the compact JSON text of a valid payload, or refuse it."""
     if not isinstance(payload, Mapping):
         raise BadInput(f"payload must be a JSON object (got {type(payload).__name__})")
+    if json_depth(payload) > MAX_JSON_DEPTH:
+        raise BadInput(f"payload nests deeper than {MAX_JSON_DEPTH} levels of objects and arrays")
     try:
         text = compact_json(dict(payload))
     except (TypeError, ValueError) as exc:
