@@ -26,7 +26,6 @@ says is current (status ``processing``, same attempt and replay epoch).
 from __future__ import annotations
 
 import json
-import logging
 import queue as queue_mod
 import re
 import threading
@@ -45,9 +44,9 @@ from qkit.backoff import Backoff
 from qkit.config import redact
 from qkit.dispatch import Settlement
 from qkit.errors import BackendUnavailable, Conflict, NotFound
+from qkit.logs import log
 from qkit.model import Job, NewJob
 
-log = logging.getLogger("qkit")
 
 SCHEMA_VERSION = 2  # v2: job_daily (retention roll-ups, qkit/retention.py)
 MAX_TEXT = 64 * 1024  # stored error/traceback text is truncated to this
@@ -279,6 +278,14 @@ class DriverSQL:
 
     def json_in(self, value: Any) -> Any:
         return json.loads(value) if isinstance(value, str) else value
+
+    def payload_in(self, value: Any) -> Any:
+        """A stored payload, or None when it is not JSON (a row written behind qkit's back):
+        the worker fails that one job as invalid instead of every claim failing."""
+        try:
+            return self.json_in(value)
+        except ValueError:
+            return None
 
     def ts_in(self, value: Any) -> datetime | None:
         if value is None or isinstance(value, datetime):
@@ -653,7 +660,7 @@ class Ledger:
         with self._write() as conn:
             d = self.driver
             # another queue's id written into this queue's keys is no job of this queue: dropped, never run
-            rows = {r[0]: ClaimRow(r[0], r[1], r[2], d.json_in(r[3]), r[4], r[5], r[6], r[7], d.ts_in(r[8]))
+            rows = {r[0]: ClaimRow(r[0], r[1], r[2], d.payload_in(r[3]), r[4], r[5], r[6], r[7], d.ts_in(r[8]))
                     for r in d.select_ids(conn, SELECT_CLAIM, ids, lock=True) if r[9] == queue}
             open_attempts = {}
             in_flight = [i for i in ids if i in rows and rows[i].status == "processing"]

@@ -16,6 +16,7 @@ from qkit.model import Job, NewJob, WorkSummary, check_name, new_job, new_job_fr
 
 
 MAX_BATCH_ITEMS = 100_000
+MAX_BATCH_BYTES = 64 * 1024 * 1024  # payload bytes per enqueue_many call: one ledger transaction
 #: Upstash pay-as-you-go price (research note §5, 2026): USD per 100,000 commands
 UPSTASH_USD_PER_100K_COMMANDS = 0.20
 
@@ -63,9 +64,15 @@ class Queue:
         """
         if isinstance(items, (str, bytes, Mapping)):
             raise BadInput("enqueue_many takes a list of job objects")
-        jobs = [new_job_from_item(item, i) for i, item in enumerate(items)]
-        if len(jobs) > MAX_BATCH_ITEMS:
-            raise BadInput(f"a batch holds at most {MAX_BATCH_ITEMS} jobs (got {len(jobs)})")
+        jobs: list[NewJob] = []
+        total = 0
+        for i, item in enumerate(items):
+            if i == MAX_BATCH_ITEMS:  # refuse before validating the rest of a huge batch
+                raise BadInput(f"a batch holds at most {MAX_BATCH_ITEMS} jobs")
+            jobs.append(new_job_from_item(item, i))
+            total += len(jobs[-1].payload_text.encode())
+            if total > MAX_BATCH_BYTES:
+                raise BadInput(f"a batch holds at most {MAX_BATCH_BYTES} bytes of payload (item {i} passes it)")
         return self._enqueue(jobs) if jobs else []
 
     def _enqueue(self, jobs: Sequence[NewJob]) -> list[int]:

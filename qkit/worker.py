@@ -26,7 +26,7 @@ from qkit.errors import QkitError
 from qkit.handlers import JobContext, get_handler, run_in_context
 from qkit.ledger import Outcome, Runnable, utcnow
 from qkit.logs import log
-from qkit.model import WorkSummary, compact_json
+from qkit.model import MAX_PAYLOAD_BYTES, WorkSummary, compact_json
 
 if TYPE_CHECKING:
     from qkit.queue import Queue
@@ -101,11 +101,13 @@ def _outcome(job: Runnable, result: Any, exc: BaseException | None) -> Outcome:
     finished = utcnow()
     if exc is None:
         try:
-            if result is not None:
-                compact_json(result)
+            size = len(compact_json(result).encode()) if result is not None else 0
         except Exception as err:  # noqa: BLE001 - TypeError, ValueError, RecursionError...
             return Outcome(job, "failed", finished,
                            error=f"BadResult: handler returned a value that is not JSON-serialisable: {err}")
+        if size > MAX_PAYLOAD_BYTES:
+            return Outcome(job, "failed", finished,
+                           error=f"BadResult: result is {size} bytes of JSON; the limit is {MAX_PAYLOAD_BYTES}")
         return Outcome(job, "completed", finished, result=result)
     error = redact(f"{type(exc).__name__}: {exc}")
     tb = redact("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
@@ -370,6 +372,9 @@ class Worker:
         if handler is None:
             return Outcome(job, "failed", utcnow(), permanent=True,
                            error=f"UnknownJobType: no handler is registered for job type {job.type!r} in this worker")
+        if not isinstance(job.payload, dict):
+            return Outcome(job, "failed", utcnow(), permanent=True,
+                           error="InvalidPayload: the stored payload is not a JSON object (written outside qkit?)")
         ctx = JobContext(job.id, job.type, job.attempt, job.max_attempts, self.q.name, self.worker_id)
         job.started_at = utcnow()
         return (lambda: run_in_context(ctx, handler.func, job.payload)), handler.timeout

@@ -200,6 +200,15 @@ def test_s1_type_names_never_select_code(setup, tmp_path):
     with q.ledger.engine.begin() as conn:
         conn.execute(text("UPDATE jobs SET type = :t WHERE id = :i"), {"t": "s1_sentinel_mod.run", "i": rewritten})
 
+    # a payload rewritten behind qkit's back: pickle (protocol 0 is text) on SQLite, a JSON array on PostgreSQL
+    garbled = q.enqueue("web_scraping", {})
+    with q.ledger.engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("UPDATE jobs SET payload = CAST('[1, 2]' AS jsonb) WHERE id = :i"), {"i": garbled})
+        else:
+            conn.execute(text("UPDATE jobs SET payload = :p WHERE id = :i"),
+                         {"p": f"cos\nsystem\n(S'touch {called}'\ntR.", "i": garbled})
+
     pythonpath = os.pathsep.join([str(mod_dir), setup.env()["PYTHONPATH"]])
     out = run_burst(setup, env={"PYTHONPATH": pythonpath})
     assert out.returncode == 0, out.stderr
@@ -209,6 +218,10 @@ def test_s1_type_names_never_select_code(setup, tmp_path):
         assert job.status == "failed" and job.attempts == 1, job
         assert job.error.startswith("UnknownJobType: no handler is registered for job type"), job.error
     assert q.get(good).status == "completed" and q.get(good).payload == hostile
+    with q.ledger.read_engine.connect() as conn:  # read raw: the row's payload is not JSON on SQLite
+        status, attempts, error = conn.execute(text("SELECT status, attempts, error FROM jobs WHERE id = :i"),
+                                               {"i": garbled}).one()
+    assert (status, attempts) == ("failed", 1) and error.startswith("InvalidPayload:"), error
 
 
 BANNED_MODULES = {"pickle", "cPickle", "marshal", "shelve", "dill", "cloudpickle", "jsonpickle", "yaml", "joblib"}
@@ -730,7 +743,8 @@ def test_s5_a_foreign_id_in_a_queue_is_not_run(s5, tmp_path):
 
 # =========================================================================== S6
 def test_s6_batch_key_and_depth_caps(s5):
-    from qkit.queue import MAX_BATCH_ITEMS
+    from qkit.model import MAX_PAYLOAD_BYTES
+    from qkit.queue import MAX_BATCH_BYTES, MAX_BATCH_ITEMS
 
     connect, *_ = s5
     q = connect("s6-caps")
@@ -752,6 +766,9 @@ def test_s6_batch_key_and_depth_caps(s5):
         very_deep = [very_deep]
     with pytest.raises(qkit.BadInput, match="nests deeper"):
         q.enqueue("web_scraping", {"x": very_deep})
+    big = {"x": "b" * (MAX_PAYLOAD_BYTES - 8)}  # 256 KiB each: the byte cap is reached long before the count cap
+    with pytest.raises(qkit.BadInput, match=f"at most {MAX_BATCH_BYTES} bytes"):
+        q.enqueue_many({"type": "web_scraping", "payload": big} for _ in range(MAX_BATCH_BYTES // MAX_PAYLOAD_BYTES + 1))
     with pytest.raises(qkit.BadInput, match="item 1: payload nests deeper"):
         q.enqueue_many([{"type": "web_scraping", "payload": {}}, {"type": "web_scraping", "payload": deep}])
     assert (len(q.jobs(limit=1000)), q.dispatch.inventory().delayed) == before  # nothing written
@@ -762,6 +779,25 @@ def test_s6_batch_key_and_depth_caps(s5):
 @qkit.handler("s6_shout", timeout=30)
 def _s6_shout(payload: dict) -> None:
     raise RuntimeError("x" * (1024 * 1024))
+
+
+@qkit.handler("s6_big_result", timeout=30)
+def _s6_big_result(payload: dict) -> dict:
+    return {"x": "r" * (payload["n"] - 8)}
+
+
+def test_s6_results_are_capped_like_payloads(s5):
+    from qkit.model import MAX_PAYLOAD_BYTES
+
+    connect, *_ = s5
+    q = connect("s6-result")
+    fits = q.enqueue("s6_big_result", {"n": MAX_PAYLOAD_BYTES}, max_attempts=1)
+    over = q.enqueue("s6_big_result", {"n": MAX_PAYLOAD_BYTES + 1}, max_attempts=1)
+    q.work(max_jobs=2)
+    assert q.get(fits).status == "completed" and len(q.get(fits).result["x"]) == MAX_PAYLOAD_BYTES - 8
+    refused = q.get(over)
+    assert refused.status == "failed" and refused.result is None
+    assert f"result is {MAX_PAYLOAD_BYTES + 1} bytes" in refused.error
 
 
 def test_s6_stored_error_text_is_truncated(s5):
