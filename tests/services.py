@@ -1,4 +1,4 @@
-"""A real PostgreSQL cluster for the test suite (redis-server: ``redis_servers.py``).
+"""A real PostgreSQL cluster and real ``qkit serve`` processes for the test suite (redis-server: ``redis_servers.py``).
 
 ``start_postgres`` is :func:`qkit.devservers.start_postgres` (shared with
 ``bench/``): a throw-away cluster in a temporary folder, waited for by polling,
@@ -7,12 +7,19 @@ uses that server instead.
 """
 from __future__ import annotations
 
+import subprocess
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
-from qkit.devservers import start_postgres
+import httpx
 
-__all__ = ["Server", "start_postgres"]
+from qkit.devservers import free_port, start_postgres, stop_process, wait_until
+
+__all__ = ["ApiServer", "Server", "start_api_server", "start_postgres"]
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -22,3 +29,36 @@ class Server:
     url: str
     port: int
     stop: Callable[[], None] = field(repr=False)
+
+
+@dataclass
+class ApiServer:
+    """A ``qkit serve`` process; ``stop()`` is idempotent."""
+
+    process: subprocess.Popen
+    port: int
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        stop_process(self.process, grace=30)
+
+
+def start_api_server(env: dict[str, str], log_path: Path, *extra_args: str) -> ApiServer:
+    """Start ``python -m qkit.cli serve`` (default host) on a free port; ready when /api/health answers 200."""
+    for _ in range(3):  # a port picked as free can be taken before the server binds it
+        port = free_port()
+        with open(log_path, "ab") as log:
+            process = subprocess.Popen([sys.executable, "-m", "qkit.cli", "serve", "--port", str(port), *extra_args],
+                                       cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        server = ApiServer(process, port, log_path)
+        try:
+            wait_until(lambda: httpx.get(f"{server.url}/api/health", timeout=5).status_code == 200, 60,
+                       f"qkit serve on port {port}", interval=0.05, process=process)
+            return server
+        except RuntimeError:  # exited (port taken?) or timed out: try again on another port
+            server.stop()
+    raise RuntimeError(f"qkit serve did not become healthy:\n{log_path.read_text(errors='replace')[-3000:]}")

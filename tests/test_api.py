@@ -15,12 +15,9 @@ import json
 import os
 import secrets
 import socket
-import subprocess
-import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -31,8 +28,8 @@ from sqlalchemy import create_engine, select
 
 from qkit.api import MAX_BODY_BYTES, UNAVAILABLE, bearer_token, endpoint_url, token_matches, verify_qstash_signature
 from qkit.backends.embedded import EmbeddedServer
-from qkit.devservers import free_port, stop_process, wait_until
 from qkit.model import MAX_PAYLOAD_BYTES
+from services import ApiServer, start_api_server
 
 try:
     import schemathesis
@@ -53,40 +50,12 @@ SCRUBBED = ("QKIT_", "UPSTASH_", "QSTASH_", "WORKER_SECRET")
 
 
 # --------------------------------------------------------------------------- servers
-@dataclass
-class ApiServer:
-    """A ``qkit serve`` process; ``stop()`` is idempotent."""
-
-    process: subprocess.Popen
-    port: int
-    log_path: Path
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        stop_process(self.process, grace=30)
-
-
 def start_server(home: Path, log_path: Path, env_extra: dict[str, str]) -> ApiServer:
-    """Start ``python -m qkit.cli serve`` and poll /api/health until it answers 200."""
+    """``qkit serve`` on ``home`` with the test caps and ``env_extra``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(SCRUBBED)}
     env.update(QKIT_HOME=str(home), QKIT_API_MAX_SECONDS=str(MAX_SECONDS_CAP),
                QKIT_API_MAX_JOBS=str(MAX_JOBS_CAP), **env_extra)
-    for _ in range(3):  # a port picked as free can be taken before the server binds it
-        port = free_port()
-        with open(log_path, "ab") as log:
-            process = subprocess.Popen([sys.executable, "-m", "qkit.cli", "serve", "--port", str(port)],
-                                       cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        server = ApiServer(process, port, log_path)
-        try:
-            wait_until(lambda: httpx.get(f"{server.url}/api/health", timeout=5).status_code == 200, 60,
-                       f"qkit serve on port {port}", interval=0.05, process=process)
-            return server
-        except RuntimeError:  # exited (port taken?) or timed out: try again on another port
-            server.stop()
-    raise RuntimeError(f"qkit serve did not become healthy:\n{log_path.read_text(errors='replace')[-3000:]}")
+    return start_api_server(env, log_path)
 
 
 @pytest.fixture(scope="module")

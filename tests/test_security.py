@@ -86,6 +86,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import run_burst, wait_for  # noqa: E402
 from job_handlers import read_log  # noqa: E402
 from redis_servers import start_plain_redis  # noqa: E402
+from services import ApiServer, start_api_server  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 QKIT = ROOT / "qkit"
@@ -340,39 +341,11 @@ def world(tmp_path_factory, postgres_server) -> Iterator[World]:
     server.stop()
 
 
-@dataclass
-class Served:
-    process: subprocess.Popen
-    port: int
-    log: Path
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-
-def serve(env: dict[str, str], log: Path, *extra: str) -> Served:
-    """``qkit serve`` (default host) on a free port; ready when /api/health answers."""
-    for _ in range(3):
-        port = free_port()
-        with open(log, "ab") as fh:
-            process = subprocess.Popen([sys.executable, "-m", "qkit.cli", "serve", "--port", str(port),
-                                        "--queue", WORLD_QUEUE, *extra], cwd=ROOT, env=env, stdout=fh,
-                                       stderr=subprocess.STDOUT)
-        try:
-            wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=5).status_code == 200,
-                       60, "qkit serve", interval=0.05, process=process)
-            return Served(process, port, log)
-        except RuntimeError:
-            stop_process(process, grace=10)
-    raise RuntimeError(log.read_text(errors="replace")[-3000:])
-
-
 @pytest.fixture(scope="module")
-def server(world) -> Iterator[Served]:
-    served = serve(world.env, world.folder / "serve.log")
+def server(world) -> Iterator[ApiServer]:
+    served = start_api_server(world.env, world.folder / "serve.log", "--queue", WORLD_QUEUE)
     yield served
-    stop_process(served.process, grace=30)
+    served.stop()
 
 
 # =========================================================================== S2
@@ -983,9 +956,9 @@ def test_s4_no_secret_is_ever_written(world, server, endpoint_on, tmp_path):
     down = httpx.post(f"{server.url}/api/workers", headers={"Authorization": f"Bearer {WORKER_SECRET}"}, timeout=60)
     assert down.status_code == 503
     outputs.append(down.text)
-    wait_for(lambda: "QKIT_REDIS_URL=redis://:***@" in server.log.read_text(errors="replace"),
+    wait_for(lambda: "QKIT_REDIS_URL=redis://:***@" in server.log_path.read_text(errors="replace"),
              what="the server to log the unreachable Redis")
-    log = server.log.read_text(errors="replace")
+    log = server.log_path.read_text(errors="replace")
 
     # ---- grep everything that was written
     files = [p for folder in (tmp_path, world.folder) for p in folder.rglob("*")
