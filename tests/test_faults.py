@@ -544,3 +544,29 @@ def test_f21_payload_boundary_through_the_cli(setup: Setup, tmp_path: Path):
     assert len(q.jobs()) == before_rows == 1
     assert (after_inv.ready, after_inv.delayed, after_inv.leased) == (before_inv.ready, before_inv.delayed,
                                                                       before_inv.leased)
+
+
+# --------------------------------------------------------------------------- the checker itself
+def test_the_total_queue_check_flags_each_kind_of_fault(setup: Setup, tmp_path: Path):
+    """The checker the scenarios rely on: each count moves when, and only when, it should."""
+    q = setup.connect(lease_seconds=LEASE, backoff_base=0)
+    log = tmp_path / "log"
+    done_id = q.enqueue("record", {"log": str(log)})
+    never_run = q.enqueue("record", {"log": str(log)}, delay=3600)
+    q.work()
+    runs = executions(log)
+    assert runs == [(done_id, 1)]
+    clean = total_queue(q, [done_id], runs)
+    assert clean.valid and clean.to_dict()["lost"] == 0
+
+    lost = total_queue(q, [done_id, never_run], runs)  # acknowledged, still pending
+    assert lost.lost == [never_run] and not lost.valid
+    ghost = total_queue(q, [done_id], [*runs, (never_run + 999, 1)])  # a run of an id with no row
+    assert ghost.unexpected == [never_run + 999] and not ghost.valid
+    twice = total_queue(q, [done_id], [*runs, (done_id, 1)])  # the completed attempt ran twice
+    assert twice.duplicated == [done_id] and twice.unexplained == [(done_id, 0, 1)] and not twice.valid
+    phantom = total_queue(q, [done_id], [*runs, (done_id, 2)])  # an attempt the ledger never saw
+    assert phantom.unexplained == [(done_id, 0, 2)] and not phantom.valid
+    recovered = total_queue(q, [], runs, attempted=[done_id])  # enqueue unanswered, job ended anyway
+    assert recovered.recovered == [done_id] and recovered.valid
+    assert "lost 0" in recovered.summary() and "recovered 1" in recovered.summary()
