@@ -51,6 +51,8 @@ for _p in (str(ROOT), str(BENCH)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
+from qkit.devservers import RedisServer, start_redis  # noqa: E402 - after the path set-up
+
 QUEUE = "soak"
 LEASE_SECONDS = 1.0
 BACKOFF_BASE = 0.1
@@ -60,60 +62,11 @@ REDIS_RESTARTS = 2
 
 
 # ============================================================================ servers
-class RestartableRedis:
-    """A redis-server with AOF on, that can be killed -9 and started again on the same port and dir."""
-
-    def __init__(self, directory: Path) -> None:
-        from qkit.devservers import free_port, redis_server_binary
-
-        self.binary = redis_server_binary()  # never the pyenv shim on PATH
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.process: subprocess.Popen | None = None
-        self.restarts = 0
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self, timeout: float = 20.0) -> None:
-        import redis
-
-        from qkit.devservers import wait_until
-
-        self.process = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
-             "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--maxmemory-policy", "noeviction",
-             "--logfile", str(self.directory / "redis.log")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5, socket_timeout=2)
-        try:
-            # PING answers -LOADING while the AOF is replayed: ready means a real PONG
-            wait_until(client.ping, timeout, f"redis-server on port {self.port}", interval=0.01,
-                       process=self.process)
-        except BaseException:
-            self.stop()
-            raise
-        finally:
-            client.close()
-
-    def crash(self) -> None:
-        """kill -9 the server and reap it."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(10)
-
-    def restart(self) -> None:
-        self.crash()
-        self.start()
-        self.restarts += 1
-
-    def stop(self) -> None:
-        if self.process is not None:
-            from qkit.devservers import stop_process
-
-            stop_process(self.process)
+def start_restartable_redis(folder: Path) -> RedisServer:
+    """A redis-server with AOF on (fsynced every second, like the embedded one), restartable with
+    :meth:`RedisServer.restart` on the same port and data directory."""
+    return start_redis(folder, extra_args=["--appendonly", "yes", "--appendfsync", "everysec",
+                                           "--maxmemory-policy", "noeviction"], timeout=20.0)
 
 
 # ============================================================================ workers
@@ -317,7 +270,7 @@ def nemesis_plan(rng: random.Random, window: float) -> list[tuple[float, str]]:
 
 class Nemesis(threading.Thread):
     def __init__(self, plan: list[tuple[float, str]], rng: random.Random, pool: WorkerPool,
-                 redis_server: RestartableRedis, database_url: str, t0: float) -> None:
+                 redis_server: RedisServer, database_url: str, t0: float) -> None:
         super().__init__(daemon=True, name="soak-nemesis")
         self.plan, self.rng, self.pool, self.redis = plan, rng, pool, redis_server
         self.database_url, self.t0 = database_url, t0
@@ -446,14 +399,14 @@ def run_seed(seed: int, *, jobs: int = 500, workers: int = 4, fail_rate: float =
     database_url = database_url or f"sqlite:///{base / 'ledger.sqlite3'}"
     rng = random.Random(seed)
     problems: list[str] = []
-    redis_server = RestartableRedis(base / "redis")
+    redis_server: RedisServer | None = None
     pool: WorkerPool | None = None
     nemesis: Nemesis | None = None
     enqueuer: subprocess.Popen | None = None
     q = None
     try:
         status("start redis")
-        redis_server.start()
+        redis_server = start_restartable_redis(base)
         q = qkit.connect(QUEUE, redis_url=redis_server.url, database_url=database_url, home=base,
                          lease_seconds=LEASE_SECONDS, backoff_base=BACKOFF_BASE)  # creates the tables
         env = _worker_env(redis_server.url, database_url, base)
@@ -592,7 +545,8 @@ def run_seed(seed: int, *, jobs: int = 500, workers: int = 4, fail_rate: float =
             enqueuer.wait(10)
         if q is not None:
             q.close()
-        redis_server.stop()
+        if redis_server is not None:
+            redis_server.stop()
         if not keep and workdir is None:
             shutil.rmtree(base, ignore_errors=True)
 

@@ -109,6 +109,27 @@ class RedisServer:
         """Terminate the server and wait for it to exit (idempotent)."""
         stop_process(self.process)
 
+    def crash(self) -> None:
+        """``kill -9`` the server (no shutdown, no last write) and reap it."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def restart(self, timeout: float = 20.0) -> None:
+        """Crash it, then run the same command again: same port, same data directory.
+
+        What the server kept (with ``--appendonly yes``, what its AOF had
+        fsynced) is back; ready once PING answers PONG, not -LOADING.
+        """
+        self.crash()
+        self.process = subprocess.Popen(self.process.args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = self.client(socket_connect_timeout=0.5, socket_timeout=2)
+        try:
+            wait_until(client.ping, timeout, f"redis-server on port {self.port} to restart", interval=0.01,
+                       process=self.process)
+        finally:
+            client.close()
+
 
 def _log_tail(directory: Path) -> str:
     log = directory / "redis.log"

@@ -224,21 +224,6 @@ def own_redis(tmp_path: Path):
     server.stop()
 
 
-def restart(server) -> None:
-    """Start the same redis-server command again (same port, same data directory)."""
-    server.process = subprocess.Popen(server.process.args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    client = server.client(socket_connect_timeout=0.5)
-    wait_for(lambda: _answers(client), what="redis-server to come back")
-    client.close()
-
-
-def _answers(client) -> bool:
-    try:
-        return bool(client.ping())
-    except Exception:  # noqa: BLE001 - still loading or not listening yet
-        return False
-
-
 def tcp_setup(setup_name: str, server, tmp_path: Path, queue: str) -> Setup:
     db = f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
     return Setup(name=setup_name, queue=queue, home=tmp_path,
@@ -255,8 +240,7 @@ def test_f09_redis_killed_between_claim_and_ack_then_restarted(own_redis, tmp_pa
     out = tmp_path / "worker.out"
     worker = spawn_burst(s, env=WORKER_ENV, log=out)
     wait_for(lambda: read_log(log), what="the first handler to start")
-    own_redis.process.kill()
-    own_redis.process.wait(10)
+    own_redis.crash()
     release.touch()
     t0 = time.monotonic()
     assert worker.wait(30) == 1
@@ -265,7 +249,7 @@ def test_f09_redis_killed_between_claim_and_ack_then_restarted(own_redis, tmp_pa
     assert len(lines) <= 2 and "QKIT_REDIS_URL" in lines[-1] and "Traceback" not in "".join(lines), lines
     # the ledger committed the first job's completion before Redis was told
     assert q.get(first).status == "completed"
-    restart(own_redis)
+    own_redis.restart()
     expire_all_leases(q)
     q.work()
     assert all(q.get(j).status == "completed" for j in [first, *rest])
@@ -313,7 +297,7 @@ def test_f11_redis_dies_mid_burst(own_redis, tmp_path: Path):
     out = tmp_path / "worker.out"
     worker = spawn_burst(s, "--max-seconds", "20", env=WORKER_ENV, log=out)
     wait_for(lambda: len(read_log(log)) >= 20, what="the burst to be under way")
-    own_redis.process.kill()
+    own_redis.crash()
     t0 = time.monotonic()
     assert worker.wait(60) == 1
     # bounded by the handler in hand and the failing call, far inside max_seconds + timeout + 5
@@ -324,8 +308,7 @@ def test_f11_redis_dies_mid_burst(own_redis, tmp_path: Path):
     with q.ledger.read_engine.connect() as conn:
         run = conn.execute(select(worker_runs).order_by(worker_runs.c.id.desc())).mappings().first()
     assert run["status"] == "failed" and run["finished_at"] is not None
-    own_redis.process.wait(10)
-    restart(own_redis)
+    own_redis.restart()
     expire_all_leases(q)
     q.work()
     checked(q, ids, log)
