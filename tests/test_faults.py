@@ -64,6 +64,16 @@ def crash_burst(setup: Setup, point: str, **env) -> subprocess.CompletedProcess:
     return done
 
 
+def crashed_at(setup: Setup, tmp_path: Path, point: str, job_type: str = "record",
+               max_attempts: int = 3) -> tuple[qkit.Queue, int, Path]:
+    """One job, and a burst that SIGKILLed itself at ``point`` while handling it: (queue, job id, side-effect log)."""
+    q = setup.connect(lease_seconds=LEASE, backoff_base=0)
+    log = tmp_path / "log"
+    job_id = q.enqueue(job_type, {"log": str(log)}, max_attempts=max_attempts)
+    crash_burst(setup, point)
+    return q, job_id, log
+
+
 def expire_leases(q: qkit.Queue, n: int = 1) -> None:
     wait_for(lambda: q.dispatch.inventory().leases_expired == n, what=f"{n} lease(s) to expire")
 
@@ -78,10 +88,7 @@ def expire_all_leases(q: qkit.Queue) -> None:
 
 # --------------------------------------------------------------------------- crash points in the worker
 def test_f02_crash_between_redis_claim_and_ledger_record(setup: Setup, tmp_path: Path):
-    q = setup.connect(lease_seconds=LEASE, backoff_base=0)
-    log = tmp_path / "log"
-    job_id = q.enqueue("record", {"log": str(log)})
-    crash_burst(setup, "claim.after_redis")
+    q, job_id, log = crashed_at(setup, tmp_path, "claim.after_redis")
     # leased in Redis, still pending in the ledger, nothing ran
     assert q.get(job_id).status == "pending" and read_log(log) == []
     assert q.dispatch.inventory().leased == 1
@@ -94,10 +101,7 @@ def test_f02_crash_between_redis_claim_and_ledger_record(setup: Setup, tmp_path:
 
 
 def test_f02b_crash_after_the_claim_is_recorded(setup: Setup, tmp_path: Path):
-    q = setup.connect(lease_seconds=LEASE, backoff_base=0)
-    log = tmp_path / "log"
-    job_id = q.enqueue("record", {"log": str(log)})
-    crash_burst(setup, "claim.after_ledger")
+    q, job_id, log = crashed_at(setup, tmp_path, "claim.after_ledger")
     assert q.get(job_id).status == "processing" and read_log(log) == []
     expire_leases(q)
     assert q.work().lost == 1
@@ -106,10 +110,7 @@ def test_f02b_crash_after_the_claim_is_recorded(setup: Setup, tmp_path: Path):
 
 
 def test_f03_crash_after_completion_commit_before_redis_ack(setup: Setup, tmp_path: Path):
-    q = setup.connect(lease_seconds=LEASE, backoff_base=0)
-    log = tmp_path / "log"
-    job_id = q.enqueue("record", {"log": str(log)})
-    crash_burst(setup, "complete.after_ledger")
+    q, job_id, log = crashed_at(setup, tmp_path, "complete.after_ledger")
     assert q.get(job_id).status == "completed" and q.dispatch.inventory().leased == 1
     expire_leases(q)
     summary = q.work()
@@ -122,10 +123,7 @@ def test_f03_crash_after_completion_commit_before_redis_ack(setup: Setup, tmp_pa
 
 
 def test_f04_crash_after_the_handler_returned_before_the_commit(setup: Setup, tmp_path: Path):
-    q = setup.connect(lease_seconds=LEASE, backoff_base=0)
-    log = tmp_path / "log"
-    job_id = q.enqueue("record", {"log": str(log)})
-    crash_burst(setup, "complete.before_ledger")
+    q, job_id, log = crashed_at(setup, tmp_path, "complete.before_ledger")
     assert q.get(job_id).status == "processing" and len(executions(log)) == 1
     expire_leases(q)
     q.work()
@@ -136,10 +134,7 @@ def test_f04_crash_after_the_handler_returned_before_the_commit(setup: Setup, tm
 
 
 def test_f04_retry_committed_before_redis_ack(setup: Setup, tmp_path: Path):
-    q = setup.connect(lease_seconds=LEASE, backoff_base=0)
-    log = tmp_path / "log"
-    job_id = q.enqueue("fail", {"log": str(log)}, max_attempts=2)
-    crash_burst(setup, "retry.after_ledger")
+    q, job_id, log = crashed_at(setup, tmp_path, "retry.after_ledger", "fail", max_attempts=2)
     assert q.get(job_id).status == "pending" and q.get(job_id).attempts == 1
     expire_leases(q)
     q.work()
@@ -150,10 +145,7 @@ def test_f04_retry_committed_before_redis_ack(setup: Setup, tmp_path: Path):
 
 
 def test_f04_dead_letter_committed_before_redis_ack(setup: Setup, tmp_path: Path):
-    q = setup.connect(lease_seconds=LEASE, backoff_base=0)
-    log = tmp_path / "log"
-    job_id = q.enqueue("fail", {"log": str(log)}, max_attempts=1)
-    crash_burst(setup, "dead.after_ledger")
+    q, job_id, log = crashed_at(setup, tmp_path, "dead.after_ledger", "fail", max_attempts=1)
     assert q.get(job_id).status == "failed" and q.dispatch.inventory().dead == 0
     expire_leases(q)
     assert q.work().processed == 0
