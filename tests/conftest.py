@@ -132,6 +132,10 @@ def endpoint_on() -> Iterator[Any]:
         running.stop()
 
 
+#: variables choosing a backend: a setup sets its own and clears the others
+BACKEND_VARIABLES = ("QKIT_REDIS_URL", "UPSTASH_REDIS_REST_URL", "UPSTASH_REDIS_REST_TOKEN")
+
+
 @dataclass
 class Setup:
     """How a test reaches its backend and ledger, in-process or from a subprocess."""
@@ -148,10 +152,17 @@ class Setup:
         self.opened.append(q)
         return q
 
+    def use_in_this_process(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Point this process's environment at the setup (for in-process CLI calls)."""
+        for name in BACKEND_VARIABLES:
+            monkeypatch.delenv(name, raising=False)
+        for name, value in self.env_vars.items():
+            monkeypatch.setenv(name, value)
+
     def env(self, **extra: Any) -> dict[str, str]:
         """Environment for a subprocess that must see the same queue."""
         env = {k: v for k, v in os.environ.items()
-               if k not in ("QKIT_REDIS_URL", "UPSTASH_REDIS_REST_URL", "UPSTASH_REDIS_REST_TOKEN")}
+               if k not in BACKEND_VARIABLES}
         env.update(self.env_vars)
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
         env.update({k: str(v) for k, v in extra.items()})

@@ -248,10 +248,7 @@ def test_ledger_invariants_are_checked(setup: Setup):
 def test_cli_explain_and_audit(setup: Setup, monkeypatch, capsys):
     from qkit.cli import main
 
-    for name in ("QKIT_REDIS_URL", "UPSTASH_REDIS_REST_URL", "UPSTASH_REDIS_REST_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in setup.env_vars.items():
-        monkeypatch.setenv(name, value)
+    setup.use_in_this_process(monkeypatch)
     q = setup.connect(backoff_base=0)
     job_id = q.enqueue("ax_ok", {})
     capsys.readouterr()

@@ -109,10 +109,7 @@ def test_prune_keeps_daily_rollups_and_never_the_dlq(setup: Setup):
 def test_prune_cli_and_ages(setup: Setup, monkeypatch, capsys):
     from qkit.cli import main
 
-    for name in ("QKIT_REDIS_URL", "UPSTASH_REDIS_REST_URL", "UPSTASH_REDIS_REST_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in setup.env_vars.items():
-        monkeypatch.setenv(name, value)
+    setup.use_in_this_process(monkeypatch)
     q = setup.connect(backoff_base=0)
     job_id = q.enqueue("rt_ok", {})
     q.work()

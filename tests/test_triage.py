@@ -107,10 +107,7 @@ def test_cli_group_and_replay(dlq, setup: Setup, monkeypatch, capsys):
     from qkit.cli import main
 
     q, ids = dlq
-    for name in ("QKIT_REDIS_URL", "UPSTASH_REDIS_REST_URL", "UPSTASH_REDIS_REST_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in setup.env_vars.items():
-        monkeypatch.setenv(name, value)
+    setup.use_in_this_process(monkeypatch)
     capsys.readouterr()
     assert main(["dlq", "list", "--group", "--queue", q.name, "--json"]) == 0
     groups = json.loads(capsys.readouterr().out)
