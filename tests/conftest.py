@@ -23,7 +23,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -218,6 +218,29 @@ def spawn_burst(setup: Setup, *args: str, env: dict[str, Any] | None = None, log
 
 
 @dataclass
+class Held:
+    """A ``record`` job whose handler runs in a burst subprocess and waits for ``release``."""
+
+    job_id: int
+    log: Path
+    release: Path
+    worker: subprocess.Popen
+
+
+def held_job(setup: Setup, q: qkit.Queue, tmp_path: Path, env: dict[str, Any] | None = None,
+             start: Callable[[], subprocess.Popen] | None = None, out: Path | None = None) -> Held:
+    """Enqueue a job that waits for a release file, start a burst on it (``start``, or ``qkit work``
+    with ``env``, output to ``out``) and return once its handler has begun."""
+    from job_handlers import read_log
+
+    log, release = tmp_path / "log", tmp_path / "release"
+    job_id = q.enqueue("record", {"log": str(log), "wait_for": str(release)})
+    worker = start() if start else spawn_burst(setup, env=env, log=out)
+    wait_for(lambda: read_log(log), what="the handler to start")
+    return Held(job_id, log, release, worker)
+
+
+@dataclass
 class Stall:
     """A ``record`` job whose first attempt is held by a stopped (SIGSTOP) worker burst."""
 
@@ -232,14 +255,11 @@ class Stall:
 def stalled_past_its_lease(setup: Setup, q: qkit.Queue, tmp_path: Path, env: dict[str, Any]) -> Iterator[Stall]:
     """Start a burst on a job that waits for ``release``, SIGSTOP it mid-handler and yield once
     its lease has expired; on leaving, SIGCONT it, wait for it and read its summary."""
-    from job_handlers import read_log
-
-    log, release, out = tmp_path / "log", tmp_path / "release", tmp_path / "stalled.out"
-    job_id = q.enqueue("record", {"log": str(log), "wait_for": str(release)})
-    worker = spawn_burst(setup, env=env, log=out)
-    wait_for(lambda: read_log(log), what="the first attempt to start")
+    out = tmp_path / "stalled.out"
+    held = held_job(setup, q, tmp_path, env, out=out)
+    worker = held.worker
     worker.send_signal(signal.SIGSTOP)
-    stall = Stall(job_id, log, release, worker)
+    stall = Stall(held.job_id, held.log, held.release, worker)
     try:
         wait_for(lambda: q.dispatch.inventory().leases_expired == 1, what="the stalled lease to expire")
         yield stall

@@ -14,7 +14,7 @@ from typing import Iterator
 
 from sqlalchemy import select
 
-from conftest import Setup, run_burst, spawn_burst, stalled_past_its_lease, wait_for
+from conftest import Setup, held_job, run_burst, spawn_burst, stalled_past_its_lease, wait_for
 from job_handlers import read_log
 from qkit.audit import audit
 from qkit.ledger import job_attempts, job_events
@@ -39,10 +39,8 @@ def events_of(q, job_id):
 
 def test_sigkill_mid_handler_is_reclaimed_after_lease(setup: Setup, tmp_path: Path):
     q = setup.connect(lease_seconds=LEASE, backoff_base=0)
-    log, release = tmp_path / "log", tmp_path / "release"
-    job_id = q.enqueue("record", {"log": str(log), "wait_for": str(release)})
-    worker = spawn_burst(setup, env=WORKER_ENV)
-    wait_for(lambda: any(r[0] == "start" for r in read_log(log)), what="the handler to start")
+    held = held_job(setup, q, tmp_path, WORKER_ENV)
+    job_id, log, release, worker = held.job_id, held.log, held.release, held.worker
     worker.send_signal(signal.SIGKILL)
     worker.wait(10)
     assert q.get(job_id).status == "processing"

@@ -19,7 +19,7 @@ from pathlib import Path
 from sqlalchemy import insert, select, update
 
 import qkit
-from conftest import Setup, spawn_burst, stalled_past_its_lease, wait_for
+from conftest import Setup, held_job, stalled_past_its_lease, wait_for
 from job_handlers import read_log
 from qkit.audit import audit
 from qkit.explain import explain
@@ -65,10 +65,8 @@ def assert_terminal_exactly_once(q, ids) -> None:
 
 def test_sigkilled_worker(setup: Setup, tmp_path: Path):
     q = setup.connect(lease_seconds=LEASE, backoff_base=0)
-    log, release = tmp_path / "log", tmp_path / "release"
-    job_id = q.enqueue("record", {"log": str(log), "wait_for": str(release)})
-    worker = spawn_burst(setup, env=WORKER_ENV)
-    wait_for(lambda: read_log(log), what="the handler to start")
+    held = held_job(setup, q, tmp_path, WORKER_ENV)
+    job_id, release, worker = held.job_id, held.release, held.worker
     running = explain(q, job_id)
     holder = running.attempts[0]["worker"]
     assert running.status == "processing" and running.place == "leased"

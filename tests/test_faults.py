@@ -24,7 +24,7 @@ import pytest
 from sqlalchemy import create_engine, select, text
 
 import qkit
-from conftest import Setup, run_burst, spawn_burst, wait_for
+from conftest import Setup, held_job, run_burst, spawn_burst, wait_for
 from job_handlers import executions, read_log
 from qkit.audit import total_queue
 from qkit.ledger import job_attempts, job_events, worker_runs
@@ -311,9 +311,8 @@ def test_f12_ledger_locked_during_the_status_update(setup: Setup, tmp_path: Path
     if setup.name == "upstash-sqlite":
         pytest.skip("the ledger side is what matters: SQLite and PostgreSQL are covered by the other two")
     q = setup.connect(lease_seconds=LEASE, backoff_base=0)
-    log, release = tmp_path / "log", tmp_path / "release"
-    job_id = q.enqueue("record", {"log": str(log), "wait_for": str(release)})
-    worker = spawn_burst(setup, env=WORKER_ENV, log=tmp_path / "worker.out")
+    held = held_job(setup, q, tmp_path, WORKER_ENV, out=tmp_path / "worker.out")
+    job_id, log, release, worker = held.job_id, held.log, held.release, held.worker
     # the renewer records its first renewal in the ledger; wait for it, so the lock only meets the settle
     wait_for(lambda: "lease_renewed" in [e for e, _ in events_of(q, job_id)], what="the first lease renewal")
     url = setup.overrides["database_url"]
@@ -364,10 +363,8 @@ def skewed_burst(setup: Setup, shift: float, *args: str, log: Path) -> subproces
 
 def test_f15_a_worker_an_hour_ahead_does_not_steal_a_valid_lease(setup: Setup, tmp_path: Path):
     q = setup.connect(lease_seconds=LEASE, backoff_base=0)
-    log, release = tmp_path / "log", tmp_path / "release"
-    job_id = q.enqueue("record", {"log": str(log), "wait_for": str(release)})
-    holder = spawn_burst(setup, env=WORKER_ENV)
-    wait_for(lambda: read_log(log), what="the holder to start the job")
+    held = held_job(setup, q, tmp_path, WORKER_ENV)
+    job_id, log, release, holder = held.job_id, held.log, held.release, held.worker
     ahead = skewed_burst(setup, +3600, log=tmp_path / "ahead.out")
     assert ahead.wait(60) == 0
     summary = json.loads((tmp_path / "ahead.out").read_text().strip().splitlines()[-1])
@@ -380,10 +377,8 @@ def test_f15_a_worker_an_hour_ahead_does_not_steal_a_valid_lease(setup: Setup, t
 
 def test_f15_a_lease_taken_by_a_worker_an_hour_behind_still_expires(setup: Setup, tmp_path: Path):
     q = setup.connect(lease_seconds=LEASE, backoff_base=0)
-    log, release = tmp_path / "log", tmp_path / "release"
-    job_id = q.enqueue("record", {"log": str(log), "wait_for": str(release)})
-    behind = skewed_burst(setup, -3600, log=tmp_path / "behind.out")
-    wait_for(lambda: read_log(log), what="the skewed worker to start the job")
+    held = held_job(setup, q, tmp_path, start=lambda: skewed_burst(setup, -3600, log=tmp_path / "behind.out"))
+    job_id, log, release, behind = held.job_id, held.log, held.release, held.worker
     behind.kill()
     behind.wait(10)
     t_killed = time.monotonic()
@@ -397,10 +392,8 @@ def test_f15_a_lease_taken_by_a_worker_an_hour_behind_still_expires(setup: Setup
 
 def test_f16_a_burst_reclaims_an_expired_lease_on_its_first_claim(setup: Setup, tmp_path: Path):
     q = setup.connect(lease_seconds=2.0, backoff_base=0)
-    log, release = tmp_path / "log", tmp_path / "release"
-    job_id = q.enqueue("record", {"log": str(log), "wait_for": str(release)})
-    worker = spawn_burst(setup, env={**WORKER_ENV, "QKIT_LEASE_SECONDS": 2.0})
-    wait_for(lambda: read_log(log), what="the handler to start")
+    held = held_job(setup, q, tmp_path, {**WORKER_ENV, "QKIT_LEASE_SECONDS": 2.0})
+    job_id, log, release, worker = held.job_id, held.log, held.release, held.worker
     worker.kill()
     worker.wait(10)
     release.touch()
