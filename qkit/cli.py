@@ -16,6 +16,7 @@ from typing import Any, Callable
 import click
 
 import qkit
+from qkit import extras
 from qkit.config import redact
 from qkit.errors import BadInput, QkitError
 
@@ -283,6 +284,7 @@ def serve_command(host: str, port: int, queue: str) -> None:
     Closed by default: /api/jobs* need QKIT_API_TOKEN and /api/workers needs
     WORKER_SECRET (or QStash signing keys); while unset they answer 503.
     """
+    extras.require("qkit serve", "starlette", "uvicorn", "jwt")
     from qkit.api import serve as serve_api
 
     serve_api(host=host, port=port, queue=queue)
@@ -290,6 +292,7 @@ def serve_command(host: str, port: int, queue: str) -> None:
 
 def _dlq_groups(queue: str, as_json: bool) -> None:
     """``qkit dlq list --group``: the DLQ grouped by error fingerprint and type (qkit/triage.py)."""
+    extras.require("qkit dlq list --group", "pandas")
     from qkit.triage import dlq_groups
 
     with _open(queue) as q:
@@ -371,6 +374,10 @@ def main(argv: list[str] | None = None) -> int:
         click.echo(f"qkit: {redact(str(exc))}", err=True)
         return exc.exit_code
     except Exception as exc:  # noqa: BLE001 - a bug: still one line unless debugging
+        missing = extras.explain(exc, "this command") if isinstance(exc, ModuleNotFoundError) else None
+        if missing is not None:  # a part an extra installs (e.g. psycopg for a PostgreSQL ledger)
+            click.echo(f"qkit: {missing}", err=True)
+            return missing.exit_code
         if os.environ.get("QKIT_DEBUG"):
             raise
         click.echo(f"qkit: internal error ({type(exc).__name__}): {redact(str(exc))}", err=True)

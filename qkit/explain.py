@@ -22,6 +22,7 @@ from sqlalchemy import select
 from qkit.audit import CODES, Finding, ledger_findings, place_findings
 from qkit.errors import NotFound
 from qkit.ledger import fingerprint, utcnow, worker_runs
+from qkit.model import jsonable
 
 if TYPE_CHECKING:
     from qkit.queue import Queue
@@ -45,23 +46,13 @@ class Explanation:
     at: datetime = field(default_factory=utcnow)
 
     def to_dict(self) -> dict[str, Any]:
-        return _jsonable({
+        return jsonable({
             "job_id": self.job_id, "queue": self.queue, "at": self.at, "status": self.status, "place": self.place,
             "verdict": self.verdict, "findings": [f.to_dict() for f in self.findings], "job": self.job,
             "attempts": self.attempts, "events": self.events, "redis": self.redis, "workers": self.workers})
 
     def __str__(self) -> str:
         return render(self)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, datetime):
-        return value.isoformat()
-    return value
 
 
 # ---------------------------------------------------------------- gathering

@@ -33,6 +33,17 @@ def compact_json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
+def jsonable(value: Any) -> Any:
+    """``value`` with datetimes as ISO text, tuples as lists and keys as text: ready for ``json.dumps``."""
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value
+
+
 def check_name(value: Any, what: str) -> str:
     """A queue or type name: ``[a-z0-9_.-]{1,64}``."""
     if not isinstance(value, str) or not NAME_RE.fullmatch(value):

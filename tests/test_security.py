@@ -18,7 +18,7 @@ S2  Fail closed.  Auth matrix, 503 when unset/empty: tests/test_api.py
     test_s2_health_and_errors_reveal_no_configuration   /api/health, 404, 405, 401 bodies and headers
     test_s2_serve_binds_loopback_by_default             the listening socket is 127.0.0.1
 S3  Constant-time comparison.  Non-ASCII tokens on a live server: tests/test_api.py (BAD_AUTH).  Here:
-    test_s3_auth_compares_bytes_with_compare_digest     static: every secret comparison in api.py and
+    test_s3_auth_compares_bytes_with_compare_digest     static: every secret comparison in qkit/api/ and
                                                         upstash_dev.py is hmac.compare_digest on bytes
     test_s3_non_ascii_credentials_are_401_not_500       every credential path, raw bytes on the socket
 S4  No secret in logs, errors, notebooks, ledger.
@@ -395,7 +395,7 @@ def test_s2_serve_binds_loopback_by_default(server):
 # =========================================================================== S3
 def test_s3_auth_compares_bytes_with_compare_digest():
     suspicious = re.compile(r"token|secret|signature|digest|expected|presented|password|claimed|key", re.I)
-    for name in ("api.py", "upstash_dev.py"):
+    for name in (*sorted(str(p.relative_to(QKIT)) for p in (QKIT / "api").glob("*.py")), "upstash_dev.py"):
         tree = ast.parse((QKIT / name).read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.Compare) and any(isinstance(op, (ast.Eq, ast.NotEq)) for op in node.ops):
@@ -404,7 +404,7 @@ def test_s3_auth_compares_bytes_with_compare_digest():
                 # comparing a secret with == leaks its prefix length through timing
                 assert not [n for n in names if suspicious.search(n) and "lower()" not in n
                             and not n.startswith(("variable", "name", "len("))], (name, ast.unparse(node))
-    api = (QKIT / "api.py").read_text()
+    api = (QKIT / "api" / "auth.py").read_text()
     body = api[api.index("def token_matches"):api.index("def verify_qstash_signature")]
     assert "hmac.compare_digest(" in body and "hashlib.sha256(" in body and ".digest()" in body
     verify = api[api.index("def verify_qstash_signature"):api.index("def endpoint_url")]
