@@ -290,6 +290,17 @@ def serve_command(host: str, port: int, queue: str) -> None:
     serve_api(host=host, port=port, queue=queue)
 
 
+@cli.command("lab")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8888, show_default=True, help="0: a free port.")
+@click.option("--browser/--no-browser", default=False, show_default=True, help="Open a web browser too.")
+def lab_command(host: str, port: int, browser: bool) -> None:
+    """JupyterLab on notebooks/ with this project's QKIT_* settings; prints the URL (qkit/lab.py)."""
+    from qkit.lab import run_lab
+
+    sys.exit(run_lab(host=host, port=port, open_browser=browser, say=click.echo))
+
+
 def _dlq_groups(queue: str, as_json: bool) -> None:
     """``qkit dlq list --group``: the DLQ grouped by error fingerprint and type (qkit/triage.py)."""
     extras.require("qkit dlq list --group", "pandas")

@@ -62,6 +62,41 @@ def test_committed_notebook_is_clean(name):
         assert not any(w in pname for w in ("secret", "token", "password")), f"{name}.{pname}: a secret?"
 
 
+def test_a_notebook_saved_with_outputs_is_committed_stripped(tmp_path):
+    """The repository's git filter (.gitattributes + scripts/nbstripout.sh) strips what Lab and papermill add."""
+    import json
+    import shutil
+    import subprocess
+
+    repo = tmp_path / "repo"
+    (repo / "notebooks").mkdir(parents=True)
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    shutil.copy(ROOT / ".gitattributes", repo / ".gitattributes")
+    subprocess.run(["bash", str(ROOT / "scripts" / "nbstripout.sh"), str(repo)], check=True)
+    nb = nbformat.read(NOTEBOOKS / "worker.ipynb", as_version=4)
+    ids = [c.id for c in nb.cells]
+    nb.metadata["papermill"] = {"parameters": {"max_jobs": 5}}
+    nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": {}}}
+    for n, cell in enumerate(c for c in nb.cells if c.cell_type == "code"):
+        cell.execution_count = n + 1
+        cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text="processed 5\n"),
+                        nbformat.v4.new_output("display_data", data={"image/png": "iVBORw0KGgo="})]
+        cell.metadata["execution"] = {"iopub.status.busy": "2025-01-01T00:00:00Z"}
+        cell.metadata["papermill"] = {"duration": 1.0}
+    nbformat.write(nb, repo / "notebooks" / "worker.ipynb")
+    subprocess.run(["git", "-C", str(repo), "add", "notebooks/worker.ipynb"], check=True)
+    staged = json.loads(subprocess.run(["git", "-C", str(repo), "show", ":notebooks/worker.ipynb"], check=True,
+                                       capture_output=True, text=True).stdout)
+    assert "papermill" not in staged["metadata"] and "widgets" not in staged["metadata"]
+    assert [c["id"] for c in staged["cells"]] == ids  # cell ids kept: no churn on each save
+    for cell in staged["cells"]:
+        if cell["cell_type"] == "code":
+            assert cell["outputs"] == [] and cell["execution_count"] is None
+            assert not {"execution", "papermill"} & set(cell["metadata"])
+    # the working copy keeps its outputs: only what is committed is stripped
+    assert nbformat.read(repo / "notebooks" / "worker.ipynb", as_version=4).cells[2].outputs
+
+
 # ---------------------------------------------------------------- check_params
 def namespace(injected: str | None = None, **values) -> dict:
     history = ["", "x: int = 1  # defaults"]
