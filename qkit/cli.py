@@ -296,6 +296,7 @@ def serve_command(host: str, port: int, queue: str) -> None:
 @click.option("--browser/--no-browser", default=False, show_default=True, help="Open a web browser too.")
 def lab_command(host: str, port: int, browser: bool) -> None:
     """JupyterLab on notebooks/ with this project's QKIT_* settings; prints the URL (qkit/lab.py)."""
+    extras.require("qkit lab", "jupyterlab", "ipykernel")
     from qkit.lab import run_lab
 
     sys.exit(run_lab(host=host, port=port, open_browser=browser, say=click.echo))

@@ -14,10 +14,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
-import pandas as pd
-from sqlalchemy import and_, func, select
+from qkit.extras import require
 
-from qkit.ledger import job_attempts, job_events, jobs as jobs_t, utcnow, worker_runs
+require("qkit.frames", "pandas")
+
+import pandas as pd  # noqa: E402
+from sqlalchemy import and_, func, select  # noqa: E402
+
+from qkit.ledger import job_attempts, job_events, jobs as jobs_t, utcnow, worker_runs  # noqa: E402
 
 if TYPE_CHECKING:
     from qkit.queue import Queue

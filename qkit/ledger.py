@@ -40,6 +40,7 @@ from sqlalchemy import (JSON, BigInteger, case, Column, DateTime, Float, Index, 
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError, SQLAlchemyError
 
+from qkit import extras
 from qkit.backoff import Backoff
 from qkit.config import redact
 from qkit.dispatch import Settlement
@@ -376,7 +377,9 @@ class Ledger:
                 self.engine = create_engine(url, pool_pre_ping=True, json_serializer=_dumps)
                 self.read_engine = self.engine
         except (SQLAlchemyError, ImportError) as exc:
-            raise BackendUnavailable(f"cannot open the ledger at QKIT_DATABASE_URL={redact(url)}: {exc}") from None
+            missing = extras.explain(exc, "a PostgreSQL ledger") if isinstance(exc, ModuleNotFoundError) else None
+            raise missing or BackendUnavailable(f"cannot open the ledger at QKIT_DATABASE_URL={redact(url)}: {exc}") \
+                from None
         self.dialect = self.engine.dialect.name
         self.driver = DriverSQL(self.dialect)
         self.statements = 0  # SQL statements sent, for cost figures

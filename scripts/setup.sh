@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install what qkit and its tests need: redis-server, PostgreSQL and chromium
 # (Debian packages, when missing and we are root), the Python package with its
-# dev extra, and the git filter that strips notebook outputs (scripts/nbstripout.sh).
+# extras all (notebooks, api, postgres) and dev, and the git filter that strips
+# notebook outputs (scripts/nbstripout.sh).
 # Safe to run again: it installs only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +21,6 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   # Debian's packages start their own services; the tests use their own instances
   (systemctl stop redis-server postgresql 2>/dev/null || service redis-server stop 2>/dev/null || true) >/dev/null 2>&1 || true
 fi
-python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore -e '.[dev]'
+python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore -e '.[all,dev]'
 # notebooks are committed without outputs: the git filter .gitattributes names (nbstripout)
 if git rev-parse --git-dir >/dev/null 2>&1; then bash scripts/nbstripout.sh .; fi
