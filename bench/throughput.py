@@ -4,7 +4,7 @@
         [--latency-ms 5] [--concurrency K] [--vs huey,rq] [--redis-url URL] [--database-url URL]
         [--batch 10000] [--idle-s 1] [--profile DIR]
 
-Method (the same as ``/work/shared/research/perf-anchors.md`` for the peers):
+Method (the same as the peers' harness, ``bench/peers/README.md``):
 
 * **enqueue**: N no-op jobs through ``Queue.enqueue_many`` (``--batch`` jobs per
   call), timed in this process;
@@ -27,9 +27,9 @@ It starts what it needs and stops it at the end: a fresh ``QKIT_HOME`` with
 its embedded server, ``/usr/bin/redis-server`` on a free port (unless
 ``--redis-url``), a throw-away PostgreSQL (unless ``--database-url``), and
 qkit's local Upstash endpoint with ``--latency-ms``.  ``--vs huey,rq`` then runs
-those peers' scripts from ``/work/shared/bench-peers`` (copied to a temporary
-folder, as the shared one is read-only) against the same Redis server and adds
-the ratios qkit/peer.  The peers FLUSHALL that server.
+those peers' scripts from ``bench/peers/`` (their worker logs go to the
+temporary folder) against the same Redis server and adds the ratios
+qkit/peer.  The peers FLUSHALL that server.
 """
 from __future__ import annotations
 
@@ -61,16 +61,8 @@ import qkit  # noqa: E402
 from burst_worker import count_sql, wrap_timer  # noqa: E402
 from servers import Postgres, UpstashEndpoint, start_postgres, start_redis, start_upstash  # noqa: E402
 
-def _peers_dir() -> Path:
-    """The shared peer harness: $QKIT_BENCH_PEERS, /work/shared/bench-peers, or shared/ beside the checkout."""
-    for candidate in (os.environ.get("QKIT_BENCH_PEERS"), "/work/shared/bench-peers",
-                      str(ROOT.parent / "shared" / "bench-peers")):
-        if candidate and Path(candidate, "common.py").is_file():
-            return Path(candidate)
-    return Path("/work/shared/bench-peers")
-
-
-PEERS_DIR = _peers_dir()
+#: the peer harness (bench/peers/README.md): one ``<name>_peer.py`` per peer queue
+PEERS_DIR = BENCH / "peers"
 PEERS = ("huey", "rq", "arq", "saq", "dramatiq", "celery")
 HANDLERS_MODULE = "noop_handlers"
 
@@ -436,24 +428,20 @@ def _endpoint_counts(stack: Stack) -> dict[str, int]:
 # --------------------------------------------------------------------------- peers
 def run_peers(names: list[str], n: int, url: str, workdir: Path, timeout: float = 1800.0,
               raw_n: int = 0) -> dict[str, Any]:
-    """Run ``<name>_peer.py`` of the shared peer harness, from a writable copy, against ``url``."""
-    src = PEERS_DIR
-    dst = workdir / "bench-peers"
-    if not dst.exists():
-        shutil.copytree(src, dst, copy_function=shutil.copyfile)
-        os.chmod(dst, 0o755)  # copytree copied the read-only mode of the shared folder
-        (dst / "results").mkdir(exist_ok=True)
+    """Run ``bench/peers/<name>_peer.py`` against ``url``; their worker logs go to ``workdir``."""
+    results = workdir / "peer-results"
+    results.mkdir(parents=True, exist_ok=True)
     out: dict[str, Any] = {}
     for name in names:
-        script = dst / f"{name}_peer.py"
+        script = PEERS_DIR / f"{name}_peer.py"
         if not script.exists():
-            out[name] = {"error": f"no {script.name} in {src}"}
+            out[name] = {"error": f"no {script.name} in {PEERS_DIR}"}
             continue
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(dst), os.environ.get("PYTHONPATH", ""))
-                                                          if p))
+        env = dict(os.environ, BENCH_RESULTS_DIR=str(results),
+                   PYTHONPATH=os.pathsep.join(p for p in (str(PEERS_DIR), os.environ.get("PYTHONPATH", "")) if p))
         proc = subprocess.run([sys.executable, script.name, "--n", str(n), "--redis-url", url, "--raw-n", str(raw_n),
-                               "--timeout", str(timeout)], cwd=str(dst), env=env, capture_output=True, text=True,
-                              timeout=timeout + 120)
+                               "--timeout", str(timeout)], cwd=str(PEERS_DIR), env=env, capture_output=True,
+                              text=True, timeout=timeout + 120)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
         if proc.returncode != 0 or not lines:
             tail = (proc.stderr or proc.stdout)[-1500:]
@@ -580,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
                 res["vs"].update(peer_ratios(res, peers))
                 res["vs_server"] = stack.server
             if a.peers_redis in ("tcp", "both"):
-                # the setting of perf-anchors.md: a plain redis-server on a loopback TCP port
+                # the peers' own setting (bench/peers/README.md): a plain redis-server on a loopback TCP port
                 rs = start_redis(stack.tmp)
                 stack.closers.append(rs.stop)
                 peers = median_peers([run_peers(a.vs, a.n, rs.url, stack.tmp, timeout=a.timeout)
@@ -595,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The run with the median end-to-end rate, plus every run's headline rates.
 
-    The machine is shared and noisy (perf-anchors.md saw +-8% between runs), so
+    The machine is shared and noisy (+-8% between runs of the same figure), so
     a figure is read from the median of ``--repeat`` runs in one invocation.
     """
     if len(runs) == 1:
