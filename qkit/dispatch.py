@@ -8,7 +8,10 @@ never leaves a job half-moved.  All keys of a queue share the hash tag
 """
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from typing import Iterable, Sequence
 
 from qkit.backends.base import Backend
@@ -79,6 +82,45 @@ class Snapshot:
         return None
 
 
+class RedisClock:
+    """Redis's clock as this process last saw it, carried forward on the monotonic clock.
+
+    Due times are decided by Redis ``TIME`` inside the scripts (a delay travels
+    as a relative number of ms).  The ledger's ``run_at`` is written in Python,
+    so it is computed from this estimate: the ``now_ms`` that the last script
+    reply returned (push, claim, inventory) plus the monotonic time elapsed since
+    that reply arrived.  The error is the reply's transit time (ms) and
+    monotonic drift, never the host's wall clock, which may be hours off or
+    stepped while a process runs.  Until a first reply arrives :meth:`now` is
+    None and callers fall back to the host's clock, then correct (see
+    ``Queue._enqueue``).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._seen: tuple[int, float] | None = None  # (Redis ms, monotonic s when the reply arrived)
+
+    def observe(self, redis_ms: int) -> None:
+        with self._lock:
+            self._seen = (int(redis_ms), time.monotonic())
+
+    def at(self, mono: float) -> datetime | None:
+        """Redis's time at monotonic instant ``mono`` (estimate), or None before any reply."""
+        with self._lock:
+            seen = self._seen
+        if seen is None:
+            return None
+        ms = seen[0] + (mono - seen[1]) * 1000
+        return datetime.fromtimestamp(ms / 1000, timezone.utc)
+
+    def now(self) -> datetime | None:
+        return self.at(time.monotonic())
+
+
+#: a host clock further than this from Redis's has its ledger due times corrected after the fact
+CLOCK_SLACK = timedelta(seconds=1)
+
+
 def _aging_arg(aging_s: float) -> str:
     """The aging setting as the scripts read it (``repr`` keeps every digit of the float)."""
     return repr(float(aging_s)) if aging_s > 0 else "0"
@@ -94,9 +136,15 @@ class Dispatch:
         #: priority aging, seconds of waiting worth one priority level (0: strict priority).
         #: Every process of a queue must use the same value: it decides the ready scores.
         self.aging_s = float(aging_s)
+        #: Redis TIME as last returned by a script (due times in the ledger are computed from it)
+        self.clock = RedisClock()
 
     def push(self, jobs: Iterable[tuple[int, int, int]], mode: str = "new") -> int:
-        """Make jobs pending: (id, priority, delay_ms) each.  Returns how many were added."""
+        """Make jobs pending: (id, priority, delay_ms) each.  Returns how many were added.
+
+        A delay is relative: the script adds it to Redis ``TIME``, so whoever
+        pushes, a job is due on Redis's clock.  Each reply updates :attr:`clock`.
+        """
         added = 0
         batch: list[tuple[int, int, int]] = []
         for item in jobs:
@@ -112,7 +160,9 @@ class Dispatch:
         args: list[object] = [mode, _aging_arg(self.aging_s)]
         for job_id, priority, delay_ms in batch:
             args += [job_id, priority, max(0, int(delay_ms))]
-        return int(self.backend.run("push", self.keys, args))
+        added, now_ms = self.backend.run("push", self.keys, args)
+        self.clock.observe(int(now_ms))
+        return int(added)
 
     def claim(self, token: str, lease_ms: int, want: int,
               settlements: Sequence[Settlement] = ()) -> ClaimResult:
@@ -126,6 +176,7 @@ class Dispatch:
         for s in settlements:
             args += [s.job_id, s.action, int(s.delay_ms), s.priority]
         now, reclaimed, claimed, fenced, next_due, ready_count, malformed = self.backend.run("claim", self.keys, args)
+        self.clock.observe(int(now))
         pairs = reclaimed or []
         if malformed:
             # written by something other than qkit: only the ledger says what a job is, so nothing ran
@@ -158,12 +209,14 @@ class Dispatch:
 
     def inventory(self) -> Inventory:
         """Counts per place, in one command."""
-        reply = self.backend.run("inventory", self.keys, ["counts"])
-        return Inventory(*(int(x) for x in reply))
+        inv = Inventory(*(int(x) for x in self.backend.run("inventory", self.keys, ["counts"])))
+        self.clock.observe(inv.now_ms)
+        return inv
 
     def snapshot(self) -> Snapshot:
         """Every id and where it is, in one command (for audit and repair)."""
         now, ready, delayed, leased, dead = self.backend.run("inventory", self.keys, ["full"])
+        self.clock.observe(int(now))
         return Snapshot(
             now_ms=int(now),
             ready={int(x) for x in ready or []},

@@ -29,6 +29,7 @@ import json
 import queue as queue_mod
 import re
 import threading
+import time
 from collections import namedtuple
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -51,15 +52,16 @@ from qkit.model import Job, NewJob
 
 SCHEMA_VERSION = 2  # v2: job_daily (retention roll-ups, qkit/retention.py)
 MAX_TEXT = 64 * 1024  # stored error/traceback text is truncated to this
-#: a pending job claimed this much before its run_at still runs: Redis decides due times on its
-#: own clock, which may run a little ahead of this host's
+#: a retry claimed this much before its run_at still runs: Redis decides due times on its own clock,
+#: and run_at is written from an estimate of it (qkit.dispatch.RedisClock)
 NOT_DUE_SLACK = timedelta(seconds=1)
 #: how long a lease renewer waits for its ``lease_renewed`` event to commit (see Ledger.record_renewal)
 RENEWAL_EVENT_WAIT_S = 0.1
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    """This host's wall clock (``time.time``, the one a clock-skew test shifts), as an aware UTC datetime."""
+    return datetime.fromtimestamp(time.time(), timezone.utc)
 
 
 class UTCDateTime(TypeDecorator):
@@ -636,6 +638,16 @@ class Ledger:
                 found |= set(conn.execute(select(jobs.c.id).where(jobs.c.id.in_(ids[start:start + 500]))).scalars())
         return found
 
+    def correct_run_at(self, due: Sequence[tuple[int, datetime]]) -> None:
+        """Re-write the due time of jobs still pending and never run (see ``Queue._correct_due_times``)."""
+        if not due:
+            return
+        with self._write() as conn:
+            conn.execute(update(jobs).where(jobs.c.id == bindparam("b_id"), jobs.c.status == "pending",
+                                            jobs.c.attempts == 0).values(run_at=bindparam("b_run_at")),
+                         [dict(b_id=job_id, b_run_at=at) for job_id, at in due])
+            self.statements += 1
+
     def dead(self, queue: str, limit: int | None = None) -> list[Job]:
         """The DLQ: failed jobs, newest failure first."""
         query = select(jobs).where(jobs.c.queue == queue, jobs.c.status == "failed") \
@@ -681,7 +693,7 @@ class Ledger:
                                                        r.priority if failed else 0))
                     continue
                 attempts = r.attempts
-                if r.status == "pending" and r.run_at > now + NOT_DUE_SLACK:
+                if r.status == "pending" and r.attempts > 0 and r.run_at > now + NOT_DUE_SLACK:
                     # a retry whose Redis settle never arrived (its lease expired instead): not due
                     # before run_at (SPEC §3), so it goes back to wait, without an attempt
                     wait_ms = int((r.run_at - now).total_seconds() * 1000)

@@ -2,16 +2,18 @@
 from __future__ import annotations
 
 import threading
+import time
+from datetime import datetime, timedelta
 from typing import Any, Iterable, Mapping, Sequence
 
 from qkit import faults
 from qkit.backends import Backend, open_backend
 from qkit.backoff import Backoff
 from qkit.config import DEFAULT_QUEUE, Settings, settings as resolve_settings
-from qkit.dispatch import Dispatch
+from qkit.dispatch import CLOCK_SLACK, Dispatch
 from qkit.errors import BadInput
 from qkit.handlers import import_handler_modules
-from qkit.ledger import Ledger
+from qkit.ledger import Ledger, utcnow
 from qkit.model import Job, NewJob, WorkSummary, check_name, new_job, new_job_from_item
 
 
@@ -78,7 +80,8 @@ class Queue:
     def _enqueue(self, jobs: Sequence[NewJob]) -> list[int]:
         if faults.ARMED:
             faults.arm()
-        results = self.ledger.insert_jobs(self.name, jobs)
+        now, t0 = self._due_clock()
+        results = self.ledger.insert_jobs(self.name, jobs, now=now)
         if faults.ARMED:
             faults.reach("enqueue.after_ledger")
         created = [(job_id, j.priority, int(j.delay * 1000)) for (job_id, new), j in zip(results, jobs) if new]
@@ -87,7 +90,27 @@ class Queue:
         if created:
             # the ledger row is committed first: if this push is lost, the next burst pushes it again
             self.dispatch.push(created, mode="new")
+            self._correct_due_times(now, t0, [(job_id, delay_ms) for job_id, _, delay_ms in created])
         return [job_id for job_id, _ in results]
+
+    def _due_clock(self) -> tuple[datetime, float]:
+        """The time to write due times from: Redis's (as last seen) or, before any reply, this host's."""
+        t0 = time.monotonic()
+        return self.dispatch.clock.at(t0) or utcnow(), t0
+
+    def _correct_due_times(self, written: datetime, t0: float, jobs: Sequence[tuple[int, int]]) -> None:
+        """After the first script reply of a process: re-write due times taken from a host clock that is off.
+
+        ``written`` was the host's clock at monotonic ``t0`` (no Redis reply yet);
+        the push reply tells what Redis's clock was then.  Only rows still
+        pending and never run are corrected (one statement, and only when the
+        host clock is more than ``CLOCK_SLACK`` off).  Until then (or if this
+        process dies first) Redis still has the job due on its own clock.
+        """
+        actual = self.dispatch.clock.at(t0)
+        if actual is None or abs(actual - written) <= CLOCK_SLACK:
+            return
+        self.ledger.correct_run_at([(job_id, actual + timedelta(milliseconds=delay_ms)) for job_id, delay_ms in jobs])
 
     # ------------------------------------------------------------------ reads
     def get(self, job_id: int) -> Job:
@@ -154,8 +177,10 @@ class Queue:
         Refuses (Conflict) if any id is not failed; nothing changes then.
         """
         ids = [job_id] if isinstance(job_id, int) else list(job_id)
-        replayed = self.ledger.replay(self.name, [_job_id(i) for i in ids])
+        now, t0 = self._due_clock()
+        replayed = self.ledger.replay(self.name, [_job_id(i) for i in ids], now=now)
         self.dispatch.push([(i, p, 0) for i, p in replayed], mode="repair")
+        self._correct_due_times(now, t0, [(i, 0) for i, _ in replayed])
         return [i for i, _ in replayed]
 
     def replay_all(self) -> list[int]:

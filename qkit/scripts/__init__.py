@@ -4,11 +4,15 @@ Every script names all the keys it touches in KEYS, and every key of a queue
 shares the hash tag ``{<queue>}``, so a script runs on Redis Cluster and on
 Upstash.  User-supplied names reach a script only as KEYS or ARGV, never as
 script text.  Each file starts with a header stating its KEYS, ARGV and reply.
+Files named ``_*.lua`` are shared parts: a script's line ``-- include _x.lua``
+is replaced by that file's text, so a helper is written once (Redis runs a
+script as one self-contained text).
 """
 from __future__ import annotations
 
 import functools
 import hashlib
+import re
 from dataclasses import dataclass
 from importlib import resources
 
@@ -20,8 +24,12 @@ class Script:
     sha: str
 
 
+_INCLUDE = re.compile(r"^-- include (_[a-z_]+)\.lua$", re.MULTILINE)
+
+
 @functools.lru_cache(maxsize=None)
 def load_script(name: str) -> Script:
     """Read ``<name>.lua`` from this package once and remember its SHA1."""
     source = resources.files(__name__).joinpath(f"{name}.lua").read_text(encoding="utf-8")
+    source = _INCLUDE.sub(lambda m: load_script(m.group(1)).source, source)
     return Script(name=name, source=source, sha=hashlib.sha1(source.encode()).hexdigest())

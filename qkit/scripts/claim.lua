@@ -39,21 +39,8 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
 
--- same formula as push.lua
-local EPOCH_US = 1577836800000000  -- 2020-01-01T00:00:00Z: keeps aged scores small and exact
-local function aged_score(since_us, p)
-  return string.format('%.0f', since_us - EPOCH_US - math.floor(p * aging * 1000000 + 0.5))
-end
-local last_us = nil
-local function next_since()  -- now, or 1 µs after the last job made ready (aging only)
-  if last_us == nil then last_us = tonumber(redis.call('GET', KEYS[7]) or '0') end
-  last_us = math.max(now_us, last_us + 1)
-  return last_us
-end
-local function ready_score(id, p)
-  if aging > 0 then return aged_score(next_since(), p) end
-  return string.format('%.0f', (1000000 - p) * 4294967296 + id)
-end
+-- include _ready.lua
+-- include _prio.lua
 
 -- a job id as qkit writes it: decimal, no sign, no leading zero, 1..2^63-1 (BIGINT)
 local function is_id(m)
@@ -95,7 +82,7 @@ for j = 1, n do
   if holders[j] == token then
     if action == 'retry' then
       if delay <= 0 then
-        redis.call('ZADD', ready, ready_score(tonumber(id), p), id)
+        redis.call('ZADD', ready, ready_score(id, p), id)
       else
         redis.call('ZADD', delayed, now + delay, id)
         redis.call('HSET', prio, id, p)
@@ -164,7 +151,7 @@ if want > 0 then
       end
     else
       for _, id in ipairs(ids) do
-        redis.call('ZADD', ready, ready_score(tonumber(id), prio_of[id]), id)
+        redis.call('ZADD', ready, ready_score(id, prio_of[id]), id)
       end
     end
     redis.call('ZREM', delayed, unpack(ids))
@@ -195,7 +182,7 @@ if want > 0 then
   end
 end
 
-if last_us ~= nil then redis.call('SET', KEYS[7], string.format('%.0f', last_us)) end
+save_clock()
 
 local next_due = -1
 local first = redis.call('ZRANGE', delayed, 0, 0, 'WITHSCORES')

@@ -7,7 +7,8 @@
 --               'dead'   (rebuild of the DLQ: a job found nowhere is put in the DLQ)
 -- ARGV[2] aging priority aging A, seconds per priority level ('0': strict priority)
 -- ARGV[3..]     groups of 3: id, priority, delay_ms (0: ready now)
--- Returns the number of jobs added.  A job already leased is never added, and ZADD NX never
+-- Returns {added, now_ms}: the number of jobs added and Redis TIME in ms (callers write the
+-- ledger's due times from it: one clock for every writer).  A job already leased is never added, and ZADD NX never
 -- adds one twice to a set, so pushing is idempotent: a late or repeated push cannot let two
 -- workers hold one job (an extra entry of a finished job is dropped when claimed).
 local ready, delayed, leased, dead, prio = KEYS[1], KEYS[2], KEYS[3], KEYS[5], KEYS[6]
@@ -17,18 +18,8 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
 
--- same formula as claim.lua
-local EPOCH_US = 1577836800000000  -- 2020-01-01T00:00:00Z: keeps aged scores small and exact
-local last_us = nil
-local function ready_score(id, p)
-  if aging > 0 then
-    -- since_us: now, or 1 µs after the last job made ready, so a batch stays FIFO
-    if last_us == nil then last_us = tonumber(redis.call('GET', KEYS[7]) or '0') end
-    last_us = math.max(now_us, last_us + 1)
-    return string.format('%.0f', last_us - EPOCH_US - math.floor(p * aging * 1000000 + 0.5))
-  end
-  return string.format('%.0f', (1000000 - p) * 4294967296 + tonumber(id))
-end
+-- include _ready.lua
+-- include _prio.lua
 
 local added = 0
 for i = 3, #ARGV, 3 do
@@ -55,5 +46,5 @@ for i = 3, #ARGV, 3 do
     end
   end
 end
-if last_us ~= nil then redis.call('SET', KEYS[7], string.format('%.0f', last_us)) end
-return added
+save_clock()
+return {added, now}

@@ -5,6 +5,7 @@
 -- ARGV[1] scope  'dead' (only from the DLQ) or 'all' (from every place)
 -- ARGV[2..] ids
 -- Returns the number of entries removed.
+-- include _prio.lua
 local scope = ARGV[1]
 local removed = 0
 for i = 2, #ARGV do
