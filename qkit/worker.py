@@ -118,22 +118,45 @@ def _timeout(job: Runnable, timeout: float) -> Outcome:
     return Outcome(job, "timeout", utcnow(), error=f"HandlerTimeout: handler exceeded its {timeout:g} s timeout")
 
 
-def kill_children_since(since: float) -> int:
-    """SIGKILL this process's descendants created at or after ``since`` (epoch seconds); returns how many.
+def kill_children_of(thread: threading.Thread, since: float) -> int:
+    """SIGKILL the processes that handler ``thread`` started at or after ``since`` (epoch s), with
+    their descendants; returns how many.
 
     An abandoned handler thread cannot be killed, but the processes it started
-    can: otherwise a timed-out handler's child would outlive the burst.
+    can: otherwise a timed-out handler's child would outlive the burst.  Other
+    handlers run in the same process (concurrent handlers, other bursts of
+    ``qkit serve``), so a child is told apart by the thread that forked it:
+    Linux lists a thread's own children in ``/proc/<pid>/task/<tid>/children``.
+    ``since`` spares what the thread's earlier jobs left running.  Where that
+    file does not exist (not Linux), nothing is killed: sparing an abandoned
+    handler's child is better than killing an innocent job's.
     """
     import psutil
 
+    tid = thread.native_id
+    if tid is None or not thread.is_alive():  # a finished thread's id may belong to a new thread now
+        return 0
+    try:
+        with open(f"/proc/{os.getpid()}/task/{tid}/children") as fh:
+            pids = [int(p) for p in fh.read().split()]
+    except OSError:
+        log.debug("cannot list the children of handler thread %s: left running", tid)
+        return 0
     killed = 0
-    for child in psutil.Process().children(recursive=True):
+    for pid in pids:
         try:
-            if child.create_time() >= since - 1.0:  # create_time counts from a boot time rounded down to 1 s
-                child.kill()
-                killed += 1
+            child = psutil.Process(pid)
+            if child.create_time() < since - 1.0:  # create_time counts from a boot time rounded down to 1 s
+                continue
+            victims = [child, *child.children(recursive=True)]
         except psutil.Error:
-            pass
+            continue
+        for proc in victims:
+            try:
+                proc.kill()
+                killed += 1
+            except psutil.Error:
+                pass
     return killed
 
 
@@ -203,8 +226,8 @@ class _SerialRunner(threading.Thread):
                 if left <= 0:
                     self.abandoned = True
                     self.outcomes.append(_timeout(job, timeout))
-                    # one handler at a time: every process started since this one began is its own
-                    kill_children_since(started)
+                    kill_children_of(self, started)
+                    self.worker._abandoned.append((self, started))  # and again at the burst's end
                     break
                 self.cond.wait(left)
             if self.crash is not None and not self.abandoned and len(self.outcomes) < len(self.jobs):
@@ -243,7 +266,7 @@ class Worker:
         self._signal: int | None = None
         self._started = 0
         self._avg_job_s = 0.0
-        self._abandoned_since: float | None = None  # epoch start of the earliest abandoned concurrent handler
+        self._abandoned: list[tuple[threading.Thread, float]] = []  # (handler thread, job start) of timeouts
 
     # ------------------------------------------------------------------ public
     def run(self) -> WorkSummary:
@@ -272,9 +295,8 @@ class Worker:
         finally:
             self._stop.set()
             pool.close()
-            if self._abandoned_since is not None:
-                # concurrent handlers share the process: their children are told apart only now
-                kill_children_since(self._abandoned_since)
+            for thread, started in self._abandoned:  # what they started since their timeout
+                kill_children_of(thread, started)
             self.summary.seconds = round(time.monotonic() - t0, 3)
             s = self.summary
             try:
@@ -437,7 +459,10 @@ class Worker:
                     del in_flight[future]
                     pool.abandon(future)
                     outcomes.append(_timeout(job, timeout))
-                    self._abandoned_since = min(started, self._abandoned_since or started)
+                    slot = getattr(future, "slot", None)
+                    if slot is not None:
+                        kill_children_of(slot, started)
+                        self._abandoned.append((slot, started))
         return outcomes
 
     # ------------------------------------------------------------------ leases
