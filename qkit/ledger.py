@@ -50,7 +50,7 @@ from qkit.logs import log
 from qkit.model import Job, NewJob
 
 
-SCHEMA_VERSION = 2  # v2: job_daily (retention roll-ups, qkit/retention.py)
+SCHEMA_VERSION = 3  # v2: job_daily (retention roll-ups, qkit/retention.py); v3: SQLite job ids never reused
 MAX_TEXT = 64 * 1024  # stored error/traceback text is truncated to this
 #: a retry claimed this much before its run_at still runs: Redis decides due times on its own clock,
 #: and run_at is written from an estimate of it (qkit.dispatch.RedisClock)
@@ -132,6 +132,7 @@ jobs = Table(
     Index("ix_jobs_queue_status", "queue", "status"),
     Index("uq_jobs_idempotency", "queue", "idempotency_key", unique=True,
           sqlite_where=text(NOT_FAILED), postgresql_where=text(NOT_FAILED)),
+    sqlite_autoincrement=True,  # SPEC §12: job ids are never reused, also after the highest were purged
 )
 
 job_attempts = Table(
@@ -210,6 +211,31 @@ job_daily = Table(
 def _migrate_v2(conn: Connection) -> None:
     """v1 -> v2: add ``job_daily`` (no existing table changes)."""
     job_daily.create(conn, checkfirst=True)
+
+
+def _migrate_v3(conn: Connection) -> None:
+    """v2 -> v3 (SQLite only): ``jobs.id`` becomes AUTOINCREMENT, so ids are never reused.
+
+    SQLite cannot add AUTOINCREMENT to a column: the table is rebuilt under the
+    same name (rows and ids kept), and its id sequence starts past the highest
+    job id the ledger still remembers, history of purged jobs included.
+    """
+    if conn.dialect.name != "sqlite":
+        return  # PostgreSQL's sequence never hands out an id twice
+    ddl = conn.exec_driver_sql("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'jobs'").scalar()
+    if "AUTOINCREMENT" not in (ddl or "").upper():
+        for index in jobs.indexes:  # index names are global in SQLite: free them for the new table
+            conn.exec_driver_sql(f"DROP INDEX IF EXISTS {index.name}")
+        conn.exec_driver_sql("ALTER TABLE jobs RENAME TO jobs_v2")
+        jobs.create(conn)
+        columns = ", ".join(c.name for c in jobs.c)
+        conn.exec_driver_sql(f"INSERT INTO jobs ({columns}) SELECT {columns} FROM jobs_v2")
+        conn.exec_driver_sql("DROP TABLE jobs_v2")
+    top = conn.exec_driver_sql(
+        "SELECT MAX(COALESCE((SELECT MAX(id) FROM jobs), 0), COALESCE((SELECT MAX(job_id) FROM job_events), 0),"
+        " COALESCE((SELECT MAX(job_id) FROM job_attempts), 0))").scalar()
+    if not conn.exec_driver_sql("UPDATE sqlite_sequence SET seq = MAX(seq, ?) WHERE name = 'jobs'", (top,)).rowcount:
+        conn.exec_driver_sql("INSERT INTO sqlite_sequence (name, seq) VALUES ('jobs', ?)", (top,))
 
 
 _NUMBER = re.compile(r"(?<![A-Za-z_])[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?", re.I)
@@ -376,13 +402,21 @@ class Ledger:
                 self.engine = self._sqlite_engine(url, immediate=True)
                 self.read_engine = self._sqlite_engine(url, immediate=False)
             else:
-                self.engine = create_engine(url, pool_pre_ping=True, json_serializer=_dumps)
+                # hide_parameters: a failed statement's message never carries job data (payloads,
+                # results, keys) into logs or stored errors
+                self.engine = create_engine(url, pool_pre_ping=True, json_serializer=_dumps, hide_parameters=True)
                 self.read_engine = self.engine
         except (SQLAlchemyError, ImportError) as exc:
             missing = extras.explain(exc, "a PostgreSQL ledger") if isinstance(exc, ModuleNotFoundError) else None
             raise missing or BackendUnavailable(f"cannot open the ledger at QKIT_DATABASE_URL={redact(url)}: {exc}") \
                 from None
+        for engine in {self.engine, self.read_engine}:
+            event.listen(engine, "handle_error", _first_line_only)
         self.dialect = self.engine.dialect.name
+        #: writes whose commit acknowledges something to a user (enqueue, replay, purge): on SQLite
+        #: they commit with synchronous=FULL, so an acknowledged enqueue survives a power loss
+        #: (SPEC §12); the worker's own writes keep NORMAL (a lost outcome is re-run, never lost)
+        self.durable_engine = self.engine.execution_options(qkit_durable=True)
         self.driver = DriverSQL(self.dialect)
         self.statements = 0  # SQL statements sent, for cost figures
         self._writer: _EventWriter | None = None  # background writer of lease_renewed events
@@ -398,19 +432,27 @@ class Ledger:
 
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False},
-                               json_serializer=_dumps)
+                               json_serializer=_dumps, hide_parameters=True)
 
         @event.listens_for(engine, "connect")
-        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        def _on_connect(dbapi_conn: Any, record: Any) -> None:
             dbapi_conn.isolation_level = None  # qkit emits BEGIN itself, below
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA busy_timeout=60000")
             cur.close()
+            record.info["qkit_sync"] = "NORMAL"
 
         @event.listens_for(engine, "begin")
         def _on_begin(conn: Connection) -> None:
+            # the sync level is per connection and SQLite refuses to change it inside a
+            # transaction: set it before BEGIN, for this transaction (Ledger.durable_engine)
+            level = "FULL" if conn.get_execution_options().get("qkit_durable") else "NORMAL"
+            info = conn.connection.info
+            if info.get("qkit_sync") != level:
+                conn.exec_driver_sql(f"PRAGMA synchronous={level}")
+                info["qkit_sync"] = level
             # writers take the lock up front: a deferred transaction that later
             # upgrades to a writer can fail with SQLITE_BUSY instead of waiting
             conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
@@ -418,9 +460,9 @@ class Ledger:
         return engine
 
     # ------------------------------------------------------------------ plumbing
-    def _write(self):
+    def _write(self, durable: bool = False):
         try:
-            return self.engine.begin()
+            return (self.durable_engine if durable else self.engine).begin()
         except OperationalError as exc:
             raise self._unavailable(exc) from None
 
@@ -494,7 +536,7 @@ class Ledger:
                         attempts=0, max_attempts=j.max_attempts, idempotency_key=j.key,
                         run_at=now + timedelta(seconds=j.delay), created_at=now, updated_at=now, epoch=0)
 
-        with self._write() as conn:
+        with self._write(durable=True) as conn:
             plain = [i for i, j in enumerate(new) if j.key is None]
             if plain:
                 ids = self._reserve_ids(conn, len(plain))
@@ -507,21 +549,8 @@ class Ledger:
                 for i, job_id in zip(plain, ids):
                     results[i] = (job_id, True)
             for i, j in enumerate(new):
-                if j.key is None:
-                    continue
-                stmt = (self._insert(jobs).values(**row(j))
-                        .on_conflict_do_nothing(index_elements=["queue", "idempotency_key"],
-                                                index_where=text(NOT_FAILED))
-                        .returning(jobs.c.id))
-                job_id = conn.execute(stmt).scalar()
-                self.statements += 1
-                if job_id is not None:
-                    results[i] = (int(job_id), True)
-                    continue
-                existing = conn.execute(select(jobs.c.id).where(
-                    jobs.c.queue == queue, jobs.c.idempotency_key == j.key, text(NOT_FAILED))).scalar()
-                self.statements += 1
-                results[i] = (int(existing), False)
+                if j.key is not None:
+                    results[i] = self._insert_keyed(conn, queue, row(j), j.key)
             at = self.driver.ts(now)
             self.driver.run(conn, INSERT_EVENT, [
                 (r[0], at, "enqueued", None, None) if r[1] else
@@ -530,14 +559,45 @@ class Ledger:
             self.statements += 1
         return [r for r in results if r is not None]
 
+    def _insert_keyed(self, conn: Connection, queue: str, values: dict[str, Any], key: str) -> tuple[int, bool]:
+        """Insert one job with an idempotency key, or return the id of the job holding the key.
+
+        On PostgreSQL the holder can fail (and so release the key) between the
+        conflicting insert and the fetch, each statement seeing the latest
+        commits: then nothing holds the key any more and the insert is tried
+        again.  Every round either inserts, or finds a holder, or saw a holder
+        end since the previous round, so the loop ends.
+        """
+        stmt = (self._insert(jobs).values(**values)
+                .on_conflict_do_nothing(index_elements=["queue", "idempotency_key"], index_where=text(NOT_FAILED))
+                .returning(jobs.c.id))
+        holder = select(jobs.c.id).where(jobs.c.queue == queue, jobs.c.idempotency_key == key, text(NOT_FAILED))
+        while True:
+            job_id = conn.execute(stmt).scalar()
+            self.statements += 1
+            if job_id is not None:
+                return int(job_id), True
+            existing = conn.execute(holder).scalar()
+            self.statements += 1
+            if existing is not None:
+                return int(existing), False
+
     def _reserve_ids(self, conn: Connection, n: int) -> list[int]:
-        """Ids for ``n`` new jobs, in order: they are the FIFO sequence within a priority."""
+        """Ids for ``n`` new jobs, in order: they are the FIFO sequence within a priority.
+
+        Never an id any job had before (SPEC §12): PostgreSQL's sequence only
+        moves forward; on SQLite ``jobs`` is AUTOINCREMENT (schema v3), whose
+        ``sqlite_sequence`` row remembers the highest id ever inserted, also
+        after those rows were purged, and moves up with the explicit ids inserted here.
+        """
         if self.dialect == "postgresql":
             rows = conn.exec_driver_sql(
                 "SELECT nextval(pg_get_serial_sequence('jobs', 'id')) FROM generate_series(1, %s)", (n,))
             return sorted(int(r[0]) for r in rows)
-        # SQLite: this transaction holds the write lock (BEGIN IMMEDIATE), so max(id) cannot move
-        top = conn.exec_driver_sql("SELECT COALESCE(MAX(id), 0) FROM jobs").scalar()
+        # SQLite: this transaction holds the write lock (BEGIN IMMEDIATE), so neither can move
+        top = conn.exec_driver_sql(
+            "SELECT MAX(COALESCE((SELECT MAX(id) FROM jobs), 0),"
+            " COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'jobs'), 0))").scalar()
         return list(range(int(top) + 1, int(top) + n + 1))
 
     # ------------------------------------------------------------------ reads
@@ -874,23 +934,34 @@ class Ledger:
         """Failed -> pending with a fresh attempt budget; returns (id, priority) of each.
 
         Refuses the whole call (nothing changed) if any id is missing or not failed.
+        A compare-and-set on (status, epoch): the rows are locked as read
+        (PostgreSQL; SQLite's writer holds the whole database), and the update
+        must change every one of them, so a concurrent purge, replay or burst
+        either waits for this replay or makes it refuse; never both succeed.
         """
         now = now or utcnow()
         ids = list(dict.fromkeys(int(i) for i in job_ids))
         if not ids:
             return []
         try:
-            with self._write() as conn:
-                rows = {r.id: r for r in conn.execute(select(jobs.c.id, jobs.c.status, jobs.c.priority)
-                                                      .where(jobs.c.id.in_(ids), jobs.c.queue == queue))}
+            with self._write(durable=True) as conn:
+                query = select(jobs.c.id, jobs.c.status, jobs.c.priority, jobs.c.epoch).where(
+                    jobs.c.id.in_(ids), jobs.c.queue == queue)
+                if self.dialect == "postgresql":
+                    query = query.order_by(jobs.c.id).with_for_update()
+                rows = {r.id: r for r in conn.execute(query)}
                 for job_id in ids:
                     if job_id not in rows:
                         raise NotFound(f"no job {job_id} in queue {queue!r}")
                     if rows[job_id].status != "failed":
                         raise Conflict(f"job {job_id} is {rows[job_id].status}, not failed: only failed jobs can be replayed")
-                conn.execute(update(jobs).where(jobs.c.id == bindparam("b_id")).values(
-                    status="pending", attempts=0, epoch=jobs.c.epoch + 1, run_at=now, result=None,
-                    finished_at=None, updated_at=now), [dict(b_id=i) for i in ids])
+                changed = conn.execute(update(jobs).where(
+                    jobs.c.id == bindparam("b_id"), jobs.c.status == "failed", jobs.c.epoch == bindparam("b_epoch"))
+                    .values(status="pending", attempts=0, epoch=jobs.c.epoch + 1, run_at=now, result=None,
+                            finished_at=None, updated_at=now),
+                    [dict(b_id=i, b_epoch=rows[i].epoch) for i in ids]).rowcount
+                if changed != len(ids):  # cannot happen under the locks above; refuse rather than half-replay
+                    raise Conflict("a job changed while it was being replayed: nothing was replayed; try again")
                 conn.execute(insert(job_events), [dict(job_id=i, at=now, event="replayed", worker=None, detail=None)
                                                   for i in ids])
                 self.statements += 3
@@ -898,19 +969,41 @@ class Ledger:
             raise Conflict("a replayed job's idempotency key is now held by a newer job") from None
         return [(i, rows[i].priority) for i in ids]
 
-    def purge_dead(self, queue: str, job_ids: Sequence[int] | None = None) -> list[int]:
-        """Delete failed jobs (all of the queue's, or the given ids) with their attempts and events."""
-        with self._write() as conn:
-            query = select(jobs.c.id).where(jobs.c.queue == queue, jobs.c.status == "failed")
-            if job_ids is not None:
-                query = query.where(jobs.c.id.in_(list(job_ids)))
-            ids = list(conn.execute(query).scalars())
+    def purge_dead(self, queue: str, job_ids: Sequence[int | tuple[int, int]] | None = None) -> list[int]:
+        """Delete failed jobs (all of the queue's, or the given ids) with their attempts and events.
+
+        ``job_ids`` may pair each id with the replay epoch it was seen failed in:
+        a job replayed since (and perhaps failed again) is then left alone.  The
+        rows are chosen under lock and the delete re-checks the status (a
+        compare-and-set), so a job replayed meanwhile survives, history included;
+        only the rows the delete really removed lose their attempts and events.
+        Returns those ids.
+        """
+        with self._write(durable=True) as conn:
+            query = select(jobs.c.id, jobs.c.epoch).where(jobs.c.queue == queue, jobs.c.status == "failed")
+            if job_ids is None:
+                wanted = None
+            else:
+                wanted = dict(j if isinstance(j, tuple) else (j, None) for j in job_ids)
+                query = query.where(jobs.c.id.in_(list(wanted)))
+            if self.dialect == "postgresql":
+                # lock what is chosen, in id order (as replay does): a replay either committed before
+                # (the row is then seen pending and skipped) or waits for this purge to end
+                query = query.order_by(jobs.c.id).with_for_update()
+            ids = [i for i, epoch in conn.execute(query).all()
+                   if wanted is None or wanted[i] is None or wanted[i] == epoch]
+            deleted: list[int] = []
             for start in range(0, len(ids), 500):
                 chunk = ids[start:start + 500]
-                conn.execute(delete(job_events).where(job_events.c.job_id.in_(chunk)))
-                conn.execute(delete(job_attempts).where(job_attempts.c.job_id.in_(chunk)))
-                conn.execute(delete(jobs).where(jobs.c.id.in_(chunk)))
-        return ids
+                gone = list(conn.execute(delete(jobs).where(
+                    jobs.c.id.in_(chunk), jobs.c.queue == queue, jobs.c.status == "failed")
+                    .returning(jobs.c.id)).scalars())
+                if gone:
+                    conn.execute(delete(job_events).where(job_events.c.job_id.in_(gone)))
+                    conn.execute(delete(job_attempts).where(job_attempts.c.job_id.in_(gone)))
+                deleted += gone
+                self.statements += 3
+        return sorted(deleted)
 
     def add_events(self, rows: Sequence[dict[str, Any]]) -> None:
         if rows:
@@ -997,9 +1090,30 @@ class _EventWriter:
         self.thread.join(timeout)
 
 
+def _first_line_only(ctx: Any) -> None:
+    """Keep a database error's text to its first line, for logs and stored errors.
+
+    The database's DETAIL and CONTEXT lines can quote the data of the failed
+    statement (PostgreSQL echoes JSON input up to a bad character, and key
+    values on a conflict); the engines already hide the statement's parameters.
+    The exception objects, their class and driver codes stay as they were.
+    """
+    orig = ctx.original_exception
+    lines = str(orig).strip().splitlines()
+    if len(lines) <= 1:
+        return
+    try:
+        orig.args = (lines[0],)
+    except (AttributeError, TypeError):  # pragma: no cover - a driver whose errors refuse new args
+        pass
+    wrapped = ctx.sqlalchemy_exception
+    if wrapped is not None and wrapped.args:
+        wrapped.args = (f"({type(orig).__module__}.{type(orig).__name__}) {lines[0]}",)
+
+
 def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
 #: in-place upgrades: version -> function(connection) bringing the schema to it
-MIGRATIONS: dict[int, Any] = {2: _migrate_v2}
+MIGRATIONS: dict[int, Any] = {2: _migrate_v2, 3: _migrate_v3}

@@ -24,6 +24,8 @@ MAX_KEY_LENGTH = 256
 MAX_DELAY_SECONDS = 366 * 24 * 3600
 #: deepest nesting of objects and arrays in a payload (the HTTP API parses bodies with the same cap)
 MAX_JSON_DEPTH = 64
+#: a JSON \u0000 escape (after an even number of backslashes, so not an escaped "\\u0000" text)
+_NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 #: the keys an ``enqueue_many`` item may carry
 ITEM_KEYS = frozenset({"type", "payload", "priority", "max_attempts", "delay", "key"})
 
@@ -90,6 +92,10 @@ def check_payload(payload: Any) -> str:
         text = compact_json(dict(payload))
     except (TypeError, ValueError) as exc:
         raise BadInput(f"payload is not JSON-serialisable: {exc}") from None
+    if "\\u0000" in text and _NUL_ESCAPE.search(text):
+        # PostgreSQL's JSONB cannot hold it: refused on every ledger, so a payload that works on one works on all
+        raise BadInput("payload holds a NUL character (\\u0000), which the ledger cannot store; "
+                       "encode binary data (e.g. base64)")
     size = len(text.encode("utf-8"))
     if size > MAX_PAYLOAD_BYTES:
         raise BadInput(f"payload is {size} bytes of compact JSON; the limit is {MAX_PAYLOAD_BYTES}")
@@ -124,6 +130,8 @@ def new_job(type: Any, payload: Any, *, priority: Any = 0, max_attempts: Any = 3
     if key is not None:
         if not isinstance(key, str) or not key or len(key) > MAX_KEY_LENGTH:
             raise BadInput(f"key must be a non-empty string of at most {MAX_KEY_LENGTH} characters")
+        if "\x00" in key:
+            raise BadInput("key holds a NUL character, which the ledger cannot store")
     return NewJob(type=type, payload=dict(payload), priority=priority, max_attempts=max_attempts,
                   delay=float(delay), key=key, payload_text=text)
 

@@ -242,12 +242,14 @@ def check_params(namespace: dict[str, Any], spec: Mapping[str, Param | type]) ->
         if name not in namespace:
             problems.append(f"{name} is not defined: the parameters cell must give it a default")
             continue
+        secret_value = _looks_secret(namespace[name])
         try:
             values[name] = _check_one(name, namespace[name], p)
         except ParameterError as exc:
-            problems.append(str(exc))
-            continue
-        if _looks_secret(values[name]):
+            # a type or range error quotes the value: never a secret's (named, not quoted)
+            secret = secret_value or _SECRET_NAME.search(name)
+            problems.append(f"{name} is not a valid {_type_label(p.kind)} parameter" if secret else str(exc))
+        if secret_value:
             problems.append(f"{name} holds the value of a secret environment variable (or a URL with a "
                             f"password); secrets must not be notebook parameters")
     if problems:

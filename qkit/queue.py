@@ -199,9 +199,11 @@ class Queue:
         # Redis first: if the ledger delete is then lost, the next burst's drift check puts the
         # still-failed jobs back in Redis's DLQ.  The other order could leave DLQ entries that
         # no ledger row explains, which no burst repairs.
-        ids = [row[0] for row in self.ledger.active_rows(self.name) if row[1] == "failed"]
-        self.dispatch.remove(ids, scope="dead")
-        return len(self.ledger.purge_dead(self.name, ids))
+        # Each row is deleted only if it is still failed in the epoch read here (a compare-and-set):
+        # a job replayed meanwhile stays, and the replay's push puts it back in Redis (DLQ -> ready).
+        failed = [(row[0], row[4]) for row in self.ledger.active_rows(self.name) if row[1] == "failed"]
+        self.dispatch.remove([job_id for job_id, _ in failed], scope="dead")
+        return len(self.ledger.purge_dead(self.name, failed))
 
     # ------------------------------------------------------------------ work
     def work(self, max_jobs: int | None = None, max_seconds: float | None = None, *,

@@ -1,0 +1,310 @@
+"""Admin actions under concurrency, ids, durability and data in error text (issue 12: items 3, 4, 7, 10, 12).
+
+Races are forced, not hoped for: the test holds a row lock or an advisory
+lock so the interleaving that lost data happens every time.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+import threading
+import traceback
+from datetime import datetime, timezone
+
+import httpx
+import pytest
+from sqlalchemy import MetaData, create_engine, event, text
+from sqlalchemy.exc import DBAPIError
+
+import qkit
+from qkit.audit import audit
+from qkit.errors import BadInput, NotFound
+from qkit.ledger import INSERT_JOB, Ledger, metadata
+from qkit.model import NewJob
+from qkit.notebook import ParameterError, check_params
+
+from conftest import ROOT, wait_for  # noqa: F401  (ROOT: the clone under test)
+from services import start_api_server
+
+
+def _only(setup, *names: str) -> None:
+    if setup.name not in names:
+        pytest.skip(f"the scenario needs {' or '.join(names)}")
+
+
+def _dead_jobs(q: qkit.Queue, n: int) -> list[int]:
+    """``n`` jobs in the DLQ: a type no worker handles fails at once."""
+    ids = q.enqueue_many([{"type": "no_such_type", "payload": {"i": i}, "max_attempts": 1} for i in range(n)])
+    q.work()
+    assert q.stats()["failed"] == n
+    return ids
+
+
+def _cli(setup, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qkit.cli", *args, "--queue", setup.queue, "--json"],
+                          env=setup.env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _lock_waiters(engine, kind: str) -> int:
+    with engine.connect() as conn:
+        return conn.execute(text("SELECT count(*) FROM pg_locks WHERE NOT granted AND locktype = :k"),
+                            {"k": kind}).scalar()
+
+
+# ------------------------------------------------------------------ item 3: purge racing replay
+def test_purge_racing_replay_keeps_the_acknowledged_replay(setup):
+    """`dlq purge` chose every failed job; `dlq replay` of the last one commits while the purge runs.
+
+    The purge is held on the first row it must delete (a row lock taken by
+    the test), the replay runs to its end in another process, then the purge
+    goes on: the replayed job must stay pending, with its history, in Redis,
+    and the audit clean.
+    """
+    _only(setup, "redis-postgres")
+    q = setup.connect(backoff_base=0)
+    ids = _dead_jobs(q, 1200)
+    first, last = min(ids), max(ids)
+    blocker = q.ledger.engine.connect()
+    held = blocker.begin()
+    blocker.execute(text("SELECT id FROM jobs WHERE id = :i FOR UPDATE"), {"i": first})
+    purge = subprocess.Popen([sys.executable, "-m", "qkit.cli", "dlq", "purge", "--queue", setup.queue, "--json"],
+                             env=setup.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: _lock_waiters(q.ledger.engine, "transactionid") or _lock_waiters(q.ledger.engine, "tuple"),
+                 timeout=120, what="the purge to wait on the held row")
+        replay = _cli(setup, "dlq", "replay", str(last))
+        assert replay.returncode == 0, replay.stderr
+        assert json.loads(replay.stdout)["replayed"] == [last]
+    finally:
+        held.rollback()
+        blocker.close()
+    out, err = purge.communicate(timeout=120)
+    assert purge.returncode == 0, err
+    assert json.loads(out)["purged"] == len(ids) - 1
+    job = q.get(last)
+    assert (job.status, job.epoch) == ("pending", 1)
+    assert "replayed" in [e["event"] for e in q.ledger.events(last)]
+    assert q.dispatch.snapshot().place_of(last) == "ready"
+    report = audit(q)
+    assert report.clean, report.counts
+    assert q.stats()["failed"] == 0 and q.stats()["pending"] == 1
+
+
+def test_purge_spares_a_job_replayed_since_it_was_chosen(setup):
+    """A purge deletes a job only in the replay epoch it saw it failed in: a job replayed (and
+    failed again) after the purge read the DLQ stays, with its history."""
+    q = setup.connect(backoff_base=0)
+    ids = _dead_jobs(q, 3)
+    chosen = [(job_id, epoch) for job_id, status, _, _, epoch in q.ledger.active_rows(q.name) if status == "failed"]
+    assert q.replay(ids[-1]) == [ids[-1]]
+    q.work()  # fails again, now in epoch 1
+    assert (q.get(ids[-1]).status, q.get(ids[-1]).epoch) == ("failed", 1)
+    assert q.ledger.purge_dead(q.name, chosen) == sorted(ids[:-1])
+    assert q.get(ids[-1]).status == "failed"
+    assert [e["event"] for e in q.ledger.events(ids[-1])].count("replayed") == 1
+    assert len(q.ledger.attempts(ids[-1])) == 2
+
+
+def test_replay_refuses_a_job_purged_meanwhile(setup):
+    """Replay and purge of the same failed job: whichever commits first wins, the other changes nothing."""
+    q = setup.connect(backoff_base=0)
+    ids = _dead_jobs(q, 2)
+    assert q.purge_dead() == 2
+    with pytest.raises(NotFound):
+        q.replay(ids[0])
+    assert q.dispatch.snapshot().place_of(ids[0]) is None
+    assert audit(q).clean
+
+
+# ------------------------------------------------------------------ item 4: idempotency key race
+def test_key_released_between_conflict_and_fetch_creates_the_job(setup):
+    """The key's holder fails after the insert saw it and before the fetch looked for it.
+
+    A statement trigger on ``jobs`` makes the enqueue wait (on an advisory
+    lock the test holds) right after its conflicting insert; meanwhile a
+    burst fails the holder, which frees the key.  The enqueue must then
+    create a new job, not crash.
+    """
+    _only(setup, "redis-postgres")
+    q = setup.connect(backoff_base=0)
+    key = "k-" + secrets.token_hex(4)
+    holder = q.enqueue("no_such_type", {}, key=key, max_attempts=1)
+    lock_id = int.from_bytes(os.urandom(4), "big")
+    admin = create_engine(setup.overrides["database_url"])
+    trigger = f"qkit_test_pause_{lock_id}"
+    with admin.begin() as c:
+        c.exec_driver_sql(f"CREATE FUNCTION {trigger}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                          f"PERFORM pg_advisory_lock({lock_id}); PERFORM pg_advisory_unlock({lock_id}); "
+                          f"RETURN NULL; END $$")
+        c.exec_driver_sql(f"CREATE TRIGGER {trigger} AFTER INSERT ON jobs FOR EACH STATEMENT "
+                          f"EXECUTE FUNCTION {trigger}()")
+    locker = admin.connect()
+    result: dict = {}
+
+    def enqueue() -> None:
+        other = setup.connect(backoff_base=0)
+        try:
+            result["id"] = other.enqueue("record", {"n": 1}, key=key)
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            result["error"] = exc
+
+    try:
+        locker.exec_driver_sql(f"SELECT pg_advisory_lock({lock_id})")
+        thread = threading.Thread(target=enqueue)
+        thread.start()
+        wait_for(lambda: _lock_waiters(admin, "advisory"), timeout=60, what="the enqueue to pause after its insert")
+        q.work()  # the holder fails: its key is free again
+        assert q.get(holder).status == "failed"
+        locker.exec_driver_sql(f"SELECT pg_advisory_unlock({lock_id})")
+        thread.join(60)
+    finally:
+        locker.close()
+        with admin.begin() as c:
+            c.exec_driver_sql(f"DROP TRIGGER IF EXISTS {trigger} ON jobs")
+            c.exec_driver_sql(f"DROP FUNCTION IF EXISTS {trigger}()")
+        admin.dispose()
+    assert "error" not in result, "".join(traceback.format_exception(result["error"]))
+    job = q.get(result["id"])
+    assert job.id != holder and job.status == "pending" and job.idempotency_key == key
+    assert audit(q).clean
+
+
+# ------------------------------------------------------------------ item 7: ids never reused
+def test_ids_are_never_reused_after_the_highest_are_purged(setup):
+    q = setup.connect(backoff_base=0)
+    ids = _dead_jobs(q, 3)
+    assert q.purge_dead() == 3
+    plain = q.enqueue("record", {})
+    keyed = q.enqueue("record", {}, key="k")
+    many = q.enqueue_many([{"type": "record", "payload": {}}] * 2)
+    assert plain > max(ids) and keyed > plain and min(many) > keyed
+
+
+def _v2_ledger(url: str) -> None:
+    """A ledger as schema v2 made it: ``jobs.id`` without AUTOINCREMENT, 5 jobs with history."""
+    old = MetaData()
+    for table in metadata.sorted_tables:
+        table.to_metadata(old)
+    old.tables["jobs"].dialect_options["sqlite"]["autoincrement"] = False
+    engine = create_engine(url)
+    old.create_all(engine)
+    now = datetime.now(timezone.utc).replace(tzinfo=None).isoformat(sep=" ")
+    with engine.begin() as c:
+        c.exec_driver_sql("INSERT INTO qkit_schema (version) VALUES (2)")
+        for i in range(1, 6):
+            c.exec_driver_sql("INSERT INTO jobs (id, queue, type, payload, status, priority, attempts, max_attempts,"
+                              " idempotency_key, run_at, created_at, updated_at, epoch)"
+                              " VALUES (?, 'q', 'record', ?, 'failed', 0, 1, 1, ?, ?, ?, ?, 0)",
+                              (i, json.dumps({"i": i}), f"key{i}", now, now, now))
+            c.exec_driver_sql("INSERT INTO job_events (job_id, at, event) VALUES (?, ?, 'enqueued')", (i, now))
+    engine.dispose()
+
+
+def test_v2_sqlite_ledger_is_upgraded_in_place_and_stops_reusing_ids(tmp_path):
+    url = f"sqlite:///{tmp_path / 'old.sqlite3'}"
+    _v2_ledger(url)
+    ledger = Ledger(url)
+    try:
+        assert ledger.init_schema() == 3
+        with ledger.engine.connect() as c:
+            ddl = c.exec_driver_sql("SELECT sql FROM sqlite_master WHERE name = 'jobs'").scalar()
+            indexes = set(c.exec_driver_sql("SELECT name FROM sqlite_master WHERE type = 'index'"
+                                            " AND tbl_name = 'jobs'").scalars())
+        assert "AUTOINCREMENT" in ddl.upper()
+        assert {"ix_jobs_queue_status", "uq_jobs_idempotency"} <= indexes
+        assert [ledger.get(i).payload for i in range(1, 6)] == [{"i": i} for i in range(1, 6)]
+        assert ledger.purge_dead("q", [4, 5]) == [4, 5]
+        new = ledger.insert_jobs("q", [NewJob("record", {}, payload_text="{}")])
+        assert new == [(6, True)]
+        assert ledger.insert_jobs("q", [NewJob("record", {}, key="key1", payload_text="{}")]) == [(7, True)]
+    finally:
+        ledger.close()
+    again = Ledger(url)  # a second open finds v3 and changes nothing
+    try:
+        assert again.init_schema() == 3 and again.get(6).status == "pending"
+    finally:
+        again.close()
+
+
+# ------------------------------------------------------------------ item 12: durability
+def test_acknowledging_transactions_commit_with_synchronous_full(setup):
+    """Enqueue, replay and purge commit with synchronous=FULL (2) on SQLite: acknowledged means on disk."""
+    _only(setup, "embedded-sqlite", "upstash-sqlite")
+    q = setup.connect(backoff_base=0)
+    seen: dict[str, set[int]] = {}
+
+    @event.listens_for(q.ledger.engine, "before_cursor_execute")
+    def _sync_level(conn, cursor, statement, *_):
+        for what, found in (("enqueue", statement.startswith("INSERT INTO jobs")),
+                            ("replay", statement.startswith("UPDATE jobs") and "epoch=(jobs.epoch" in statement),
+                            ("purge", statement.startswith("DELETE FROM jobs"))):
+            if found:
+                level = conn.connection.dbapi_connection.execute("PRAGMA synchronous").fetchone()[0]
+                seen.setdefault(what, set()).add(level)
+
+    ids = _dead_jobs(q, 2)
+    q.enqueue("record", {}, key="durable")
+    q.replay(ids[0])
+    q.purge_dead()
+    assert seen == {"enqueue": {2}, "replay": {2}, "purge": {2}}
+
+
+# ------------------------------------------------------------------ item 10: data never in error text
+SECRET = "s3cr3t-payload-" + secrets.token_hex(4)
+
+
+def test_nul_in_a_payload_is_refused_alike_on_every_ledger(setup, tmp_path):
+    """JSONB cannot hold \\u0000: refused before anything is written, on SQLite too, over HTTP a 4xx."""
+    q = setup.connect(backoff_base=0)
+    for payload in ({"note": SECRET + "\x00"}, {SECRET + "\x00": 1}, {"deep": [{"x": "\x00"}]}):
+        with pytest.raises(BadInput, match="NUL"):
+            q.enqueue("record", payload)
+    with pytest.raises(BadInput, match="NUL"):
+        q.enqueue("record", {}, key="k\x00")
+    assert q.enqueue("record", {"text": "a literal \\u0000 is fine"}) > 0
+    token = "tok-" + secrets.token_hex(8)
+    log = tmp_path / "serve.log"
+    server = start_api_server({**setup.env(), "QKIT_API_TOKEN": token, "QKIT_HANDLERS": "job_handlers"}, log,
+                              "--queue", setup.queue)
+    try:
+        r = httpx.post(f"{server.url}/api/jobs", headers={"Authorization": f"Bearer {token}"},
+                       content=json.dumps({"type": "record", "payload": {"note": SECRET + "\x00"}}), timeout=30)
+    finally:
+        server.stop()
+    assert 400 <= r.status_code < 500, r.text
+    assert "NUL" in r.text and SECRET not in r.text
+    assert SECRET not in log.read_text(errors="replace")
+    assert q.stats()["total"] == 1
+
+
+def test_database_errors_carry_no_job_data(setup):
+    """A statement that fails says what failed, never with the values it carried (parameters, DETAIL lines)."""
+    _only(setup, "embedded-sqlite", "redis-postgres")
+    q = setup.connect(backoff_base=0)
+    job_id = q.enqueue("record", {})
+    payload = json.dumps({"secret": SECRET})
+    if q.ledger.dialect == "postgresql":
+        payload = payload[:-2] + '\\u0000"}'  # what validation refuses: JSONB rejects it with a CONTEXT line
+    now = q.ledger.driver.ts(datetime.now(timezone.utc))
+    with pytest.raises(DBAPIError) as caught:
+        with q.ledger.engine.begin() as conn:  # the same id again (SQLite), or a NUL (PostgreSQL)
+            q.ledger.driver.run(conn, INSERT_JOB, [(job_id if q.ledger.dialect == "sqlite" else job_id + 10_000,
+                                                   q.name, "record", payload, 0, 3, now, now, now)])
+    text_ = "".join(traceback.format_exception(caught.value))
+    assert SECRET not in text_
+    assert "INSERT INTO jobs" in text_  # the statement is still named
+
+
+def test_refusing_a_secret_notebook_parameter_never_quotes_it(monkeypatch):
+    secret = "sekrit-" + secrets.token_hex(6)
+    monkeypatch.setenv("WORKER_SECRET", secret)
+    namespace = {"max_jobs": secret, "api_token": "tok-" + secret, "targets": f"https://u:{secret}@example.com/x"}
+    with pytest.raises(ParameterError) as caught:
+        check_params(namespace, {"max_jobs": int, "api_token": int, "targets": list})
+    message = str(caught.value)
+    assert secret not in message
+    for name in ("max_jobs", "api_token", "targets"):
+        assert name in message
