@@ -60,6 +60,9 @@ def init(queue: str) -> None:
         q.backend.ping()
         click.echo(f"ledger: {q.ledger.describe()} (schema v{version})")
         click.echo(f"redis:  {q.backend.describe()} (reachable)")
+        server = getattr(q.backend, "server", None)
+        if server is not None:  # the embedded server: which process, where, how long it lives
+            click.echo(f"server: {server.describe()}")
 
 
 def _parse_payload(text: str | None) -> dict:
@@ -271,7 +274,10 @@ def dev_stop_embedded() -> None:
     from qkit.backends.embedded import EmbeddedServer
     from qkit.config import default_home
 
-    EmbeddedServer(default_home()).stop()
+    home = default_home()
+    pid = EmbeddedServer(home).stop()
+    click.echo(f"stopped embedded server pid {pid} (home {home})" if pid else
+               f"no embedded server running for {home}")
 
 
 @cli.command("serve")

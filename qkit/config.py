@@ -6,8 +6,10 @@ variable; secrets are redacted from every message (:func:`redact`).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import stat
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,6 +118,74 @@ def _float_env(name: str, default: float, minimum: float = 0.0) -> float:
     if not value >= minimum or value != value or value == float("inf"):
         raise ConfigError(f"{name}={raw!r} must be a finite number >= {minimum:g}")
     return value
+
+
+#: the embedded server's idle exit (docs/reliability.md): seconds with no client, 0 = never
+DEFAULT_EMBEDDED_IDLE_SECONDS = 900.0
+
+
+def embedded_idle_seconds() -> float:
+    """``QKIT_EMBEDDED_IDLE_SECONDS``: the embedded server exits after this long with no client (0: never)."""
+    return _float_env("QKIT_EMBEDDED_IDLE_SECONDS", DEFAULT_EMBEDDED_IDLE_SECONDS)
+
+
+#: what qkit keeps in a home, made private again in a home created before it was (0755/0644)
+_HOME_ENTRIES = ("ledger.sqlite3", "ledger.sqlite3-wal", "ledger.sqlite3-shm", "ledger.sqlite3-journal",
+                 "redis", "locks")
+
+
+def _mine(st: os.stat_result) -> bool:
+    return st.st_uid == os.geteuid()
+
+
+def make_private(path: Path) -> None:
+    """``path`` and, for a folder, everything under it: folders 0700, files 0600 (ours only, links skipped)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return
+    if stat.S_ISLNK(st.st_mode) or not _mine(st):
+        return
+    want = 0o700 if stat.S_ISDIR(st.st_mode) else 0o600
+    if stat.S_IMODE(st.st_mode) & ~want:
+        with contextlib.suppress(OSError):
+            os.chmod(path, stat.S_IMODE(st.st_mode) & want)
+    if stat.S_ISDIR(st.st_mode):
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(path):
+                make_private(Path(entry.path))
+
+
+def private_home(home: Path) -> Path:
+    """Create ``QKIT_HOME`` 0700, or make an existing one 0700 with its qkit files 0600 (SPEC: private files).
+
+    A shared folder given as ``QKIT_HOME`` (sticky like ``/tmp``, the user's home, ``/``) keeps
+    its mode; qkit's own entries in it are still made private.
+    """
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = os.stat(home)
+    if not stat.S_IMODE(st.st_mode) & 0o077 or not _mine(st):
+        return home
+    if not st.st_mode & stat.S_ISVTX and home not in (Path(home.anchor), Path.home()):
+        with contextlib.suppress(OSError):
+            os.chmod(home, 0o700)
+    for name in _HOME_ENTRIES:  # only qkit's own: QKIT_HOME may hold the user's files too
+        make_private(home / name)
+    return home
+
+
+def private_file(path: Path) -> Path:
+    """Create ``path`` empty with mode 0600 (missing folders 0700) unless it exists; make it 0600.
+
+    SQLite gives a database's ``-wal`` and ``-shm`` files the database file's mode.
+    """
+    if not path.parent.is_dir():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        make_private(p)
+    return path
 
 
 def check_redis_url(url: str, variable: str = "QKIT_REDIS_URL") -> str:

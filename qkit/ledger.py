@@ -430,7 +430,9 @@ class Ledger:
         if path and path != ":memory:":
             from pathlib import Path
 
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            from qkit.config import private_file
+
+            private_file(Path(path))  # 0600 before SQLite opens it: its -wal and -shm files get the same mode
         engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False},
                                json_serializer=_dumps, hide_parameters=True)
 
