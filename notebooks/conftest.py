@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -37,26 +35,10 @@ def _notebook_of(item: pytest.Item | None) -> pytest.Collector | None:
 
 
 def _stop(home: Path) -> None:
-    """Stop the home's embedded Redis and remove the home.
-
-    SIGTERM makes the server sync its append-only file and exit; waiting for
-    that beats ``EmbeddedServer.stop()``, whose client retries the closed
-    connection for seconds.
-    """
+    """Stop the home's embedded Redis (and so its watchdog), wait for it, and remove the home."""
     from qkit.backends.embedded import EmbeddedServer
 
-    pid = EmbeddedServer(home).pid()
-    if pid:
-        try:
-            os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                stat = Path(f"/proc/{pid}/stat").read_text()
-                if stat.rsplit(")", 1)[1].split()[0] == "Z":  # exited, waiting for init to reap it
-                    break
-                time.sleep(0.01)
-        except (ProcessLookupError, OSError, IndexError):
-            pass
+    EmbeddedServer(home).stop()
     shutil.rmtree(home, ignore_errors=True)
 
 

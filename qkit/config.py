@@ -120,7 +120,7 @@ def _float_env(name: str, default: float, minimum: float = 0.0) -> float:
     return value
 
 
-#: the embedded server's idle exit (docs/reliability.md): seconds with no client, 0 = never
+#: the embedded server's idle exit: seconds with no client, 0 = never
 DEFAULT_EMBEDDED_IDLE_SECONDS = 900.0
 
 

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator
 import pytest
 
 import qkit
-from qkit.backends.embedded import EmbeddedServer
+from qkit.backends.embedded import EmbeddedServer, running_servers
 
 sys.path.insert(0, str(Path(__file__).parent))
 from redis_servers import start_cluster_redis, start_plain_redis  # noqa: E402
@@ -51,6 +51,31 @@ def embedded_home(session_dir: Path) -> Iterator[Path]:
     home.mkdir()
     yield home
     EmbeddedServer(home).stop()
+
+
+def stop_embedded_servers_under(root: Path) -> None:
+    """Stop every embedded server whose home is under ``root`` (its watchdog exits with it)."""
+    root_text = str(root.resolve())
+    for _pid, kind, folder in running_servers():
+        if kind == "server" and (folder + "/").startswith(root_text + "/"):
+            EmbeddedServer(Path(folder).parent).stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_embedded_server_left_by_the_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The suite leaves no embedded server behind (.ci/run checks): whatever a test started
+    under pytest's temporary folders is stopped at the latest here."""
+    yield
+    stop_embedded_servers_under(tmp_path_factory.getbasetemp())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None):
+    """A test's homes under its ``tmp_path`` (CLI subprocesses, copies) lose their server with the test."""
+    tmp = getattr(item, "funcargs", {}).get("tmp_path")
+    yield  # the test's own fixtures are torn down here
+    if tmp is not None:
+        stop_embedded_servers_under(tmp)
 
 
 @pytest.fixture(scope="session")

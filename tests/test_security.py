@@ -44,7 +44,7 @@ S6  Size caps.  262,144 vs 262,145 bytes: tests/test_queue.py::test_payload_size
     test_s6_50mb_chunked_post_is_413_without_buffering  server peak RSS stays low
 S7  Locked-down Redis.  Unauthenticated refusal, dir 0700, password 0600:
     tests/test_embedded.py::test_locked_down.  Here:
-    test_s7_embedded_server_listens_nowhere_else        socket 0700, no TCP port, requirepass = password file
+    test_s7_embedded_server_listens_nowhere_else        socket 0600, no TCP port, requirepass = password file
     test_s7_rediss_verifies_certificates                real TLS redis-server with a self-signed certificate
 S8  Forged or replayed triggers.  Forged signatures: tests/test_api.py::test_qstash_signed_requests.  Here:
     test_s8_replayed_signed_request_runs_no_job_twice   same signed request twice, and twice at once
@@ -801,7 +801,7 @@ def test_s7_embedded_server_listens_nowhere_else(embedded_home):
         password = EmbeddedServer(embedded_home).password_file.read_text().strip()
         assert client.config_get("requirepass")["requirepass"] == password and len(password) >= 24
     sock = embedded_home / "redis" / "redis.sock"
-    assert stat.S_ISSOCK(sock.stat().st_mode) and stat.S_IMODE(sock.stat().st_mode) == 0o700
+    assert stat.S_ISSOCK(sock.stat().st_mode) and stat.S_IMODE(sock.stat().st_mode) == 0o600
     info = embedded_home / "redis" / "server.json"
     assert "password" not in info.read_text()
     with pytest.raises(redis.AuthenticationError):

@@ -8,7 +8,7 @@ by every process using the same ``QKIT_HOME`` and survives the process that
 started it.  Start-up is serialised by a file lock, so two processes racing to
 start it end up with one server.
 
-Its life (docs/reliability.md): a watchdog (qkit/backends/embedded_watch.py)
+Its life: a watchdog (qkit/backends/embedded_watch.py)
 runs the server as its child and stops it after ``QKIT_EMBEDDED_IDLE_SECONDS``
 (default 900; 0 = never) with no client, and at once when the home is deleted;
 the next :meth:`EmbeddedServer.connect` starts it again from its append-only
