@@ -93,6 +93,29 @@ def test_purge_racing_replay_keeps_the_acknowledged_replay(setup):
     assert q.stats()["failed"] == 0 and q.stats()["pending"] == 1
 
 
+def test_concurrent_purge_and_replay_agree_on_every_backend(setup):
+    """`dlq purge` and `dlq replay` started together in two processes: whichever wins, a replay
+    that answered success left its job pending and in Redis, and one that did not changed nothing."""
+    q = setup.connect(backoff_base=0)
+    ids = _dead_jobs(q, 600)
+    last = max(ids)
+    purge = subprocess.Popen([sys.executable, "-m", "qkit.cli", "dlq", "purge", "--queue", setup.queue, "--json"],
+                             env=setup.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    replay = _cli(setup, "dlq", "replay", str(last))
+    out, err = purge.communicate(timeout=120)
+    assert purge.returncode == 0, err
+    purged = json.loads(out)["purged"]
+    if replay.returncode == 0:
+        assert json.loads(replay.stdout)["replayed"] == [last] and purged == len(ids) - 1
+        assert q.get(last).status == "pending" and q.dispatch.snapshot().place_of(last) == "ready"
+    else:
+        assert "no job" in replay.stderr and purged == len(ids)
+        with pytest.raises(NotFound):
+            q.get(last)
+    report = audit(q)
+    assert report.clean, report.counts
+
+
 def test_purge_spares_a_job_replayed_since_it_was_chosen(setup):
     """A purge deletes a job only in the replay epoch it saw it failed in: a job replayed (and
     failed again) after the purge read the DLQ stays, with its history."""
@@ -308,3 +331,32 @@ def test_refusing_a_secret_notebook_parameter_never_quotes_it(monkeypatch):
     assert secret not in message
     for name in ("max_jobs", "api_token", "targets"):
         assert name in message
+
+
+OTHER_RESULT = "another-jobs-result-" + secrets.token_hex(4)
+
+
+@qkit.handler("admin_races_nul_result")
+def _nul_result(payload: dict) -> dict:
+    return {"r": SECRET + "\x00"} if payload.get("nul") else {"r": OTHER_RESULT}
+
+
+def test_a_burst_never_stores_or_logs_job_results_in_its_error(setup, caplog):
+    """A result PostgreSQL cannot store, batched with others: whatever the burst records or logs about
+    it (``worker_runs.error``, log lines) holds no job's result."""
+    _only(setup, "redis-postgres", "embedded-sqlite")
+    q = setup.connect(backoff_base=0)
+    q.enqueue_many([{"type": "admin_races_nul_result", "payload": {"nul": i == 3}, "max_attempts": 1}
+                    for i in range(8)])
+    try:
+        q.work()
+    except Exception as exc:  # noqa: BLE001 - a crashed burst is the case under test: its text is checked
+        crash = "".join(traceback.format_exception(exc))
+        assert SECRET not in crash and OTHER_RESULT not in crash
+    with q.ledger.engine.connect() as conn:
+        errors = [e for e in conn.execute(text("SELECT error FROM worker_runs WHERE queue = :q"),
+                                          {"q": q.name}).scalars() if e]
+        job_errors = [e for e in conn.execute(text("SELECT error FROM jobs WHERE queue = :q"),
+                                              {"q": q.name}).scalars() if e]
+    for stored in errors + job_errors + [caplog.text]:
+        assert SECRET not in stored and OTHER_RESULT not in stored
