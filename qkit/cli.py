@@ -10,15 +10,16 @@ import json
 import os
 import sys
 from datetime import datetime
-from pathlib import Path
 from typing import Any, Callable
 
 import click
+from sqlalchemy.exc import OperationalError
 
 import qkit
 from qkit import extras
 from qkit.config import redact
-from qkit.errors import BadInput, QkitError
+from qkit.errors import QkitError
+from qkit.model import MAX_ID, parse_json_object, read_json_file
 
 
 def _json_default(value: Any) -> Any:
@@ -41,6 +42,8 @@ def _open(queue: str) -> qkit.Queue:
     return qkit.connect(queue=queue)
 
 
+#: a job id argument: what the ledger's BIGINT holds (a larger id is refused in one line, exit 2)
+JOB_ID = click.IntRange(1, MAX_ID)
 queue_option = click.option("--queue", default="default", show_default=True, help="Queue name.")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 
@@ -66,19 +69,12 @@ def init(queue: str) -> None:
 
 
 def _parse_payload(text: str | None) -> dict:
+    """``--payload``: JSON object text, or ``@file`` read bounded (qkit.model checks both the same way)."""
     if text is None:
         return {}
     if text.startswith("@"):
-        path = Path(text[1:])
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise BadInput(f"--payload file {str(path)!r} cannot be read: {exc.strerror}") from None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise BadInput(f"--payload is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
-    return value
+        return read_json_file(text[1:], "--payload")
+    return parse_json_object(text, "--payload")
 
 
 @cli.command()
@@ -135,7 +131,7 @@ def _job_human(d: dict) -> str:
 
 
 @cli.command()
-@click.argument("job_id", type=int)
+@click.argument("job_id", type=JOB_ID)
 @queue_option
 @json_option
 def job(job_id: int, queue: str, as_json: bool) -> None:
@@ -194,7 +190,7 @@ def dlq_list(group: bool, queue: str, as_json: bool) -> None:
 
 
 @dlq.command("replay")
-@click.argument("job_ids", nargs=-1, type=int)
+@click.argument("job_ids", nargs=-1, type=JOB_ID)
 @click.option("--all", "replay_all", is_flag=True, help="Replay every job in the DLQ.")
 @click.option("--fingerprint", "fingerprint", default=None, metavar="FP",
               help="Replay every DLQ job of one error fingerprint (its id from `dlq list --group`, or the text).")
@@ -324,7 +320,7 @@ def _dlq_groups(queue: str, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("job_id", type=int)
+@click.argument("job_id", type=JOB_ID)
 @queue_option
 @json_option
 def explain(job_id: int, queue: str, as_json: bool) -> None:
@@ -391,6 +387,9 @@ def main(argv: list[str] | None = None) -> int:
     except QkitError as exc:
         click.echo(f"qkit: {redact(str(exc))}", err=True)
         return exc.exit_code
+    except OperationalError as exc:  # the ledger failed mid-write (disk full, I/O error, connection lost)
+        click.echo(f"qkit: {_ledger_failure(exc)}", err=True)
+        return 1
     except Exception as exc:  # noqa: BLE001 - a bug: still one line unless debugging
         missing = extras.explain(exc, "this command") if isinstance(exc, ModuleNotFoundError) else None
         if missing is not None:  # a part an extra installs (e.g. psycopg for a PostgreSQL ledger)
@@ -400,6 +399,18 @@ def main(argv: list[str] | None = None) -> int:
             raise
         click.echo(f"qkit: internal error ({type(exc).__name__}): {redact(str(exc))}", err=True)
         return 1
+
+
+def _ledger_failure(exc: OperationalError) -> str:
+    """One line naming the ledger (password masked) and the database's own first line of the error."""
+    try:
+        from qkit.config import settings
+
+        where = f"the ledger at QKIT_DATABASE_URL={redact(settings().database_url)}"
+    except QkitError:
+        where = "the ledger"
+    first = str(getattr(exc, "orig", None) or type(exc).__name__).strip().splitlines()
+    return f"{where} failed: {redact(first[0]) if first else type(exc).__name__}"
 
 
 def entry_point() -> None:

@@ -283,6 +283,8 @@ def settings(
         redis_url = check_redis_url(redis_url)
 
     db = database_url if database_url is not None else os.environ.get("QKIT_DATABASE_URL") or None
+    if not db or not (redis_url or upstash_url):  # the home holds the ledger or the embedded server
+        check_home(home_path)
     db = check_database_url(db) if db else f"sqlite:///{home_path / 'ledger.sqlite3'}"
 
     base = backoff_base if backoff_base is not None else _float_env("QKIT_BACKOFF_BASE", 2.0)
@@ -298,6 +300,22 @@ def settings(
     return Settings(home=home_path, redis_url=redis_url, upstash_url=upstash_url, upstash_token=upstash_token,
                     database_url=db, backoff_base=float(base), backoff_max=float(cap),
                     lease_seconds=float(lease), handler_modules=modules, priority_aging=aging)
+
+
+def check_home(path: Path) -> Path:
+    """QKIT_HOME (or ``home=``) must be a directory this process can create and write: refused in
+    one line naming it (exit 2: it is the user's configuration) rather than failing later inside
+    the ledger or the embedded server.  Created (0700) when missing."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        if isinstance(exc, FileExistsError):
+            reason = "it exists and is not a directory"
+        raise ConfigError(f"QKIT_HOME={str(path)!r} cannot be used as qkit's home directory: {reason}") from None
+    return path
 
 
 #: the largest priority-aging step, seconds: keeps every ready score an exact

@@ -22,7 +22,7 @@ from sqlalchemy import select
 from qkit.audit import CODES, Finding, ledger_findings, place_findings
 from qkit.errors import NotFound
 from qkit.ledger import fingerprint, utcnow, worker_runs
-from qkit.model import jsonable
+from qkit.model import check_job_id, jsonable
 
 if TYPE_CHECKING:
     from qkit.queue import Queue
@@ -108,7 +108,7 @@ def _worker_rows(q: "Queue", names: set[str]) -> dict[str, dict[str, Any]]:
 
 def explain(q: "Queue", job_id: int) -> Explanation:
     """Where job ``job_id`` of this queue is and why; raises NotFound when neither side knows it."""
-    job_id = int(job_id)
+    job_id = check_job_id(job_id)
     try:
         job = q.ledger.get(job_id, q.name)
     except NotFound:

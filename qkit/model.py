@@ -26,6 +26,11 @@ MAX_DELAY_SECONDS = 366 * 24 * 3600
 MAX_JSON_DEPTH = 64
 #: a JSON \u0000 escape (after an even number of backslashes, so not an escaped "\\u0000" text)
 _NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+#: the largest job id: SQLite INTEGER and PostgreSQL BIGINT hold 2**63 - 1, so larger ids cannot exist
+MAX_ID = 2**63 - 1
+#: a payload read from a file (``--payload @file``) is refused past this many bytes, before parsing
+#: (pretty-printed JSON is larger than the compact text the payload limit counts)
+MAX_PAYLOAD_FILE_BYTES = 4 * MAX_PAYLOAD_BYTES
 #: the keys an ``enqueue_many`` item may carry
 ITEM_KEYS = frozenset({"type", "payload", "priority", "max_attempts", "delay", "key"})
 
@@ -61,6 +66,76 @@ def _check_int(value: Any, what: str, low: int, high: int) -> int:
     return value
 
 
+def check_job_id(value: Any, what: str = "job id") -> int:
+    """A job id: an integer 1..2**63-1 (what the ledger's BIGINT holds)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_ID:
+        shown = repr(value) if not isinstance(value, int) or value.bit_length() < 128 else "a larger number"
+        raise BadInput(f"{what} must be an integer 1..{MAX_ID} (got {shown})")
+    return value
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise ValueError(f"key {dup[:40]!r} appears twice in one object")
+    return out
+
+
+def parse_json_object(text: str | bytes, what: str) -> dict[str, Any]:
+    """Parse JSON text that must be an object, strictly; raise BadInput naming ``what`` and why.
+
+    Refused: text that is not UTF-8, not JSON, NaN/Infinity, numbers out of range
+    (a float past 1e308, an integer of more digits than Python converts), a key
+    twice in one object, nesting deeper than :data:`MAX_JSON_DEPTH` (also when it
+    is too deep for the parser itself), and any value but an object.
+    """
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise BadInput(f"{what} is not UTF-8 text (byte 0x{text[exc.start]:02x} at offset {exc.start})") from None
+    try:
+        value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite,
+                           object_pairs_hook=_no_duplicates)
+    except RecursionError:
+        raise BadInput(f"{what} nests deeper than {MAX_JSON_DEPTH} levels of objects and arrays") from None
+    except json.JSONDecodeError as exc:
+        raise BadInput(f"{what} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except ValueError as exc:  # NaN, 1e999, an integer past the digit limit, a duplicate key
+        raise BadInput(f"{what} is not valid JSON: {str(exc).split(';')[0]}") from None
+    if not isinstance(value, dict):
+        raise BadInput(f"{what} must be a JSON object (got {type_name(value)})")
+    if json_depth(value) > MAX_JSON_DEPTH:
+        raise BadInput(f"{what} nests deeper than {MAX_JSON_DEPTH} levels of objects and arrays")
+    return value
+
+
+def read_json_file(path: str, what: str) -> dict[str, Any]:
+    """A JSON object from a file, read bounded: refused past :data:`MAX_PAYLOAD_FILE_BYTES` without
+    reading the rest (``/dev/zero`` is refused, not read whole)."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_PAYLOAD_FILE_BYTES + 1)
+    except OSError as exc:
+        raise BadInput(f"{what} file {path!r} cannot be read: {exc.strerror or type(exc).__name__}") from None
+    if len(data) > MAX_PAYLOAD_FILE_BYTES:
+        raise BadInput(f"{what} file {path!r} is larger than {MAX_PAYLOAD_FILE_BYTES} bytes")
+    return parse_json_object(data, f"{what} file {path!r}")
+
+
 def json_depth(value: Any) -> int:
     """Levels of objects and arrays in ``value`` (0 for a scalar), found without recursion.
 
@@ -88,18 +163,51 @@ def check_payload(payload: Any) -> str:
         raise BadInput(f"payload must be a JSON object (got {type(payload).__name__})")
     if json_depth(payload) > MAX_JSON_DEPTH:
         raise BadInput(f"payload nests deeper than {MAX_JSON_DEPTH} levels of objects and arrays")
+    _check_keys(payload)
     try:
         text = compact_json(dict(payload))
-    except (TypeError, ValueError) as exc:
-        raise BadInput(f"payload is not JSON-serialisable: {exc}") from None
+    except (TypeError, ValueError) as exc:  # ValueError: NaN, an integer past the digit limit
+        raise BadInput(f"payload is not JSON-serialisable: {str(exc).split(';')[0]}") from None
     if "\\u0000" in text and _NUL_ESCAPE.search(text):
         # PostgreSQL's JSONB cannot hold it: refused on every ledger, so a payload that works on one works on all
         raise BadInput("payload holds a NUL character (\\u0000), which the ledger cannot store; "
                        "encode binary data (e.g. base64)")
-    size = len(text.encode("utf-8"))
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise BadInput(f"payload holds text that is not valid Unicode (a lone surrogate U+{ord(exc.object[exc.start]):04X}"
+                       "); the ledger stores UTF-8") from None
     if size > MAX_PAYLOAD_BYTES:
         raise BadInput(f"payload is {size} bytes of compact JSON; the limit is {MAX_PAYLOAD_BYTES}")
     return text
+
+
+def _check_keys(payload: Mapping[str, Any]) -> None:
+    """Refuse objects whose keys collide once JSON turns them into text (``{1: "a", "1": "b"}``).
+
+    Only objects with a key that is not a ``str`` can collide; json.dumps would
+    write both and the ledger would keep one, silently.
+    """
+    stack: list[Any] = [payload]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, Mapping):
+            if not all(type(k) is str for k in item):
+                texts = [_key_text(k) for k in item]
+                if len(set(texts)) != len(texts):
+                    dup = next(t for i, t in enumerate(texts) if t in texts[:i])
+                    raise BadInput(f"payload has the key {dup[:40]!r} twice once keys are JSON text")
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+
+
+def _key_text(key: Any) -> Any:
+    """The text json.dumps writes for a dict key (the key itself when json.dumps refuses it)."""
+    try:
+        return next(iter(json.loads(json.dumps({key: 0}))))
+    except (TypeError, ValueError):
+        return key
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from qkit.dispatch import CLOCK_SLACK, Dispatch
 from qkit.errors import BadInput
 from qkit.handlers import import_handler_modules
 from qkit.ledger import Ledger, utcnow
-from qkit.model import Job, NewJob, WorkSummary, check_name, new_job, new_job_from_item
+from qkit.model import Job, NewJob, WorkSummary, check_job_id, check_name, new_job, new_job_from_item
 
 
 MAX_BATCH_ITEMS = 100_000
@@ -236,9 +236,7 @@ class Queue:
 
 
 def _job_id(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise BadInput(f"job id must be a positive integer (got {value!r})")
-    return value
+    return check_job_id(value)
 
 
 def connect(queue: str = DEFAULT_QUEUE, **overrides: Any) -> Queue:

@@ -38,6 +38,8 @@ if TYPE_CHECKING:
 BUCKET_RATIO = 1.05
 _LOG_RATIO = math.log(BUCKET_RATIO)
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+#: the longest age: older than this is older than any job (and past it dates overflow)
+MAX_AGE = timedelta(days=100 * 366)
 _AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.I)
 
 
@@ -46,12 +48,19 @@ def parse_age(value: str | float | timedelta) -> timedelta:
     if isinstance(value, timedelta):
         age = value
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not float(value) <= MAX_AGE.days:  # also NaN
+            raise BadInput(f"age {value!r} days is longer than {MAX_AGE.days} days")
         age = timedelta(days=float(value))
     else:
         m = _AGE.match(str(value))
         if not m:
             raise BadInput(f"age {value!r} is not like 30d, 12h, 90m, 3600s or 2w")
-        age = timedelta(seconds=float(m.group(1)) * _UNITS[m.group(2).lower()])
+        seconds = float(m.group(1)) * _UNITS[m.group(2).lower()]
+        if not seconds <= MAX_AGE.total_seconds():
+            raise BadInput(f"age {value!r} is longer than {MAX_AGE.days} days")
+        age = timedelta(seconds=seconds)
+    if age > MAX_AGE:
+        raise BadInput(f"age {value!r} is longer than {MAX_AGE.days} days")
     if age <= timedelta(0):
         raise BadInput(f"age {value!r} must be positive")
     return age
