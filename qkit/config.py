@@ -305,9 +305,9 @@ def settings(
 def check_home(path: Path) -> Path:
     """QKIT_HOME (or ``home=``) must be a directory this process can create and write: refused in
     one line naming it (exit 2: it is the user's configuration) rather than failing later inside
-    the ledger or the embedded server.  Created (0700) when missing."""
+    the ledger or the embedded server.  Created private when missing (:func:`private_home`)."""
     try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_home(path)
         if not os.access(path, os.W_OK | os.X_OK):
             raise PermissionError(13, "Permission denied")
     except OSError as exc:
