@@ -56,9 +56,14 @@ def embedded_home(session_dir: Path) -> Iterator[Path]:
 def stop_embedded_servers_under(root: Path) -> None:
     """Stop every embedded server whose home is under ``root`` (its watchdog exits with it)."""
     root_text = str(root.resolve())
-    for _pid, kind, folder in running_servers():
-        if kind == "server" and (folder + "/").startswith(root_text + "/"):
-            EmbeddedServer(Path(folder).parent).stop()
+    pids = [pid for pid, kind, folder in running_servers()
+            if kind == "server" and (folder + "/").startswith(root_text + "/")]
+    for pid in pids:  # by pid: a server whose pid file or socket was lost is stopped too
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)  # it fsyncs its append-only file and exits; its watchdog follows
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(p in pids for p, kind, _ in running_servers() if kind == "server"):
+        time.sleep(0.02)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -252,3 +252,15 @@ def test_the_password_is_on_no_command_line(home, monkeypatch):
     assert found == []
     conf = home / "redis" / "server.conf"
     assert stat.S_IMODE(conf.stat().st_mode) == 0o600 and password in conf.read_bytes()
+
+
+def test_a_live_server_is_never_doubled_when_its_address_file_is_lost(home, monkeypatch):
+    """As if its starter died before the server answered: the next start finds the live server
+    of this home by its pid file and never starts a second one on the same append-only file."""
+    monkeypatch.setenv("QKIT_EMBEDDED_IDLE_SECONDS", "0")
+    with qkit.connect(home=home) as q:
+        ids = q.enqueue_many([{"type": "web_scraping", "payload": {"i": i}} for i in range(10)])
+    (home / "redis" / "server.json").unlink()
+    with qkit.connect(home=home) as q:
+        assert sum(1 for p in processes_of(home) if p[1] == "server") == 1
+        assert q.dispatch.snapshot().ready == set(ids)

@@ -167,14 +167,23 @@ class EmbeddedServer:
         _write_private(self.config_file, "\n".join(lines) + "\n")
 
     def _start(self) -> redis.Redis:
+        """Start this home's server (the caller holds ``start.lock`` exclusively)."""
         password = self._password()
+        running = self._pid_file_server()
+        if running is not None:
+            # ours and alive, yet no answer to the attach: replaying a long append-only file, or
+            # its starter died before it answered.  Wait for it: never two servers on one folder.
+            try:
+                return self._wait_ready(json.loads(self.info_file.read_text()), password)
+            except (OSError, ValueError, BackendUnavailable):
+                self._terminate(running)
         sock = self._socket_path()
         info: dict = {"socket": str(sock)} if sock else {"port": free_port()}
         if sock and sock.exists():
             sock.unlink()  # left by a server that was killed, or copied with the home
         make_private(self.dir)  # files of a home made before they were private
         self._write_config(password, info)
-        self.info_file.unlink(missing_ok=True)
+        _write_private(self.info_file, json.dumps(info))  # before the start: a starter may die half-way
         env = {k: v for k, v in os.environ.items() if k in _WATCHDOG_ENV}
         args = [sys.executable, "-P", str(Path(__file__).with_name("embedded_watch.py")), str(self.dir),
                 server_binary(), f"{embedded_idle_seconds():g}", json.dumps(info)]
@@ -188,11 +197,15 @@ class EmbeddedServer:
         if not report.startswith("ready"):
             raise BackendUnavailable(f"cannot start the embedded Redis under QKIT_HOME={self.home}: {report}; "
                                      f"see {self.dir / 'server.log'}")
-        client = self._client_for(info, password, probe=True)
+        return self._wait_ready(info, password)
+
+    def _wait_ready(self, info: dict, password: str) -> redis.Redis:
+        """A connected client once the server answers (it may be replaying its append-only file)."""
+        probe = self._client_for(info, password, probe=True)
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             try:
-                client.ping()
+                probe.ping()
                 break
             except redis.BusyLoadingError:
                 pass  # replaying the append-only file: ready soon
@@ -202,19 +215,23 @@ class EmbeddedServer:
                         f"the embedded Redis under QKIT_HOME={self.home} did not start: {exc}; "
                         f"see {self.dir / 'server.log'}") from None
             time.sleep(0.005)
-        client.close()
-        _write_private(self.info_file, json.dumps(info))
+        probe.close()
         client = self._client_for(info, password)
         client.ping()
         return client
 
-    def pid(self) -> int | None:
-        """The pid of this home's running server, or None (a copied home's pid file names another's)."""
+    def _pid_file_server(self) -> int | None:
+        """The pid in ``server.pid`` if that is a live server of this home (a copied pid file is not)."""
         try:
             pid = int((self.dir / "server.pid").read_text().strip())
         except (OSError, ValueError):
-            pid = None
-        if pid and _serves(pid, self.dir):
+            return None
+        return pid if _serves(pid, self.dir) else None
+
+    def pid(self) -> int | None:
+        """The pid of this home's running server, or None (a copied home's pid file names another's)."""
+        pid = self._pid_file_server()
+        if pid is not None:
             return pid
         client = self._try_attach()  # no pid file (removed by hand): ask the server itself
         if client is None:
@@ -227,6 +244,12 @@ class EmbeddedServer:
             client.close()
         return pid if _serves(pid, self.dir) else None
 
+    def _terminate(self, pid: int, timeout: float = 15.0) -> None:
+        os.kill(pid, signal.SIGTERM)  # the server fsyncs its append-only file and exits
+        deadline = time.monotonic() + timeout
+        while _serves(pid, self.dir) and time.monotonic() < deadline:
+            time.sleep(0.01)
+
     def stop(self, timeout: float = 15.0) -> int | None:
         """Stop this home's server and wait until it has exited; its pid, or None when none was running.
 
@@ -234,12 +257,8 @@ class EmbeddedServer:
         exits with it.  Never another home's server, even when this home is a copy of that one.
         """
         pid = self.pid()
-        if pid is None:
-            return None
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while _serves(pid, self.dir) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        if pid is not None:
+            self._terminate(pid, timeout)
         return pid
 
     def describe(self) -> str:
