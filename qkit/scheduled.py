@@ -128,7 +128,7 @@ class QueueLock:
         self.fd: int | None = None
 
     def acquire(self, holder: dict[str, Any]) -> "QueueLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # under QKIT_HOME: private
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -16,6 +16,7 @@ import pytest
 
 import qkit
 from qkit.backends.embedded import EmbeddedServer, running_servers
+from qkit.scheduled import QueueLock
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKEND_VARIABLES = ("QKIT_REDIS_URL", "UPSTASH_REDIS_REST_URL", "UPSTASH_REDIS_REST_TOKEN", "QKIT_DATABASE_URL")
@@ -204,6 +205,8 @@ def test_home_is_private_after_init_and_a_burst(home, tmp_path):
         assert out.returncode == 0, out.stderr
         assert (home / "ledger.sqlite3-wal").exists()  # still open here: the WAL files are there
         assert _not_private(home) == []
+    QueueLock(home, "default").acquire({"pid": os.getpid()}).release()  # the scheduled runner's lock
+    assert (home / "locks").is_dir()
     assert _not_private(home) == []
 
 
