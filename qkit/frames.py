@@ -11,7 +11,6 @@ belongs to them (attempts, events), so a notebook can look at one batch.
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from qkit.extras import require
@@ -149,14 +148,15 @@ def events(q: "Queue", *, since: Any = None, job_id: int | None = None) -> pd.Da
     return _frame(q, query.order_by(job_events.c.id), ("at",))
 
 
-def runs(q: "Queue", *, since: Any = None, runs_dir: str | Path | None = None) -> pd.DataFrame:
+def runs(q: "Queue", *, since: Any = None) -> pd.DataFrame:
     """One row per worker run (burst) of the queue, oldest first.
 
-    Adds ``duration_s``, ``run_id`` (set by the scheduled runner) and, for
-    runs the scheduled runner recorded, the fields of its JSON sidecars found
-    under ``runs_dir`` (default ``scheduled/runs`` in the project root):
-    ``run_status`` (ok, failed, kernel_died, timeout, interrupted, error),
-    ``exit_code``, ``output`` (the executed notebook) and ``run_duration_s``.
+    Adds ``duration_s`` and, from the record a scheduled run keeps in its row
+    (``params.runner``, written by :mod:`qkit.scheduled`): ``run_status`` (ok,
+    failed, kernel_died, timeout, interrupted, error; ``running`` while it
+    runs), ``exit_code``, ``output`` (the executed notebook) and
+    ``run_duration_s``; empty for other bursts.  ``run_id`` is the scheduled
+    run's id.
     """
     query = select(worker_runs).where(worker_runs.c.queue == q.name)
     start = as_utc(since)
@@ -164,15 +164,13 @@ def runs(q: "Queue", *, since: Any = None, runs_dir: str | Path | None = None) -
         query = query.where(worker_runs.c.started_at >= start)
     df = _frame(q, query.order_by(worker_runs.c.id), ("started_at", "finished_at"))
     df["duration_s"] = (df["finished_at"] - df["started_at"]).dt.total_seconds()
-    df["run_id"] = pd.Series([p.get("run_id") if isinstance(p, dict) else None for p in df["params"]],
-                             index=df.index, dtype=object)
-    from qkit.scheduled import default_runs_dir, read_sidecars
-
-    cars = read_sidecars(runs_dir if runs_dir is not None else default_runs_dir())
-    keep = ["run_id", "run_status", "exit_code", "output", "run_duration_s"]
-    cars = cars[cars["queue"] == q.name][keep] if len(cars) else pd.DataFrame(columns=keep)
-    cars = cars.drop_duplicates("run_id").astype({"run_id": object})
-    return df.merge(cars, on="run_id", how="left")
+    df["run_id"] = df["run_id"].astype(object)
+    runner = [p["runner"] if isinstance(p, dict) and isinstance(p.get("runner"), dict) else {} for p in df["params"]]
+    df["run_status"] = pd.Series([r.get("status") for r in runner], index=df.index, dtype=object)
+    df["exit_code"] = pd.Series([r.get("exit_code") for r in runner], index=df.index, dtype="Int64")
+    df["output"] = pd.Series([r.get("output") for r in runner], index=df.index, dtype=object)
+    df["run_duration_s"] = pd.Series([r.get("duration_s") for r in runner], index=df.index, dtype="float64")
+    return df
 
 
 # ---------------------------------------------------------------- analyses

@@ -50,7 +50,8 @@ from qkit.logs import log
 from qkit.model import Job, NewJob
 
 
-SCHEMA_VERSION = 3  # v2: job_daily (retention roll-ups, qkit/retention.py); v3: SQLite job ids never reused
+SCHEMA_VERSION = 4  # v2: job_daily (retention roll-ups, qkit/retention.py); v3: SQLite job ids never reused;
+#                   v4: worker_runs.run_id (qkit/scheduled.py)
 MAX_TEXT = 64 * 1024  # stored error/traceback text is truncated to this
 #: a retry claimed this much before its run_at still runs: Redis decides due times on its own clock,
 #: and run_at is written from an estimate of it (qkit.dispatch.RedisClock)
@@ -167,6 +168,8 @@ worker_runs = Table(
     Column("params", Json),
     Column("status", String(16), nullable=False, default="running"),  # running|ok|failed|interrupted
     Column("error", Text),
+    Column("run_id", String(64)),  # a scheduled run's id: its runner creates the row, the burst continues it
+    Index("ix_worker_runs_run_id", "run_id"),
 )
 
 job_events = Table(
@@ -236,6 +239,18 @@ def _migrate_v3(conn: Connection) -> None:
         " COALESCE((SELECT MAX(job_id) FROM job_attempts), 0))").scalar()
     if not conn.exec_driver_sql("UPDATE sqlite_sequence SET seq = MAX(seq, ?) WHERE name = 'jobs'", (top,)).rowcount:
         conn.exec_driver_sql("INSERT INTO sqlite_sequence (name, seq) VALUES ('jobs', ?)", (top,))
+
+
+def _migrate_worker_run_ids(conn: Connection) -> None:
+    """Add ``worker_runs.run_id`` (indexed), filled from the ``params.run_id`` earlier runs recorded."""
+    from sqlalchemy import inspect as inspect_db
+
+    if "run_id" not in {c["name"] for c in inspect_db(conn).get_columns("worker_runs")}:
+        conn.exec_driver_sql("ALTER TABLE worker_runs ADD COLUMN run_id VARCHAR(64)")
+    conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS ix_worker_runs_run_id ON worker_runs (run_id)")
+    from_params = "params ->> 'run_id'" if conn.dialect.name == "postgresql" else "json_extract(params, '$.run_id')"
+    conn.exec_driver_sql(f"UPDATE worker_runs SET run_id = SUBSTR(CAST({from_params} AS TEXT), 1, 64) "
+                         f"WHERE run_id IS NULL AND params IS NOT NULL AND {from_params} IS NOT NULL")
 
 
 _NUMBER = re.compile(r"(?<![A-Za-z_])[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?", re.I)
@@ -1014,9 +1029,23 @@ class Ledger:
 
     # ------------------------------------------------------------------ worker runs
     def start_run(self, worker: str, queue: str, trigger: str, params: dict[str, Any]) -> int:
+        """The id of this burst's ``worker_runs`` row.
+
+        A burst whose ``params`` carry a scheduled run's ``run_id`` continues the
+        row its runner created (still unfinished); any other burst gets a new row.
+        """
+        run_id = params["run_id"][:64] if isinstance(params.get("run_id"), str) and params["run_id"] else None
         with self._write() as conn:
+            if run_id is not None:
+                row = conn.execute(select(worker_runs.c.id, worker_runs.c.params).where(
+                    worker_runs.c.run_id == run_id, worker_runs.c.queue == queue,
+                    worker_runs.c.finished_at.is_(None)).order_by(worker_runs.c.id).limit(1)).first()
+                if row is not None:
+                    conn.execute(update(worker_runs).where(worker_runs.c.id == row.id).values(
+                        worker=worker, trigger=trigger, params={**(row.params or {}), **params}, status="running"))
+                    return int(row.id)
             return int(conn.execute(insert(worker_runs).values(
-                worker=worker, queue=queue, started_at=utcnow(), trigger=trigger, params=params,
+                worker=worker, queue=queue, started_at=utcnow(), trigger=trigger, params=params, run_id=run_id,
                 status="running").returning(worker_runs.c.id)).scalar_one())
 
     def finish_run(self, run_id: int, *, processed: int, completed: int, retried: int, failed: int,
@@ -1118,4 +1147,4 @@ def _dumps(value: Any) -> str:
 
 
 #: in-place upgrades: version -> function(connection) bringing the schema to it
-MIGRATIONS: dict[int, Any] = {2: _migrate_v2, 3: _migrate_v3}
+MIGRATIONS: dict[int, Any] = {2: _migrate_v2, 3: _migrate_v3, 4: _migrate_worker_run_ids}

@@ -18,11 +18,19 @@ calls :func:`main`.  One run:
    record kernel deaths, timeouts or signals: ``ok``, ``failed`` (a cell
    raised), ``kernel_died``, ``timeout`` (the whole-run ``timeout``),
    ``interrupted`` (SIGTERM/SIGINT to the runner) or ``error`` (papermill
-   could not run the notebook).  The record goes to ``<output>.json`` (the
-   sidecar), to ``metadata.qkit`` of the output notebook, and to the run's
-   ``worker_runs`` row (``params.runner``; status and error too when the run
-   did not end well).  A run whose notebook never reached ``q.work`` gets a
-   row of its own, so ``qkit runs`` lists every scheduled run.
+   could not run the notebook).
+
+The record of a run is its ``worker_runs`` row.  The runner creates it before
+papermill starts (status ``running``, ``run_id`` in its indexed column, the
+runner's facts in ``params.runner``); the notebook's burst, started with
+``params={"run_id": ...}``, continues that row (:meth:`qkit.ledger.Ledger.start_run`);
+at the end the runner writes its verdict into it (``params.runner``; status and
+error too when the run did not end well) and reads the counts back.  The
+sidecar ``<output>.json`` and ``metadata.qkit`` of the executed notebook are
+copies made from that record, for reading a run without the ledger (and they
+still say what happened when the ledger could not be reached:
+``ledger_error``).  A run whose notebook never reached ``q.work`` is in
+``qkit runs`` all the same: its row was there from the start.
 
 Stopping a run (timeout or a signal) is graceful first: the kernel gets
 SIGINT, so the burst stops claiming and finishes the job in hand; papermill
@@ -57,6 +65,9 @@ EXIT_TIMEOUT = 124  # as timeout(1)
 PAPERMILL_DEAD_KERNEL = 138  # papermill's exit status for DeadKernelError
 STATUSES = ("ok", "failed", "kernel_died", "timeout", "interrupted", "error")
 KILL_AFTER = 10.0  # seconds between SIGTERM and SIGKILL to papermill
+#: what the runner (not the burst) knows of a run: kept in ``params.runner`` of the run's row
+RUNNER_FIELDS = ("status", "exit_code", "papermill_exit", "error", "duration_s", "notebook", "output", "log",
+                 "parameters", "host", "pid")
 SIDECAR_FIELDS = ("run_id", "queue", "status", "exit_code", "papermill_exit", "error", "started_at",
                   "finished_at", "duration_s", "processed", "completed", "retried", "failed", "worker_run_ids",
                   "notebook", "output", "log", "parameters", "host", "pid", "ledger_error")
@@ -393,6 +404,7 @@ def _run_locked(*, queue: str, max_jobs: int | None, max_seconds: float | None, 
         params["max_seconds"] = float(max_seconds)
     rec = RunRecord(run_id=run_id, queue=queue, started_at=started.isoformat(), notebook=str(nb_path),
                     output=str(output), log=str(log), parameters=params)
+    _with_ledger(rec, home, _open_record)
     cmd = papermill_command(nb_path, output, params, kernel)
     t0 = time.monotonic()
     stop_signal: list[int] = []
@@ -426,12 +438,7 @@ def _run_locked(*, queue: str, max_jobs: int | None, max_seconds: float | None, 
         _restore_signals(previous)
     rec.duration_s = round(time.monotonic() - t0, 3)
     rec.finished_at = datetime.now(timezone.utc).isoformat()
-    try:
-        _annotate_ledger(rec, home)
-    except Exception as exc:  # noqa: BLE001 - the sidecar is still written
-        from qkit.config import redact
-
-        rec.ledger_error = redact(f"{type(exc).__name__}: {exc}")[:500]
+    _with_ledger(rec, home, _close_record)
     _stamp_notebook(rec)
     write_sidecar(rec)
     return rec
@@ -458,51 +465,81 @@ def _restore_signals(previous: dict[int, Any]) -> None:
         signal.signal(sig, handler)
 
 
-def _annotate_ledger(rec: RunRecord, home: Path) -> None:
-    """Fill the record from the run's ``worker_runs`` row(s) and write the runner's verdict into them.
+def _with_ledger(rec: RunRecord, home: Path, step: Any) -> None:
+    """Run ``step(rec, ledger)`` on the run's ledger; a failure is kept in ``rec.ledger_error``, not raised."""
+    from qkit.config import redact, settings
+    from qkit.ledger import Ledger
 
-    The rows are found by ``params.run_id``; a run that never reached
-    ``q.work`` gets a row of its own (trigger ``papermill``).
-    """
-    from sqlalchemy import insert, select, update
-
-    from qkit.config import settings
-    from qkit.ledger import Ledger, worker_runs
-
-    ledger = Ledger(settings(home=home).database_url)
     try:
-        ledger.init_schema()
-        since = datetime.fromisoformat(rec.started_at)
-        with ledger.read_engine.connect() as conn:
-            rows = [r for r in conn.execute(select(worker_runs).where(
-                worker_runs.c.queue == rec.queue, worker_runs.c.started_at >= since)).mappings()
-                if isinstance(r["params"], dict) and r["params"].get("run_id") == rec.run_id]
+        ledger = Ledger(settings(home=home).database_url)
+        try:
+            ledger.init_schema()
+            step(rec, ledger)
+        finally:
+            ledger.close()
+    except Exception as exc:  # noqa: BLE001 - the run goes on; the sidecar says what the ledger did not get
+        rec.ledger_error = redact(f"{type(exc).__name__}: {exc}")[:500]
+
+
+def _runner_name() -> str:
+    return f"runner-{socket.gethostname().split('.')[0][:24]}-{os.getpid()}"
+
+
+def _runner_facts(rec: RunRecord, **override: Any) -> dict[str, Any]:
+    return {**{k: getattr(rec, k) for k in RUNNER_FIELDS}, **override}
+
+
+def _insert_record(rec: RunRecord, conn: Any, runner: dict[str, Any], **values: Any) -> None:
+    from sqlalchemy import insert
+
+    from qkit.ledger import worker_runs
+
+    conn.execute(insert(worker_runs).values(
+        worker=_runner_name(), queue=rec.queue, started_at=datetime.fromisoformat(rec.started_at),
+        trigger="papermill", run_id=rec.run_id, params={"run_id": rec.run_id, "runner": runner}, **values))
+
+
+def _open_record(rec: RunRecord, ledger: Any) -> None:
+    """Create the run's ``worker_runs`` row (status ``running``) before papermill starts."""
+    with ledger.engine.begin() as conn:
+        _insert_record(rec, conn, _runner_facts(rec, status="running", exit_code=None), status="running")
+
+
+def _close_record(rec: RunRecord, ledger: Any) -> None:
+    """Write the runner's verdict into the run's row(s), found by ``run_id``, and read the counts back.
+
+    One row in the normal case: the runner's, continued by the notebook's
+    burst.  A notebook that runs more than one burst adds a row per further
+    burst (same ``run_id``); one that never reached ``q.work`` leaves the
+    runner's row alone; a row the runner could not create at the start is
+    created now.
+    """
+    from sqlalchemy import select, update
+
+    from qkit.ledger import worker_runs
+
+    verdict = _runner_facts(rec)
+    finished = datetime.fromisoformat(rec.finished_at)
+    row_status = {"ok": "ok", "timeout": "interrupted", "interrupted": "interrupted"}.get(rec.status, "failed")
+    error = None if rec.status == "ok" else f"scheduled run {rec.status}: {rec.error}"
+    by_run_id = select(worker_runs).where(worker_runs.c.run_id == rec.run_id).order_by(worker_runs.c.id)
+    with ledger.engine.begin() as conn:
+        rows = conn.execute(by_run_id).mappings().all()
+        if not rows:
+            _insert_record(rec, conn, verdict, status=row_status, error=error, finished_at=finished)
+            rows = conn.execute(by_run_id).mappings().all()
         for r in rows:
-            rec.worker_run_ids.append(int(r["id"]))
-            for key in ("processed", "completed", "retried", "failed"):
-                setattr(rec, key, getattr(rec, key) + int(r[key] or 0))
-        verdict = {k: getattr(rec, k) for k in ("status", "exit_code", "duration_s", "output", "error")}
-        finished = datetime.fromisoformat(rec.finished_at)
-        row_status = {"ok": "ok", "timeout": "interrupted", "interrupted": "interrupted"}.get(rec.status, "failed")
-        with ledger.engine.begin() as conn:
-            for r in rows:
-                values: dict[str, Any] = {"params": {**r["params"], "runner": verdict}}
-                if rec.status != "ok":
-                    values["status"] = row_status
-                    values["error"] = f"scheduled run {rec.status}: {rec.error}"
-                    if r["finished_at"] is None:
-                        values["finished_at"] = finished
-                conn.execute(update(worker_runs).where(worker_runs.c.id == r["id"]).values(**values))
-            if not rows:
-                new_id = conn.execute(insert(worker_runs).values(
-                    worker=f"runner-{socket.gethostname().split('.')[0][:24]}-{os.getpid()}", queue=rec.queue,
-                    started_at=since, finished_at=finished, trigger="papermill",
-                    params={"run_id": rec.run_id, "runner": verdict}, status=row_status,
-                    error=None if rec.status == "ok" else f"scheduled run {rec.status}: {rec.error}",
-                ).returning(worker_runs.c.id)).scalar_one()
-                rec.worker_run_ids.append(int(new_id))
-    finally:
-        ledger.close()
+            values: dict[str, Any] = {"params": {**(r["params"] or {}), "runner": verdict}}
+            if rec.status != "ok":
+                values.update(status=row_status, error=error)
+            elif r["status"] == "running":  # the notebook never started a burst
+                values["status"] = "ok"
+            if r["finished_at"] is None:
+                values["finished_at"] = finished
+            conn.execute(update(worker_runs).where(worker_runs.c.id == r["id"]).values(**values))
+    rec.worker_run_ids = [int(r["id"]) for r in rows]
+    for key in ("processed", "completed", "retried", "failed"):
+        setattr(rec, key, sum(int(r[key] or 0) for r in rows))
 
 
 def _stamp_notebook(rec: RunRecord) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -116,8 +117,12 @@ def core_venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Venv]:
     """One venv per session with ``pip install <repo>`` and no extras."""
     path = tmp_path_factory.mktemp("core-venv")
     venv.EnvBuilder(with_pip=True, clear=True).create(path)
+    # pip builds in the source folder (build/, *.egg-info): give it a copy, not the checkout
+    source = tmp_path_factory.mktemp("core-source") / "qkit"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", ".qkit", "build", "*.egg-info", "__pycache__", ".hypothesis", "runs", "results", "reports"))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([str(path / "bin" / "python"), "-m", "pip", "install", "-q", str(ROOT)],
+    proc = subprocess.run([str(path / "bin" / "python"), "-m", "pip", "install", "-q", str(source)],
                           env=env, capture_output=True, text=True, timeout=1200)
     if proc.returncode != 0:
         if UNREACHABLE.search(proc.stdout + proc.stderr):

@@ -96,7 +96,7 @@ def sidecars(runs: Path) -> list[dict]:
 
 def ledger_runs(env: dict) -> list[dict]:
     with qkit.connect(home=env["QKIT_HOME"]) as q:
-        return frames.runs(q, runs_dir=Path("/nonexistent")).to_dict("records")
+        return frames.runs(q).to_dict("records")
 
 
 # ---------------------------------------------------------------- units
@@ -117,6 +117,42 @@ def test_the_lock_names_its_holder(tmp_path):
     finally:
         first.release()
     QueueLock(tmp_path, "q1").acquire({"pid": 2}).release()
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_a_ledger_upgrade_fills_run_ids_from_params(tmp_path, request, dialect):
+    """The schema upgrade adds the indexed worker_runs.run_id; rows of earlier runs get theirs from params.run_id."""
+    from sqlalchemy import inspect, select, text
+
+    from qkit.ledger import Ledger, SCHEMA_VERSION, worker_runs
+
+    if dialect == "sqlite":
+        url = f"sqlite:///{tmp_path / 'old.db'}"
+    else:
+        server = request.getfixturevalue("postgres_server")
+        url = server.database("qkit_upgrade") if hasattr(server, "database") else server.url
+    old = Ledger(url)
+    old.init_schema()
+    with old.engine.begin() as conn:  # back to a ledger of before the column
+        conn.execute(text("DROP INDEX ix_worker_runs_run_id"))
+        conn.execute(text("ALTER TABLE worker_runs DROP COLUMN run_id"))
+        conn.execute(text("UPDATE qkit_schema SET version = :v"), {"v": SCHEMA_VERSION - 1})
+        conn.execute(text("DELETE FROM worker_runs"))
+        for params in ('{"run_id": "r-old"}', '{"via": "bearer"}', None):
+            conn.execute(text("INSERT INTO worker_runs (worker, queue, started_at, processed, completed, retried, "
+                              "failed, trigger, params, status) VALUES ('w', 'default', '2025-01-01 00:00:00', "
+                              "0, 0, 0, 0, 'papermill', CAST(:params AS " + ("JSONB" if dialect == "postgresql" else "TEXT")
+                              + "), 'ok')"), {"params": params})
+    old.close()
+    new = Ledger(url)
+    try:
+        assert new.init_schema() == SCHEMA_VERSION
+        with new.read_engine.connect() as conn:
+            assert [r for (r,) in conn.execute(select(worker_runs.c.run_id).order_by(worker_runs.c.id))] == \
+                ["r-old", None, None]
+            assert "ix_worker_runs_run_id" in {i["name"] for i in inspect(conn).get_indexes("worker_runs")}
+    finally:
+        new.close()
 
 
 # ---------------------------------------------------------------- runs
@@ -140,11 +176,17 @@ def test_a_run_is_recorded_everywhere(env, tmp_path, monkeypatch, capsys):
     (row,) = ledger_runs(env)
     assert (row["trigger"], row["status"], row["processed"], row["run_id"]) == ("papermill", "ok", 3, car["run_id"])
     assert row["params"]["runner"]["status"] == "ok" and row["id"] in car["worker_run_ids"]
-    # read back: the frame with its sidecars, and `qkit runs --json`
-    with qkit.connect(home=env["QKIT_HOME"]) as q:
-        merged = frames.runs(q, runs_dir=runs)
-    assert merged.loc[0, "run_status"] == "ok" and merged.loc[0, "output"] == str(out)
+    # one record: the sidecar and the notebook's metadata are copies of the row, which is read back alone
+    assert (car["worker_run_ids"], car["processed"]) == ([row["id"]], row["processed"])
+    assert {k: executed.metadata.qkit[k] for k in ("run_id", "status", "worker_run_ids")} == \
+        {k: car[k] for k in ("run_id", "status", "worker_run_ids")}
     assert read_sidecars(runs).loc[0, "run_id"] == car["run_id"]
+    for path in runs.glob("**/*.ipynb.json"):
+        path.unlink()
+    with qkit.connect(home=env["QKIT_HOME"]) as q:
+        merged = frames.runs(q)
+    assert merged.loc[0, "run_status"] == "ok" and merged.loc[0, "output"] == str(out)
+    assert (merged.loc[0, "exit_code"], merged.loc[0, "run_duration_s"]) == (0, car["duration_s"])
     monkeypatch.setenv("QKIT_HOME", env["QKIT_HOME"])
     assert cli.main(["runs", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
@@ -159,6 +201,9 @@ def test_second_run_on_a_queue_refuses_with_one_line(env, tmp_path):
     first = runner(env, "--notebook", str(block), runs=runs, wait=False)
     try:
         wait_for(tmp_path / "started", first)
+        # the run's record exists from its start (its notebook never starts a burst)
+        (running,) = ledger_runs(env)
+        assert (running["trigger"], running["status"], running["run_status"]) == ("papermill", "running", "running")
         second = runner(env, runs=runs)
         assert second.returncode == EXIT_LOCKED
         lines = second.stderr.strip().splitlines()
@@ -171,6 +216,8 @@ def test_second_run_on_a_queue_refuses_with_one_line(env, tmp_path):
         first.communicate(timeout=120)
     assert first.returncode == 0
     assert sorted(c["queue"] for c in sidecars(runs)) == ["default", "other"]
+    (done,) = ledger_runs(env)
+    assert (done["id"], done["status"], done["run_status"]) == (running["id"], "ok", "ok")
 
 
 def test_a_killed_holder_does_not_keep_the_lock(env, tmp_path):
