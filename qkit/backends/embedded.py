@@ -270,7 +270,7 @@ class EmbeddedServer:
 
 def _write_private(path: Path, text: str) -> None:
     """Replace ``path`` atomically by a 0600 file holding ``text``."""
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
