@@ -10,6 +10,7 @@ belongs to them (attempts, events), so a notebook can look at one batch.
 """
 from __future__ import annotations
 
+import math
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
@@ -17,9 +18,12 @@ from qkit.extras import require
 
 require("qkit.frames", "pandas")
 
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from sqlalchemy import and_, func, select  # noqa: E402
 
+from qkit import analysis_queries as aq  # noqa: E402
+from qkit.analysis_queries import Scope  # noqa: E402
 from qkit.ledger import job_attempts, job_events, jobs as jobs_t, utcnow, worker_runs  # noqa: E402
 
 if TYPE_CHECKING:
@@ -173,18 +177,41 @@ def runs(q: "Queue", *, since: Any = None) -> pd.DataFrame:
     return df
 
 
-# ---------------------------------------------------------------- analyses
-def retry_distribution(q: "Queue", *, since: Any = None) -> pd.DataFrame:
+# ---------------------------------------------------------------- analyses (aggregated in SQL)
+def scope(q: "Queue", *, since: Any = None, until: Any = None, type: str | None = None,
+          priority: int | None = None, seed: int | None = None) -> Scope:
+    """The jobs an analysis covers (:class:`qkit.analysis_queries.Scope`); "" and None mean no bound."""
+    return Scope(q.name, since=as_utc(since), until=as_utc(until), type=type or None,
+                 priority=None if priority is None or priority == "" else int(priority),
+                 seed=None if seed is None or seed == "" else int(seed))
+
+
+def _sql(q: "Queue", fn: Any, *args: Any, **kw: Any) -> Any:
+    with q.ledger.read_engine.connect() as conn:
+        return fn(conn, *args, **kw)
+
+
+def queues(q: "Queue") -> list[str]:
+    """The queues that have jobs or worker runs in this ledger, sorted."""
+    return _sql(q, aq.queues)
+
+
+def choices(q: "Queue") -> dict[str, list]:
+    """What the queue's jobs can be filtered by: ``{"type": [...], "priority": [...]}`` (sorted)."""
+    df = _sql(q, aq.choices, q.name)
+    return {"type": sorted(df["type"].unique().tolist()),
+            "priority": sorted(int(p) for p in df["priority"].unique())}
+
+
+def retry_distribution(q: "Queue", **filters: Any) -> pd.DataFrame:
     """How many attempts finished jobs needed, by type: to success, or to the DLQ.
 
     Columns: ``type``, ``outcome`` (``completed`` | ``dlq``), ``attempts``,
     ``jobs``, ``share`` (of the type's finished jobs).  Attempts count in the
-    job's current replay epoch.
+    job's current replay epoch.  ``filters``: see :func:`scope`.
     """
-    query = select(jobs_t.c.type, jobs_t.c.status, jobs_t.c.attempts, func.count().label("jobs")) \
-        .where(jobs_t.c.queue == q.name, jobs_t.c.status.in_(("completed", "failed")))
-    query = _since(query, since).group_by(jobs_t.c.type, jobs_t.c.status, jobs_t.c.attempts)
-    df = _frame(q, query)
+    df = _sql(q, aq.job_outcomes, scope(q, **filters))
+    df = df[df["status"].isin(["completed", "failed"])].copy()
     df["outcome"] = df.pop("status").map({"completed": "completed", "failed": "dlq"})
     df["jobs"] = df["jobs"].astype("int64")
     df["attempts"] = df["attempts"].astype("int64")
@@ -194,67 +221,116 @@ def retry_distribution(q: "Queue", *, since: Any = None) -> pd.DataFrame:
         ["type", "outcome", "attempts"]).reset_index(drop=True)
 
 
-def attempt_outcomes(q: "Queue", *, since: Any = None) -> pd.DataFrame:
+_OUTCOMES = ["completed", "failed", "timeout", "lost"]
+
+
+def attempt_outcomes(q: "Queue", **filters: Any) -> pd.DataFrame:
     """Outcomes by attempt number and type: does a retry help?
 
     Columns: ``type``, ``attempt``, ``attempts`` (how many were made),
     ``completed``, ``failed``, ``timeout``, ``lost``, ``success_rate``
     (completed / finished attempts with that number).
     """
-    query = select(jobs_t.c.type, job_attempts.c.attempt, job_attempts.c.outcome, func.count().label("n")) \
-        .select_from(job_attempts.join(jobs_t, jobs_t.c.id == job_attempts.c.job_id)) \
-        .where(jobs_t.c.queue == q.name, job_attempts.c.outcome.is_not(None))
-    df = _frame(q, _since(query, since).group_by(jobs_t.c.type, job_attempts.c.attempt, job_attempts.c.outcome))
-    outcomes = ["completed", "failed", "timeout", "lost"]
-    if df.empty:
-        return pd.DataFrame(columns=["type", "attempt", "attempts", *outcomes, "success_rate"])
-    wide = df.pivot_table(index=["type", "attempt"], columns="outcome", values="n", aggfunc="sum", fill_value=0)
-    wide = wide.reindex(columns=outcomes, fill_value=0).astype("int64")
+    return outcomes_from_stats(_sql(q, aq.attempt_stats, scope(q, **filters)))
+
+
+def outcomes_from_stats(stats: pd.DataFrame) -> pd.DataFrame:
+    """:func:`attempt_outcomes` from :func:`qkit.analysis_queries.attempt_stats` rows."""
+    if stats.empty:
+        return pd.DataFrame(columns=["type", "attempt", "attempts", *_OUTCOMES, "success_rate"])
+    wide = stats.pivot_table(index=["type", "attempt"], columns="outcome", values="n", aggfunc="sum", fill_value=0)
+    wide = wide.reindex(columns=_OUTCOMES, fill_value=0).astype("int64")
     wide.columns.name = None
     wide.insert(0, "attempts", wide.sum(axis=1))
     wide["success_rate"] = wide["completed"] / wide["attempts"]
     return wide.reset_index()
 
 
-def type_summary(q: "Queue", *, since: Any = None) -> pd.DataFrame:
+#: the groups of :func:`exec_times`: a handler that returned, and one that raised or ran out of time
+EXEC_GROUPS = {"completed": ("completed",), "failed or timeout": ("failed", "timeout")}
+
+
+def exec_times(q: "Queue", **filters: Any) -> pd.DataFrame:
+    """Handler execution time per type and group (``completed``, ``failed or timeout``).
+
+    Columns ``type``, ``group``, ``n``, ``mean_ms`` and the percentiles
+    ``p5_ms``, ``p25_ms``, ``p50_ms``, ``p75_ms``, ``p95_ms``, ``p99_ms``
+    (read from a ~5%-resolution histogram the database builds).
+    """
+    return exec_from_stats(_sql(q, aq.attempt_stats, scope(q, **filters)))
+
+
+_PCTS = (5, 25, 50, 75, 90, 95, 99)
+
+
+def exec_from_stats(stats: pd.DataFrame) -> pd.DataFrame:
+    """:func:`exec_times` from :func:`qkit.analysis_queries.attempt_stats` rows."""
+    rows = []
+    for (t, group), sub in _grouped(stats):
+        qs = aq.hist_quantile(sub["bucket"], sub["n"], [p / 100 for p in _PCTS])
+        n = int(sub["n"].sum())
+        rows.append({"type": t, "group": group, "n": n, "mean_ms": float(sub["ms_sum"].sum()) / n if n else np.nan,
+                     **{f"p{p}_ms": float(v) for p, v in zip(_PCTS, qs)}})
+    return pd.DataFrame(rows, columns=["type", "group", "n", "mean_ms", *(f"p{p}_ms" for p in _PCTS)])
+
+
+def _grouped(stats: pd.DataFrame) -> Iterable[tuple[tuple[str, str], pd.DataFrame]]:
+    if stats.empty:
+        return []
+    ran = stats[stats["bucket"].notna()]
+    out = []
+    for group, outcomes in EXEC_GROUPS.items():
+        sub = ran[ran["outcome"].isin(outcomes)]
+        for t, g in sub.groupby("type"):
+            g = g.groupby("bucket", as_index=False).agg(n=("n", "sum"), ms_sum=("ms_sum", "sum"))
+            out.append(((t, group), g))
+    return sorted(out, key=lambda x: x[0])
+
+
+def type_summary(q: "Queue", **filters: Any) -> pd.DataFrame:
     """Per type: jobs, outcomes, success rate, attempts, and execution-time percentiles.
 
     ``success_rate`` = completed / (completed + failed) jobs.  ``exec_*_ms``
     are over completed attempts (how long a successful handler call takes);
-    ``fail_exec_p50_ms`` over failed and timed-out ones.
+    ``fail_exec_p50_ms`` over failed and timed-out ones.  ``attrs["exec_times"]``
+    holds :func:`exec_times` of the same scope.
     """
-    query = select(jobs_t.c.id, jobs_t.c.type, jobs_t.c.status, job_attempts.c.outcome,
-                   job_attempts.c.duration_ms) \
-        .select_from(jobs_t.outerjoin(job_attempts, job_attempts.c.job_id == jobs_t.c.id)) \
-        .where(jobs_t.c.queue == q.name)
-    df = _frame(q, _since(query, since))
+    sc = scope(q, **filters)
+    with q.ledger.read_engine.connect() as conn:
+        jobs_df = aq.job_outcomes(conn, sc)
+        stats = aq.attempt_stats(conn, sc)
     columns = ["type", "jobs", "completed", "failed", "active", "success_rate", "attempts", "attempts_per_job",
                "exec_p50_ms", "exec_p90_ms", "exec_p99_ms", "exec_mean_ms", "fail_exec_p50_ms"]
-    if df.empty:
-        return pd.DataFrame(columns=columns)
-    per_job = df.drop_duplicates("id")
-    counts = pd.crosstab(per_job["type"], per_job["status"]).reindex(
-        columns=["pending", "processing", "completed", "failed"], fill_value=0)
+    if jobs_df.empty:
+        out = pd.DataFrame(columns=columns)
+        out.attrs["exec_times"] = exec_from_stats(stats)
+        return out
+    counts = jobs_df.pivot_table(index="type", columns="status", values="jobs", aggfunc="sum", fill_value=0) \
+        .reindex(columns=["pending", "processing", "completed", "failed"], fill_value=0)
     out = pd.DataFrame(index=counts.index)
-    out["jobs"] = counts.sum(axis=1)
-    out["completed"] = counts["completed"]
-    out["failed"] = counts["failed"]
-    out["active"] = counts["pending"] + counts["processing"]
+    out["jobs"] = jobs_df.groupby("type")["jobs"].sum().astype("int64")
+    out["completed"] = counts["completed"].astype("int64")
+    out["failed"] = counts["failed"].astype("int64")
+    out["active"] = (counts["pending"] + counts["processing"]).astype("int64")
     finished = out["completed"] + out["failed"]
     out["success_rate"] = (out["completed"] / finished.where(finished > 0)).astype("float64")
-    out["attempts"] = df[df["outcome"].notna()].groupby("type").size().reindex(out.index, fill_value=0)
+    made = stats.groupby("type")["n"].sum() if len(stats) else pd.Series(dtype="int64")
+    out["attempts"] = made.reindex(out.index, fill_value=0).astype("int64")
     out["attempts_per_job"] = out["attempts"] / out["jobs"]
-    done = df[df["outcome"] == "completed"].groupby("type")["duration_ms"]
+    ex = exec_from_stats(stats)
+    ok = ex[ex["group"] == "completed"].set_index("type")
+    bad = ex[ex["group"] != "completed"].set_index("type")
     for p in (50, 90, 99):
-        out[f"exec_p{p}_ms"] = done.quantile(p / 100).reindex(out.index)
-    out["exec_mean_ms"] = done.mean().reindex(out.index)
-    bad = df[df["outcome"].isin(["failed", "timeout"])].groupby("type")["duration_ms"]
-    out["fail_exec_p50_ms"] = bad.median().reindex(out.index)
+        out[f"exec_p{p}_ms"] = ok[f"p{p}_ms"].reindex(out.index)
+    out["exec_mean_ms"] = ok["mean_ms"].reindex(out.index)
+    out["fail_exec_p50_ms"] = bad["p50_ms"].reindex(out.index)
     out.index.name = "type"
-    return out.reset_index()[columns]
+    out = out.reset_index()[columns]
+    out.attrs["exec_times"] = ex  # from the same query: the box plots need no second one
+    return out
 
 
-def wait_times(q: "Queue", *, since: Any = None, now: datetime | None = None) -> pd.DataFrame:
+def wait_times(q: "Queue", *, now: datetime | None = None, **filters: Any) -> pd.DataFrame:
     """Wait from enqueue to first claim, by priority (highest first): where starvation shows.
 
     Columns: ``priority``, ``jobs``, ``claimed``, ``waiting`` (due now,
@@ -263,123 +339,132 @@ def wait_times(q: "Queue", *, since: Any = None, now: datetime | None = None) ->
     oldest job of that priority that is due and was never claimed).
     """
     now = now or utcnow()
-    query = select(jobs_t.c.id, jobs_t.c.priority, jobs_t.c.status, jobs_t.c.created_at, jobs_t.c.started_at,
-                   jobs_t.c.run_at).where(jobs_t.c.queue == q.name)
-    df = _frame(q, _since(query, since), ("created_at", "started_at", "run_at"))
+    df = _sql(q, aq.wait_stats, scope(q, **filters), now)
     columns = ["priority", "jobs", "claimed", "waiting", "wait_p50_s", "wait_p90_s", "wait_p99_s", "wait_max_s",
                "oldest_waiting_s"]
     if df.empty:
         return pd.DataFrame(columns=columns)
-    df["wait_s"] = (df["started_at"] - df["created_at"]).dt.total_seconds()
-    stamp = pd.Timestamp(now)
-    never = df["started_at"].isna() & (df["status"] == "pending") & (df["run_at"] <= stamp)
-    df["age_s"] = (stamp - df["created_at"]).dt.total_seconds().where(never)
-    g = df.groupby("priority")
-    out = pd.DataFrame({"jobs": g.size(), "claimed": g["wait_s"].count(),
-                        "waiting": never.groupby(df["priority"]).sum()})
-    for p in (50, 90, 99):
-        out[f"wait_p{p}_s"] = g["wait_s"].quantile(p / 100)
-    out["wait_max_s"] = g["wait_s"].max()
-    out["oldest_waiting_s"] = g["age_s"].max()
-    out = out.sort_index(ascending=False)
-    out.index.name = "priority"
-    return out.reset_index()[columns]
+    rows = []
+    for prio, g in df.groupby("priority"):
+        claimed = g[g["bucket"].notna()]
+        qs = aq.hist_quantile(claimed["bucket"], claimed["jobs"], [0.5, 0.9, 0.99])
+        oldest = g["oldest_created"].dropna()
+        rows.append({"priority": int(prio), "jobs": int(g["jobs"].sum()), "claimed": int(claimed["jobs"].sum()),
+                     "waiting": int(g["waiting"].sum()), "wait_p50_s": qs[0], "wait_p90_s": qs[1],
+                     "wait_p99_s": qs[2], "wait_max_s": float(claimed["wait_max_s"].max()) if len(claimed) else np.nan,
+                     "oldest_waiting_s": now.timestamp() - float(oldest.min()) if len(oldest) else np.nan})
+    return pd.DataFrame(rows, columns=columns).sort_values("priority", ascending=False).reset_index(drop=True)
 
 
-def waiting(q: "Queue", *, limit: int = 10, now: datetime | None = None) -> pd.DataFrame:
+def waiting(q: "Queue", *, limit: int = 10, now: datetime | None = None, **filters: Any) -> pd.DataFrame:
     """The oldest jobs that are due and waiting for a worker, oldest first, with their age."""
     now = now or utcnow()
-    query = select(jobs_t.c.id, jobs_t.c.type, jobs_t.c.priority, jobs_t.c.attempts, jobs_t.c.created_at,
-                   jobs_t.c.run_at) \
-        .where(jobs_t.c.queue == q.name, jobs_t.c.status == "pending", jobs_t.c.run_at <= now) \
-        .order_by(jobs_t.c.created_at, jobs_t.c.id).limit(int(limit))
-    df = _frame(q, query, ("created_at", "run_at"))
+    df = _sql(q, aq.oldest_waiting, scope(q, **filters), now, limit)
+    for col in ("created_at", "run_at"):
+        df[col] = pd.to_datetime(df[col], utc=True)
     df["age_s"] = (pd.Timestamp(now) - df["created_at"]).dt.total_seconds()
     df["overdue_s"] = (pd.Timestamp(now) - df["run_at"]).dt.total_seconds()
     return df
 
 
-def queue_depth(q: "Queue", *, since: Any = None, freq: str | None = None,
-                now: datetime | None = None) -> pd.DataFrame:
-    """Jobs per state over time, rebuilt from the events (SPEC §5 ``job_events``).
+#: event (and variant, see qkit.analysis_queries.depth_changes) -> (state before, state after)
+_MOVES = {("enqueued", 0): (None, "pending"), ("claimed", 0): ("pending", "processing"),
+          ("completed", 0): ("processing", "completed"), ("retry_scheduled", 0): ("processing", "pending"),
+          ("retry_scheduled", 1): ("processing", "delayed"), ("retry_scheduled", 2): ("pending", "pending"),
+          ("retry_scheduled", 3): ("pending", "delayed"), ("failed", 0): ("processing", "failed"),
+          ("failed", 2): ("pending", "failed"), ("reclaimed", 0): ("processing", "pending"),
+          ("replayed", 0): ("failed", "pending"), ("released", 0): ("processing", "pending"),
+          ("due", 0): ("delayed", "pending")}
 
-    Index ``at`` (UTC); columns ``pending`` (due, waiting), ``delayed``
-    (waiting for a retry back-off), ``processing``, ``completed``,
-    ``failed``.  A ``retry_scheduled`` event with a delay makes the job
-    ``delayed`` until it is due (a point added at event time + delay).
-    Without ``freq`` there is one row per change; with it (e.g. ``"5s"``,
-    or ``"auto"``) the last value of each bin, carried forward.
+
+def _window(q: "Queue", sc: Scope, what: str, start: Any, end: Any, freq: str | None,
+            now: datetime) -> tuple[float, float, float, str, bool] | None:
+    """(origin, width_s, end, freq, single_queue) of a time series, or None when it has no data."""
+    single = queues(q) == [q.name]
+    lo, hi = as_utc(start), as_utc(end)
+    if lo is None or hi is None:
+        first, last = _sql(q, aq.time_bounds, sc, what, single)
+        if first is None:
+            return None
+        lo = lo or datetime.fromtimestamp(float(first), timezone.utc)
+        # a millisecond of slack: epoch_s() is that precise on SQLite
+        hi = hi or max(datetime.fromtimestamp(float(last) + 1e-3, timezone.utc), lo)
+    hi = min(hi, max(now, lo))
+    if not freq or freq == "auto":
+        freq = auto_freq(lo, hi)
+    width = pd.Timedelta(freq).total_seconds()
+    origin = math.floor(lo.timestamp() / width) * width
+    return origin, width, hi.timestamp(), freq, single
+
+
+def queue_depth(q: "Queue", *, start: Any = None, end: Any = None, freq: str | None = "auto",
+                now: datetime | None = None, **filters: Any) -> pd.DataFrame:
+    """Jobs per state over time, rebuilt from the events (SPEC §5 ``job_events``), counted in SQL.
+
+    Index ``at`` (UTC, bin start); columns ``pending`` (due, waiting),
+    ``delayed`` (waiting for a retry back-off), ``processing``,
+    ``completed``, ``failed``: the state at the end of each bin.
+    ``start``/``end`` bound the chart's time window (the states at ``start``
+    include everything before it); ``freq`` is the bin width (``"auto"``:
+    at most 60 bins), kept in ``df.attrs["freq"]``.  ``filters`` choose the
+    jobs (:func:`scope`).
     """
     now = now or utcnow()
-    query = select(job_events.c.id, job_events.c.job_id, job_events.c.at, job_events.c.event,
-                   job_events.c.detail) \
-        .select_from(job_events.join(jobs_t, jobs_t.c.id == job_events.c.job_id)).where(jobs_t.c.queue == q.name)
-    ev = _frame(q, _since(query, since).order_by(job_events.c.id), ("at",))
-    return depth_from_events(ev, freq=freq, now=now)
-
-
-def depth_from_events(ev: pd.DataFrame, *, freq: str | None = None, now: datetime | None = None) -> pd.DataFrame:
-    """The state-count series of :func:`queue_depth` from an events frame (``job_id, at, event, detail``)."""
+    sc = scope(q, **filters)
     states = list(DEPTH_STATES)
-    ev = ev[ev["event"].isin(list(_EVENT_STATE))].copy()
-    if ev.empty:
-        return pd.DataFrame(columns=states, index=pd.DatetimeIndex([], tz="UTC", name="at"), dtype="int64")
-    ev["state"] = ev["event"].map(_EVENT_STATE)
-    ev["order"] = range(len(ev))
-    ev["delay"] = pd.to_numeric(ev["detail"].map(lambda d: d.get("delay_s") if isinstance(d, dict) else None),
-                                errors="coerce").fillna(0.0)
-    ev["retry"] = (ev["event"] == "retry_scheduled") & (ev["delay"] > 0)
-    ev.loc[ev["retry"], "state"] = "delayed"
-    ev = ev.sort_values(["job_id", "order"]).reset_index(drop=True)
-    ev["next_at"] = ev.groupby("job_id")["at"].shift(-1)
-    ev["due_at"] = ev["at"] + pd.to_timedelta(ev["delay"], unit="s")
-    limit = pd.Timestamp(now or utcnow())
-    # the job became due (pending) at due_at, if nothing else happened to it first
-    becomes_due = ev["retry"] & (ev["due_at"] <= limit) & (ev["next_at"].isna() | (ev["due_at"] < ev["next_at"]))
-    synthetic = pd.DataFrame({"job_id": ev.loc[becomes_due, "job_id"], "at": ev.loc[becomes_due, "due_at"],
-                              "state": "pending", "order": ev.loc[becomes_due, "order"] + 0.5})
-    rows = pd.concat([ev[["job_id", "at", "state", "order"]], synthetic], ignore_index=True)
-    rows = rows.sort_values(["job_id", "order"])
-    rows["prev"] = rows.groupby("job_id")["state"].shift(1)
-    rows = rows[rows["state"] != rows["prev"]]
-    plus = pd.get_dummies(rows["state"]).reindex(columns=states, fill_value=0).astype("int64")
-    minus = pd.get_dummies(rows["prev"]).reindex(columns=states, fill_value=0).astype("int64")
-    delta = plus - minus
-    delta.index = pd.DatetimeIndex(rows["at"], name="at")
-    delta["order"] = rows["order"].to_numpy()
-    depth = delta.reset_index().sort_values(["at", "order"]).set_index("at")[states].cumsum()
-    depth = depth.groupby(level=0).last()
-    if freq:
-        if freq == "auto":
-            freq = auto_freq(depth.index.min(), depth.index.max())
-        depth = depth.resample(freq).last().ffill().astype("int64")
-    return depth
+    win = _window(q, sc, "events", start, end, freq, now)
+    if win is None:
+        out = pd.DataFrame(columns=states, index=pd.DatetimeIndex([], tz="UTC", name="at"), dtype="int64")
+        out.attrs["freq"] = freq if freq and freq != "auto" else _FREQS[0]
+        return out
+    origin, width, stop, freq, single = win
+    lo = as_utc(start)
+    df = _sql(q, aq.depth_changes, sc, origin=origin, width=width, end=stop, now=now.timestamp(),
+              start=None if lo is None else lo.timestamp(), single_queue=single)
+    nbins = int(math.floor((stop - origin) / width)) + 1
+    delta = np.zeros((nbins + 1, len(states)), dtype="int64")  # row 0: before the window
+    for ev, var, b, n in zip(df["event"], df["variant"], df["bin"], df["n"]):
+        move = _MOVES.get((ev, int(var)))
+        if move is None:
+            continue
+        row = min(max(int(b) + 1, 0), nbins)
+        before, after = move
+        if before:
+            delta[row, states.index(before)] -= int(n)
+        delta[row, states.index(after)] += int(n)
+    depth = np.cumsum(delta, axis=0)[1:]
+    index = pd.DatetimeIndex(pd.to_datetime(origin + width * np.arange(nbins), unit="s", utc=True), name="at")
+    out = pd.DataFrame(np.maximum(depth, 0), columns=states, index=index)
+    out.attrs["freq"] = freq
+    return out
 
 
-def throughput(q: "Queue", *, since: Any = None, freq: str | None = "auto") -> pd.DataFrame:
+def throughput(q: "Queue", *, start: Any = None, end: Any = None, freq: str | None = "auto",
+               now: datetime | None = None, **filters: Any) -> pd.DataFrame:
     """Finished attempts per time bin, by outcome (columns ``completed``, ``failed``, ``timeout``, ``lost``).
 
     ``freq="auto"`` picks a bin width giving at most 60 bins; it is kept in
-    ``df.attrs["freq"]``.
+    ``df.attrs["freq"]``.  ``start``/``end`` bound the time window.
     """
-    query = select(job_attempts.c.finished_at, job_attempts.c.outcome) \
-        .select_from(job_attempts.join(jobs_t, jobs_t.c.id == job_attempts.c.job_id)) \
-        .where(jobs_t.c.queue == q.name, job_attempts.c.finished_at.is_not(None))
-    df = _frame(q, _since(query, since), ("finished_at",))
-    outcomes = ["completed", "failed", "timeout", "lost"]
-    if df.empty:
-        out = pd.DataFrame(columns=outcomes, index=pd.DatetimeIndex([], tz="UTC", name="at"), dtype="int64")
+    now = now or utcnow()
+    sc = scope(q, **filters)
+    win = _window(q, sc, "attempts", start, end, freq, now)
+    if win is None:
+        out = pd.DataFrame(columns=_OUTCOMES, index=pd.DatetimeIndex([], tz="UTC", name="at"), dtype="int64")
         out.attrs["freq"] = freq if freq and freq != "auto" else _FREQS[0]
         return out
-    if not freq or freq == "auto":
-        freq = auto_freq(df["finished_at"].min(), df["finished_at"].max())
-    out = df.groupby([pd.Grouper(key="finished_at", freq=freq), "outcome"]).size().unstack(fill_value=0)
-    out = out.reindex(columns=outcomes, fill_value=0).astype("int64")
-    out = out.asfreq(freq, fill_value=0)
-    out.index.name = "at"
-    out.columns.name = None
-    out.attrs["freq"] = freq
-    return out
+    origin, width, stop, freq, single = win
+    lo = as_utc(start)
+    df = _sql(q, aq.finished_attempts, sc, origin=origin, width=width, start=None if lo is None else lo.timestamp(),
+              end=stop, single_queue=single)
+    nbins = int(math.floor((stop - origin) / width)) + 1
+    wide = df.pivot_table(index="bin", columns="outcome", values="n", aggfunc="sum", fill_value=0) if len(df) \
+        else pd.DataFrame()
+    wide = wide.reindex(index=range(nbins), columns=_OUTCOMES, fill_value=0).fillna(0).astype("int64")
+    wide.index = pd.DatetimeIndex(pd.to_datetime(origin + width * np.arange(nbins), unit="s", utc=True), name="at")
+    wide.columns.name = None
+    wide.attrs["freq"] = freq
+    return wide
 
 
 def dlq_groups(q: "Queue") -> pd.DataFrame:

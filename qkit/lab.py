@@ -22,13 +22,6 @@ from typing import Callable, Sequence
 from qkit.errors import BadInput
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
 def lab_command(notebooks: Path, *, host: str, port: int, token: str, open_browser: bool = False) -> list[str]:
     """The ``jupyter lab`` command line (this interpreter), loopback and token auth."""
     cmd = [sys.executable, "-m", "jupyterlab", f"--ServerApp.root_dir={notebooks}", f"--ServerApp.ip={host}",
@@ -85,7 +78,10 @@ def run_lab(*, host: str = "127.0.0.1", port: int = 8888, open_browser: bool = F
     notebooks = notebooks or repo_root() / "notebooks"
     if not notebooks.is_dir():
         raise BadInput(f"no notebooks folder at {notebooks}")
-    port = port or free_port(host)
+    if not port:
+        from qkit.devservers import free_port
+
+        port = free_port()
     token = secrets.token_hex(24)
     env = lab_env()
     proc = subprocess.Popen([*lab_command(notebooks, host=host, port=port, token=token, open_browser=open_browser),

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
-from matplotlib import dates as mdates
+from matplotlib import dates as mdates, rc_context
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator, PercentFormatter
@@ -28,17 +28,37 @@ PERCENTILE_COLORS = {"p50": "#1565c0", "p90": "#f9a825", "p99": "#c62828"}
 TYPE_COLORS = ("#1565c0", "#ef6c00", "#6a1b9a", "#00838f", "#8d6e63", "#ad1457", "#546e7a", "#9e9d24")
 
 
+#: text sizes (pt) readable in a report at its width: figures are at most 10 in wide, shown at 100 dpi
+STYLE = {"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "xtick.labelsize": 9.5,
+         "ytick.labelsize": 9.5, "legend.fontsize": 9.5, "legend.title_fontsize": 9.5, "figure.titlesize": 13}
+#: the smallest text any figure here uses (pt)
+MIN_FONT = 9
+
+
 def _figure(width: float = 9.0, height: float = 4.5, nrows: int = 1, ncols: int = 1, **kw: Any) -> tuple[Figure, Any]:
-    fig = Figure(figsize=(width, height), layout="constrained")
-    axes = fig.subplots(nrows, ncols, squeeze=False, **kw)
+    with rc_context(STYLE):
+        fig = Figure(figsize=(min(width, 10.0), height), layout="constrained")
+        axes = fig.subplots(nrows, ncols, squeeze=False, **kw)
     return fig, axes
+
+
+def _legend_outside(ax: Any, **kw: Any) -> Any:
+    """A legend right of the axes, off the data."""
+    return ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), borderaxespad=0, **kw)
+
+
+def caption(fig: Figure, text: str) -> Figure:
+    """Say under the figure what it covers (queue, window, filters)."""
+    if text:
+        fig.supxlabel(text, fontsize=MIN_FONT + 0.5, color="#555555")
+    return fig
 
 
 def _titled(title: str, width: float = 9.0, height: float = 4.5) -> tuple[Figure, Any]:
     """A one-axes figure with its title set: the start of most plots here."""
     fig, axes = _figure(width, height)
     ax = axes[0][0]
-    ax.set_title(title, fontsize=13)
+    ax.set_title(title, fontsize=STYLE["figure.titlesize"])
     return fig, ax
 
 
@@ -70,15 +90,14 @@ def _short(text: str, n: int = 60) -> str:
 
 # ---------------------------------------------------------------- retry analysis
 def retry_distribution(dist: pd.DataFrame, *, title: str = "Attempts to success or to the DLQ, by job type") -> Figure:
-    """Small multiples, one per type: jobs by attempts used, completed (green) stacked with DLQ (red).
-
-    ``dist`` is :func:`qkit.frames.retry_distribution`.
+    """Small multiples, one per type, each on its own y-scale: jobs by attempts used, completed (green)
+    stacked with DLQ (red).  ``dist`` is :func:`qkit.frames.retry_distribution`.
     """
     types = sorted(dist["type"].unique()) if len(dist) else []
-    ncols = min(4, max(1, len(types)))
+    ncols = min(2, max(1, len(types)))
     nrows = max(1, math.ceil(len(types) / ncols))
-    fig, axes = _figure(3.4 * ncols + 1.5, 3.2 * nrows + 0.8, nrows, ncols, sharey=True)
-    fig.suptitle(title, fontsize=13)
+    fig, axes = _figure(10, 2.9 * nrows + 1.1, nrows, ncols)
+    fig.suptitle(title)
     if not types:
         _no_data(axes[0][0], "no finished jobs yet")
         return fig
@@ -96,16 +115,15 @@ def retry_distribution(dist: pd.DataFrame, *, title: str = "Attempts to success 
             bottom += counts.to_numpy()
         total = int(sub["jobs"].sum())
         dead = int(sub.loc[sub["outcome"] == "dlq", "jobs"].sum())
-        ax.set_title(f"{types[i]}\n{total} jobs, {dead} in DLQ ({dead / total:.0%})" if total else types[i],
-                     fontsize=10)
+        ax.set_title(f"{types[i]}: {total:,} jobs, {dead:,} in DLQ ({dead / total:.0%})" if total else types[i])
         ax.set_xticks(xs)
-        ax.set_xlabel("attempts used (count)")
+        ax.set_ylim(0, max(1.0, float(bottom.max())) * 1.12)  # each panel its own scale
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True, nbins=5))
         ax.grid(axis="y", alpha=0.3)
         if i % ncols == 0:
             ax.set_ylabel("jobs (count)")
-    tallest = dist.groupby(["type", "attempts"])["jobs"].sum().max()
-    axes.flat[0].set_ylim(0, max(1.0, float(tallest)) * 1.12)  # shared y: headroom for the tallest bar
-    axes.flat[0].legend(loc="upper right", fontsize=8)
+        ax.set_xlabel("attempts used")
+    fig.legend(*axes.flat[0].get_legend_handles_labels(), loc="outside lower center", ncols=2)
     return fig
 
 
@@ -138,107 +156,144 @@ def success_rate(summary: pd.DataFrame, *,
     return fig
 
 
-def exec_time(attempts: pd.DataFrame, *, title: str = "Handler execution time per attempt, by job type") -> Figure:
+def exec_time(times: pd.DataFrame, *, title: str = "Handler execution time per attempt, by job type") -> Figure:
     """Box plots of attempt duration (ms) per type: completed attempts next to failed/timed-out ones.
 
-    ``attempts`` is :func:`qkit.frames.attempts`; lost attempts (no
-    handler result) are left out.  Whiskers span p5..p95.
+    ``times`` is :func:`qkit.frames.exec_times` (percentiles the database
+    computed); boxes span p25..p75, whiskers p5..p95.  The legend sits
+    under the axes, off the boxes.
     """
-    fig, ax = _titled(title, 9, 4.8)
-    ran = attempts[attempts["outcome"].isin(["completed", "failed", "timeout"])] if len(attempts) else attempts
-    if ran.empty:
+    fig, ax = _titled(title, 10, 5)
+    if times.empty:
         _no_data(ax, "no finished attempts yet")
         return fig
-    types = sorted(ran["type"].unique())
-    groups = [("completed", ran["outcome"] == "completed"), ("failed or timeout", ran["outcome"] != "completed")]
+    types = sorted(times["type"].unique())
+    groups = [("completed", COLORS["completed"]), ("failed or timeout", COLORS["failed"])]
     width = 0.35
     handles = []
-    for k, (label, mask) in enumerate(groups):
-        data = [ran.loc[mask & (ran["type"] == t), "duration_ms"].dropna().to_numpy() for t in types]
-        pos = [i + (k - 0.5) * width for i in range(len(types))]
-        keep = [(p, d) for p, d in zip(pos, data) if len(d)]
-        if not keep:
+    for k, (group, color) in enumerate(groups):
+        rows = times[times["group"] == group].set_index("type")
+        stats, pos = [], []
+        for i, t in enumerate(types):
+            if t in rows.index and rows.loc[t, "n"] > 0:
+                r = rows.loc[t]
+                stats.append({"med": r["p50_ms"], "q1": r["p25_ms"], "q3": r["p75_ms"], "whislo": r["p5_ms"],
+                              "whishi": r["p95_ms"], "mean": r["mean_ms"], "label": t})
+                pos.append(i + (k - 0.5) * width)
+        if not stats:
             continue
-        color = COLORS["completed"] if k == 0 else COLORS["failed"]
-        bp = ax.boxplot([d for _, d in keep], positions=[p for p, _ in keep], widths=width * 0.9,
-                        whis=(5, 95), showfliers=False, patch_artist=True)
+        bp = ax.bxp(stats, positions=pos, widths=width * 0.9, showfliers=False, patch_artist=True)
         for box in bp["boxes"]:
             box.set(facecolor=color, alpha=0.45, edgecolor=color)
         for median in bp["medians"]:
             median.set(color="black")
-        handles.append((bp["boxes"][0], label))
+        handles.append((bp["boxes"][0], group))
     ax.set_xticks(range(len(types)), types)
     ax.set_xlim(-0.7, len(types) - 0.3)
-    values = ran["duration_ms"].dropna()
-    if len(values) and values.min() > 0 and values.max() / values.min() > 50:
+    lo = times[["p5_ms"]].min().min()
+    hi = times[["p95_ms"]].max().max()
+    if lo > 0 and hi / lo > 50:
         ax.set_yscale("log")
     ax.set_ylabel("execution time (ms)")
     ax.set_xlabel("job type")
     ax.grid(axis="y", alpha=0.3)
     if handles:
-        ax.legend([h for h, _ in handles], [f"{lab} (box p25-p75, whiskers p5-p95)" for _, lab in handles],
-                  fontsize=8, loc="upper left")
+        _legend_outside(ax, handles=[h for h, _ in handles], labels=[lab for _, lab in handles],
+                        title="box p25-p75\nline p50\nwhiskers p5-p95")
     return fig
 
 
-def attempt_outcomes(outcomes: pd.DataFrame, *, title: str = "Does a retry help? Success rate of attempt n, by job type"
+def attempt_outcomes(outcomes: pd.DataFrame, *,
+                     title: str = "Does a retry help? Success rate of attempt n (band: 95% interval), by job type"
                      ) -> Figure:
-    """Lines of the share of attempts number n that completed, per type, with n marked on each point.
+    """One panel per type (shared 0-100% scale): the share of attempts number n that completed, with
+    its 95% Wilson interval and ``n=`` (attempts made) under each point.
 
     ``outcomes`` is :func:`qkit.frames.attempt_outcomes`.
     """
-    fig, ax = _titled(title, 9, 4.5)
-    if outcomes.empty:
-        _no_data(ax, "no finished attempts yet")
+    from qkit.stats import wilson
+
+    types = sorted(outcomes["type"].unique()) if len(outcomes) else []
+    ncols = min(2, max(1, len(types)))
+    nrows = max(1, math.ceil(len(types) / ncols))
+    fig, axes = _figure(10, 2.7 * nrows + 1.0, nrows, ncols, sharey=True)
+    fig.suptitle(title)
+    if not types:
+        _no_data(axes[0][0], "no finished attempts yet")
         return fig
-    for i, (t, sub) in enumerate(outcomes.groupby("type")):
-        sub = sub.sort_values("attempt")
-        line, = ax.plot(sub["attempt"], sub["success_rate"] * 100, marker="o", label=t,
-                        color=TYPE_COLORS[i % len(TYPE_COLORS)])
-        dy = (6, -13, 15, -22)[i % 4]  # labels of types meeting at one point do not overlap
-        for x, y, n in zip(sub["attempt"], sub["success_rate"] * 100, sub["attempts"]):
-            ax.annotate(f"n={int(n)}", (x, y), textcoords="offset points", xytext=(5, dy), fontsize=7,
-                        color=line.get_color())
-    ax.set_ylim(-3, 105)
-    ax.yaxis.set_major_formatter(PercentFormatter())
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("attempt number")
-    ax.set_ylabel("attempts that completed (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), title="job type", title_fontsize=8)
+    top = int(outcomes["attempt"].max())
+    for i, ax in enumerate(axes.flat):
+        if i >= len(types):
+            ax.set_visible(False)
+            continue
+        sub = outcomes[outcomes["type"] == types[i]].sort_values("attempt")
+        x = sub["attempt"].to_numpy()
+        n = sub["attempts"].to_numpy()
+        lo, hi = wilson(sub["completed"].to_numpy(), n)
+        y = sub["success_rate"].to_numpy(dtype=float) * 100
+        color = TYPE_COLORS[i % len(TYPE_COLORS)]
+        ax.fill_between(x, lo * 100, hi * 100, color=color, alpha=0.15, linewidth=0)
+        ax.plot(x, y, marker="o", color=color)
+        for xi, ni in zip(x, n):
+            ax.text(xi, 2, f"n={int(ni):,}", ha="center", va="bottom", fontsize=MIN_FONT, color="#424242")
+        ax.set_title(types[i])
+        ax.set_xlim(0.5, top + 0.5)
+        ax.set_ylim(0, 105)
+        ax.yaxis.set_major_formatter(PercentFormatter())
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if i % ncols == 0:
+            ax.set_ylabel("attempts completed")
+        ax.set_xlabel("attempt number")
     return fig
 
 
 # ---------------------------------------------------------------- monitoring
-def queue_depth(depth: pd.DataFrame, *, title: str = "Queue depth over time (rebuilt from job events)") -> Figure:
-    """Top: waiting and running jobs (stacked); bottom: finished jobs, cumulative.
+def _spiky(values: np.ndarray) -> bool:
+    """True when one spike would flatten the rest: the peak is over 8x the 90th percentile of nonzero values."""
+    nz = values[values > 0]
+    return len(nz) >= 5 and float(nz.max()) > 8 * max(1.0, float(np.percentile(nz, 90)))
 
-    ``depth`` is :func:`qkit.frames.queue_depth`.
+
+def queue_depth(depth: pd.DataFrame, *, title: str = "Queue depth over time (rebuilt from job events)") -> Figure:
+    """Top: waiting and running jobs, one line per state (a log scale when a spike would flatten the rest);
+    bottom: finished jobs, cumulative.  ``depth`` is :func:`qkit.frames.queue_depth`.
     """
     fig, axes = _figure(10, 6, 2, 1, sharex=True)
     top, bottom = axes[0][0], axes[1][0]
-    fig.suptitle(title, fontsize=13)
+    fig.suptitle(title)
     if depth.empty:
         _no_data(top)
         _no_data(bottom)
         return fig
-    x = _naive_utc(depth.index)
-    active = ["pending", "delayed", "processing"]
-    top.stackplot(x, *[depth[c].to_numpy() for c in active], step="post",
-                  labels=["pending (due)", "delayed (retry back-off)", "processing"],
-                  colors=[COLORS[c] for c in active], alpha=0.85)
+    # one more edge at the end of the last bin, so the last bin's value shows as a step too
+    step = pd.Timedelta(depth.attrs.get("freq") or "1s")
+    x = _naive_utc(depth.index.append(pd.DatetimeIndex([depth.index[-1] + step])))
+    depth = pd.concat([depth, depth.iloc[[-1]]])
+    active = {"pending": "pending (due)", "delayed": "delayed (retry back-off)", "processing": "processing"}
+    for c, label in active.items():
+        top.step(x, depth[c].to_numpy(), where="post", color=COLORS[c], label=label, linewidth=1.8)
+    values = depth[list(active)].to_numpy().ravel()
+    if _spiky(values):
+        top.set_yscale("symlog", linthresh=1)
+        top.set_ylim(0, None)
+        top.set_title("waiting and running (log scale: one spike would flatten the rest)")
+    else:
+        top.set_ylim(0, max(1.0, float(values.max())) * 1.1)
+        top.set_title("waiting and running")
+        top.yaxis.set_major_locator(MaxNLocator(integer=True))
     top.set_ylabel("jobs (count)")
-    top.set_title("waiting and running", fontsize=10)
-    top.legend(fontsize=8, loc="upper right")
+    _legend_outside(top)
     top.grid(alpha=0.3)
     for c in ("completed", "failed"):
-        bottom.step(x, depth[c].to_numpy(), where="post", color=COLORS[c],
+        bottom.step(x, depth[c].to_numpy(), where="post", color=COLORS[c], linewidth=1.8,
                     label="completed" if c == "completed" else "failed (DLQ)")
-    bottom.set_ylabel("jobs (count, cumulative)")
-    bottom.set_title("finished", fontsize=10)
-    bottom.legend(fontsize=8, loc="upper left")
+    bottom.set_ylabel("jobs (cumulative)")
+    bottom.set_title("finished")
+    bottom.set_ylim(0, None)
+    _legend_outside(bottom)
     bottom.grid(alpha=0.3)
-    _time_axis(bottom)
+    _time_axis(bottom, f"time (UTC), bins of {depth.attrs.get('freq', '?')}")
     return fig
 
 
@@ -246,7 +301,7 @@ def throughput(tp: pd.DataFrame, *, title: str | None = None) -> Figure:
     """Stacked bars of finished attempts per time bin, by outcome.  ``tp`` is :func:`qkit.frames.throughput`."""
     freq = tp.attrs.get("freq", "bin")
     fig, ax = _titled(title or f"Throughput: attempts finished per {freq}, by outcome", 10, 4)
-    if tp.empty:
+    if tp.empty or not tp.to_numpy().sum():
         _no_data(ax)
         return fig
     x = _naive_utc(tp.index)
@@ -258,8 +313,8 @@ def throughput(tp: pd.DataFrame, *, title: str | None = None) -> Figure:
             continue
         ax.bar(x, values, bottom=bottom, width=width, align="edge", color=COLORS.get(c), label=c)
         bottom += values
-    ax.set_ylabel(f"attempts per {freq} (count)")
-    ax.legend(fontsize=8, loc="upper right")
+    ax.set_ylabel(f"attempts per {freq}")
+    _legend_outside(ax, title="outcome")
     ax.grid(axis="y", alpha=0.3)
     _time_axis(ax)
     return fig
@@ -270,7 +325,7 @@ def wait_times(waits: pd.DataFrame, *, title: str = "Wait from enqueue to first 
 
     ``waits`` is :func:`qkit.frames.wait_times`.
     """
-    fig, ax = _titled(title, 9, 4.5)
+    fig, ax = _titled(title, 10, 4.5)
     if waits.empty:
         _no_data(ax, "no jobs yet")
         return fig
@@ -282,46 +337,57 @@ def wait_times(waits: pd.DataFrame, *, title: str = "Wait from enqueue to first 
                color=PERCENTILE_COLORS[p], label=p)
     for xi, (_, r) in zip(x, rows.iterrows()):
         if r["waiting"]:
-            ax.annotate(f"{int(r['waiting'])} waiting,\noldest {r['oldest_waiting_s']:.0f} s", (xi, 0),
-                        textcoords="offset points", xytext=(0, 12), ha="center", fontsize=8, color=COLORS["dlq"])
-    ax.set_xticks(x, [f"{int(p)}\n({int(n)} jobs)" for p, n in zip(rows["priority"], rows["jobs"])])
+            ax.annotate(f"{int(r['waiting']):,} waiting,\noldest {r['oldest_waiting_s']:.0f} s", (xi, 0),
+                        textcoords="offset points", xytext=(0, 12), ha="center", fontsize=MIN_FONT,
+                        color=COLORS["dlq"])
+    ax.set_xticks(x, [f"{int(p)}\n({int(n):,} jobs)" for p, n in zip(rows["priority"], rows["jobs"])])
     ax.set_xlim(-0.5 - max(0, 2 - len(rows)) * 0.5, len(rows) - 0.5 + max(0, 2 - len(rows)) * 0.5)
     ax.set_xlabel("priority (higher runs first)")
     ax.set_ylabel("wait (s)")
-    ax.legend(fontsize=8, title="percentile", title_fontsize=8)
+    _legend_outside(ax, title="percentile")
     ax.grid(axis="y", alpha=0.3)
     return fig
 
 
-def runs(history: pd.DataFrame, *, title: str = "Worker runs: jobs processed and duration per run") -> Figure:
-    """Per run (oldest left): jobs processed (bar coloured by status) and duration (s).
+def runs(history: pd.DataFrame, *, title: str = "Worker runs: jobs processed and duration per run",
+         last: int = 40) -> Figure:
+    """Per run (oldest left, the latest ``last``): jobs processed and duration (s), one marker per run in
+    its status colour, so a run that processed nothing (or failed at once) still shows.
 
     ``history`` is :func:`qkit.frames.runs`; the scheduled runner's verdict
     (``run_status``) wins over the burst's own ``status``.
     """
     fig, axes = _figure(10, 5.5, 2, 1, sharex=True)
     top, bottom = axes[0][0], axes[1][0]
-    fig.suptitle(title, fontsize=13)
+    h = history.tail(last)
+    fig.suptitle(title if len(history) <= last else f"{title} (latest {last} of {len(history):,})")
     if history.empty:
         _no_data(top, "no worker runs yet")
         _no_data(bottom, "no worker runs yet")
         return fig
-    h = history.tail(60)
     status = h["run_status"].fillna(h["status"]) if "run_status" in h else h["status"]
     x = np.arange(len(h))
     colors = [COLORS.get(s, "#757575") for s in status]
-    top.bar(x, h["processed"].to_numpy(), color=colors)
-    top.set_ylabel("jobs processed (count)")
+    processed = h["processed"].fillna(0).to_numpy(dtype=float)
+    top.bar(x, processed, color=colors, alpha=0.6, width=0.7)
+    top.scatter(x, processed, c=colors, s=28, zorder=3, edgecolors="black", linewidths=0.4)
+    top.set_ylabel("jobs processed")
+    top.set_ylim(-0.05 * max(1.0, processed.max()), max(1.0, processed.max()) * 1.12)
+    top.yaxis.set_major_locator(MaxNLocator(integer=True))
     top.grid(axis="y", alpha=0.3)
     handles = [Patch(color=COLORS.get(s, "#757575"), label=s) for s in dict.fromkeys(status)]
-    top.legend(handles=handles, fontsize=8, title="status", title_fontsize=8, loc="upper left")
+    _legend_outside(top, handles=handles, title="status")
     duration = h["run_duration_s"].fillna(h["duration_s"]) if "run_duration_s" in h else h["duration_s"]
-    bottom.bar(x, duration.fillna(0).to_numpy(dtype=float), color="#546e7a")
+    dur = duration.fillna(0).to_numpy(dtype=float)
+    bottom.bar(x, dur, color="#546e7a", width=0.7)
+    bottom.scatter(x, dur, c=colors, s=18, zorder=3)
     bottom.set_ylabel("duration (s)")
+    bottom.set_ylim(-0.05 * max(0.1, dur.max()), max(0.1, dur.max()) * 1.12)
     bottom.grid(axis="y", alpha=0.3)
     labels = [f"{t:%m-%d}\n{t:%H:%M:%S}\n{trig}" for t, trig in zip(h["started_at"], h["trigger"])]
-    step = max(1, len(h) // 12)
-    bottom.set_xticks(x[::step], labels[::step], fontsize=7)
+    step = max(1, math.ceil(len(h) / 8))
+    bottom.set_xticks(x[::step], labels[::step])
+    bottom.set_xlim(-0.6, max(len(h), 8) - 0.4)
     bottom.set_xlabel("run start (UTC) and trigger, oldest left")
     return fig
 
@@ -341,7 +407,7 @@ def dlq_groups(groups: pd.DataFrame, *, title: str = "Dead-letter queue by error
     ids = rows["fingerprint_id"] if "fingerprint_id" in rows else [""] * len(rows)
     for yi, f, t, n, fid in zip(y, rows["fingerprint"], types, rows["jobs"], ids):
         ax.text(0, yi + 0.27, f"{int(n)}  {_short(f, 100)}  [{_short(t, 30)}]{f'  id {fid}' if fid else ''}",
-                fontsize=8, va="bottom")
+                fontsize=MIN_FONT + 0.5, va="bottom")
     ax.set_yticks([])
     ax.set_ylim(-0.5, len(rows) - 0.1)
     ax.set_ylabel("error group")
@@ -358,8 +424,8 @@ def whatif(summary: pd.DataFrame, *, title: str = "Recorded failures replayed ag
 
     ``summary`` is ``qkit.whatif.replay(...).summary``.
     """
-    fig, axes = _figure(13, 1.6 + 0.55 * max(1, len(summary)), 1, 3, sharey=True)
-    fig.suptitle(title, fontsize=13)
+    fig, axes = _figure(10, 1.8 + 0.6 * max(1, len(summary)), 1, 3, sharey=True)
+    fig.suptitle(title)
     if summary.empty or not summary["jobs"].sum():
         for ax in axes.flat:
             _no_data(ax, "no finished jobs to replay yet")
@@ -374,8 +440,7 @@ def whatif(summary: pd.DataFrame, *, title: str = "Recorded failures replayed ag
     a.scatter(rows["tts_p90_s"].fillna(0).to_numpy(dtype=float), y, marker="|", s=250, color="black", label="p90",
               zorder=3)
     a.set_xlabel("time to success (s), first attempt to completion")
-    fig.legend(*a.get_legend_handles_labels(), loc="outside lower left", ncols=3, fontsize=8,
-               title="time to success", title_fontsize=8)
+    fig.legend(*a.get_legend_handles_labels(), loc="outside lower left", ncols=3, title="time to success")
     b.barh(y, rows["extra_attempts"].to_numpy(dtype=float), color=colors, height=0.6)
     b.set_xlabel("extra attempts (retries, count)")
     c.barh(y, rows["dlq"].to_numpy(dtype=float), color=[COLORS["dlq"] if p not in highlight else "#b71c1c"
@@ -384,8 +449,8 @@ def whatif(summary: pd.DataFrame, *, title: str = "Recorded failures replayed ag
     for ax, col, fmt in ((b, "extra_attempts", "{:.0f}"), (c, "dlq", "{:.1f}")):
         ax.margins(x=0.12)  # room for the value labels
         for yi, v in zip(y, rows[col].to_numpy(dtype=float)):
-            ax.annotate(fmt.format(v), (v, yi), textcoords="offset points", xytext=(3, 0), va="center", fontsize=8)
-    a.set_yticks(y, [_short(p, 42) for p in rows["policy"]], fontsize=8)
+            ax.annotate(fmt.format(v), (v, yi), textcoords="offset points", xytext=(3, 0), va="center", fontsize=MIN_FONT)
+    a.set_yticks(y, [_short(p, 42) for p in rows["policy"]])
     for ax in axes.flat:
         ax.grid(axis="x", alpha=0.3)
     return fig

@@ -238,6 +238,25 @@ def test_pipeline_analysis_has_its_figures(pipeline):
     assert [r["share"] for r in recorded] == pytest.approx([r["share"] for r in expected])
 
 
+def test_worker_progress_is_plain_stdout_not_an_error_box(pipeline):
+    """papermill shows stderr as a red box: the burst's progress goes to stdout as text."""
+    for nb in pipeline["workers"]:
+        streams = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "stream"]
+        assert not [o for o in streams if o.name == "stderr"], [o.text[:200] for o in streams]
+        assert any("job" in o.text and "queue default" in o.text for o in streams)
+
+
+def test_filters_and_a_mistyped_queue(pipeline):
+    lab = pipeline["out"]
+    one = run_notebook("retry_analysis", lab, job_type="web_scraping", priority=0)
+    dist = read_records(one)["retry_distribution"]
+    assert dist and {r["type"] for r in dist} == {"web_scraping"}
+    assert sum(r["jobs"] for r in dist) == frames.retry_distribution(pipeline["q"], type="web_scraping")["jobs"].sum()
+    with pytest.raises(pm.PapermillExecutionError) as err:
+        run_notebook("queue_monitor", lab, queue="defualt")
+    assert err.value.ename == "ParameterError" and "its queues: default" in err.value.evalue
+
+
 def test_unknown_and_mistyped_parameters_fail_the_run(lab):
     with pytest.raises(pm.PapermillExecutionError) as err:
         run_notebook("enqueue_batch", lab, n_jobs="many", bogus=1)
@@ -257,6 +276,7 @@ def test_whatif_monitor_debug_and_dlq_notebooks_on_the_pipeline(pipeline):
     dead = q.dead()
     target = dead[0].id
     dbg = run_notebook("debug_job", lab, job_id=target)
+    assert f"{target}" in read_records(dbg)["verdict"]  # explain's verdict, as the README says
     rerun = read_records(dbg)["rerun"]
     assert rerun["job_id"] == target and rerun["ok"] is False and "Simulated" in rerun["error"]
     tri = run_notebook("dlq_triage", lab, replay_ids=f"[{target}]")  # -p style: a JSON string

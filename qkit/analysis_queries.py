@@ -1,0 +1,279 @@
+"""The analysis SQL: every aggregate :mod:`qkit.frames` shapes, as SQLAlchemy Core, on SQLite and PostgreSQL.
+
+The database does the counting: each query groups and returns a few hundred
+rows at most, however many jobs the ledger holds (a million jobs and three
+million attempts take seconds, see ``bench/analyst_scale.py``).  Durations
+are summarised as log-bucket histograms (:data:`BUCKETS_PER_E` buckets per
+factor e, about 5% wide), from which percentiles are read back with
+:func:`hist_quantile`.
+
+A :class:`Scope` says which jobs a query covers: one queue, and optionally a
+creation-time window, a type, a priority and a seeded batch (the ``seed`` in
+the payload of ``qkit.notebook.seeded_batch`` jobs).  Nothing here runs SQL
+per job, and nothing outside this module writes analysis SQL.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+from sqlalchemy import Float, Integer, and_, case, cast, func, literal, select, union_all
+from sqlalchemy.engine import Connection
+
+from qkit.ledger import job_attempts, job_events, jobs, worker_runs
+
+#: histogram resolution: bucket b holds values in [e^(b/K), e^((b+1)/K)) for K buckets per factor e
+BUCKETS_PER_E = 20
+#: the bucket of zero and of values under a microsecond-ish floor
+ZERO_BUCKET = -100_000
+_FLOOR = 1e-3
+
+
+@dataclass(frozen=True)
+class Scope:
+    """The jobs an analysis covers: a queue, and optionally a window, type, priority, or seeded batch."""
+
+    queue: str
+    since: datetime | None = None  # enqueued at or after
+    until: datetime | None = None  # enqueued before
+    type: str | None = None
+    priority: int | None = None
+    seed: int | None = None
+
+    @property
+    def whole_queue(self) -> bool:
+        """True when every job of the queue is in scope."""
+        return self.since is None and self.until is None and self.type is None and self.priority is None \
+            and self.seed is None
+
+    def where(self) -> list[Any]:
+        """The conditions on ``jobs`` that select the scope."""
+        cond = [jobs.c.queue == self.queue]
+        if self.since is not None:
+            cond.append(jobs.c.created_at >= self.since)
+        if self.until is not None:
+            cond.append(jobs.c.created_at < self.until)
+        if self.type is not None:
+            cond.append(jobs.c.type == self.type)
+        if self.priority is not None:
+            cond.append(jobs.c.priority == int(self.priority))
+        if self.seed is not None:
+            cond.append(jobs.c.payload["seed"].as_integer() == int(self.seed))
+        return cond
+
+    def but(self, **changes: Any) -> "Scope":
+        return replace(self, **changes)
+
+
+# ---------------------------------------------------------------- dialect helpers
+def _dialect(conn: Connection) -> str:
+    return conn.dialect.name
+
+
+def epoch_s(col: Any, dialect: str) -> Any:
+    """Seconds since 1970 of a UTC time column (SQLite stores naive UTC text).
+
+    On SQLite it goes through julianday(), a double precise to ~50 µs at
+    today's dates: rounded to the millisecond, so 12:00:01 is not 12:00:00.99995.
+    """
+    if dialect == "sqlite":
+        return func.round((func.julianday(col) - 2440587.5) * 86400.0, 3)
+    return cast(func.extract("epoch", col), Float)
+
+
+def bucket(expr: Any) -> Any:
+    """The log bucket of a non-negative number (:data:`ZERO_BUCKET` for ~0; NULL stays NULL)."""
+    return case((expr > _FLOOR, cast(func.floor(func.ln(expr) * BUCKETS_PER_E), Integer)),
+                (expr.is_not(None), literal(ZERO_BUCKET)), else_=None)
+
+
+def bucket_value(b: Any) -> Any:
+    """A representative value (the geometric middle) of bucket(s) ``b``."""
+    b = np.asarray(b, dtype=float)
+    return np.where(b == ZERO_BUCKET, 0.0, np.exp((b + 0.5) / BUCKETS_PER_E))
+
+
+def hist_quantile(buckets: Sequence[float], counts: Sequence[float], q: float | Sequence[float]) -> Any:
+    """The q-quantile(s) of a bucket histogram (nearest rank); NaN when empty."""
+    order = np.argsort(np.asarray(buckets, dtype=float))
+    b = np.asarray(buckets, dtype=float)[order]
+    c = np.asarray(counts, dtype=float)[order]
+    total = c.sum()
+    qs = np.atleast_1d(np.asarray(q, dtype=float))
+    if total <= 0:
+        out = np.full(len(qs), np.nan)
+    else:
+        cum = np.cumsum(c)
+        idx = np.searchsorted(cum, np.maximum(1.0, np.ceil(qs * total)), side="left")
+        out = bucket_value(b[np.minimum(idx, len(b) - 1)])
+    return out if np.ndim(q) else float(out[0])
+
+
+def _ensure_math(conn: Connection) -> None:
+    """SQLite builds without math functions get ``ln`` and ``floor`` from Python (same results)."""
+    if _dialect(conn) != "sqlite":
+        return
+    raw = conn.connection.driver_connection
+    if getattr(raw, "_qkit_math", False):
+        return
+    try:
+        raw.execute("SELECT ln(2.0), floor(2.5)").fetchone()
+    except Exception:  # noqa: BLE001 - sqlite3.OperationalError: no such function
+        raw.create_function("ln", 1, lambda x: math.log(x) if x and x > 0 else None, deterministic=True)
+        raw.create_function("floor", 1, lambda x: None if x is None else math.floor(x), deterministic=True)
+    try:
+        raw._qkit_math = True
+    except AttributeError:
+        pass
+
+
+def run(conn: Connection, query: Any) -> pd.DataFrame:
+    """Execute one query; its rows as a DataFrame (columns named as the query labels them)."""
+    _ensure_math(conn)
+    result = conn.execute(query)
+    return pd.DataFrame(result.all(), columns=list(result.keys()))
+
+
+# ---------------------------------------------------------------- what exists
+def queues(conn: Connection) -> list[str]:
+    """Every queue that has jobs or worker runs in the ledger, sorted."""
+    query = union_all(select(jobs.c.queue).distinct(), select(worker_runs.c.queue).distinct())
+    return sorted({r[0] for r in conn.execute(query)})
+
+
+def choices(conn: Connection, queue: str) -> pd.DataFrame:
+    """The (type, priority) pairs of a queue's jobs, with their job counts."""
+    return run(conn, select(jobs.c.type, jobs.c.priority, func.count().label("jobs"))
+               .where(jobs.c.queue == queue).group_by(jobs.c.type, jobs.c.priority))
+
+
+# ---------------------------------------------------------------- jobs and attempts
+def job_outcomes(conn: Connection, scope: Scope) -> pd.DataFrame:
+    """Jobs by ``type``, ``status`` and ``attempts`` (in the current epoch): column ``jobs``."""
+    return run(conn, select(jobs.c.type, jobs.c.status, jobs.c.attempts, func.count().label("jobs"))
+               .where(*scope.where()).group_by(jobs.c.type, jobs.c.status, jobs.c.attempts))
+
+
+def attempt_stats(conn: Connection, scope: Scope) -> pd.DataFrame:
+    """Finished attempts by ``type``, ``attempt``, ``outcome`` and duration ``bucket``: ``n``, ``ms_sum``."""
+    b = bucket(job_attempts.c.duration_ms).label("bucket")
+    query = select(jobs.c.type, job_attempts.c.attempt, job_attempts.c.outcome, b, func.count().label("n"),
+                   func.sum(job_attempts.c.duration_ms).label("ms_sum")) \
+        .select_from(job_attempts.join(jobs, jobs.c.id == job_attempts.c.job_id)) \
+        .where(*scope.where(), job_attempts.c.outcome.is_not(None)) \
+        .group_by(jobs.c.type, job_attempts.c.attempt, job_attempts.c.outcome, b)
+    return run(conn, query)
+
+
+def wait_stats(conn: Connection, scope: Scope, now: datetime) -> pd.DataFrame:
+    """Jobs by ``priority`` and wait ``bucket`` (enqueue to first claim, s; NULL: never claimed).
+
+    Columns ``jobs``, ``wait_max_s``, ``waiting`` (due now, never claimed)
+    and ``oldest_created`` (the earliest enqueue among those waiting).
+    """
+    d = _dialect(conn)
+    wait = epoch_s(jobs.c.started_at, d) - epoch_s(jobs.c.created_at, d)
+    waiting = and_(jobs.c.started_at.is_(None), jobs.c.status == "pending", jobs.c.run_at <= now)
+    b = bucket(wait).label("bucket")
+    query = select(jobs.c.priority, b, func.count().label("jobs"), func.max(wait).label("wait_max_s"),
+                   func.sum(case((waiting, 1), else_=0)).label("waiting"),
+                   func.min(case((waiting, epoch_s(jobs.c.created_at, d)), else_=None)).label("oldest_created")) \
+        .where(*scope.where()).group_by(jobs.c.priority, b)
+    return run(conn, query)
+
+
+def oldest_waiting(conn: Connection, scope: Scope, now: datetime, limit: int) -> pd.DataFrame:
+    """The oldest jobs that are due and waiting for a worker (rows, at most ``limit``)."""
+    query = select(jobs.c.id, jobs.c.type, jobs.c.priority, jobs.c.attempts, jobs.c.created_at, jobs.c.run_at) \
+        .where(*scope.where(), jobs.c.status == "pending", jobs.c.run_at <= now) \
+        .order_by(jobs.c.created_at, jobs.c.id).limit(int(limit))
+    return run(conn, query)
+
+
+# ---------------------------------------------------------------- time series
+def _in_scope(scope: Scope, single_queue: bool, job_id: Any) -> tuple[Any, list[Any]]:
+    """(FROM clause, conditions) selecting rows of ``job_id``'s table that belong to the scope.
+
+    When the scope is a whole queue and it is the ledger's only queue, no
+    join is needed: every row belongs to it.
+    """
+    if scope.whole_queue and single_queue:
+        return None, []
+    return jobs, [jobs.c.id == job_id, *scope.where()]
+
+
+def time_bounds(conn: Connection, scope: Scope, what: str, single_queue: bool = False) -> tuple[Any, Any]:
+    """(first, last) time, as epoch seconds, of the scope's events (``what="events"``) or finished attempts."""
+    d = _dialect(conn)
+    table, col = (job_events, job_events.c.at) if what == "events" else (job_attempts, job_attempts.c.finished_at)
+    extra, cond = _in_scope(scope, single_queue, table.c.job_id)
+    query = select(func.min(epoch_s(col, d)), func.max(epoch_s(col, d))).select_from(table)
+    if extra is not None:
+        query = query.join(extra, cond[0]).where(*cond[1:])
+    row = conn.execute(query.where(col.is_not(None))).one()
+    return row[0], row[1]
+
+
+#: the events that move a job between the states of the depth chart
+DEPTH_EVENTS = ("enqueued", "claimed", "completed", "retry_scheduled", "failed", "reclaimed", "replayed", "released")
+
+
+def depth_changes(conn: Connection, scope: Scope, *, origin: float, width: float, end: float, now: float,
+                  start: float | None = None, single_queue: bool = False) -> pd.DataFrame:
+    """State-changing events per time bin: ``bin``, ``event``, ``variant``, ``n``.
+
+    ``bin`` = floor((t - origin) / width); events before ``start`` fall in
+    bin -1 (the state the window opens with); nothing after ``end``.
+    ``variant`` tells the two paths of an event apart: for
+    ``retry_scheduled`` 1 = the job waits out a back-off (delay > 0) and 2
+    = it came from a reclaimed lease; for ``failed`` 2 = a reclaimed lease
+    (the job was no longer processing).  ``event = "due"`` rows are the
+    moments back-offs ended (the job is pending again), at or before ``now``.
+    """
+    d = _dialect(conn)
+    t = epoch_s(job_events.c.at, d)
+    delay = job_events.c.detail["delay_s"].as_float()
+    outcome = job_events.c.detail["outcome"].as_string()
+    extra, cond = _in_scope(scope, single_queue, job_events.c.job_id)
+
+    def binned(when: Any) -> Any:
+        raw = cast(func.floor((when - origin) / width), Integer)
+        return raw if start is None else case((when < start, literal(-1)), else_=raw)
+
+    variant = case((and_(job_events.c.event == "retry_scheduled", delay > 0), 1), else_=0) + \
+        case((and_(job_events.c.event == "retry_scheduled", outcome.is_(None)), 2),
+             (and_(job_events.c.event == "failed", outcome == "lost"), 2), else_=0)
+    base = select().select_from(job_events)
+    if extra is not None:
+        base = base.join(extra, cond[0]).where(*cond[1:])
+    b1 = binned(t).label("bin")
+    changes = base.add_columns(b1, job_events.c.event.label("event"), variant.label("variant"),
+                               func.count().label("n")) \
+        .where(job_events.c.event.in_(DEPTH_EVENTS), t <= end).group_by(b1, job_events.c.event, variant)
+    due_t = t + delay
+    b2 = binned(due_t).label("bin")
+    due = base.add_columns(b2, literal("due").label("event"), literal(0).label("variant"), func.count().label("n")) \
+        .where(job_events.c.event == "retry_scheduled", delay > 0, due_t <= min(end, now)).group_by(b2)
+    return run(conn, union_all(changes, due))
+
+
+def finished_attempts(conn: Connection, scope: Scope, *, origin: float, width: float, start: float | None,
+                      end: float | None, single_queue: bool = False) -> pd.DataFrame:
+    """Finished attempts per time bin and outcome: ``bin``, ``outcome``, ``n``."""
+    d = _dialect(conn)
+    t = epoch_s(job_attempts.c.finished_at, d)
+    extra, cond = _in_scope(scope, single_queue, job_attempts.c.job_id)
+    b = cast(func.floor((t - origin) / width), Integer).label("bin")
+    query = select(b, job_attempts.c.outcome, func.count().label("n")).select_from(job_attempts)
+    if extra is not None:
+        query = query.join(extra, cond[0]).where(*cond[1:])
+    query = query.where(job_attempts.c.finished_at.is_not(None), job_attempts.c.outcome.is_not(None))
+    if start is not None:
+        query = query.where(t >= start)
+    if end is not None:
+        query = query.where(t <= end)
+    return run(conn, query.group_by(b, job_attempts.c.outcome))
