@@ -397,6 +397,12 @@ def _window(q: "Queue", sc: Scope, what: str, start: Any, end: Any, freq: str | 
     return origin, width, hi.timestamp(), freq, single
 
 
+def _no_series(columns: Sequence[str], freq: str | None) -> pd.DataFrame:
+    out = pd.DataFrame(columns=list(columns), index=pd.DatetimeIndex([], tz="UTC", name="at"), dtype="int64")
+    out.attrs["freq"] = freq if freq and freq != "auto" else _FREQS[0]
+    return out
+
+
 def queue_depth(q: "Queue", *, start: Any = None, end: Any = None, freq: str | None = "auto",
                 now: datetime | None = None, **filters: Any) -> pd.DataFrame:
     """Jobs per state over time, rebuilt from the events (SPEC §5 ``job_events``), counted in SQL.
@@ -414,9 +420,7 @@ def queue_depth(q: "Queue", *, start: Any = None, end: Any = None, freq: str | N
     states = list(DEPTH_STATES)
     win = _window(q, sc, "events", start, end, freq, now)
     if win is None:
-        out = pd.DataFrame(columns=states, index=pd.DatetimeIndex([], tz="UTC", name="at"), dtype="int64")
-        out.attrs["freq"] = freq if freq and freq != "auto" else _FREQS[0]
-        return out
+        return _no_series(states, freq)
     origin, width, stop, freq, single = win
     lo = as_utc(start)
     df = _sql(q, aq.depth_changes, sc, origin=origin, width=width, end=stop, now=now.timestamp(),
@@ -450,9 +454,7 @@ def throughput(q: "Queue", *, start: Any = None, end: Any = None, freq: str | No
     sc = scope(q, **filters)
     win = _window(q, sc, "attempts", start, end, freq, now)
     if win is None:
-        out = pd.DataFrame(columns=_OUTCOMES, index=pd.DatetimeIndex([], tz="UTC", name="at"), dtype="int64")
-        out.attrs["freq"] = freq if freq and freq != "auto" else _FREQS[0]
-        return out
+        return _no_series(_OUTCOMES, freq)
     origin, width, stop, freq, single = win
     lo = as_utc(start)
     df = _sql(q, aq.finished_attempts, sc, origin=origin, width=width, start=None if lo is None else lo.timestamp(),

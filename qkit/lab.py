@@ -70,11 +70,6 @@ def run_lab(*, host: str = "127.0.0.1", port: int = 8888, open_browser: bool = F
     """
     from qkit.scheduled import repo_root
 
-    try:
-        import jupyterlab  # noqa: F401
-    except ImportError:
-        raise BadInput("JupyterLab is not installed: pip install -e '.[notebooks]' (or bash scripts/setup.sh)") \
-            from None
     notebooks = notebooks or repo_root() / "notebooks"
     if not notebooks.is_dir():
         raise BadInput(f"no notebooks folder at {notebooks}")
