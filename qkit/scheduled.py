@@ -20,17 +20,11 @@ calls :func:`main`.  One run:
    ``interrupted`` (SIGTERM/SIGINT to the runner) or ``error`` (papermill
    could not run the notebook).
 
-The record of a run is its ``worker_runs`` row.  The runner creates it before
-papermill starts (status ``running``, ``run_id`` in its indexed column, the
-runner's facts in ``params.runner``); the notebook's burst, started with
-``params={"run_id": ...}``, continues that row (:meth:`qkit.ledger.Ledger.start_run`);
-at the end the runner writes its verdict into it (``params.runner``; status and
-error too when the run did not end well) and reads the counts back.  The
-sidecar ``<output>.json`` and ``metadata.qkit`` of the executed notebook are
-copies made from that record, for reading a run without the ledger (and they
-still say what happened when the ledger could not be reached:
-``ledger_error``).  A run whose notebook never reached ``q.work`` is in
-``qkit runs`` all the same: its row was there from the start.
+The record of a run is its ``worker_runs`` row (:mod:`qkit.runrecord`): created
+before papermill starts, continued by the notebook's burst, given the runner's
+verdict at the end; the sidecar ``<output>.json`` and ``metadata.qkit`` of the
+executed notebook are copies made from it.  A run whose notebook never reached
+``q.work`` is in ``qkit runs`` all the same: its row was there from the start.
 
 Stopping a run (timeout or a signal) is graceful first: the kernel gets
 SIGINT, so the burst stops claiming and finishes the job in hand; papermill
@@ -46,16 +40,16 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
 from qkit.errors import BadInput, QkitError
+from qkit.runrecord import RunRecord, close_record, open_record, write_copies
+from qkit.runrecord import read_sidecars as _read_sidecars
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -65,14 +59,6 @@ EXIT_TIMEOUT = 124  # as timeout(1)
 PAPERMILL_DEAD_KERNEL = 138  # papermill's exit status for DeadKernelError
 STATUSES = ("ok", "failed", "kernel_died", "timeout", "interrupted", "error")
 KILL_AFTER = 10.0  # seconds between SIGTERM and SIGKILL to papermill
-#: what the runner (not the burst) knows of a run: kept in ``params.runner`` of the run's row
-RUNNER_FIELDS = ("status", "exit_code", "papermill_exit", "error", "duration_s", "notebook", "output", "log",
-                 "parameters", "host", "pid")
-SIDECAR_FIELDS = ("run_id", "queue", "status", "exit_code", "papermill_exit", "error", "started_at",
-                  "finished_at", "duration_s", "processed", "completed", "retried", "failed", "worker_run_ids",
-                  "notebook", "output", "log", "parameters", "host", "pid", "ledger_error")
-
-
 class LockBusy(QkitError):
     """Another scheduled run holds the queue's lock."""
 
@@ -173,47 +159,7 @@ class QueueLock:
         self.release()
 
 
-# ---------------------------------------------------------------- the record
-@dataclass
-class RunRecord:
-    """What one scheduled run did; saved as the ``<output>.json`` sidecar."""
-
-    run_id: str
-    queue: str
-    status: str = "error"
-    exit_code: int = EXIT_FAILED
-    papermill_exit: int | None = None
-    error: str | None = None
-    started_at: str = ""
-    finished_at: str = ""
-    duration_s: float = 0.0
-    processed: int = 0
-    completed: int = 0
-    retried: int = 0
-    failed: int = 0
-    worker_run_ids: list[int] = field(default_factory=list)
-    notebook: str = ""
-    output: str = ""
-    log: str = ""
-    parameters: dict[str, Any] = field(default_factory=dict)
-    host: str = field(default_factory=lambda: socket.gethostname())
-    pid: int = field(default_factory=os.getpid)
-    ledger_error: str | None = None
-
-    @property
-    def sidecar(self) -> Path:
-        return Path(self.output + ".json")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def line(self) -> str:
-        """A one-line summary for the terminal or a cron mail."""
-        what = f"{self.processed} job(s) processed" if self.worker_run_ids else "no burst recorded"
-        err = f": {self.error}" if self.error and self.status != "ok" else ""
-        return f"{self.status}{err} - run {self.run_id}, {what} in {self.duration_s:.1f} s -> {self.output}"
-
-
+# ---------------------------------------------------------------- names
 def new_run_id(now: datetime) -> str:
     return f"{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
 
@@ -404,7 +350,7 @@ def _run_locked(*, queue: str, max_jobs: int | None, max_seconds: float | None, 
         params["max_seconds"] = float(max_seconds)
     rec = RunRecord(run_id=run_id, queue=queue, started_at=started.isoformat(), notebook=str(nb_path),
                     output=str(output), log=str(log), parameters=params)
-    _with_ledger(rec, home, _open_record)
+    open_record(rec, home)
     cmd = papermill_command(nb_path, output, params, kernel)
     t0 = time.monotonic()
     stop_signal: list[int] = []
@@ -438,9 +384,8 @@ def _run_locked(*, queue: str, max_jobs: int | None, max_seconds: float | None, 
         _restore_signals(previous)
     rec.duration_s = round(time.monotonic() - t0, 3)
     rec.finished_at = datetime.now(timezone.utc).isoformat()
-    _with_ledger(rec, home, _close_record)
-    _stamp_notebook(rec)
-    write_sidecar(rec)
+    close_record(rec, home)
+    write_copies(rec)
     return rec
 
 
@@ -465,126 +410,9 @@ def _restore_signals(previous: dict[int, Any]) -> None:
         signal.signal(sig, handler)
 
 
-def _with_ledger(rec: RunRecord, home: Path, step: Any) -> None:
-    """Run ``step(rec, ledger)`` on the run's ledger; a failure is kept in ``rec.ledger_error``, not raised."""
-    from qkit.config import redact, settings
-    from qkit.ledger import Ledger
-
-    try:
-        ledger = Ledger(settings(home=home).database_url)
-        try:
-            ledger.init_schema()
-            step(rec, ledger)
-        finally:
-            ledger.close()
-    except Exception as exc:  # noqa: BLE001 - the run goes on; the sidecar says what the ledger did not get
-        rec.ledger_error = redact(f"{type(exc).__name__}: {exc}")[:500]
-
-
-def _runner_name() -> str:
-    return f"runner-{socket.gethostname().split('.')[0][:24]}-{os.getpid()}"
-
-
-def _runner_facts(rec: RunRecord, **override: Any) -> dict[str, Any]:
-    return {**{k: getattr(rec, k) for k in RUNNER_FIELDS}, **override}
-
-
-def _insert_record(rec: RunRecord, conn: Any, runner: dict[str, Any], **values: Any) -> None:
-    from sqlalchemy import insert
-
-    from qkit.ledger import worker_runs
-
-    conn.execute(insert(worker_runs).values(
-        worker=_runner_name(), queue=rec.queue, started_at=datetime.fromisoformat(rec.started_at),
-        trigger="papermill", run_id=rec.run_id, params={"run_id": rec.run_id, "runner": runner}, **values))
-
-
-def _open_record(rec: RunRecord, ledger: Any) -> None:
-    """Create the run's ``worker_runs`` row (status ``running``) before papermill starts."""
-    with ledger.engine.begin() as conn:
-        _insert_record(rec, conn, _runner_facts(rec, status="running", exit_code=None), status="running")
-
-
-def _close_record(rec: RunRecord, ledger: Any) -> None:
-    """Write the runner's verdict into the run's row(s), found by ``run_id``, and read the counts back.
-
-    One row in the normal case: the runner's, continued by the notebook's
-    burst.  A notebook that runs more than one burst adds a row per further
-    burst (same ``run_id``); one that never reached ``q.work`` leaves the
-    runner's row alone; a row the runner could not create at the start is
-    created now.
-    """
-    from sqlalchemy import select, update
-
-    from qkit.ledger import worker_runs
-
-    verdict = _runner_facts(rec)
-    finished = datetime.fromisoformat(rec.finished_at)
-    row_status = {"ok": "ok", "timeout": "interrupted", "interrupted": "interrupted"}.get(rec.status, "failed")
-    error = None if rec.status == "ok" else f"scheduled run {rec.status}: {rec.error}"
-    by_run_id = select(worker_runs).where(worker_runs.c.run_id == rec.run_id).order_by(worker_runs.c.id)
-    with ledger.engine.begin() as conn:
-        rows = conn.execute(by_run_id).mappings().all()
-        if not rows:
-            _insert_record(rec, conn, verdict, status=row_status, error=error, finished_at=finished)
-            rows = conn.execute(by_run_id).mappings().all()
-        for r in rows:
-            values: dict[str, Any] = {"params": {**(r["params"] or {}), "runner": verdict}}
-            if rec.status != "ok":
-                values.update(status=row_status, error=error)
-            elif r["status"] == "running":  # the notebook never started a burst
-                values["status"] = "ok"
-            if r["finished_at"] is None:
-                values["finished_at"] = finished
-            conn.execute(update(worker_runs).where(worker_runs.c.id == r["id"]).values(**values))
-    rec.worker_run_ids = [int(r["id"]) for r in rows]
-    for key in ("processed", "completed", "retried", "failed"):
-        setattr(rec, key, sum(int(r[key] or 0) for r in rows))
-
-
-def _stamp_notebook(rec: RunRecord) -> None:
-    """Copy the record into the executed notebook's ``metadata.qkit`` (if papermill wrote one)."""
-    try:
-        import nbformat
-
-        nb = nbformat.read(rec.output, as_version=4)
-        nb.metadata["qkit"] = {k: v for k, v in rec.to_dict().items() if k not in ("host", "pid")}
-        nbformat.write(nb, rec.output)
-    except Exception:  # noqa: BLE001 - no (readable) output notebook: the sidecar still says why
-        pass
-
-
-def write_sidecar(rec: RunRecord) -> Path:
-    """Write ``<output>.json`` atomically."""
-    path = rec.sidecar
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(rec.to_dict(), indent=2, default=str))
-    os.replace(tmp, path)
-    return path
-
-
-def read_sidecars(runs_dir: str | os.PathLike[str] | None = None):
-    """One row per scheduled run recorded under ``runs_dir`` (a pandas DataFrame, oldest first).
-
-    Columns are the :class:`RunRecord` fields, with ``status`` renamed
-    ``run_status`` and ``duration_s`` renamed ``run_duration_s`` (so they
-    can sit next to ``worker_runs`` columns), times as datetime64[UTC].
-    """
-    import pandas as pd
-
-    folder = Path(runs_dir) if runs_dir is not None else default_runs_dir()
-    rows = []
-    if folder.is_dir():
-        for path in sorted(folder.glob("**/*.ipynb.json")):
-            try:
-                rows.append(json.loads(path.read_text()))
-            except (OSError, ValueError):
-                continue
-    df = pd.DataFrame(rows, columns=list(SIDECAR_FIELDS))
-    df = df.rename(columns={"status": "run_status", "duration_s": "run_duration_s"})
-    for col in ("started_at", "finished_at"):
-        df[col] = pd.to_datetime(df[col], utc=True, format="ISO8601")
-    return df.sort_values("started_at", kind="stable").reset_index(drop=True)
+def read_sidecars(runs_dir: str | os.PathLike[str] | None = None) -> Any:
+    """The sidecars under ``runs_dir`` (default ``scheduled/runs``) as a DataFrame: :func:`qkit.runrecord.read_sidecars`."""
+    return _read_sidecars(runs_dir if runs_dir is not None else default_runs_dir())
 
 
 # ---------------------------------------------------------------- command line
