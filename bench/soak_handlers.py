@@ -1,7 +1,7 @@
 """The nemesis soak's job type (``bench/soak.py``), loaded by workers with ``QKIT_HANDLERS=soak_handlers``.
 
 ``soak`` sleeps a short, seeded time (so a SIGKILL lands mid-handler), fails
-like the simulated handlers of SPEC §6 (deterministically per seed, job id and
+like the simulated handlers (docs/semantics.md#interfaces; deterministically per seed, job id and
 attempt, with probability ``fail_rate``), and appends one line to the log named
 in the payload, with an fsync, right before it returns successfully::
 

@@ -1,7 +1,7 @@
 """``qkit audit``: do Redis and the ledger agree, and does the ledger keep its promises?
 
-The checks are the G1-G8 audit list of the reliability research
-(``/work/shared/research/reliability-anchors.md``), for one queue:
+The checks are the G1-G8 audit invariants (docs/semantics.md#audit-invariants),
+for one queue:
 
 * Redis against the ledger (G2, G7): every pending job is ready or delayed,
   every processing job is leased, every failed job is in the DLQ, a completed

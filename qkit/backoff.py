@@ -1,4 +1,4 @@
-"""Retry back-off: exponential with full jitter (SPEC §3).
+"""Retry back-off: exponential with full jitter (docs/semantics.md#retries-and-back-off).
 
 The delay before retry ``n`` (n = the attempt that just failed, from 1) is
 uniform in ``[0, min(cap, base * 2**(n-1))]``; base 0 means retry at once.

@@ -1,4 +1,4 @@
-"""The ``qkit`` command line (SPEC §7).
+"""The ``qkit`` command line (docs/semantics.md#interfaces; exit statuses: docs/semantics.md#bad-input-and-caps).
 
 Exit status: 0 done; 2 bad usage or bad input (one line on stderr); 1 a
 runtime failure (one line on stderr).  ``--json`` prints one JSON document.

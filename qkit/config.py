@@ -1,4 +1,4 @@
-"""Settings from the environment (SPEC §2), overridable by keyword arguments.
+"""Settings from the environment (docs/semantics.md#configuration), overridable by keyword arguments.
 
 Precedence: explicit arguments > Upstash variables > ``QKIT_REDIS_URL`` >
 the embedded server.  Every malformed value gives one line naming the
@@ -157,7 +157,7 @@ def make_private(path: Path) -> None:
 
 
 def private_home(home: Path) -> Path:
-    """Create ``QKIT_HOME`` 0700, or make an existing one 0700 with its qkit files 0600 (SPEC: private files).
+    """Create ``QKIT_HOME`` 0700, or make an existing one 0700 with its qkit files 0600 (docs/semantics.md#configuration).
 
     A shared folder given as ``QKIT_HOME`` (sticky like ``/tmp``, the user's home, ``/``) keeps
     its mode; qkit's own entries in it are still made private.

@@ -5,7 +5,7 @@ from __future__ import annotations
 class QkitError(Exception):
     """Base of every error qkit raises on purpose."""
 
-    #: the CLI exit status for this kind of error (SPEC §7)
+    #: the CLI exit status for this kind of error (docs/semantics.md#bad-input-and-caps)
     exit_code = 1
 
 

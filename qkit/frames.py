@@ -1,4 +1,4 @@
-"""pandas DataFrames from the ledger, for notebooks and analysts (SPEC §4, §5).
+"""pandas DataFrames from the ledger, for notebooks and analysts (docs/architecture.md#analysis-needs-the-notebooks-extra).
 
 Every function here sends one SQL query (never one per job) to the ledger's
 read engine and shapes the rows with pandas.  Times are ``datetime64[UTC]``;
@@ -405,7 +405,7 @@ def _no_series(columns: Sequence[str], freq: str | None) -> pd.DataFrame:
 
 def queue_depth(q: "Queue", *, start: Any = None, end: Any = None, freq: str | None = "auto",
                 now: datetime | None = None, **filters: Any) -> pd.DataFrame:
-    """Jobs per state over time, rebuilt from the events (SPEC §5 ``job_events``), counted in SQL.
+    """Jobs per state over time, rebuilt from the events (``job_events``, docs/semantics.md#statuses), counted in SQL.
 
     Index ``at`` (UTC, bin start); columns ``pending`` (due, waiting),
     ``delayed`` (waiting for a retry back-off), ``processing``,

@@ -1,4 +1,4 @@
-"""The handler registry and the four simulated handlers (SPEC §6).
+"""The handler registry and the four simulated handlers (docs/semantics.md#interfaces).
 
 Handlers come from an allow-list keyed by type name: ``@qkit.handler`` in
 this process, or modules named in ``QKIT_HANDLERS``.  Nothing in a payload

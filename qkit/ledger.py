@@ -1,4 +1,4 @@
-"""The SQL ledger (SPEC §5): the source of truth for every job and attempt.
+"""The SQL ledger (docs/architecture.md#the-ledger): the source of truth for every job and attempt.
 
 Redis is only the dispatch index.  Each step writes the ledger first and
 Redis second, so a crash between the two is repaired from the ledger:
@@ -133,7 +133,7 @@ jobs = Table(
     Index("ix_jobs_queue_status", "queue", "status"),
     Index("uq_jobs_idempotency", "queue", "idempotency_key", unique=True,
           sqlite_where=text(NOT_FAILED), postgresql_where=text(NOT_FAILED)),
-    sqlite_autoincrement=True,  # SPEC §12: job ids are never reused, also after the highest were purged
+    sqlite_autoincrement=True,  # job ids are never reused (docs/semantics.md#the-promise)
 )
 
 job_attempts = Table(
@@ -430,7 +430,7 @@ class Ledger:
         self.dialect = self.engine.dialect.name
         #: writes whose commit acknowledges something to a user (enqueue, replay, purge): on SQLite
         #: they commit with synchronous=FULL, so an acknowledged enqueue survives a power loss
-        #: (SPEC §12); the worker's own writes keep NORMAL (a lost outcome is re-run, never lost)
+        #: (docs/semantics.md#the-promise); the worker's own writes keep NORMAL (a lost outcome is re-run, never lost)
         self.durable_engine = self.engine.execution_options(qkit_durable=True)
         self.driver = DriverSQL(self.dialect)
         self.statements = 0  # SQL statements sent, for cost figures
@@ -602,7 +602,7 @@ class Ledger:
     def _reserve_ids(self, conn: Connection, n: int) -> list[int]:
         """Ids for ``n`` new jobs, in order: they are the FIFO sequence within a priority.
 
-        Never an id any job had before (SPEC §12): PostgreSQL's sequence only
+        Never an id any job had before (docs/semantics.md#the-promise): PostgreSQL's sequence only
         moves forward; on SQLite ``jobs`` is AUTOINCREMENT (schema v3), whose
         ``sqlite_sequence`` row remembers the highest id ever inserted, also
         after those rows were purged, and moves up with the explicit ids inserted here.
@@ -772,7 +772,7 @@ class Ledger:
                 attempts = r.attempts
                 if r.status == "pending" and r.attempts > 0 and r.run_at > now + NOT_DUE_SLACK:
                     # a retry whose Redis settle never arrived (its lease expired instead): not due
-                    # before run_at (SPEC §3), so it goes back to wait, without an attempt
+                    # before run_at (docs/semantics.md#order), so it goes back to wait, without an attempt
                     wait_ms = int((r.run_at - now).total_seconds() * 1000)
                     plan.settlements.append(Settlement(job_id, "retry", wait_ms, r.priority))
                     continue

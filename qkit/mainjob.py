@@ -1,4 +1,4 @@
-"""The main job (SPEC §11): ``python -m qkit.mainjob``.
+"""The main job (docs/architecture.md#entry-points-what-a-user-runs): ``python -m qkit.mainjob``.
 
 On a fresh clone, on the embedded default:
 

@@ -1,4 +1,4 @@
-"""The job model (SPEC §3): what a job is, and what input is refused.
+"""The job model (docs/semantics.md#jobs): what a job is, and what input is refused (#bad-input-and-caps).
 
 Validation happens here, before anything is written, so a refused call
 leaves the ledger and Redis exactly as they were.
@@ -267,7 +267,7 @@ def type_name(value: Any) -> str:
 
 @dataclass
 class Job:
-    """A job as the ledger knows it (SPEC §4: ``q.get(id)``)."""
+    """A job as the ledger knows it (``q.get(id)``; fields: docs/semantics.md#jobs)."""
 
     id: int
     queue: str
@@ -298,7 +298,7 @@ class Job:
 
 @dataclass
 class WorkSummary:
-    """What one burst did (SPEC §4: ``q.work()``)."""
+    """What one burst did (``q.work()``; docs/semantics.md#workers-and-bursts)."""
 
     worker: str
     run_id: int | None = None

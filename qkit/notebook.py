@@ -1,6 +1,6 @@
 """Helpers the notebooks call: parameter checks, figures, records, seeded batches.
 
-Parameters (SPEC §9).  Each notebook has a cell tagged ``parameters`` with
+Parameters (docs/semantics.md#interfaces).  Each notebook has a cell tagged ``parameters`` with
 annotated defaults (``n_jobs: int = 50  # how many jobs``, which
 ``papermill --help-notebook`` documents), and right after it a cell calling
 :func:`check_params`.  papermill inserts its ``injected-parameters`` cell
@@ -320,7 +320,7 @@ def seeded_batch(job_type: str = "mixed", n_jobs: int = 50, *, priority: int = 0
     ``job_type`` is a built-in simulated type, or ``"mixed"`` for all four,
     each with its own failure profile (:data:`MIXED_PROFILE`).  ``seed``
     fixes the types, payloads and latencies.  Whether an attempt fails
-    depends only on the job id and attempt number (SPEC §6), so the same
+    depends only on the job id and attempt number (docs/semantics.md#interfaces), so the same
     batch in a fresh ledger gives the same retry distribution.
     """
     from qkit.handlers import BUILTIN_TYPES

@@ -1,4 +1,4 @@
-"""The queue facade users and notebooks import: ``qkit.connect(queue=...)`` (SPEC §4)."""
+"""The queue facade users and notebooks import: ``qkit.connect(queue=...)`` (docs/semantics.md#interfaces)."""
 from __future__ import annotations
 
 import threading

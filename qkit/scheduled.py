@@ -1,4 +1,4 @@
-"""Scheduled worker runs (SPEC §10): papermill runs ``notebooks/worker.ipynb``.
+"""Scheduled worker runs (docs/architecture.md#scheduled-runs): papermill runs ``notebooks/worker.ipynb``.
 
 ``python scheduled/run_worker.py [--max-jobs N] [--max-seconds S] [--queue NAME]``
 calls :func:`main`.  One run:

@@ -11,7 +11,7 @@ Replies follow Upstash's REST shapes (``{"result": ...}`` / ``{"error": ...}``,
 RESP2 values, ``Upstash-Encoding: base64`` for strings, 400 for Redis errors
 with the full error text, 401 for a bad token, JSON bodies everywhere).  The
 commands Upstash REST cannot serve (blocking and connection-state commands)
-are refused.  See ``/work/shared/research/upstash.md`` §2–§3 for the spec.
+are refused.  See docs/architecture.md#the-upstash-backend-and-its-local-endpoint.
 
 For tests there are two knobs on ``app.state``, changeable while serving:
 ``latency_ms`` (a sleep before each command request is answered) and

@@ -11,7 +11,7 @@ The model, and what it assumes:
 * An *episode* is one job in one replay epoch that reached an end:
   completed, or dead-lettered.  Episodes still in flight are left out.
 * Whether attempt n succeeds depends on n, not on when it runs (as for the
-  simulated handlers, SPEC §6).  So an episode that completed at attempt k
+  simulated handlers, docs/semantics.md#interfaces).  So an episode that completed at attempt k
   completes at k under any policy allowing k attempts, and is
   dead-lettered after ``max_attempts`` otherwise.
 * Attempts the record never made (a policy allowing more attempts than a

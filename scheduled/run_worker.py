@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Run notebooks/worker.ipynb through papermill once, under the queue's lock (SPEC §10).
+"""Run notebooks/worker.ipynb through papermill once, under the queue's lock (docs/architecture.md#scheduled-runs).
 
     python scheduled/run_worker.py [--max-jobs N] [--max-seconds S] [--queue NAME]
 

@@ -1,4 +1,4 @@
-"""Job semantics (SPEC §3), run on every backend x ledger pair."""
+"""Job semantics (docs/semantics.md), run on every backend x ledger pair."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""Security checklist S1-S8 (``/work/shared/research/reliability-anchors.md`` §c), with real servers.
+"""Security checklist S1-S8 (docs/reliability.md, "S1–S8"), with real servers.
 
 Each requirement has its own group of tests, named ``test_s<N>_...``.  Tests that
 already exist elsewhere are referenced, not copied.

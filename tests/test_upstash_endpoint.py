@@ -175,7 +175,7 @@ def test_pipeline_with_per_item_error(client, endpoint, rds):
     reply = post(endpoint.url + "/pipeline", body, b64=True)
     assert reply.status_code == 200
     assert reply.json() == [{"result": "OK"}, {"error": WRONGTYPE}, {"result": 2}, {"result": None}]
-    # The client raises on the first error item, though every command ran (P1).
+    # The client raises on the first error item, though every command ran.
     pipe = client.pipeline()
     pipe.set("b", "1")
     pipe.lpush("b", "x")
@@ -454,7 +454,7 @@ def test_backend_wrong_token_is_one_line(endpoint):
 
 
 def test_backend_top_level_pipeline_error_is_qkit_error(backend, endpoint):
-    # A top-level {"error"} for /pipeline would be an AttributeError inside the client (P2).
+    # A top-level {"error"} for /pipeline would be an AttributeError inside the client.
     endpoint.app.state.max_body_bytes = 1024
     with pytest.raises(QkitError, match="^ERR max request size exceeded$") as caught:
         backend.pipeline([["GET", "x" * 2000]])

@@ -14,7 +14,7 @@ How each caller recovers, and what these tests pin down:
   ids, nothing is enqueued twice, and a push that never ran is redone by the
   next burst's drift check (:func:`qkit.reconcile.repair_if_drifted`).
   Without keys a retry enqueues a second job, which is why keys are the rule.
-  One gap remains, by SPEC §3 (a failed job frees its key): if the first push
+  One gap remains, by docs/semantics.md#idempotency (a failed job frees its key): if the first push
   did run and the job already died before the retry, the retry enqueues it again.
 * **claim** whose answer is lost: the jobs are leased to a token that never
   learns of them; nobody else gets them until the lease expires, then a
@@ -190,7 +190,7 @@ def audit(q: qkit.Queue, log: Path, enqueued: set[int]) -> dict[str, int]:
             by_key[r.idempotency_key].append(r)
     for key, holders in by_key.items():
         assert sum(1 for r in holders if r.status != "failed") <= 1, (key, holders)
-    # ... except that SPEC §3 frees the key of a failed job: a retry that comes after the first job
+    # ... except that a failed job frees its key (docs/semantics.md#idempotency): a retry that comes after the first job
     # already died enqueues the item again.  Such a job is the only kind the callers were not given.
     totals = collections.Counter()
     for extra in set(rows) - enqueued:
@@ -303,11 +303,11 @@ def test_enqueue_retried_with_keys_is_exactly_once(faulty, tmp_path):
 
 
 def test_enqueue_retry_after_the_job_died_enqueues_it_again(faulty, tmp_path):
-    """The one gap in "retry with the same key": SPEC §3 frees the key of a failed job.
+    """The one gap in "retry with the same key": a failed job frees its key (docs/semantics.md#idempotency).
 
     The first push did run (its answer was lost), a burst ran the job and it
     died before the caller retried: the retry then creates a second job for
-    the same key, as the SPEC says.  The ledger shows it (a failed job holding
+    the same key, as docs/semantics.md#idempotency says.  The ledger shows it (a failed job holding
     the key, created earlier); the audit above accepts exactly this case.
     """
     q = make_queue(faulty, tmp_path, "fx-late-retry")
@@ -370,7 +370,7 @@ def test_lost_claim_or_settle_answer(faulty, tmp_path, position, action):
 
 
 def test_retry_whose_settle_was_lost_still_waits_for_its_back_off(faulty, tmp_path):
-    """SPEC §3: a retry is not due before its ``run_at``, also when its Redis settle never arrived.
+    """docs/semantics.md#order: a retry is not due before its ``run_at``, also when its Redis settle never arrived.
 
     The first attempt fails and the ledger schedules the retry far ahead; the
     settle request that would move the job to Redis's delayed set fails, so the

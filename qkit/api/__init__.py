@@ -1,4 +1,4 @@
-"""The HTTP API (SPEC §8), served by ``qkit serve``: closed by default.
+"""The HTTP API (docs/http-api.md), served by ``qkit serve``: closed by default.
 
 Needs the ``api`` extra (``pip install 'qkit[api]'``).  The package's modules:
 

@@ -36,7 +36,7 @@ _JOB_PROPS: dict[str, Any] = {
 OPENAPI: dict[str, Any] = {
     "openapi": "3.1.0",
     "info": {"title": "qkit HTTP API", "version": "1",
-             "description": "Enqueue and inspect jobs, and trigger worker bursts (SPEC §8)."},
+             "description": "Enqueue and inspect jobs, and trigger worker bursts (docs/http-api.md)."},
     "components": {
         "securitySchemes": {
             "apiToken": {"type": "http", "scheme": "bearer", "description": "QKIT_API_TOKEN"},

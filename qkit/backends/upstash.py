@@ -4,13 +4,13 @@ Every call is one HTTPS request, and Upstash bills every command, so the
 backend counts both (an EVALSHA that answers NOSCRIPT and its EVAL fallback
 are two commands and two requests).
 
-What the client does not do for us (see ``/work/shared/research/upstash.md``):
+What the client does not do for us (docs/architecture.md#the-upstash-backend-and-its-local-endpoint):
 
-* it has no timeout at all (P4): we set one on its httpx client;
-* its retries re-send writes (P3): we build it with ``rest_retries=0``, and a
+* it has no timeout at all: we set one on its httpx client;
+* its retries re-send writes: we build it with ``rest_retries=0``, and a
   transport failure reaches the caller as :class:`~qkit.errors.BackendUnavailable`
   (the write may or may not have been applied; qkit's scripts let callers recover);
-* a rejected pipeline surfaces as ``AttributeError`` (P2) and a 401 or a proxy
+* a rejected pipeline surfaces as ``AttributeError`` and a 401 or a proxy
   error page as a bare ``UpstashError``/``JSONDecodeError``: an httpx response
   hook classifies HTTP answers before the client looks at them;
 * its replies are formatted by command name; pipeline replies are instead
@@ -81,7 +81,7 @@ def _check_response(response: httpx.Response) -> None:
     if status == 200:
         return
     # Everything else would be mis-parsed: a top-level {"error"} for a
-    # pipeline turns into AttributeError (P2), an HTML error page into
+    # pipeline turns into AttributeError, an HTML error page into
     # JSONDecodeError, and a JSON 404/5xx into a harmless-looking UpstashError.
     response.read()
     raise _HttpFailure(status, response.request.url.path, _json_error(response))
@@ -98,7 +98,7 @@ def _arg(value: Any) -> str:
     if isinstance(value, str):
         return value
     if isinstance(value, bytes):
-        return value.decode("utf-8")  # the REST protocol is text-only (P5)
+        return value.decode("utf-8")  # the REST protocol is text-only
     if isinstance(value, bool) or value is None:
         raise TypeError(f"cannot send {value!r} to Redis: pass a string")
     if isinstance(value, (int, float)):
@@ -156,7 +156,7 @@ class UpstashBackend(Backend):
         self._timeout = float(timeout)
         self._redis = upstash_redis.Redis(url, token, rest_retries=0, allow_telemetry=False)
         # upstash-redis 1.8 builds httpx.Client(timeout=None) and offers no
-        # option; its private ``_http._client`` is the only handle (P4).
+        # option; its private ``_http._client`` is the only handle.
         client = getattr(getattr(self._redis, "_http", None), "_client", None)
         if not isinstance(client, httpx.Client):
             raise RuntimeError("this upstash-redis version has no _http._client; qkit needs 1.8.x")

@@ -31,7 +31,7 @@
 --   next_due_ms  ms until the earliest delayed job is due, -1 if none
 --   malformed  how many members that are not job ids (decimal 1..2^63-1, as qkit writes them) were found in
 --              ready, due delayed or expired leased, and removed.  They are never returned,
---              never leased and never run: only the ledger says what a job is (SPEC §3, S1).
+--              never leased and never run: only the ledger says what a job is (docs/semantics.md#the-promise; S1 in docs/reliability.md).
 local ready, delayed, leased, owners, dead, prio = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local token, lease_ms, want, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local aging = tonumber(ARGV[5]) or 0
