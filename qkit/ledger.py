@@ -1038,8 +1038,8 @@ class Ledger:
         with self._write() as conn:
             if run_id is not None:
                 row = conn.execute(select(worker_runs.c.id, worker_runs.c.params).where(
-                    worker_runs.c.run_id == run_id, worker_runs.c.queue == queue,
-                    worker_runs.c.finished_at.is_(None)).order_by(worker_runs.c.id).limit(1)).first()
+                    worker_runs.c.run_id == run_id, worker_runs.c.queue == queue, worker_runs.c.finished_at.is_(None))
+                    .order_by(worker_runs.c.id).limit(1).with_for_update()).first()
                 if row is not None:
                     conn.execute(update(worker_runs).where(worker_runs.c.id == row.id).values(
                         worker=worker, trigger=trigger, params={**(row.params or {}), **params}, status="running"))
