@@ -296,12 +296,14 @@ def serve_command(host: str, port: int, queue: str) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8888, show_default=True, help="0: a free port.")
 @click.option("--browser/--no-browser", default=False, show_default=True, help="Open a web browser too.")
-def lab_command(host: str, port: int, browser: bool) -> None:
+@click.option("--dir", "folder", type=click.Path(file_okay=False), default=None,
+              help="Folder to open (default: the project's notebooks/).")
+def lab_command(host: str, port: int, browser: bool, folder: str | None) -> None:
     """JupyterLab on notebooks/ with this project's QKIT_* settings; prints the URL (qkit/lab.py)."""
     extras.require("qkit lab", "jupyterlab", "ipykernel")
     from qkit.lab import run_lab
 
-    sys.exit(run_lab(host=host, port=port, open_browser=browser, say=click.echo))
+    sys.exit(run_lab(host=host, port=port, open_browser=browser, notebooks=folder, say=click.echo))
 
 
 def _dlq_groups(queue: str, as_json: bool) -> None:

@@ -62,7 +62,7 @@ def wait_listening(host: str, port: int, proc: subprocess.Popen, timeout: float 
 
 
 def run_lab(*, host: str = "127.0.0.1", port: int = 8888, open_browser: bool = False,
-            notebooks: Path | None = None, say: Callable[[str], None] = print,
+            notebooks: str | Path | None = None, say: Callable[[str], None] = print,
             extra: Sequence[str] = ()) -> int:
     """Start JupyterLab, print its URL, and wait for it; returns its exit status.
 
@@ -70,7 +70,7 @@ def run_lab(*, host: str = "127.0.0.1", port: int = 8888, open_browser: bool = F
     """
     from qkit.scheduled import repo_root
 
-    notebooks = notebooks or repo_root() / "notebooks"
+    notebooks = Path(notebooks).resolve() if notebooks else repo_root() / "notebooks"
     if not notebooks.is_dir():
         raise BadInput(f"no notebooks folder at {notebooks}")
     if not port:

@@ -116,8 +116,10 @@ def for_people(df: pd.DataFrame, *, index: bool | None = None, caption: str | No
         index = not isinstance(df.index, pd.RangeIndex)
     shown = df.head(max_rows)
     fmt = {c: formatter(str(c), shown[c]) for c in shown.columns}
-    # headers wrap at their words: "exec p50 ms", not one long "exec_p50_ms"
-    styler = shown.style.format(fmt).format_index(lambda v: text(v, 60).replace("_", " "), axis=1)
+    # headers wrap at their words ("exec p50", not "exec_p50_ms"); durations carry their own unit
+    units = {c: (str(c).rsplit("_", 1)[0] if fmt[c] is not text and str(c).endswith(("_s", "_ms")) else str(c))
+             for c in shown.columns}
+    styler = shown.style.format(fmt).format_index(lambda v: text(units.get(v, v), 60).replace("_", " "), axis=1)
     if index:
         styler = styler.format_index(lambda v: utc_time(v) if isinstance(v, pd.Timestamp) else text(v, 60),
                                      axis=0)
