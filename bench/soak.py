@@ -1,30 +1,30 @@
-"""F29, the nemesis soak: jobs through killed workers, a restarting Redis and a locked ledger.
+"""F29, the nemesis soak: jobs through killed workers, restarting and failing-over servers, poison
+data, racing admin actions and skewed clocks.
 
 ``python bench/soak.py [--seeds 20] [--seed-start 0] [--jobs 500] [--workers 4] [--fail-rate 0.3]
-[--ledger sqlite|postgres] [--json]``
+[--ledger sqlite|postgres] [--faults all|none|kill,redis-restart,...] [--json]``
 
-Per seed, on fresh servers (a redis-server with AOF on, a SQLite file or a
-fresh PostgreSQL database):
+Per seed, on fresh servers (a redis-server with AOF on and, for ``failover``, its replica; a SQLite
+file or a fresh PostgreSQL database):
 
-1. an enqueuer process enqueues ``--jobs`` jobs of ``bench/soak_handlers.py``
-   (one idempotency key each, retried with the same key after an error)
-   during the first seconds, while ``--workers`` burst worker processes
-   (``qkit work``, respawned whenever one ends) run them;
-2. meanwhile the nemesis SIGKILLs a random worker every 0.5-3 s (uniform,
-   seeded), restarts Redis twice (kill -9, then the same port and data dir)
-   and locks the ledger once for 5 s (SQLite: another process in ``BEGIN
-   EXCLUSIVE``; PostgreSQL: ``LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE``);
-3. the nemesis stops and the workers drain the queue with no faults: until
-   every job in the ledger is terminal and Redis holds no ready, delayed or
-   leased entry (bounded by ``--drain-timeout``);
-4. :func:`qkit.audit.total_queue` checks it Jepsen-style: the ids the
-   enqueuer got back (acknowledged), the ids found by key for calls that
-   errored (attempted), and the handler's ``done`` lines (executions).
+1. two enqueuer processes enqueue ``--jobs`` jobs of ``bench/soak_handlers.py`` (one idempotency
+   key each, retried with the same key after an error) during the first seconds; with ``poison``,
+   5 % of them carry hostile data (``soak_handlers.POISON_KINDS``).  ``--workers`` burst worker
+   processes (``qkit work``, respawned whenever one ends) run them;
+2. meanwhile the nemesis (``bench/nemesis.py``) injects the faults chosen by ``--faults`` (all by
+   default): SIGKILLs of random workers, Redis restarts, a ledger lock, PostgreSQL restarts, a
+   Redis failover; with ``admin``, a replayer and a purger process act on the DLQ; with ``skew``,
+   one enqueuer and one worker slot run with their clock ±1 h off (``bench/skewed.py``);
+3. the nemesis stops and the workers drain the queue with no faults: until every job in the ledger
+   is terminal and Redis holds no ready, delayed or leased entry (bounded by ``--drain-timeout``);
+4. ``bench/soak_check.py`` accounts for purges and replays, then :func:`qkit.audit.total_queue`
+   checks it Jepsen-style: the ids the enqueuers got back (acknowledged), the ids found by key for
+   calls that errored (attempted), and the handler's ``done`` lines (executions).
 
-A seed is valid iff the report is (lost = unexpected = unexplained = 0, audit
-clean).  Prints a line per seed and totals (or one JSON document with
-``--json``); exits 1 if any seed is invalid.  Every server and process it
-starts is stopped on the way out, also on failure or Ctrl-C.
+A seed is valid iff lost = unexpected = unexplained = wasted-success = 0, the audit is clean and no
+poison job lost its own error.  Prints a line per seed and totals (or one JSON document with
+``--json``); exits 1 if any seed is invalid.  Every server and process it starts is stopped on the
+way out, also on failure or Ctrl-C.
 """
 from __future__ import annotations
 
@@ -38,10 +38,9 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -51,254 +50,16 @@ for _p in (str(ROOT), str(BENCH)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from qkit.devservers import RedisServer, start_redis  # noqa: E402 - after the path set-up
+from nemesis import (DB_LOCK_SECONDS, FAULTS, REDIS_RESTARTS, SKEW_SECONDS, SKEWED, Address,  # noqa: E402
+                     Nemesis, WorkerPool, nemesis_plan, parse_faults, start_failover_pair, start_restartable_redis)
 
 QUEUE = "soak"
 LEASE_SECONDS = 1.0
 BACKOFF_BASE = 0.1
-DB_LOCK_SECONDS = 5.0
-KILL_INTERVAL = (0.5, 3.0)
-REDIS_RESTARTS = 2
-
-
-# ============================================================================ servers
-def start_restartable_redis(folder: Path) -> RedisServer:
-    """A redis-server with AOF on (fsynced every second, like the embedded one), restartable with
-    :meth:`RedisServer.restart` on the same port and data directory."""
-    return start_redis(folder, extra_args=["--appendonly", "yes", "--appendfsync", "everysec",
-                                           "--maxmemory-policy", "noeviction"], timeout=20.0)
-
-
-# ============================================================================ workers
-@dataclass
-class WorkerExit:
-    pid: int
-    code: int
-    killed: bool  # by the nemesis
-    summary: dict[str, Any] | None
-
-
-class WorkerPool:
-    """``n`` burst worker processes (``qkit work``); a slot whose process ended gets a new one."""
-
-    def __init__(self, n: int, env: dict[str, str], logdir: Path, max_seconds: float) -> None:
-        self.n = n
-        self.env = env
-        self.logdir = logdir
-        self.max_seconds = max_seconds
-        self.slots: list[subprocess.Popen | None] = [None] * n
-        self.lock = threading.Lock()
-        self.stopping = threading.Event()
-        self.exits: list[WorkerExit] = []
-        self.killed: dict[int, float] = {}  # pid -> when the nemesis killed it
-        self.spawned = 0
-        self._outputs: dict[int, Path] = {}
-        self._thread = threading.Thread(target=self._supervise, daemon=True, name="soak-workers")
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def _spawn(self) -> subprocess.Popen:
-        self.spawned += 1
-        out = self.logdir / f"w{self.spawned:04d}.out"
-        err = open(self.logdir / f"w{self.spawned:04d}.err", "w")
-        with open(out, "w") as fh:
-            proc = subprocess.Popen([sys.executable, "-m", "qkit.cli", "work", "--queue", QUEUE, "--json",
-                                     "--max-seconds", str(self.max_seconds)],
-                                    env=self.env, stdout=fh, stderr=err, cwd=str(self.logdir))
-        err.close()
-        self._outputs[proc.pid] = out
-        return proc
-
-    def _reap(self, proc: subprocess.Popen) -> None:
-        code = proc.wait()
-        summary = None
-        try:
-            lines = self._outputs.pop(proc.pid).read_text().strip().splitlines()
-            summary = json.loads(lines[-1]) if lines else None
-        except (OSError, ValueError, KeyError):
-            pass
-        self.exits.append(WorkerExit(proc.pid, code, proc.pid in self.killed, summary))
-
-    def _supervise(self) -> None:
-        while not self.stopping.is_set():
-            with self.lock:
-                for i, proc in enumerate(self.slots):
-                    if proc is not None and proc.poll() is None:
-                        continue
-                    if proc is not None:
-                        self._reap(proc)
-                    self.slots[i] = None if self.stopping.is_set() else self._spawn()
-            # a respawn rate limit, not a synchronisation: a burst that found nothing to do
-            # ends at once, and four of them restarting in a tight loop would starve the others
-            self.stopping.wait(0.1)
-
-    def alive(self) -> list[subprocess.Popen]:
-        return [p for p in self.slots if p is not None and p.poll() is None]
-
-    def kill_random(self, rng: random.Random) -> int | None:
-        """SIGKILL one live worker chosen by ``rng``; returns its pid (None if none was alive)."""
-        with self.lock:
-            alive = self.alive()
-            if not alive:
-                return None
-            victim = rng.choice(alive)
-            victim.send_signal(signal.SIGKILL)
-            self.killed[victim.pid] = time.monotonic()
-            return victim.pid
-
-    def stop(self, grace: float = 30.0) -> None:
-        """Stop respawning; SIGTERM the live workers (each finishes its job in hand) and reap them."""
-        self.stopping.set()
-        if self._thread.is_alive():
-            self._thread.join(10)
-        with self.lock:
-            for proc in self.slots:
-                if proc is not None and proc.poll() is None:
-                    proc.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + grace
-            for i, proc in enumerate(self.slots):
-                if proc is None:
-                    continue
-                try:
-                    proc.wait(max(0.1, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                self._reap(proc)
-                self.slots[i] = None
-
-    def kill_all(self) -> None:
-        """Last-resort cleanup (an exception or Ctrl-C): kill whatever still runs."""
-        self.stopping.set()
-        if self._thread.is_alive():
-            self._thread.join(10)  # no respawn after this
-        with self.lock:
-            for proc in self.slots:
-                if proc is not None and proc.poll() is None:
-                    proc.kill()
-                    proc.wait(10)
-
-
-# ============================================================================ the DB lock
-LOCK_SQLITE = """
-import sqlite3, sys, time
-conn = sqlite3.connect(sys.argv[1], timeout=120, isolation_level=None)
-conn.execute("BEGIN EXCLUSIVE")
-t0 = time.monotonic()
-print("locked", flush=True)
-time.sleep(float(sys.argv[2]))
-conn.execute("COMMIT")
-print("released", round(time.monotonic() - t0, 3), flush=True)
-"""
-
-LOCK_POSTGRES = """
-import psycopg, sys, time
-conn = psycopg.connect(sys.argv[1])
-conn.execute("LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE")
-t0 = time.monotonic()
-print("locked", flush=True)
-time.sleep(float(sys.argv[2]))
-conn.commit()
-print("released", round(time.monotonic() - t0, 3), flush=True)
-"""
-
-
-class DbLock:
-    """Another process holding the ledger locked for ``seconds``; ``held`` is what it measured."""
-
-    def __init__(self, database_url: str, seconds: float) -> None:
-        from sqlalchemy.engine import make_url
-
-        url = make_url(database_url)
-        if url.get_backend_name() == "sqlite":
-            script, target = LOCK_SQLITE, str(url.database)
-        else:
-            script, target = LOCK_POSTGRES, url.set(drivername="postgresql").render_as_string(hide_password=False)
-        self.process = subprocess.Popen([sys.executable, "-c", script, target, str(seconds)],
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.locked = threading.Event()
-        self.held: float | None = None
-        self.error = ""
-        self._thread = threading.Thread(target=self._read, daemon=True, name="soak-dblock")
-        self._thread.start()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            if line.startswith("locked"):
-                self.locked.set()
-            elif line.startswith("released"):
-                self.held = float(line.split()[1])
-        self.process.wait()
-        if self.process.returncode:
-            self.error = (self.process.stderr.read() if self.process.stderr else "").strip()[-500:]
-
-    def wait(self, timeout: float = 120) -> None:
-        self._thread.join(timeout)
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
-
-
-# ============================================================================ the nemesis
-@dataclass
-class NemesisLog:
-    kills: list[tuple[float, int]] = field(default_factory=list)  # (t, pid)
-    kill_misses: int = 0  # ticks that found no live worker
-    redis_restarts: list[tuple[float, float]] = field(default_factory=list)  # (t, seconds down)
-    db_locks: list[DbLock] = field(default_factory=list)
-    db_lock_at: list[float] = field(default_factory=list)
-
-
-def nemesis_plan(rng: random.Random, window: float) -> list[tuple[float, str]]:
-    """The seeded schedule: (seconds from the start, what) in time order."""
-    events: list[tuple[float, str]] = []
-    t = 0.0
-    while True:
-        t += rng.uniform(*KILL_INTERVAL)
-        if t >= window:
-            break
-        events.append((t, "kill"))
-    half = window / 2
-    events.append((rng.uniform(0.5, half - 0.5), "redis"))
-    events.append((rng.uniform(half, window - 0.5), "redis"))
-    events.append((rng.uniform(1.0, max(1.5, window - DB_LOCK_SECONDS - 0.5)), "dblock"))
-    return sorted(events)
-
-
-class Nemesis(threading.Thread):
-    def __init__(self, plan: list[tuple[float, str]], rng: random.Random, pool: WorkerPool,
-                 redis_server: RedisServer, database_url: str, t0: float) -> None:
-        super().__init__(daemon=True, name="soak-nemesis")
-        self.plan, self.rng, self.pool, self.redis = plan, rng, pool, redis_server
-        self.database_url, self.t0 = database_url, t0
-        self.log = NemesisLog()
-        self.halt = threading.Event()
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            for at, what in self.plan:
-                if self.halt.wait(max(0.0, self.t0 + at - time.monotonic())):
-                    return
-                now = time.monotonic() - self.t0
-                if what == "kill":
-                    pid = self.pool.kill_random(self.rng)
-                    if pid is None:
-                        self.log.kill_misses += 1
-                    else:
-                        self.log.kills.append((now, pid))
-                elif what == "redis":
-                    t = time.monotonic()
-                    self.redis.restart()
-                    self.log.redis_restarts.append((now, time.monotonic() - t))
-                elif what == "dblock":
-                    self.log.db_locks.append(DbLock(self.database_url, DB_LOCK_SECONDS))
-                    self.log.db_lock_at.append(now)
-        except BaseException as exc:  # noqa: BLE001 - reported by the seed
-            self.error = exc
+POISON_RATE = 0.05
+ENQUEUERS = 2
+PROCS = str(BENCH / "soak_procs.py")
+__all__ = ["DB_LOCK_SECONDS", "FAULTS", "REDIS_RESTARTS", "run_seed", "run_soak", "main"]
 
 
 # ============================================================================ one seed
@@ -306,12 +67,14 @@ class Nemesis(threading.Thread):
 class SeedResult:
     seed: int
     valid: bool
+    faults: list[str]
     acknowledged: int
-    lost: int
+    lost: int  # acknowledged jobs not terminal, plus lost replays (soak_check)
     unexpected: int
     duplicated: int
     explained: int
-    unexplained: int
+    unexplained: int  # total_queue's, plus executions of earlier epochs that no lost/timeout explains
+    wasted_success: int | None  # total_queue's count (None: this qkit's checker has none)
     recovered: int
     attempted_only: int  # keys whose enqueue never returned an id (found in the ledger by key)
     kills: int
@@ -322,6 +85,19 @@ class SeedResult:
     redis_down_s: float
     db_locks: int
     db_lock_held_s: float
+    pg_restarts: int
+    pg_down_s: float
+    failovers: int
+    failover_kills: int  # workers SIGKILLed because they were on the dead primary
+    admin_actions: dict[str, int]  # per action: calls that returned
+    admin_refused: dict[str, int]  # per action: calls that raised (e.g. Conflict: no longer failed)
+    replayed: int  # ids returned by replays
+    replay_runs: int  # executions in an earlier epoch of a replayed job (explained by the replay)
+    purged: int  # ids the purges deleted (accounted for, not lost)
+    lost_replays: list[int]  # replayed, then purged before running again
+    skewed: int  # processes run with a clock 1 h off
+    poison: int  # poison-data jobs acknowledged
+    poison_statuses: dict[str, int]  # "kind status" -> jobs
     attempts: dict[str, int]
     statuses: dict[str, int]
     executions: int
@@ -329,6 +105,7 @@ class SeedResult:
     worker_runs: int
     worker_exits: dict[str, int]
     nemesis_s: float
+    clients_s: float  # waiting for the enqueuers and admin processes after the nemesis stopped
     drain_s: float
     drained: bool
     wall_s: float
@@ -341,12 +118,18 @@ class SeedResult:
 
     def line(self) -> str:
         att = " ".join(f"{k} {v}" for k, v in sorted(self.attempts.items()))
+        admin = sum(self.admin_actions.values())
         return (f"seed {self.seed:>3}: {'VALID  ' if self.valid else 'INVALID'} {self.acknowledged} acked · "
                 f"lost {self.lost} · unexpected {self.unexpected} · duplicated {self.duplicated} "
-                f"({self.explained} explained / {self.unexplained} unexplained) · recovered {self.recovered} · "
-                f"kills {self.kills} ({self.kills_mid_run} mid-run) · lost attempts by {self._lost_by()} "
-                f"({self.lost_not_started} never started) · redis restarts {self.redis_restarts} · "
-                f"db lock {self.db_lock_held_s:.1f} s · attempts: {att} · {self.wall_s:.1f} s"
+                f"({self.explained} explained / {self.unexplained} unexplained) · "
+                f"wasted-success {'n/a' if self.wasted_success is None else self.wasted_success} · "
+                f"recovered {self.recovered} · kills {self.kills} ({self.kills_mid_run} mid-run) · "
+                f"lost attempts by {self._lost_by()} ({self.lost_not_started} never started) · "
+                f"redis restarts {self.redis_restarts} · db lock {self.db_lock_held_s:.1f} s · "
+                f"pg restarts {self.pg_restarts} · failovers {self.failovers} ({self.failover_kills} workers moved) · "
+                f"admin actions {admin} ({self.admin_refused and sum(self.admin_refused.values()) or 0} refused; "
+                f"replayed {self.replayed}, {self.replay_runs} earlier-epoch runs; purged {self.purged}) · "
+                f"skewed processes {self.skewed} · poison jobs {self.poison} · attempts: {att} · {self.wall_s:.1f} s"
                 + (f" · audit {self.audit_counts}" if self.audit_counts else "")
                 + (f" · PROBLEMS: {'; '.join(self.problems)}" if self.problems else ""))
 
@@ -376,21 +159,53 @@ def _wait(check: Callable[[], Any], timeout: float, interval: float = 0.05) -> b
         time.sleep(interval)
 
 
+def _count(value: Any) -> int | None:
+    if value is None:
+        return None
+    return len(value) if isinstance(value, (list, tuple, set, dict)) else int(value)
+
+
 _PID = re.compile(r"-(\d+)-[0-9a-f]{8}$")
+
+
+def _start(args: list[str], env: dict[str, str], err: Path, skew: float = 0.0) -> subprocess.Popen:
+    if skew:
+        env = {**env, "QKIT_SOAK_CLOCK_SKEW": str(skew)}
+    with open(err, "w") as fh:
+        return subprocess.Popen([sys.executable, SKEWED, PROCS, *args], env=env, stdout=subprocess.DEVNULL,
+                                stderr=fh)
+
+
+def _finish(proc: subprocess.Popen, what: str, problems: list[str], timeout: float = 120) -> None:
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        problems.append(f"{what} did not finish in {timeout:.0f} s")
+    if proc.returncode:
+        problems.append(f"{what} exited {proc.returncode}")
 
 
 def run_seed(seed: int, *, jobs: int = 500, workers: int = 4, fail_rate: float = 0.3, max_attempts: int = 3,
              database_url: str | None = None, workdir: Path | None = None, window: float = 15.0,
              enqueue_seconds: float = 6.0, burst_seconds: float = 4.0, drain_timeout: float = 90.0,
+             faults: frozenset[str] | str = frozenset(FAULTS), postgres: Any = None,
              status: Callable[[str], None] = lambda s: None, keep: bool = False) -> SeedResult:
-    """One soak run (see the module docstring); servers and processes are stopped before it returns."""
+    """One soak run (see the module docstring); servers and processes are stopped before it returns.
+
+    ``postgres``: the :class:`qkit.devservers.Postgres` holding ``database_url``, for ``pg-restart``.
+    """
     import qkit
     from qkit.audit import total_queue
     from sqlalchemy import func, select
 
     from qkit.ledger import job_attempts, jobs as jobs_table
+    from soak_check import account, read_actions
     from soak_handlers import read_log
+    from soak_procs import poison_kind
 
+    faults = parse_faults(faults) if isinstance(faults, str) else frozenset(faults)
     t_start = time.monotonic()
     base = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix=f"qkit-soak-{seed}-"))
     base.mkdir(parents=True, exist_ok=True)
@@ -398,59 +213,80 @@ def run_seed(seed: int, *, jobs: int = 500, workers: int = 4, fail_rate: float =
     log = base / "handler.log"
     database_url = database_url or f"sqlite:///{base / 'ledger.sqlite3'}"
     rng = random.Random(seed)
+    skew_rng = random.Random(f"skew-{seed}")
+    skews = [skew_rng.choice((-1, 1)) * SKEW_SECONDS for _ in range(2)] if "skew" in faults else [0.0, 0.0]
+    poison_rate = POISON_RATE if "poison" in faults else 0.0
     problems: list[str] = []
-    redis_server: RedisServer | None = None
+    servers: list[Any] = []
     pool: WorkerPool | None = None
     nemesis: Nemesis | None = None
-    enqueuer: subprocess.Popen | None = None
+    clients: list[subprocess.Popen] = []
     q = None
     try:
         status("start redis")
-        redis_server = start_restartable_redis(base)
+        if "failover" in faults:
+            redis_server, replica = start_failover_pair(base)
+            servers += [redis_server, replica]
+        else:
+            redis_server, replica = start_restartable_redis(base), None
+            servers.append(redis_server)
+        address = Address(base / "redis.url", redis_server.url)
         q = qkit.connect(QUEUE, redis_url=redis_server.url, database_url=database_url, home=base,
                          lease_seconds=LEASE_SECONDS, backoff_base=BACKOFF_BASE)  # creates the tables
         env = _worker_env(redis_server.url, database_url, base)
-        acks = base / "enqueue.jsonl"
-        with open(base / "enqueuer.err", "w") as err:
-            enqueuer = subprocess.Popen(
-                [sys.executable, str(Path(__file__).resolve()), "_enqueue", "--seed", str(seed), "--jobs", str(jobs),
-                 "--fail-rate", str(fail_rate), "--max-attempts", str(max_attempts), "--log", str(log),
-                 "--out", str(acks), "--seconds", str(enqueue_seconds)],
-                env=env, stdout=subprocess.DEVNULL, stderr=err)
-        pool = WorkerPool(workers, env, base / "workers", burst_seconds)
+        acks = [base / f"enqueue{k}.jsonl" for k in range(ENQUEUERS)]
+        for k in range(ENQUEUERS):
+            clients.append(_start(
+                ["enqueue", "--seed", str(seed), "--jobs", str(jobs), "--first", str(k), "--step", str(ENQUEUERS),
+                 "--fail-rate", str(fail_rate), "--poison-rate", str(poison_rate), "--max-attempts",
+                 str(max_attempts), "--log", str(log), "--out", str(acks[k]), "--address", str(address.path),
+                 "--seconds", str(enqueue_seconds)], env, base / f"enqueuer{k}.err", skew=skews[0] if k == 0 else 0))
+        enqueuers = list(clients)
+        actions_file = base / "admin.jsonl"
+        if "admin" in faults:
+            start = time.monotonic()  # as the nemesis: its t0 is a few ms away
+            for role in ("replayer", "purger"):
+                clients.append(_start(["admin", "--role", role, "--seed", str(seed), "--start", str(start),
+                                       "--until", str(start + window),
+                                       "--address", str(address.path), "--out", str(actions_file)],
+                                      env, base / f"{role}.err"))
+        pool = WorkerPool(workers, env, base / "workers", burst_seconds, QUEUE, skew=skews[1])
         t0 = time.monotonic()
         pool.start()
-        nemesis = Nemesis(nemesis_plan(rng, window), rng, pool, redis_server, database_url, t0)
+        nemesis = Nemesis(nemesis_plan(rng, window, faults, postgres is not None), rng, pool, redis_server,
+                          database_url, t0, address=address, replica=replica, postgres=postgres)
         status("nemesis")
         nemesis.start()
         nemesis.join()
         for lock in nemesis.log.db_locks:
             lock.wait()
         nemesis_s = time.monotonic() - t0
+        servers += [s for s in (nemesis.redis,) if s not in servers]
         if nemesis.error is not None:
             problems.append(f"nemesis failed: {type(nemesis.error).__name__}: {nemesis.error}")
-        status("enqueue")
-        try:
-            enqueuer.wait(120)
-        except subprocess.TimeoutExpired:
-            enqueuer.kill()
-            enqueuer.wait()
-            problems.append("enqueuer did not finish in 120 s")
-        if enqueuer.returncode:
-            problems.append(f"enqueuer exited {enqueuer.returncode}")
+        if nemesis.redis is not redis_server:  # a failover: the soak's own connection follows it too
+            q.close()
+            q = qkit.connect(QUEUE, redis_url=nemesis.redis.url, database_url=database_url, home=base,
+                             lease_seconds=LEASE_SECONDS, backoff_base=BACKOFF_BASE)
+        status("clients")
+        t_clients = time.monotonic()
+        for k, proc in enumerate(clients):
+            _finish(proc, f"enqueuer {k}" if proc in enqueuers else f"admin process {k - ENQUEUERS}", problems)
+        clients_s = time.monotonic() - t_clients
         acked: dict[int, int] = {}
         errored: set[int] = set()
         enqueue_errors = 0
-        for line in acks.read_text().splitlines() if acks.exists() else []:
-            try:
-                rec = json.loads(line)
-            except ValueError:  # a torn last line: the enqueuer was killed mid-write
-                continue
-            if "id" in rec:
-                acked[rec["i"]] = rec["id"]
-            else:
-                errored.add(rec["i"])
-                enqueue_errors += 1
+        for path in acks:
+            for line in path.read_text().splitlines() if path.exists() else []:
+                try:
+                    rec = json.loads(line)
+                except ValueError:  # a torn last line: the enqueuer was killed mid-write
+                    continue
+                if "id" in rec:
+                    acked[rec["i"]] = rec["id"]
+                else:
+                    errored.add(rec["i"])
+                    enqueue_errors += 1
         # keys whose every call errored: the job may still have landed (ledger committed, answer lost)
         never = sorted(set(range(jobs)) - set(acked))
         keys = [f"soak-{seed}-{i}" for i in never]
@@ -480,8 +316,11 @@ def run_seed(seed: int, *, jobs: int = 500, workers: int = 4, fail_rate: float =
         pool.stop()
 
         rows = read_log(log)
-        executions = [(j, a) for what, j, a, _ in rows if what == "done"]
-        report = total_queue(q, acked.values(), executions, attempted=attempted)
+        actions = read_actions(actions_file.read_text().splitlines() if actions_file.exists() else [])
+        acc = account(q, rows, actions)
+        report = total_queue(q, [i for i in acked.values() if i not in acc.purged], acc.current,
+                             attempted=[i for i in attempted if i not in acc.purged])
+        wasted = _count(getattr(report, "wasted_success", None))
         with q.ledger.read_engine.connect() as conn:
             outcome_rows = conn.execute(
                 select(job_attempts.c.outcome, func.count()).select_from(
@@ -491,8 +330,16 @@ def run_seed(seed: int, *, jobs: int = 500, workers: int = 4, fail_rate: float =
                 select(job_attempts.c.worker, job_attempts.c.job_id, job_attempts.c.attempt).select_from(
                     job_attempts.join(jobs_table, jobs_table.c.id == job_attempts.c.job_id))
                 .where(jobs_table.c.queue == QUEUE, job_attempts.c.outcome == "lost")).all()
+            poison_ids = {acked[i]: kind for i in acked if (kind := poison_kind(seed, i, poison_rate))}
+            poison_rows = conn.execute(select(jobs_table.c.id, jobs_table.c.status, jobs_table.c.error).where(
+                jobs_table.c.id.in_(list(poison_ids)))).all() if poison_ids else []
+        poison_statuses = Counter(f"{poison_ids[r.id]} {r.status}" for r in poison_rows)
+        poison_statuses.update(f"{poison_ids[i]} purged" for i in poison_ids if i in acc.purged)
+        for r in poison_rows:
+            if poison_ids[r.id].endswith("-error") and r.status == "failed" and not r.error:
+                problems.append(f"poison job {r.id} ({poison_ids[r.id]}) failed with no error recorded")
         lost_workers = [r[0] for r in lost_rows]
-        started = {(j, a) for what, j, a, _ in rows if what == "start"}
+        started = {(r.job_id, r.attempt) for r in rows if r.what == "start"}
         # claimed in a batch, charged a lost attempt when the worker died, but its handler never began
         lost_not_started = sum(1 for _, j, a in lost_rows if (j, a) not in started)
         lost_pids = {int(m.group(1)) for w in lost_workers if (m := _PID.search(w))}
@@ -510,27 +357,44 @@ def run_seed(seed: int, *, jobs: int = 500, workers: int = 4, fail_rate: float =
         for lock in nemesis.log.db_locks:
             if lock.error:
                 problems.append(f"db lock failed: {lock.error}")
+        if acc.lost_replays:
+            problems.append(f"replayed, then purged before running again: {acc.lost_replays[:20]}")
+        if acc.earlier_unexplained:
+            problems.append(f"earlier-epoch runs not explained: {acc.earlier_unexplained[:20]}")
         dup_unexplained = {j for j, _, _ in report.unexplained}
         counts = q.ledger.status_counts(QUEUE)
+        valid = (report.valid and not acc.lost_replays and not acc.earlier_unexplained and not wasted
+                 and not any(p.startswith("poison") for p in problems))
         return SeedResult(
-            seed=seed, valid=report.valid, acknowledged=report.acknowledged, lost=len(report.lost),
+            seed=seed, valid=valid, faults=sorted(faults), acknowledged=report.acknowledged + len(acc.purged & set(acked.values())),
+            lost=len(report.lost) + len(acc.lost_replays),
             unexpected=len(report.unexpected), duplicated=len(report.duplicated),
             explained=len([j for j in report.duplicated if j not in dup_unexplained]),
-            unexplained=len(report.unexplained), recovered=len(report.recovered), attempted_only=len(never),
+            unexplained=len(report.unexplained) + len(acc.earlier_unexplained), wasted_success=wasted,
+            recovered=len(report.recovered), attempted_only=len(never),
             kills=len(nemesis.log.kills), kills_mid_run=len(killed_pids & lost_pids), lost_by=dict(lost_by),
             lost_not_started=lost_not_started,
             redis_restarts=len(nemesis.log.redis_restarts),
             redis_down_s=round(sum(d for _, d in nemesis.log.redis_restarts), 3),
             db_locks=sum(1 for lock in nemesis.log.db_locks if lock.held is not None),
             db_lock_held_s=round(sum(lock.held or 0 for lock in nemesis.log.db_locks), 3),
+            pg_restarts=len(nemesis.log.pg_restarts), pg_down_s=round(sum(d for _, d in nemesis.log.pg_restarts), 3),
+            failovers=len(nemesis.log.failovers), failover_kills=nemesis.log.failover_kills,
+            admin_actions=acc.actions, admin_refused=acc.refused, replayed=acc.replay_acks,
+            replay_runs=acc.earlier, purged=len(acc.purged), lost_replays=acc.lost_replays,
+            skewed=(1 if skews[0] else 0) + pool.skewed, poison=len(poison_ids),
+            poison_statuses=dict(sorted(poison_statuses.items())),
             attempts={(k or "open"): int(n) for k, n in outcome_rows},
             statuses={k: counts[k] for k in ("pending", "processing", "completed", "failed")},
-            executions=len(executions), enqueue_errors=enqueue_errors, worker_runs=pool.spawned,
-            worker_exits=dict(exits), nemesis_s=round(nemesis_s, 3), drain_s=round(drain_s, 3), drained=is_drained,
+            executions=sum(1 for r in rows if r.what == "done"), enqueue_errors=enqueue_errors,
+            worker_runs=pool.spawned, worker_exits=dict(exits), nemesis_s=round(nemesis_s, 3),
+            clients_s=round(clients_s, 3), drain_s=round(drain_s, 3), drained=is_drained,
             wall_s=round(time.monotonic() - t_start, 3), audit_counts=report.audit.counts, problems=problems,
             report={**report.to_dict(), "audit_summary": report.audit.summary(),
                     "nemesis": {"kills": nemesis.log.kills, "kill_misses": nemesis.log.kill_misses,
-                                "redis_restarts": nemesis.log.redis_restarts, "db_lock_at": nemesis.log.db_lock_at},
+                                "redis_restarts": nemesis.log.redis_restarts, "db_lock_at": nemesis.log.db_lock_at,
+                                "pg_restarts": nemesis.log.pg_restarts, "failovers": nemesis.log.failovers,
+                                "skews": skews},
                     "workdir": str(base)})
     finally:
         if nemesis is not None:
@@ -538,78 +402,45 @@ def run_seed(seed: int, *, jobs: int = 500, workers: int = 4, fail_rate: float =
             nemesis.join(30)
             for lock in nemesis.log.db_locks:
                 lock.kill()
+            servers += [s for s in (nemesis.redis, nemesis.replica, *nemesis.retired) if s is not None]
         if pool is not None:
             pool.kill_all()
-        if enqueuer is not None and enqueuer.poll() is None:
-            enqueuer.kill()
-            enqueuer.wait(10)
+        for proc in clients:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
         if q is not None:
             q.close()
-        if redis_server is not None:
-            redis_server.stop()
+        for server in servers:
+            server.stop()
         if not keep and workdir is None:
             shutil.rmtree(base, ignore_errors=True)
-
-
-# ============================================================================ the enqueuer process
-def enqueuer_main(argv: list[str]) -> int:
-    """``soak.py _enqueue``: enqueue the jobs, each under its key, retrying errors with the same key.
-
-    Writes one JSON line per call: ``{"i", "id"}`` when it returned, ``{"i", "error"}`` when it raised.
-    """
-    ap = argparse.ArgumentParser(prog="soak.py _enqueue")
-    ap.add_argument("--seed", type=int, required=True)
-    ap.add_argument("--jobs", type=int, required=True)
-    ap.add_argument("--fail-rate", type=float, required=True)
-    ap.add_argument("--max-attempts", type=int, required=True)
-    ap.add_argument("--log", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--seconds", type=float, required=True)
-    ap.add_argument("--give-up", type=float, default=60.0)
-    args = ap.parse_args(argv)
-    import qkit
-
-    q = qkit.connect(QUEUE)
-    t0 = time.monotonic()
-    with open(args.out, "a") as out:
-        for i in range(args.jobs):
-            # spread over --seconds: the enqueue runs while the nemesis does
-            ahead = t0 + args.seconds * i / args.jobs - time.monotonic()
-            if ahead > 0:
-                time.sleep(ahead)
-            payload = {"log": args.log, "seed": args.seed, "fail_rate": args.fail_rate, "i": i}
-            give_up = time.monotonic() + args.give_up
-            while True:
-                try:
-                    job_id = q.enqueue("soak", payload, key=f"soak-{args.seed}-{i}", max_attempts=args.max_attempts)
-                except Exception as exc:  # noqa: BLE001 - retried with the same key
-                    out.write(json.dumps({"i": i, "error": f"{type(exc).__name__}: {exc}"[:300]}) + "\n")
-                    out.flush()
-                    if time.monotonic() > give_up:
-                        break
-                    time.sleep(0.02)
-                    continue
-                out.write(json.dumps({"i": i, "id": job_id}) + "\n")
-                out.flush()
-                break
-    q.close()
-    return 0
 
 
 # ============================================================================ many seeds
 TOTAL_KEYS = ("acknowledged", "lost", "unexpected", "duplicated", "explained", "unexplained", "recovered",
               "attempted_only", "kills", "kills_mid_run", "lost_not_started", "redis_restarts", "db_locks", "executions",
-              "enqueue_errors", "worker_runs")
+              "enqueue_errors", "worker_runs", "pg_restarts", "failovers", "failover_kills", "replayed", "replay_runs",
+              "purged", "skewed", "poison")
 
 
 def totals(results: list[SeedResult]) -> dict[str, Any]:
     out: dict[str, Any] = {k: sum(getattr(r, k) for r in results) for k in TOTAL_KEYS}
     attempts: Counter[str] = Counter()
     lost_by: Counter[str] = Counter()
+    admin: Counter[str] = Counter()
+    refused: Counter[str] = Counter()
+    poison: Counter[str] = Counter()
     for r in results:
         attempts.update(r.attempts)
         lost_by.update(r.lost_by)
-    out.update(seeds=len(results), valid=sum(r.valid for r in results),
+        admin.update(r.admin_actions)
+        refused.update(r.admin_refused)
+        poison.update(r.poison_statuses)
+    wasted = [r.wasted_success for r in results if r.wasted_success is not None]
+    out.update(wasted_success=sum(wasted) if wasted else None, admin_actions=dict(sorted(admin.items())),
+               admin_refused=dict(sorted(refused.items())), poison_statuses=dict(sorted(poison.items())),
+               pg_down_s=round(sum(r.pg_down_s for r in results), 3),seeds=len(results), valid=sum(r.valid for r in results),
                invalid=[r.seed for r in results if not r.valid],
                db_lock_held_s=round(sum(r.db_lock_held_s for r in results), 3),
                redis_down_s=round(sum(r.redis_down_s for r in results), 3),
@@ -639,7 +470,7 @@ def run_soak(seeds: list[int], *, ledger: str = "sqlite", progress: bool = True,
                     bar.set_postfix_str(f"seed {seed}: {phase}")
 
                 url = pg.database(f"soak_{seed}") if pg is not None else None
-                result = run_seed(seed, database_url=url, status=status, **kwargs)
+                result = run_seed(seed, database_url=url, postgres=pg, status=status, **kwargs)
                 results.append(result)
                 if on_result is not None:
                     on_result(result)
@@ -654,8 +485,6 @@ def run_soak(seeds: list[int], *, ledger: str = "sqlite", progress: bool = True,
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["_enqueue"]:
-        return enqueuer_main(argv[1:])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, default=1, help="how many seeds (default 1)")
     ap.add_argument("--seed-start", type=int, default=0)
@@ -666,9 +495,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ledger", choices=("sqlite", "postgres"), default="sqlite")
     ap.add_argument("--window", type=float, default=15.0, help="seconds the nemesis runs (default 15)")
     ap.add_argument("--drain-timeout", type=float, default=90.0)
+    ap.add_argument("--faults", default="all", metavar="LIST",
+                    help=f"the faults to inject: all (default), none, or a comma list of {','.join(FAULTS)}")
     ap.add_argument("--keep", action="store_true", help="keep each seed's folder (logs, ledger, AOF)")
     ap.add_argument("--json", action="store_true", help="one JSON document on stdout")
     args = ap.parse_args(argv)
+    try:
+        faults = parse_faults(args.faults)
+    except ValueError as exc:
+        ap.error(str(exc))
     if args.window < DB_LOCK_SECONDS + 2:
         ap.error(f"--window must be at least {DB_LOCK_SECONDS + 2:.0f} s (the DB lock lasts {DB_LOCK_SECONDS:.0f} s)")
     from tqdm import tqdm
@@ -691,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = list(range(args.seed_start, args.seed_start + args.seeds))
     results = run_soak(seeds, ledger=args.ledger, on_result=show, jobs=args.jobs, workers=args.workers,
                        fail_rate=args.fail_rate, max_attempts=args.max_attempts, window=args.window,
-                       drain_timeout=args.drain_timeout, keep=args.keep)
+                       drain_timeout=args.drain_timeout, keep=args.keep, faults=faults)
     tot = totals(results)
     if args.json:
         print(json.dumps({"ledger": args.ledger, "jobs": args.jobs, "workers": args.workers,
@@ -699,13 +534,20 @@ def main(argv: list[str] | None = None) -> int:
                           "seeds": [asdict(r) for r in results]}, default=str))
     else:
         att = " ".join(f"{k} {v}" for k, v in tot["attempts"].items())
-        print(f"totals over {tot['seeds']} seed(s) ({args.ledger}): valid {tot['valid']}/{tot['seeds']} · "
+        wasted = "n/a" if tot["wasted_success"] is None else tot["wasted_success"]
+        print(f"totals over {tot['seeds']} seed(s) ({args.ledger}; faults {','.join(sorted(faults)) or 'none'}): "
+              f"valid {tot['valid']}/{tot['seeds']} · "
               f"acknowledged {tot['acknowledged']} · lost {tot['lost']} · unexpected {tot['unexpected']} · "
               f"duplicated {tot['duplicated']} ({tot['explained']} explained / {tot['unexplained']} unexplained) · "
+              f"wasted-success {wasted} · "
               f"recovered {tot['recovered']} · kills {tot['kills']} ({tot['kills_mid_run']} mid-run) · lost attempts by "
               f"{', '.join(f'{k} {v}' for k, v in tot['lost_by'].items()) or '-'} ({tot['lost_not_started']} never started) · "
               f"redis restarts {tot['redis_restarts']} · db lock held {tot['db_lock_held_s']:.1f} s · "
-              f"attempts: {att} · wall {tot['wall_s']:.1f} s")
+              f"pg restarts {tot['pg_restarts']} ({tot['pg_down_s']:.1f} s down) · failovers {tot['failovers']} "
+              f"({tot['failover_kills']} workers moved) · admin actions {tot['admin_actions']} "
+              f"(refused {tot['admin_refused']}; replayed {tot['replayed']}, {tot['replay_runs']} earlier-epoch runs; "
+              f"purged {tot['purged']}) · skewed processes {tot['skewed']} · poison jobs {tot['poison']} "
+              f"{tot['poison_statuses']} · attempts: {att} · wall {tot['wall_s']:.1f} s")
     return 0 if results and all(r.valid for r in results) else 1
 
 

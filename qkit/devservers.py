@@ -115,6 +115,28 @@ class RedisServer:
             self.process.kill()
             self.process.wait(10)
 
+    def replicating(self) -> bool:
+        """True once this server is a replica whose link to its primary is up and its first sync done."""
+        info = self.client(socket_timeout=2).info("replication")
+        return (info.get("role") == "slave" and info.get("master_link_status") == "up"
+                and not info.get("master_sync_in_progress"))
+
+    def promote(self) -> None:
+        """``REPLICAOF NO ONE``: this replica becomes a primary and keeps what it has replicated so far.
+
+        Its command line loses ``--replicaof`` too, so a :meth:`restart` brings it back as a primary.
+        """
+        client = self.client(socket_timeout=5)
+        try:
+            client.execute_command("REPLICAOF", "NO", "ONE")
+        finally:
+            client.close()
+        args = list(self.process.args)
+        if "--replicaof" in args:
+            at = args.index("--replicaof")
+            del args[at:at + 3]
+            self.process.args = args
+
     def restart(self, timeout: float = 20.0) -> None:
         """Crash it, then run the same command again: same port, same data directory.
 
@@ -210,6 +232,25 @@ def start_redis(folder: Path, *, cluster: bool = False, port: int | None = None,
     return server
 
 
+def start_replica(primary: RedisServer, folder: Path, *, extra_args: Sequence[str] = (),
+                  timeout: float = 20.0) -> RedisServer:
+    """A redis-server replicating ``primary`` (``--replicaof``), returned once its first sync is done.
+
+    Replication is asynchronous, as in production: writes the primary
+    acknowledged shortly before it dies may never reach the replica.
+    :meth:`RedisServer.promote` turns it into a primary.
+    """
+    server = start_redis(folder, extra_args=[*extra_args, "--replicaof", "127.0.0.1", str(primary.port)],
+                         timeout=timeout)
+    try:
+        wait_until(server.replicating, timeout, f"redis replica on port {server.port} to sync", interval=0.02,
+                   process=server.process)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
 # --------------------------------------------------------------------------- PostgreSQL
 def pg_bin_dir() -> Path:
     """The folder holding initdb and pg_ctl (PostgreSQL 15 preferred)."""
@@ -234,6 +275,7 @@ class Postgres:
     port: int
     folder: Path
     _stop: Callable[[], None] = field(repr=False)
+    _pg_ctl: Callable[..., None] | None = field(default=None, repr=False)
 
     @property
     def url(self) -> str:
@@ -252,6 +294,24 @@ class Postgres:
     def stop(self) -> None:
         """Stop the cluster at once (``pg_ctl -m immediate``): its data is thrown away anyway."""
         self._stop()
+
+    def restart(self, mode: str = "fast", down: float = 0.0) -> float:
+        """``pg_ctl -m <mode> restart``: every connection is cut; the server is back when this returns.
+
+        With ``down`` > 0 it is a stop, ``down`` seconds with no server, then a
+        start (same port and options).  Returns the seconds the server was
+        away: the outage its clients saw.
+        """
+        if self._pg_ctl is None:
+            raise RuntimeError("this PostgreSQL handle cannot restart its server")
+        t0 = time.monotonic()
+        if down > 0:
+            self._pg_ctl("-m", mode, "stop")
+            time.sleep(down)
+            self._pg_ctl("start")
+        else:
+            self._pg_ctl("-m", mode, "restart")
+        return time.monotonic() - t0
 
 
 def start_postgres(folder: Path) -> Postgres:
@@ -274,10 +334,15 @@ def start_postgres(folder: Path) -> Postgres:
     port = free_port()
     subprocess.run([*as_user, str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust",
                     "--no-sync", "-E", "UTF8"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(folder / "pg.log"), "-w",
-                    "-o", f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off "
-                          f"-c synchronous_commit=off -c full_page_writes=off -c max_connections=200",
-                    "start"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    options = (f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off "
+               f"-c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
+
+    def pg_ctl(*args: str) -> None:
+        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(folder / "pg.log"), "-w",
+                        "-o", options, *args], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                       timeout=60)
+
+    pg_ctl("start")
 
     def stop() -> None:
         subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
@@ -295,4 +360,4 @@ def start_postgres(folder: Path) -> Postgres:
     except BaseException:
         stop()
         raise
-    return Postgres(port, folder, stop)
+    return Postgres(port, folder, stop, pg_ctl)

@@ -1,0 +1,118 @@
+"""The soak's accounting (``bench/soak.py``): what the nemesis' admin actions and replays change
+about the total-queue check, before :func:`qkit.audit.total_queue` runs.
+
+* **Purges are deletions, not losses.**  An id that an admin purge returned (the ids the
+  ledger deleted) is accounted for: it leaves the acknowledged set, and its executions are not
+  "unexpected".  One exception is a *lost replay*: a replay returned the id (acknowledged
+  "this job will run again"), then a purge deleted it before any handler of it started again.
+  With a purge that re-checks the status, a purge can only delete a replayed job after it ran
+  and failed again, which needs at least one handler start after the replay began; a purged id
+  without one is counted lost.
+* **Replays start a new epoch.**  A replay resets the attempt count, so attempt numbers repeat.
+  Each execution is placed in its epoch through the ledger's attempt rows: the handler logs its
+  worker id (one per burst), and the rows of ``(job, attempt, worker)`` give the epochs, in
+  order (a burst runs each attempt of an epoch at most once).  Executions of the job's current
+  epoch go to ``total_queue``; those of earlier epochs are explained by the replay only if the
+  ledger recorded that attempt ``lost`` or ``timeout`` (an earlier epoch ended ``failed``, so a
+  run that returned and was recorded ``failed`` there is a wasted success and counts as
+  unexplained).
+"""
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from sqlalchemy import select
+
+from qkit.ledger import job_attempts, jobs
+
+
+@dataclass
+class AdminAction:
+    action: str
+    t0: int  # monotonic ns
+    t1: int
+    ids: list[int]
+    error: str | None
+
+
+@dataclass
+class Accounting:
+    purged: set[int] = field(default_factory=set)
+    lost_replays: list[int] = field(default_factory=list)  # replayed, then purged without running again
+    current: list[tuple[int, int]] = field(default_factory=list)  # (job, attempt): for total_queue
+    earlier: int = 0  # executions of an earlier epoch (explained by the replay when lost/timeout)
+    earlier_unexplained: list[tuple[int, int, int]] = field(default_factory=list)  # (job, epoch, attempt)
+    replayed_jobs: int = 0  # jobs in the ledger whose epoch is > 0
+    replay_acks: int = 0  # ids returned by replay calls
+    actions: dict[str, int] = field(default_factory=dict)  # per action: how many returned
+    refused: dict[str, int] = field(default_factory=dict)  # per action: how many raised
+
+
+def read_actions(lines: Iterable[str]) -> list[AdminAction]:
+    import json
+
+    out = []
+    for line in lines:
+        try:
+            r = json.loads(line)
+        except ValueError:  # a torn last line
+            continue
+        out.append(AdminAction(r["action"], r["t0"], r.get("t1", r["t0"]), [int(i) for i in r.get("ids") or []],
+                               r.get("error")))
+    return out
+
+
+def account(q: Any, rows: list[Any], actions: list[AdminAction]) -> Accounting:
+    """``rows``: the handler log (``soak_handlers.read_log``); ``actions``: every admin action."""
+    acc = Accounting()
+    purges = [a for a in actions if a.action == "purge" and a.error is None]
+    replays = [a for a in actions if a.action.startswith("replay") and a.error is None]
+    acc.actions = dict(Counter(a.action for a in actions if a.error is None))
+    acc.refused = dict(Counter(a.action for a in actions if a.error is not None))
+    acc.replay_acks = sum(len(a.ids) for a in replays)
+    starts: dict[int, list[int]] = defaultdict(list)
+    for r in rows:
+        if r.what == "start":
+            starts[r.job_id].append(r.mono_ns)
+    for purge in purges:
+        for job_id in purge.ids:
+            acc.purged.add(job_id)
+            before = [r for r in replays if job_id in r.ids and r.t0 < purge.t1]
+            if before:
+                since = max(r.t0 for r in before)
+                if not any(t > since for t in starts.get(job_id, ())):
+                    acc.lost_replays.append(job_id)
+    acc.lost_replays = sorted(set(acc.lost_replays))
+
+    done = [r for r in rows if r.what == "done" and r.job_id not in acc.purged]
+    ids = sorted({r.job_id for r in done})
+    epochs_of: dict[tuple[int, int, str], list[tuple[int, str | None]]] = defaultdict(list)
+    current_epoch: dict[int, int] = {}
+    with q.ledger.read_engine.connect() as conn:
+        acc.replayed_jobs = len(conn.execute(select(jobs.c.id).where(jobs.c.queue == q.name, jobs.c.epoch > 0)).all())
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            current_epoch.update({r.id: r.epoch for r in conn.execute(
+                select(jobs.c.id, jobs.c.epoch).where(jobs.c.id.in_(chunk)))})
+            for r in conn.execute(select(job_attempts.c.job_id, job_attempts.c.attempt, job_attempts.c.worker,
+                                         job_attempts.c.epoch, job_attempts.c.outcome)
+                                  .where(job_attempts.c.job_id.in_(chunk))):
+                epochs_of[(r.job_id, r.attempt, r.worker)].append((r.epoch, r.outcome))
+    for rows_of in epochs_of.values():
+        rows_of.sort()
+    used: Counter[tuple[int, int, str]] = Counter()
+    for r in done:
+        key = (r.job_id, r.attempt, r.worker)
+        candidates = epochs_of.get(key, [])
+        k = used[key]
+        used[key] += 1
+        if k < len(candidates) and r.job_id in current_epoch and candidates[k][0] < current_epoch[r.job_id]:
+            epoch, outcome = candidates[k]
+            acc.earlier += 1
+            if outcome not in ("lost", "timeout"):
+                acc.earlier_unexplained.append((r.job_id, epoch, r.attempt))
+        else:  # the current epoch, or no attempt row at all: total_queue judges it
+            acc.current.append((r.job_id, r.attempt))
+    return acc
