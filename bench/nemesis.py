@@ -2,7 +2,8 @@
 
 Each fault can be switched on or off (``--faults`` of ``bench/soak.py``, names in :data:`FAULTS`):
 
-* ``kill``: SIGKILL a random worker every 0.5-3 s (uniform, seeded);
+* ``kill``: SIGKILL a random worker every 0.5-3 s (uniform, seeded), preferably one whose handler
+  is running (read from the handler log), else one past its start-up;
 * ``redis-restart``: kill -9 the Redis primary twice and restart it on the same port and AOF;
 * ``ledger-lock``: another process holds the ledger locked for 5 s (SQLite ``BEGIN EXCLUSIVE``,
   PostgreSQL ``LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE``);
@@ -40,6 +41,7 @@ PG_RESTARTS = 2
 PG_DOWN_SECONDS = 1.0
 FAILOVER_LAG_SECONDS = 0.3
 SKEW_SECONDS = 3600.0
+SETTLED_SECONDS = 1.5
 SKEWED = str(Path(__file__).resolve().parent / "skewed.py")
 REDIS_ARGS = ["--appendonly", "yes", "--appendfsync", "everysec", "--maxmemory-policy", "noeviction"]
 
@@ -110,6 +112,7 @@ class WorkerPool:
         self.skewed = 0  # processes started with a shifted clock
         self._outputs: dict[int, Path] = {}
         self._urls: dict[int, str] = {}
+        self._born: dict[int, float] = {}
         self._thread = threading.Thread(target=self._supervise, daemon=True, name="soak-workers")
 
     def start(self) -> None:
@@ -130,6 +133,7 @@ class WorkerPool:
         err.close()
         self._outputs[proc.pid] = out
         self._urls[proc.pid] = env["QKIT_REDIS_URL"]
+        self._born[proc.pid] = time.monotonic()
         return proc
 
     def _reap(self, proc: subprocess.Popen) -> None:
@@ -162,13 +166,19 @@ class WorkerPool:
         proc.send_signal(signal.SIGKILL)
         self.killed[proc.pid] = time.monotonic()
 
-    def kill_random(self, rng: random.Random) -> int | None:
-        """SIGKILL one live worker chosen by ``rng``; returns its pid (None if none was alive)."""
+    def kill_random(self, rng: random.Random, busy: set[int] = frozenset()) -> int | None:
+        """SIGKILL one live worker chosen by ``rng``; returns its pid (None if none was alive).
+
+        Prefers a worker in ``busy`` (running a handler), then one past its start-up (imports take
+        a second or more on a loaded machine): killing one that has claimed nothing tests nothing.
+        """
         with self.lock:
             alive = self.alive()
             if not alive:
                 return None
-            victim = rng.choice(alive)
+            settled = [p for p in alive if time.monotonic() - self._born.get(p.pid, 0.0) >= SETTLED_SECONDS]
+            victim = rng.choice(sorted([p for p in alive if p.pid in busy], key=lambda p: p.pid)
+                                or settled or alive)
             self._kill(victim)
             return victim.pid
 
@@ -212,6 +222,34 @@ class WorkerPool:
                 if proc is not None and proc.poll() is None:
                     proc.kill()
                     proc.wait(10)
+
+
+class HandlerLogTail:
+    """Which worker processes are running a handler now: the last line of each pid in the
+    handler log (``bench/soak_handlers.py``) is a ``start``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+        self.last: dict[int, str] = {}
+        self.partial = b""
+
+    def busy(self) -> set[int]:
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(self.offset)
+                data = fh.read()
+        except OSError:
+            return set()
+        self.offset += len(data)
+        data = self.partial + data
+        lines = data.split(b"\n")
+        self.partial = lines.pop()
+        for line in lines:
+            parts = line.split()
+            if len(parts) >= 4 and parts[3].isdigit():
+                self.last[int(parts[3])] = parts[0].decode()
+        return {pid for pid, what in self.last.items() if what == "start"}
 
 
 # ============================================================================ the DB lock
@@ -307,9 +345,17 @@ def nemesis_plan(rng: random.Random, window: float, faults: frozenset[str] = fro
     half = window / 2
     events.append((rng.uniform(0.5, half - 0.5), "redis"))
     events.append((rng.uniform(half, window - 0.5), "redis"))
-    events.append((rng.uniform(1.0, max(1.5, window - DB_LOCK_SECONDS - 0.5)), "dblock"))
-    events.append((rng.uniform(1.0, half), "pg"))
-    events.append((rng.uniform(half, window - PG_DOWN_SECONDS - 0.5), "pg"))
+    lock_at = rng.uniform(1.0, max(1.5, window - DB_LOCK_SECONDS - 0.5))
+    events.append((lock_at, "dblock"))
+    # a PostgreSQL restart would cut the locking session: keep the two apart (the lock is one fault,
+    # the restart another; both together would only test that a lock dies with its server)
+    busy = (lock_at - PG_DOWN_SECONDS - 1.0, lock_at + DB_LOCK_SECONDS + 1.0)
+    free = [(a, b) for a, b in ((0.5, busy[0]), (busy[1], window - PG_DOWN_SECONDS - 0.5)) if b - a > 0.2]
+    if "ledger-lock" not in faults or not free:
+        free = [(0.5, window - PG_DOWN_SECONDS - 0.5)]
+    for _ in range(PG_RESTARTS):
+        a, b = rng.choice(free)
+        events.append((rng.uniform(a, b), "pg"))
     events.append((rng.uniform(window * 0.3, window * 0.7), "failover"))
     wanted = {"kill": "kill", "redis": "redis-restart", "dblock": "ledger-lock", "pg": "pg-restart",
               "failover": "failover"}
@@ -320,11 +366,13 @@ def nemesis_plan(rng: random.Random, window: float, faults: frozenset[str] = fro
 class Nemesis(threading.Thread):
     def __init__(self, plan: list[tuple[float, str]], rng: random.Random, pool: WorkerPool,
                  redis_server: RedisServer, database_url: str, t0: float, *, address: Address | None = None,
-                 replica: RedisServer | None = None, postgres: Postgres | None = None) -> None:
+                 replica: RedisServer | None = None, postgres: Postgres | None = None,
+                 handler_log: Path | None = None) -> None:
         super().__init__(daemon=True, name="soak-nemesis")
         self.plan, self.rng, self.pool, self.redis = plan, rng, pool, redis_server
         self.database_url, self.t0 = database_url, t0
         self.address, self.replica, self.postgres = address, replica, postgres
+        self.tail = HandlerLogTail(handler_log) if handler_log is not None else None
         self.retired: list[RedisServer] = []  # primaries killed by a failover (stopped by the seed)
         self.log = NemesisLog()
         self.halt = threading.Event()
@@ -337,7 +385,7 @@ class Nemesis(threading.Thread):
                     return
                 now = time.monotonic() - self.t0
                 if what == "kill":
-                    pid = self.pool.kill_random(self.rng)
+                    pid = self.pool.kill_random(self.rng, self.tail.busy() if self.tail else set())
                     if pid is None:
                         self.log.kill_misses += 1
                     else:

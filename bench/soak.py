@@ -57,7 +57,9 @@ QUEUE = "soak"
 LEASE_SECONDS = 1.0
 BACKOFF_BASE = 0.1
 POISON_RATE = 0.05
+DOOMED_RATE = 0.03  # with admin: jobs that fail every attempt, so the DLQ has something to replay and purge
 ENQUEUERS = 2
+ADMIN_OVERTIME = 4.0  # admin actions go on this long past the nemesis window (their processes start late)
 PROCS = str(BENCH / "soak_procs.py")
 __all__ = ["DB_LOCK_SECONDS", "FAULTS", "REDIS_RESTARTS", "run_seed", "run_soak", "main"]
 
@@ -201,7 +203,7 @@ def run_seed(seed: int, *, jobs: int = 500, workers: int = 4, fail_rate: float =
     from sqlalchemy import func, select
 
     from qkit.ledger import job_attempts, jobs as jobs_table
-    from soak_check import account, read_actions
+    from soak_check import account, read_actions, story
     from soak_handlers import read_log
     from soak_procs import poison_kind
 
@@ -221,6 +223,7 @@ def run_seed(seed: int, *, jobs: int = 500, workers: int = 4, fail_rate: float =
     pool: WorkerPool | None = None
     nemesis: Nemesis | None = None
     clients: list[subprocess.Popen] = []
+    admins: list[subprocess.Popen] = []
     q = None
     try:
         status("start redis")
@@ -234,27 +237,33 @@ def run_seed(seed: int, *, jobs: int = 500, workers: int = 4, fail_rate: float =
         q = qkit.connect(QUEUE, redis_url=redis_server.url, database_url=database_url, home=base,
                          lease_seconds=LEASE_SECONDS, backoff_base=BACKOFF_BASE)  # creates the tables
         env = _worker_env(redis_server.url, database_url, base)
+        actions_file = base / "admin.jsonl"
+        if "admin" in faults:
+            for role in ("replayer", "purger"):
+                admins.append(_start(["admin", "--role", role, "--seed", str(seed), "--start-file",
+                                      str(base / "nemesis.t0"), "--seconds", str(window + ADMIN_OVERTIME),
+                                       "--address", str(address.path), "--out", str(actions_file)],
+                                      env, base / f"{role}.err"))
         acks = [base / f"enqueue{k}.jsonl" for k in range(ENQUEUERS)]
         for k in range(ENQUEUERS):
             clients.append(_start(
                 ["enqueue", "--seed", str(seed), "--jobs", str(jobs), "--first", str(k), "--step", str(ENQUEUERS),
-                 "--fail-rate", str(fail_rate), "--poison-rate", str(poison_rate), "--max-attempts",
+                 "--fail-rate", str(fail_rate), "--poison-rate", str(poison_rate),
+                 "--doomed-rate", str(DOOMED_RATE if "admin" in faults else 0.0), "--max-attempts",
                  str(max_attempts), "--log", str(log), "--out", str(acks[k]), "--address", str(address.path),
                  "--seconds", str(enqueue_seconds)], env, base / f"enqueuer{k}.err", skew=skews[0] if k == 0 else 0))
         enqueuers = list(clients)
-        actions_file = base / "admin.jsonl"
-        if "admin" in faults:
-            start = time.monotonic()  # as the nemesis: its t0 is a few ms away
-            for role in ("replayer", "purger"):
-                clients.append(_start(["admin", "--role", role, "--seed", str(seed), "--start", str(start),
-                                       "--until", str(start + window),
-                                       "--address", str(address.path), "--out", str(actions_file)],
-                                      env, base / f"{role}.err"))
+        clients += admins
+        # the window opens once the enqueuers are up (a process takes seconds to start on a loaded
+        # machine): the faults then land while jobs flow
+        if not _wait(lambda: any(p.exists() and p.stat().st_size for p in acks), 60, 0.05):
+            problems.append("no enqueue answered within 60 s")
         pool = WorkerPool(workers, env, base / "workers", burst_seconds, QUEUE, skew=skews[1])
         t0 = time.monotonic()
+        (base / "nemesis.t0").write_text(repr(t0))
         pool.start()
         nemesis = Nemesis(nemesis_plan(rng, window, faults, postgres is not None), rng, pool, redis_server,
-                          database_url, t0, address=address, replica=replica, postgres=postgres)
+                          database_url, t0, address=address, replica=replica, postgres=postgres, handler_log=log)
         status("nemesis")
         nemesis.start()
         nemesis.join()
@@ -362,6 +371,11 @@ def run_seed(seed: int, *, jobs: int = 500, workers: int = 4, fail_rate: float =
         if acc.earlier_unexplained:
             problems.append(f"earlier-epoch runs not explained: {acc.earlier_unexplained[:20]}")
         dup_unexplained = {j for j, _, _ in report.unexplained}
+        suspects = sorted(set(report.lost) | set(report.unexpected) | dup_unexplained | set(acc.lost_replays)
+                          | {j for j, _, _ in acc.earlier_unexplained}
+                          | set(getattr(report, "wasted_success", None) or ()
+                                if isinstance(getattr(report, "wasted_success", None), (list, set, tuple)) else ()))
+        stories = {j: story(q, rows, actions, j) for j in suspects[:5]}
         counts = q.ledger.status_counts(QUEUE)
         valid = (report.valid and not acc.lost_replays and not acc.earlier_unexplained and not wasted
                  and not any(p.startswith("poison") for p in problems))
@@ -395,6 +409,7 @@ def run_seed(seed: int, *, jobs: int = 500, workers: int = 4, fail_rate: float =
                                 "redis_restarts": nemesis.log.redis_restarts, "db_lock_at": nemesis.log.db_lock_at,
                                 "pg_restarts": nemesis.log.pg_restarts, "failovers": nemesis.log.failovers,
                                 "skews": skews},
+                    "stories": stories,
                     "workdir": str(base)})
     finally:
         if nemesis is not None:
@@ -405,7 +420,7 @@ def run_seed(seed: int, *, jobs: int = 500, workers: int = 4, fail_rate: float =
             servers += [s for s in (nemesis.redis, nemesis.replica, *nemesis.retired) if s is not None]
         if pool is not None:
             pool.kill_all()
-        for proc in clients:
+        for proc in {*clients, *admins}:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(10)

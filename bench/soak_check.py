@@ -116,3 +116,23 @@ def account(q: Any, rows: list[Any], actions: list[AdminAction]) -> Accounting:
         else:  # the current epoch, or no attempt row at all: total_queue judges it
             acc.current.append((r.job_id, r.attempt))
     return acc
+
+
+def story(q: Any, rows: list[Any], actions: list[AdminAction], job_id: int) -> list[str]:
+    """A job's story for a bug report: its handler lines and the admin actions that named it
+    (in monotonic order, seconds), then what the ledger holds of it (attempts and events)."""
+    from qkit.ledger import job_events
+
+    told = [(r.mono_ns, f"{r.what} attempt {r.attempt} by {r.worker}") for r in rows if r.job_id == job_id]
+    told += [(a.t0, f"{a.action} returned it ({(a.t1 - a.t0) / 1e6:.0f} ms)") for a in actions if job_id in a.ids]
+    out = [f"{t / 1e9:.3f} {what}" for t, what in sorted(told)]
+    with q.ledger.read_engine.connect() as conn:
+        job = conn.execute(select(jobs.c.status, jobs.c.epoch, jobs.c.attempts).where(jobs.c.id == job_id)).first()
+        out.append("ledger: no row" if job is None else f"ledger: {job.status}, epoch {job.epoch}, attempts {job.attempts}")
+        out += [f"ledger attempt epoch {r.epoch} #{r.attempt} by {r.worker}: {r.outcome or 'open'}" for r in conn.execute(
+            select(job_attempts.c.epoch, job_attempts.c.attempt, job_attempts.c.worker, job_attempts.c.outcome)
+            .where(job_attempts.c.job_id == job_id).order_by(job_attempts.c.epoch, job_attempts.c.attempt))]
+        out += [f"ledger event {r.at:%H:%M:%S.%f} {r.event}" for r in conn.execute(
+            select(job_events.c.at, job_events.c.event).where(job_events.c.job_id == job_id)
+            .order_by(job_events.c.at))]
+    return out

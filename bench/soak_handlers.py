@@ -95,6 +95,8 @@ def soak(payload: dict) -> dict:
     time.sleep((lo + (hi - lo) * unit_hash("soak-sleep", seed, ctx.id, ctx.attempt)) / 1000)
     if payload.get("poison"):
         return _poison(payload["poison"], log, ctx)
+    if payload.get("doomed"):  # DLQ material for the admin actions: fails every attempt, plainly
+        raise SimulatedFailure("soak: doomed job, upstream says 410 gone")
     if unit_hash("soak", seed, ctx.id, ctx.attempt) < float(payload.get("fail_rate", 0)):
         raise SimulatedFailure(f"soak: simulated upstream error 503 on attempt {ctx.attempt}")
     _append(log, _line("done", ctx))

@@ -3,11 +3,12 @@
 ``python bench/soak_procs.py enqueue ...``: enqueue jobs ``i`` (every ``--step``-th from ``--first``),
 each under its idempotency key, retrying errors with the same key.  One JSON line per call:
 ``{"i", "id"}`` when it returned, ``{"i", "error"}`` when it raised.  With ``--poison-rate``, a
-seeded share of the jobs carry a poison kind of ``soak_handlers.POISON_KINDS``.
+seeded share of the jobs carry a poison kind of ``soak_handlers.POISON_KINDS``; with
+``--doomed-rate``, a share fail every attempt (plain errors: DLQ material for the admin actions).
 
 ``python bench/soak_procs.py admin --role replayer|purger ...``: DLQ actions from a process of its
-own, on a seeded schedule between ``--start`` and ``--until`` (``time.monotonic()`` seconds: one
-clock for every process of the machine): the replayer cycles replay by id, by error fingerprint
+own, on a seeded schedule for ``--seconds`` from the nemesis' start (read from ``--start-file``, in
+``time.monotonic()`` seconds: one clock for every process of the machine): the replayer cycles replay by id, by error fingerprint
 and of all; the purger purges the DLQ; at two shared instants both act at once.  One JSON line per action:
 ``{"action", "t0", "t1", "ids", "error"}`` (monotonic ns, one clock for the machine's processes);
 ``ids`` is what the action returned: the ids replayed, or the ids the purge deleted (as the
@@ -33,11 +34,19 @@ QUEUE = "soak"
 class Client:
     """A qkit connection that follows the address file."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, give_up: float = 60.0) -> None:
         self.address = Path(address)
         self.url = ""
         self.q = None
-        self.reconnect()
+        deadline = time.monotonic() + give_up
+        while True:  # the nemesis may have a server down right now
+            try:
+                self.reconnect()
+                return
+            except Exception:  # noqa: BLE001 - retried until give_up
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
 
     def reconnect(self) -> None:
         import qkit
@@ -73,6 +82,7 @@ def enqueue_main(argv: list[str]) -> int:
     ap.add_argument("--step", type=int, default=1)
     ap.add_argument("--fail-rate", type=float, required=True)
     ap.add_argument("--poison-rate", type=float, default=0.0)
+    ap.add_argument("--doomed-rate", type=float, default=0.0, help="share of jobs that fail every attempt")
     ap.add_argument("--max-attempts", type=int, required=True)
     ap.add_argument("--log", required=True)
     ap.add_argument("--out", required=True)
@@ -92,6 +102,8 @@ def enqueue_main(argv: list[str]) -> int:
             kind = poison_kind(args.seed, i, args.poison_rate)
             if kind:
                 payload["poison"] = kind
+            elif random.Random(f"doomed-{args.seed}-{i}").random() < args.doomed_rate:
+                payload["doomed"] = True
             give_up = time.monotonic() + args.give_up
             while True:
                 try:
@@ -146,6 +158,13 @@ def _purge(q: Any) -> list[int]:
     return [int(i) for i in result] if isinstance(result, list) else deleted
 
 
+def _dlq_has_jobs(client: Client) -> bool:
+    try:
+        return bool(client.q.dead(limit=1))
+    except Exception:  # noqa: BLE001 - a server is down: act anyway (the action records the error)
+        return True
+
+
 def admin_plan(role: str, seed: int, start: float, until: float) -> list[tuple[float, str]]:
     """(monotonic time, action) of one admin process, seeded.  Both processes also act at the same
     two "race" instants (a replay of everything against a purge), so the two really collide."""
@@ -169,41 +188,61 @@ def admin_main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="soak_procs.py admin")
     ap.add_argument("--role", choices=("replayer", "purger"), required=True)
     ap.add_argument("--seed", type=int, required=True)
-    ap.add_argument("--start", type=float, required=True, help="the nemesis' start, in time.monotonic() seconds")
-    ap.add_argument("--until", type=float, required=True, help="when to stop, in time.monotonic() seconds")
+    ap.add_argument("--start-file", required=True,
+                    help="holds the nemesis' start (time.monotonic() seconds) once it has begun")
+    ap.add_argument("--seconds", type=float, required=True, help="how long to act from that start")
     ap.add_argument("--address", required=True)
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     rng = random.Random(f"admin-pick-{args.role}-{args.seed}")
     client = Client(args.address)
+    start_file = Path(args.start_file)
+    give_up = time.monotonic() + 120
+    while not start_file.exists() and time.monotonic() < give_up:
+        time.sleep(0.05)
+    start = float(start_file.read_text())
+    until = start + args.seconds
+    print(f"admin {args.role}: ready {time.monotonic() - start:+.1f} s into the window", file=sys.stderr)
     with open(args.out, "a") as out:
-        for at, action in admin_plan(args.role, args.seed, args.start, args.until):
+        plan = admin_plan(args.role, args.seed, start, until)
+        for n, (at, action) in enumerate(plan):
             ahead = at - time.monotonic()
             if ahead > 0:
                 time.sleep(ahead)
             elif ahead < -1.0:  # started late (a loaded machine): skip what is long past
                 continue
-            rec: dict[str, Any] = {"action": action, "t0": time.monotonic_ns(), "ids": [], "error": None}
-            try:
-                q = client.q
-                if action == "purge":
-                    rec["ids"] = _purge(q)
-                elif action == "replay-all":
-                    rec["ids"] = q.replay_all()
-                elif action == "replay-id":
-                    dead = [j.id for j in q.dead(limit=200)]
-                    rec["ids"] = q.replay(rng.choice(dead)) if dead else []
-                else:
-                    fp = _fingerprint_of_some_dlq_job(q, rng)
-                    rec["ids"] = q.replay_fingerprint(fp) if fp else []
-            except Exception as exc:  # noqa: BLE001 - a refused or failed action is recorded, not fatal
-                rec["error"] = f"{type(exc).__name__}: {exc}"[:300]
-                _follow(client)
-            rec["t1"] = time.monotonic_ns()
-            out.write(json.dumps(rec) + "\n")
-            out.flush()
+            # an action on an empty DLQ tests nothing: wait for a failed job, until the next action is due
+            next_at = plan[n + 1][0] if n + 1 < len(plan) else until
+            while not _dlq_has_jobs(client):
+                if time.monotonic() >= next_at:
+                    break
+                time.sleep(0.1)
+            else:
+                out.write(json.dumps(_act(client, action, rng)) + "\n")
+                out.flush()
     client.close()
     return 0
+
+
+def _act(client: Client, action: str, rng: random.Random) -> dict[str, Any]:
+    rec: dict[str, Any] = {"action": action, "t0": time.monotonic_ns(), "ids": [], "error": None}
+    try:
+        q = client.q
+        if action == "purge":
+            rec["ids"] = _purge(q)
+        elif action == "replay-all":
+            rec["ids"] = q.replay_all()
+        elif action == "replay-id":
+            dead = [j.id for j in q.dead(limit=200)]
+            rec["ids"] = q.replay(rng.choice(dead)) if dead else []
+        else:
+            fp = _fingerprint_of_some_dlq_job(q, rng)
+            rec["ids"] = q.replay_fingerprint(fp) if fp else []
+    except Exception as exc:  # noqa: BLE001 - a refused or failed action is recorded, not fatal
+        rec["error"] = f"{type(exc).__name__}: {exc}"[:300]
+        _follow(client)
+    rec["t1"] = time.monotonic_ns()
+    return rec
 
 
 def main(argv: list[str]) -> int:

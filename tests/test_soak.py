@@ -1,15 +1,23 @@
-"""F29, the nemesis soak (``bench/soak.py``), for 3 seeds: G1-G8 under faults.
+"""F29, the nemesis soak (``bench/soak.py``), for 3 seeds: G1-G8 and total-queue under faults.
 
-Per seed: 500 jobs with fail_rate 0.3 through 4 burst worker processes while a
-nemesis SIGKILLs a random worker every 0.5-3 s, kill -9s and restarts Redis
-(AOF on, same port and data dir) twice, and holds the SQLite ledger in
-``BEGIN EXCLUSIVE`` for 5 s; then a drain with no faults and the Jepsen
-total-queue check.  ``python bench/soak.py --seeds 20`` is the nightly size.
+Seeds 0 and 1 on SQLite, seed 2 on PostgreSQL.  Per seed: 300 jobs with
+fail_rate 0.3 through 4 burst worker processes for a 10 s nemesis window
+(SIGKILLs, Redis restarts, a ledger lock, PostgreSQL restarts, a Redis failover,
+DLQ replays and purges from other processes, poison-data jobs), then a drain
+with no faults and the Jepsen total-queue check.  ``python bench/soak.py
+--seeds 20`` is the nightly size, with every fault.
+
+:data:`OFF` lists the faults that still break the landed code, each with the
+issue item whose fix turns it back on (the soak finds them: run
+``python bench/soak.py --seeds 1 --faults <name>``).
 """
 from __future__ import annotations
 
+import shutil
 import sys
+import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -18,27 +26,64 @@ sys.path.insert(0, str(BENCH))
 
 import soak  # noqa: E402
 
-SEEDS = [0, 1, 2]
+from qkit.devservers import Postgres, start_postgres  # noqa: E402
+
+SEEDS = [(0, "sqlite"), (1, "sqlite"), (2, "postgres")]
+JOBS = 300
+WINDOW = 10.0
+
+#: (fault, ledger or None for both) -> why it is off in this test for now
+OFF: dict[tuple[str, str | None], str] = {
+    ("skew", None): "issue 12 item 5: a job enqueued by a process whose clock is 1 h fast waits an hour",
+    ("poison", "postgres"): "issue 12 item 1: a NUL in a result or error crashes the burst on PostgreSQL",
+}
+
+
+def faults_for(ledger: str) -> frozenset[str]:
+    return frozenset(f for f in soak.FAULTS if (f, None) not in OFF and (f, ledger) not in OFF)
+
+
+@pytest.fixture(scope="module")
+def soak_postgres() -> Iterator[Postgres]:
+    """A PostgreSQL of this module's own: the nemesis restarts it."""
+    folder = Path(tempfile.mkdtemp(prefix="qkit-soak-pg-"))
+    server = start_postgres(folder)
+    yield server
+    server.stop()
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", SEEDS)
-def test_nemesis_soak(seed: int, tmp_path: Path):
-    result = soak.run_seed(seed, workdir=tmp_path)
+@pytest.mark.parametrize("seed,ledger", SEEDS)
+def test_nemesis_soak(seed: int, ledger: str, tmp_path: Path, request: pytest.FixtureRequest):
+    faults = faults_for(ledger)
+    pg = request.getfixturevalue("soak_postgres") if ledger == "postgres" else None
+    result = soak.run_seed(seed, jobs=JOBS, window=WINDOW, workdir=tmp_path, faults=faults, postgres=pg,
+                           database_url=pg.database(f"soak_test_{seed}") if pg is not None else None)
     print(result.line())  # the Jepsen counts, shown with -s or on failure
-    detail = f"{result.line()}\n{result.report['audit_summary']}\nids: {result.report['ids']}"
+    detail = (f"{result.line()}\n{result.report['audit_summary']}\nids: {result.report['ids']}\n"
+              f"stories: {result.report['stories']}")
     assert not result.problems, detail
     assert result.drained, detail
     # the nemesis did its work, so the checks below could have failed
-    assert result.kills_mid_run >= 1, detail
+    assert result.kills >= 1 and result.attempts.get("lost", 0) >= 1, detail
     assert result.redis_restarts == soak.REDIS_RESTARTS, detail
     assert result.db_locks == 1 and result.db_lock_held_s >= soak.DB_LOCK_SECONDS, detail
-    assert result.attempts.get("lost", 0) >= 1, detail
-    # total-queue: every acknowledged job terminal, nothing unexpected, every duplicate explained
-    assert result.acknowledged == 500, detail
+    assert result.failovers == 1 and result.failover_kills >= 1, detail
+    assert sum(result.admin_actions.values()) >= 1, detail
+    if "pg-restart" in faults and ledger == "postgres":
+        assert result.pg_restarts == 2 and result.pg_down_s >= 2.0, detail
+    if "poison" in faults:
+        assert result.poison >= 5 and len({k.split()[0] for k in result.poison_statuses}) >= 3, detail
+    if "skew" in faults:
+        assert result.skewed >= 2, detail
+    # total-queue: every acknowledged job terminal (or purged by an admin), nothing unexpected,
+    # every duplicate explained, no handler that returned recorded failed
+    assert result.acknowledged == JOBS, detail
     assert result.lost == 0, detail
     assert result.unexpected == 0, detail
     assert result.unexplained == 0, detail
+    assert not result.wasted_success, detail
     assert result.report["audit_errors"] == 0, detail
     assert result.valid, detail
     assert result.statuses["pending"] == result.statuses["processing"] == 0, detail
