@@ -2,8 +2,9 @@
 
 Each fault can be switched on or off (``--faults`` of ``bench/soak.py``, names in :data:`FAULTS`):
 
-* ``kill``: SIGKILL a random worker every 0.5-3 s (uniform, seeded), preferably one whose handler
-  is running (read from the handler log), else one past its start-up;
+* ``kill``: SIGKILL a random worker every 0.5-3 s (uniform, seeded), one whose handler is running
+  (read from the handler log; the kill waits for one until the next event is due), else one past
+  its start-up;
 * ``redis-restart``: kill -9 the Redis primary twice and restart it on the same port and AOF;
 * ``ledger-lock``: another process holds the ledger locked for 5 s (SQLite ``BEGIN EXCLUSIVE``,
   PostgreSQL ``LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE``);
@@ -380,12 +381,21 @@ class Nemesis(threading.Thread):
 
     def run(self) -> None:
         try:
-            for at, what in self.plan:
+            for n, (at, what) in enumerate(self.plan):
                 if self.halt.wait(max(0.0, self.t0 + at - time.monotonic())):
                     return
                 now = time.monotonic() - self.t0
                 if what == "kill":
-                    pid = self.pool.kill_random(self.rng, self.tail.busy() if self.tail else set())
+                    # a kill is meant to land mid-handler: wait for a busy worker, at most until the next event
+                    next_at = self.plan[n + 1][0] if n + 1 < len(self.plan) else at + KILL_INTERVAL[0]
+                    busy = self._busy()
+                    while not (busy & {p.pid for p in self.pool.alive()}) and \
+                            time.monotonic() - self.t0 < min(next_at, at + KILL_INTERVAL[1]):
+                        if self.halt.wait(0.05):
+                            return
+                        busy = self._busy()
+                    now = time.monotonic() - self.t0
+                    pid = self.pool.kill_random(self.rng, busy)
                     if pid is None:
                         self.log.kill_misses += 1
                     else:
@@ -403,6 +413,9 @@ class Nemesis(threading.Thread):
                     self.failover(now)
         except BaseException as exc:  # noqa: BLE001 - reported by the seed
             self.error = exc
+
+    def _busy(self) -> set[int]:
+        return self.tail.busy() if self.tail is not None else set()
 
     def failover(self, now: float) -> None:
         """Promote the replica, let the old primary take writes the replica never sees, kill it,

@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import random
-import re
 import shutil
 import signal
 import subprocess
@@ -59,7 +58,7 @@ BACKOFF_BASE = 0.1
 POISON_RATE = 0.05
 DOOMED_RATE = 0.03  # with admin: jobs that fail every attempt, so the DLQ has something to replay and purge
 ENQUEUERS = 2
-ADMIN_OVERTIME = 4.0  # admin actions go on this long past the nemesis window (their processes start late)
+ADMIN_OVERTIME = 1.0  # admin actions go on this long past the nemesis window
 PROCS = str(BENCH / "soak_procs.py")
 __all__ = ["DB_LOCK_SECONDS", "FAULTS", "REDIS_RESTARTS", "run_seed", "run_soak", "main"]
 
@@ -167,9 +166,6 @@ def _count(value: Any) -> int | None:
     return len(value) if isinstance(value, (list, tuple, set, dict)) else int(value)
 
 
-_PID = re.compile(r"-(\d+)-[0-9a-f]{8}$")
-
-
 def _start(args: list[str], env: dict[str, str], err: Path, skew: float = 0.0) -> subprocess.Popen:
     if skew:
         env = {**env, "QKIT_SOAK_CLOCK_SKEW": str(skew)}
@@ -200,10 +196,10 @@ def run_seed(seed: int, *, jobs: int = 500, workers: int = 4, fail_rate: float =
     """
     import qkit
     from qkit.audit import total_queue
-    from sqlalchemy import func, select
+    from sqlalchemy import select
 
-    from qkit.ledger import job_attempts, jobs as jobs_table
-    from soak_check import account, read_actions, story
+    from qkit.ledger import jobs as jobs_table
+    from soak_check import account, attempt_outcomes, poison_outcomes, read_actions, story
     from soak_handlers import read_log
     from soak_procs import poison_kind
 
@@ -330,38 +326,11 @@ def run_seed(seed: int, *, jobs: int = 500, workers: int = 4, fail_rate: float =
         report = total_queue(q, [i for i in acked.values() if i not in acc.purged], acc.current,
                              attempted=[i for i in attempted if i not in acc.purged])
         wasted = _count(getattr(report, "wasted_success", None))
-        with q.ledger.read_engine.connect() as conn:
-            outcome_rows = conn.execute(
-                select(job_attempts.c.outcome, func.count()).select_from(
-                    job_attempts.join(jobs_table, jobs_table.c.id == job_attempts.c.job_id))
-                .where(jobs_table.c.queue == QUEUE).group_by(job_attempts.c.outcome)).all()
-            lost_rows = conn.execute(
-                select(job_attempts.c.worker, job_attempts.c.job_id, job_attempts.c.attempt).select_from(
-                    job_attempts.join(jobs_table, jobs_table.c.id == job_attempts.c.job_id))
-                .where(jobs_table.c.queue == QUEUE, job_attempts.c.outcome == "lost")).all()
-            poison_ids = {acked[i]: kind for i in acked if (kind := poison_kind(seed, i, poison_rate))}
-            poison_rows = conn.execute(select(jobs_table.c.id, jobs_table.c.status, jobs_table.c.error).where(
-                jobs_table.c.id.in_(list(poison_ids)))).all() if poison_ids else []
-        poison_statuses = Counter(f"{poison_ids[r.id]} {r.status}" for r in poison_rows)
-        poison_statuses.update(f"{poison_ids[i]} purged" for i in poison_ids if i in acc.purged)
-        for r in poison_rows:
-            if poison_ids[r.id].endswith("-error") and r.status == "failed" and not r.error:
-                problems.append(f"poison job {r.id} ({poison_ids[r.id]}) failed with no error recorded")
-        lost_workers = [r[0] for r in lost_rows]
-        started = {(r.job_id, r.attempt) for r in rows if r.what == "start"}
-        # claimed in a batch, charged a lost attempt when the worker died, but its handler never began
-        lost_not_started = sum(1 for _, j, a in lost_rows if (j, a) not in started)
-        lost_pids = {int(m.group(1)) for w in lost_workers if (m := _PID.search(w))}
+        poison_ids = {acked[i]: kind for i in acked if (kind := poison_kind(seed, i, poison_rate))}
+        poison_statuses, poison_problems = poison_outcomes(q, poison_ids, acc.purged)
+        problems += poison_problems
+        att = attempt_outcomes(q, rows, {e.pid: (e.killed, e.code) for e in pool.exits})
         killed_pids = {pid for _, pid in nemesis.log.kills}
-        # whose lost attempts: a killed worker's, a worker that ended on an error (e.g. Redis gone)
-        # or a live worker's ("live": its lease expired while it ran, which renewal must prevent)
-        exit_of = {e.pid: e for e in pool.exits}
-        lost_by: Counter[str] = Counter()
-        for w in lost_workers:
-            m = _PID.search(w)
-            e = exit_of.get(int(m.group(1))) if m else None
-            lost_by["unknown" if e is None else "killed" if e.killed else "live" if e.code == 0
-                    else f"exit {e.code}"] += 1
         exits = Counter("killed" if e.killed else ("ok" if e.code == 0 else f"exit {e.code}") for e in pool.exits)
         for lock in nemesis.log.db_locks:
             if lock.error:
@@ -386,8 +355,8 @@ def run_seed(seed: int, *, jobs: int = 500, workers: int = 4, fail_rate: float =
             explained=len([j for j in report.duplicated if j not in dup_unexplained]),
             unexplained=len(report.unexplained) + len(acc.earlier_unexplained), wasted_success=wasted,
             recovered=len(report.recovered), attempted_only=len(never),
-            kills=len(nemesis.log.kills), kills_mid_run=len(killed_pids & lost_pids), lost_by=dict(lost_by),
-            lost_not_started=lost_not_started,
+            kills=len(nemesis.log.kills), kills_mid_run=len(killed_pids & att.lost_pids),
+            lost_by=att.lost_by, lost_not_started=att.lost_not_started,
             redis_restarts=len(nemesis.log.redis_restarts),
             redis_down_s=round(sum(d for _, d in nemesis.log.redis_restarts), 3),
             db_locks=sum(1 for lock in nemesis.log.db_locks if lock.held is not None),
@@ -397,8 +366,8 @@ def run_seed(seed: int, *, jobs: int = 500, workers: int = 4, fail_rate: float =
             admin_actions=acc.actions, admin_refused=acc.refused, replayed=acc.replay_acks,
             replay_runs=acc.earlier, purged=len(acc.purged), lost_replays=acc.lost_replays,
             skewed=(1 if skews[0] else 0) + pool.skewed, poison=len(poison_ids),
-            poison_statuses=dict(sorted(poison_statuses.items())),
-            attempts={(k or "open"): int(n) for k, n in outcome_rows},
+            poison_statuses=poison_statuses,
+            attempts=att.attempts,
             statuses={k: counts[k] for k in ("pending", "processing", "completed", "failed")},
             executions=sum(1 for r in rows if r.what == "done"), enqueue_errors=enqueue_errors,
             worker_runs=pool.spawned, worker_exits=dict(exits), nemesis_s=round(nemesis_s, 3),

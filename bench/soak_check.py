@@ -19,11 +19,12 @@ about the total-queue check, before :func:`qkit.audit.total_queue` runs.
 """
 from __future__ import annotations
 
+import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from qkit.ledger import job_attempts, jobs
 
@@ -136,3 +137,54 @@ def story(q: Any, rows: list[Any], actions: list[AdminAction], job_id: int) -> l
             select(job_events.c.at, job_events.c.event).where(job_events.c.job_id == job_id)
             .order_by(job_events.c.at))]
     return out
+
+
+_PID = re.compile(r"-(\d+)-[0-9a-f]{8}$")  # a worker id ends with its pid and 8 hex digits
+
+
+@dataclass
+class AttemptOutcomes:
+    attempts: dict[str, int]  # attempt rows by outcome ("open" for none yet)
+    lost_by: dict[str, int]  # lost attempts by how their worker ended: killed, live, exit N, unknown
+    lost_not_started: int  # lost attempts whose handler never began (batch-mates of the job in hand)
+    lost_pids: set[int]  # the worker processes that left a lost attempt
+
+
+def attempt_outcomes(q: Any, rows: list[Any], exits: dict[int, tuple[bool, int]]) -> AttemptOutcomes:
+    """The queue's attempt rows by outcome, and its lost attempts by how their worker ended.
+
+    ``exits``: pid -> (killed by the nemesis, exit code).  "live": the worker exited 0, so its lease
+    expired while it ran, which renewal must prevent; "exit N": it ended on an error (e.g. Redis gone).
+    """
+    with q.ledger.read_engine.connect() as conn:
+        joined = job_attempts.join(jobs, jobs.c.id == job_attempts.c.job_id)
+        outcomes = conn.execute(select(job_attempts.c.outcome, func.count()).select_from(joined)
+                                .where(jobs.c.queue == q.name).group_by(job_attempts.c.outcome)).all()
+        lost_rows = conn.execute(select(job_attempts.c.worker, job_attempts.c.job_id, job_attempts.c.attempt)
+                                 .select_from(joined).where(jobs.c.queue == q.name,
+                                                            job_attempts.c.outcome == "lost")).all()
+    started = {(r.job_id, r.attempt) for r in rows if r.what == "start"}
+    lost_by: Counter[str] = Counter()
+    pids: set[int] = set()
+    for worker, _, _ in lost_rows:
+        m = _PID.search(worker)
+        pid = int(m.group(1)) if m else None
+        if pid is not None:
+            pids.add(pid)
+        killed, code = exits.get(pid, (None, None))
+        lost_by["unknown" if killed is None else "killed" if killed else "live" if code == 0 else f"exit {code}"] += 1
+    return AttemptOutcomes(attempts={(k or "open"): int(n) for k, n in outcomes}, lost_by=dict(lost_by),
+                           lost_not_started=sum(1 for _, j, a in lost_rows if (j, a) not in started), lost_pids=pids)
+
+
+def poison_outcomes(q: Any, poison: dict[int, str], purged: set[int]) -> tuple[dict[str, int], list[str]]:
+    """``"kind status"`` -> jobs, for the poison jobs (id -> kind); and a problem for each one that
+    failed without its own error recorded (one job's data must not cost it its error)."""
+    with q.ledger.read_engine.connect() as conn:
+        found = conn.execute(select(jobs.c.id, jobs.c.status, jobs.c.error)
+                             .where(jobs.c.id.in_(list(poison)))).all() if poison else []
+    statuses = Counter(f"{poison[r.id]} {r.status}" for r in found)
+    statuses.update(f"{poison[i]} purged" for i in poison if i in purged)
+    problems = [f"poison job {r.id} ({poison[r.id]}) failed with no error recorded" for r in found
+                if poison[r.id].endswith("-error") and r.status == "failed" and not r.error]
+    return dict(sorted(statuses.items())), problems

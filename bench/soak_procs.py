@@ -54,13 +54,15 @@ class Client:
         url = self.address.read_text().strip()
         if url == self.url and self.q is not None:
             return
-        if self.q is not None:
+        old = self.q
+        self.q = None
+        if old is not None:
             try:
-                self.q.close()
+                old.close()
             except Exception:  # noqa: BLE001 - the old primary is gone
                 pass
-        self.url = url
         self.q = qkit.connect(QUEUE, redis_url=url)
+        self.url = url  # only once connected: a failed attempt is tried again at the next error
 
     def close(self) -> None:
         if self.q is not None:
