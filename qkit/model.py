@@ -74,11 +74,13 @@ def check_job_id(value: Any, what: str = "job id") -> int:
     return value
 
 
-def _refuse_constant(name: str) -> Any:
+def refuse_json_constant(name: str) -> Any:
+    """``parse_constant`` for json.loads: NaN and Infinity are not JSON."""
     raise ValueError(f"{name} is not JSON")
 
 
-def _finite(text: str) -> float:
+def finite_json_float(text: str) -> float:
+    """``parse_float`` for json.loads: a number past the float range (1e999) is refused, not infinity."""
     value = float(text)
     if not math.isfinite(value):
         raise ValueError(f"number {text[:40]} is out of range")
@@ -108,7 +110,7 @@ def parse_json_object(text: str | bytes, what: str) -> dict[str, Any]:
         except UnicodeDecodeError as exc:
             raise BadInput(f"{what} is not UTF-8 text (byte 0x{text[exc.start]:02x} at offset {exc.start})") from None
     try:
-        value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite,
+        value = json.loads(text, parse_constant=refuse_json_constant, parse_float=finite_json_float,
                            object_pairs_hook=_no_duplicates)
     except RecursionError:
         raise BadInput(f"{what} nests deeper than {MAX_JSON_DEPTH} levels of objects and arrays") from None

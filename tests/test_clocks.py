@@ -22,18 +22,9 @@ import pytest
 import qkit
 from conftest import Setup
 from job_handlers import read_log
+from test_faults import SKEWED_WORKER as SKEWED  # a qkit command with time.time shifted
 
 HOUR = 3600.0
-SKEWED = """
-import sys, time
-shift = float(sys.argv.pop(1))
-real_time, real_time_ns = time.time, time.time_ns
-time.time = lambda: real_time() + shift
-time.time_ns = lambda: real_time_ns() + int(shift * 1e9)
-from qkit.cli import main
-sys.argv[0] = "qkit"
-main()
-"""
 WORKER_ENV = {"QKIT_HANDLERS": "job_handlers", "QKIT_LEASE_SECONDS": 5}
 
 

@@ -19,7 +19,8 @@ from starlette.requests import Request
 
 from qkit.api.errors import ApiError
 from qkit.errors import BadInput, ConfigError
-from qkit.model import MAX_PAYLOAD_BYTES, NAME_RE, STATUSES, compact_json, new_job
+from qkit.model import (MAX_PAYLOAD_BYTES, NAME_RE, STATUSES, compact_json, finite_json_float, new_job,
+                        refuse_json_constant)
 
 #: a POST /api/jobs body: the 256 KiB payload plus room for the envelope
 MAX_BODY_BYTES = MAX_PAYLOAD_BYTES + 44 * 1024
@@ -71,17 +72,6 @@ def _too_large(limit: int) -> ApiError:
 
 
 # --------------------------------------------------------------------------- parsing
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _finite(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"number {text[:40]} is out of range")
-    return value
-
-
 def _depth_ok(value: Any, limit: int) -> bool:
     stack = [(value, 1)]
     while stack:
@@ -103,7 +93,7 @@ def parse_object(body: bytes, *, empty_ok: bool = False) -> dict[str, Any]:
     if empty_ok and not body.strip():
         return {}
     try:
-        value = json.loads(body, parse_constant=_refuse_constant, parse_float=_finite)
+        value = json.loads(body, parse_constant=refuse_json_constant, parse_float=finite_json_float)
     except RecursionError:
         raise ApiError(400, f"body is not valid JSON: it nests deeper than {MAX_JSON_DEPTH} levels") from None
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, NaN, huge numbers
