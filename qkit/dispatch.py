@@ -93,7 +93,7 @@ class RedisClock:
     monotonic drift, never the host's wall clock, which may be hours off or
     stepped while a process runs.  Until a first reply arrives :meth:`now` is
     None and callers fall back to the host's clock, then correct (see
-    ``Queue._enqueue``).
+    ``Queue._correct_times``).
     """
 
     def __init__(self) -> None:
@@ -103,6 +103,8 @@ class RedisClock:
     def observe(self, redis_ms: int) -> None:
         with self._lock:
             self._seen = (int(redis_ms), time.monotonic())
+        if self is not _PROCESS_CLOCK:
+            _PROCESS_CLOCK.observe(redis_ms)
 
     def at(self, mono: float) -> datetime | None:
         """Redis's time at monotonic instant ``mono`` (estimate), or None before any reply."""
@@ -115,6 +117,20 @@ class RedisClock:
 
     def now(self) -> datetime | None:
         return self.at(time.monotonic())
+
+
+#: Redis's clock as the latest reply of any queue in this process returned it (see :func:`redis_now`)
+_PROCESS_CLOCK = RedisClock()
+
+
+def redis_now() -> datetime | None:
+    """Redis ``TIME`` now, estimated from this process's latest script reply; None before any reply.
+
+    ``qkit.ledger.utcnow`` uses it, so every time the ledger records (created,
+    due, started, finished, events) is on the one clock that decides order and
+    due-ness, whatever this host's clock says.
+    """
+    return _PROCESS_CLOCK.now()
 
 
 #: a host clock further than this from Redis's has its ledger due times corrected after the fact

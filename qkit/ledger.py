@@ -44,7 +44,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError, S
 from qkit import extras
 from qkit.backoff import Backoff
 from qkit.config import redact
-from qkit.dispatch import Settlement
+from qkit.dispatch import Settlement, redis_now
 from qkit.errors import BackendUnavailable, Conflict, NotFound
 from qkit.logs import log
 from qkit.model import Job, NewJob
@@ -61,8 +61,9 @@ RENEWAL_EVENT_WAIT_S = 0.1
 
 
 def utcnow() -> datetime:
-    """This host's wall clock (``time.time``, the one a clock-skew test shifts), as an aware UTC datetime."""
-    return datetime.fromtimestamp(time.time(), timezone.utc)
+    """qkit's clock, an aware UTC datetime: Redis ``TIME`` as this process last saw it
+    (:func:`qkit.dispatch.redis_now`), or before any Redis reply this host's wall clock (``time.time``)."""
+    return redis_now() or datetime.fromtimestamp(time.time(), timezone.utc)
 
 
 class UTCDateTime(TypeDecorator):
@@ -715,14 +716,18 @@ class Ledger:
                 found |= set(conn.execute(select(jobs.c.id).where(jobs.c.id.in_(ids[start:start + 500]))).scalars())
         return found
 
-    def correct_run_at(self, due: Sequence[tuple[int, datetime]]) -> None:
-        """Re-write the due time of jobs still pending and never run (see ``Queue._correct_due_times``)."""
+    def correct_times(self, due: Sequence[tuple[int, datetime]], at: datetime, created: bool) -> None:
+        """Re-write run_at (and updated_at, and created_at if ``created``) of jobs still pending and never
+        run, written from a host clock found off Redis's (see ``Queue._correct_times``)."""
         if not due:
             return
+        values: dict[str, Any] = dict(run_at=bindparam("b_run_at"), updated_at=at)
+        if created:
+            values["created_at"] = at
         with self._write() as conn:
             conn.execute(update(jobs).where(jobs.c.id == bindparam("b_id"), jobs.c.status == "pending",
-                                            jobs.c.attempts == 0).values(run_at=bindparam("b_run_at")),
-                         [dict(b_id=job_id, b_run_at=at) for job_id, at in due])
+                                            jobs.c.attempts == 0).values(**values),
+                         [dict(b_id=job_id, b_run_at=run_at) for job_id, run_at in due])
             self.statements += 1
 
     def dead(self, queue: str, limit: int | None = None) -> list[Job]:

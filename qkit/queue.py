@@ -10,7 +10,7 @@ from qkit import faults
 from qkit.backends import Backend, open_backend
 from qkit.backoff import Backoff
 from qkit.config import DEFAULT_QUEUE, Settings, settings as resolve_settings
-from qkit.dispatch import CLOCK_SLACK, Dispatch
+from qkit.dispatch import CLOCK_SLACK, Dispatch, redis_now
 from qkit.errors import BadInput
 from qkit.handlers import import_handler_modules
 from qkit.ledger import Ledger, utcnow
@@ -80,8 +80,8 @@ class Queue:
     def _enqueue(self, jobs: Sequence[NewJob]) -> list[int]:
         if faults.ARMED:
             faults.arm()
-        now, t0 = self._due_clock()
-        results = self.ledger.insert_jobs(self.name, jobs, now=now)
+        host, t0 = self._host_time()
+        results = self.ledger.insert_jobs(self.name, jobs, now=host)
         if faults.ARMED:
             faults.reach("enqueue.after_ledger")
         created = [(job_id, j.priority, int(j.delay * 1000)) for (job_id, new), j in zip(results, jobs) if new]
@@ -90,27 +90,34 @@ class Queue:
         if created:
             # the ledger row is committed first: if this push is lost, the next burst pushes it again
             self.dispatch.push(created, mode="new")
-            self._correct_due_times(now, t0, [(job_id, delay_ms) for job_id, _, delay_ms in created])
+            self._correct_times(host, t0, [(job_id, delay_ms) for job_id, _, delay_ms in created], created=True)
         return [job_id for job_id, _ in results]
 
-    def _due_clock(self) -> tuple[datetime, float]:
-        """The time to write due times from: Redis's (as last seen) or, before any reply, this host's."""
+    @staticmethod
+    def _host_time() -> tuple[datetime | None, float]:
+        """(this host's time if no Redis reply has been seen yet, else None; monotonic now).
+
+        Times the ledger records come from Redis's clock once this process has
+        seen a script reply (``qkit.ledger.utcnow``); before that, from this host.
+        """
         t0 = time.monotonic()
-        return self.dispatch.clock.at(t0) or utcnow(), t0
+        return (None if redis_now() else utcnow()), t0
 
-    def _correct_due_times(self, written: datetime, t0: float, jobs: Sequence[tuple[int, int]]) -> None:
-        """After the first script reply of a process: re-write due times taken from a host clock that is off.
+    def _correct_times(self, host: datetime | None, t0: float, jobs: Sequence[tuple[int, int]], *,
+                       created: bool) -> None:
+        """After a process's first script reply: re-write times taken from a host clock that is off.
 
-        ``written`` was the host's clock at monotonic ``t0`` (no Redis reply yet);
-        the push reply tells what Redis's clock was then.  Only rows still
-        pending and never run are corrected (one statement, and only when the
-        host clock is more than ``CLOCK_SLACK`` off).  Until then (or if this
-        process dies first) Redis still has the job due on its own clock.
+        ``host`` was this host's clock at monotonic ``t0``; the push reply tells
+        what Redis's clock was then.  Only rows still pending and never run are
+        corrected (one statement, and only when the host clock is more than
+        ``CLOCK_SLACK`` off).  Meanwhile, and if this process dies first, Redis
+        still has the job due on its own clock; a burst runs it when Redis says.
         """
         actual = self.dispatch.clock.at(t0)
-        if actual is None or abs(actual - written) <= CLOCK_SLACK:
+        if host is None or actual is None or abs(actual - host) <= CLOCK_SLACK:
             return
-        self.ledger.correct_run_at([(job_id, actual + timedelta(milliseconds=delay_ms)) for job_id, delay_ms in jobs])
+        self.ledger.correct_times([(job_id, actual + timedelta(milliseconds=delay_ms)) for job_id, delay_ms in jobs],
+                                  actual, created)
 
     # ------------------------------------------------------------------ reads
     def get(self, job_id: int) -> Job:
@@ -177,10 +184,10 @@ class Queue:
         Refuses (Conflict) if any id is not failed; nothing changes then.
         """
         ids = [job_id] if isinstance(job_id, int) else list(job_id)
-        now, t0 = self._due_clock()
-        replayed = self.ledger.replay(self.name, [_job_id(i) for i in ids], now=now)
+        host, t0 = self._host_time()
+        replayed = self.ledger.replay(self.name, [_job_id(i) for i in ids], now=host)
         self.dispatch.push([(i, p, 0) for i, p in replayed], mode="repair")
-        self._correct_due_times(now, t0, [(i, 0) for i, _ in replayed])
+        self._correct_times(host, t0, [(i, 0) for i, _ in replayed], created=False)
         return [i for i, _ in replayed]
 
     def replay_all(self) -> list[int]:

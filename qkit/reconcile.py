@@ -50,7 +50,7 @@ def repair(q: "Queue", *, drop: bool = False) -> dict[str, Any]:
     """
     snap = q.dispatch.snapshot()
     rows = q.ledger.active_rows(q.name)
-    now = q.dispatch.clock.now() or utcnow()  # Redis's clock, as the snapshot just returned it
+    now = utcnow()  # Redis's clock, as the snapshot just returned it
     dropped: dict[int, str] = _drop_stale(q, snap, {r[0]: r[1] for r in rows}) if drop else {}
     missing_active: list[tuple[int, int, int]] = []
     missing_dead: list[int] = []

@@ -345,8 +345,7 @@ class Worker:
             with self._held_lock:
                 for job_id in [*claim.reclaimed, *claim.claimed]:
                     self._held[job_id] = 0
-            plan = q.ledger.claim(q.name, self.worker_id, claim.claimed, claim.reclaimed, q.backoff,
-                                 now=q.dispatch.clock.now())  # due times on Redis's clock
+            plan = q.ledger.claim(q.name, self.worker_id, claim.claimed, claim.reclaimed, q.backoff)
             if faults.ARMED:
                 faults.reach("claim.after_ledger")
             to_settle += plan.settlements
@@ -357,7 +356,7 @@ class Worker:
             outcomes = self._run_batch(pool, plan.runnable)
             if faults.ARMED and outcomes:
                 faults.reach("complete.before_ledger")
-            settled = q.ledger.settle(self.worker_id, outcomes, q.backoff, now=q.dispatch.clock.now())
+            settled = q.ledger.settle(self.worker_id, outcomes, q.backoff)
             if faults.ARMED:
                 faults.reach(*[point for point, n in (("complete.after_ledger", settled.completed),
                                                       ("retry.after_ledger", settled.retried),

@@ -22,7 +22,26 @@ import pytest
 import qkit
 from conftest import Setup
 from job_handlers import read_log
-from test_faults import SKEWED_WORKER as SKEWED  # a qkit command with time.time shifted
+from test_faults import SKEWED_WORKER
+
+#: a qkit command on a host whose clock is off: time.time (test_faults' F15 runner) and datetime.now
+SKEWED = SKEWED_WORKER.replace("from qkit.cli import main", """
+import datetime as _dt
+_real = _dt.datetime
+class _AnyDatetime(type):
+    def __instancecheck__(cls, obj):  # a datetime psycopg built is a datetime here too
+        return isinstance(obj, _real)
+class _HostDatetime(_dt.datetime, metaclass=_AnyDatetime):
+    __slots__ = ()  # the size of datetime itself: C extensions (psycopg) check it
+    @classmethod
+    def now(cls, tz=None):
+        return cls.fromtimestamp(time.time(), tz)
+    @classmethod
+    def utcnow(cls):
+        return cls.fromtimestamp(time.time(), _dt.timezone.utc).replace(tzinfo=None)
+_dt.datetime = _HostDatetime
+from qkit.cli import main""").replace("\nmain()", "\nsys.exit(main())")
+assert SKEWED.endswith("sys.exit(main())\n")
 
 HOUR = 3600.0
 WORKER_ENV = {"QKIT_HANDLERS": "job_handlers", "QKIT_LEASE_SECONDS": 5}
@@ -97,10 +116,10 @@ def test_a_retry_scheduled_by_a_skewed_worker_is_due_on_redis_clock(setup: Setup
     log = tmp_path / "log"
     job_id = q.enqueue("fail", {"log": str(log)}, max_attempts=3)
     # back-off base 40 s: the retry is due 0..40 s after the failure, on Redis's clock
-    skewed(setup, shift, "work", "--queue", setup.queue, "--max-jobs", "1", "--json",
+    out = skewed(setup, shift, "work", "--queue", setup.queue, "--max-jobs", "1", "--json",
            **WORKER_ENV, QKIT_BACKOFF_BASE=40, QKIT_BACKOFF_MAX=40)
     job = q.get(job_id)
-    assert job.status == "pending" and job.attempts == 1, job
+    assert job.status == "pending" and job.attempts == 1, (job, out.stderr[-2000:])
     now = redis_now(q)
     snap = q.dispatch.snapshot()
     assert job_id in snap.delayed or job_id in snap.ready, snap
