@@ -87,7 +87,8 @@ def finite_json_float(text: str) -> float:
     return value
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` for json.loads: a key twice in one object is refused, not silently merged."""
     out = dict(pairs)
     if len(out) != len(pairs):
         seen: set[str] = set()
@@ -111,7 +112,7 @@ def parse_json_object(text: str | bytes, what: str) -> dict[str, Any]:
             raise BadInput(f"{what} is not UTF-8 text (byte 0x{text[exc.start]:02x} at offset {exc.start})") from None
     try:
         value = json.loads(text, parse_constant=refuse_json_constant, parse_float=finite_json_float,
-                           object_pairs_hook=_no_duplicates)
+                           object_pairs_hook=no_duplicate_keys)
     except RecursionError:
         raise BadInput(f"{what} nests deeper than {MAX_JSON_DEPTH} levels of objects and arrays") from None
     except json.JSONDecodeError as exc:

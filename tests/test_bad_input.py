@@ -202,6 +202,7 @@ def api(tmp_path_factory):
     b'{"type": "t", "payload": {"a": ' + HUGE_INT.encode() + b"}}",
     b'{"type": "t", "payload": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
     b'{"type": "t", "payload": {"a": "caf\xe9"}}',
+    b'{"type": "t", "payload": {"a": 1, "a": 2}}',
 ])
 def test_http_refuses_the_same_payloads_with_4xx(api, body):
     r = api.post("/api/jobs", content=body, headers={"Content-Type": "application/json"})

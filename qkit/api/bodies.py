@@ -20,7 +20,7 @@ from starlette.requests import Request
 from qkit.api.errors import ApiError
 from qkit.errors import BadInput, ConfigError
 from qkit.model import (MAX_PAYLOAD_BYTES, NAME_RE, STATUSES, compact_json, finite_json_float, new_job,
-                        refuse_json_constant)
+                        no_duplicate_keys, refuse_json_constant)
 
 #: a POST /api/jobs body: the 256 KiB payload plus room for the envelope
 MAX_BODY_BYTES = MAX_PAYLOAD_BYTES + 44 * 1024
@@ -93,7 +93,8 @@ def parse_object(body: bytes, *, empty_ok: bool = False) -> dict[str, Any]:
     if empty_ok and not body.strip():
         return {}
     try:
-        value = json.loads(body, parse_constant=refuse_json_constant, parse_float=finite_json_float)
+        value = json.loads(body, parse_constant=refuse_json_constant, parse_float=finite_json_float,
+                           object_pairs_hook=no_duplicate_keys)
     except RecursionError:
         raise ApiError(400, f"body is not valid JSON: it nests deeper than {MAX_JSON_DEPTH} levels") from None
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, NaN, huge numbers
