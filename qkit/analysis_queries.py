@@ -218,6 +218,14 @@ def time_bounds(conn: Connection, scope: Scope, what: str, single_queue: bool = 
     return row[0], row[1]
 
 
+def created_bounds(conn: Connection, scope: Scope) -> tuple[Any, Any]:
+    """(first, last) enqueue time of the scope's jobs, as epoch seconds."""
+    d = _dialect(conn)
+    row = conn.execute(select(func.min(epoch_s(jobs.c.created_at, d)), func.max(epoch_s(jobs.c.created_at, d)))
+                       .where(*scope.where())).one()
+    return row[0], row[1]
+
+
 #: the events that move a job between the states of the depth chart
 DEPTH_EVENTS = ("enqueued", "claimed", "completed", "retry_scheduled", "failed", "reclaimed", "replayed", "released")
 

@@ -8,7 +8,9 @@ On a fresh clone, on the embedded default:
    notebook in ``scheduled/runs/``) until the batch is drained, sleeping between
    bursts until the next retry is due (the earliest pending ``run_at`` in the ledger);
 4. execute ``notebooks/retry_analysis.ipynb`` on this batch and render it to
-   ``reports/retry_analysis.html`` with its figures embedded.
+   ``reports/<UTC date>/<UTC time>-seed<seed>/retry_analysis.html`` with its figures
+   embedded, beside the executed notebooks and the worker runs rendered as HTML
+   (:mod:`qkit.reports`), and list it in ``reports/index.html`` (newest first).
 
 It prints where the report is.  The defaults keep it well under two minutes:
 200 jobs, 30% failing attempts, a few milliseconds per job, and a back-off base
@@ -19,49 +21,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
+from qkit.reports import render_html  # noqa: F401 - the report renderer, where it used to live
+
 DEFAULTS = {"n_jobs": 200, "fail_rate": 0.3, "latency_ms": 3, "seed": 42, "backoff_base": "0.5"}
-
-
-def _execute(notebook: Path, output: Path, parameters: dict[str, Any]) -> None:
-    """Run a notebook through papermill (kernel python3 on this interpreter); its log goes beside the output."""
-    from qkit.scheduled import first_error, log_error, papermill_command
-
-    output.parent.mkdir(parents=True, exist_ok=True)
-    log = output.with_name(output.name + ".log")
-    with open(log, "wb") as fh:
-        rc = subprocess.run(papermill_command(notebook, output, parameters), stdin=subprocess.DEVNULL, stdout=fh,
-                            stderr=subprocess.STDOUT).returncode
-    if rc:
-        why = first_error(output) or log_error(log) or f"papermill exited with status {rc}"
-        raise RuntimeError(f"{notebook.name} failed: {why} (see {output} and {log.name})")
-
-
-def render_html(executed: Path, html: Path) -> int:
-    """Render an executed notebook to standalone HTML (code hidden, figures embedded, with alt text).
-
-    Returns the size of the HTML file in bytes.
-    """
-    import nbformat
-    from nbconvert import HTMLExporter
-
-    from qkit.notebook import RECORD_MIME
-
-    nb = nbformat.read(executed, as_version=4)
-    for cell in nb.cells:  # records are for programs (read_records), not for readers
-        if cell.cell_type == "code":
-            cell.outputs = [o for o in cell.outputs if RECORD_MIME not in o.get("data", {})]
-    exporter = HTMLExporter(template_name="classic", exclude_input=True, exclude_input_prompt=True,
-                            exclude_output_prompt=True)
-    body, _ = exporter.from_notebook_node(nb)
-    html.write_text(body, encoding="utf-8")
-    return html.stat().st_size
 
 
 def drain(q: Any, queue: str, *, total: int, deadline: float, runs_dir: Path | None = None,
@@ -106,11 +74,13 @@ def run(*, queue: str = "default", n_jobs: int = DEFAULTS["n_jobs"], fail_rate: 
         runs_dir: Path | None = None, timeout: float = 600.0) -> Path:
     """The whole main job; returns the path of the HTML report.
 
-    ``reports`` (default ``reports/``) receives the executed notebooks and the
-    report; ``runs_dir`` (default ``scheduled/runs/``) the worker runs' logs.
+    ``reports`` (default ``reports/``) receives this run's folder (executed
+    notebooks, the report, the worker runs as HTML) and the index;
+    ``runs_dir`` (default ``scheduled/runs/``) the worker runs' logs.
     """
     import qkit
     from qkit.notebook import read_records
+    from qkit.reports import execute, render_runs, report_dir, write_index, write_meta
     from qkit.scheduled import child_env, repo_root, resolve_home
 
     t0 = time.monotonic()
@@ -122,15 +92,15 @@ def run(*, queue: str = "default", n_jobs: int = DEFAULTS["n_jobs"], fail_rate: 
     reports = reports or root / "reports"
     notebooks = root / "notebooks"
     print(f"qkit main job: QKIT_HOME={home}")
+    started = datetime.now(timezone.utc)
+    folder = report_dir(reports, f"seed{seed}", started)
     with qkit.connect(queue=queue) as q:
         q.backend.ping()
         print(f"  ledger {q.ledger.describe()}, redis {q.backend.describe()}, "
               f"back-off base {q.settings.backoff_base:g} s")
-        started = datetime.now(timezone.utc)
-        executed = reports / "enqueue_batch.ipynb"
-        _execute(notebooks / "enqueue_batch.ipynb", executed,
-                 {"job_type": "mixed", "n_jobs": n_jobs, "fail_rate": fail_rate, "latency_ms": latency_ms,
-                  "seed": seed, "queue": queue})
+        executed = folder / "enqueue_batch.ipynb"
+        batch = {"seed": seed, "n_jobs": n_jobs, "fail_rate": fail_rate, "latency_ms": latency_ms}
+        execute(notebooks / "enqueue_batch.ipynb", executed, {"job_type": "mixed", **batch, "queue": queue})
         ids = read_records(executed).get("job_ids") or []
         shown = executed.relative_to(root) if executed.is_relative_to(root) else executed
         print(f"  enqueued {len(ids)} jobs (notebooks/enqueue_batch.ipynb -> {shown})")
@@ -139,14 +109,19 @@ def run(*, queue: str = "default", n_jobs: int = DEFAULTS["n_jobs"], fail_rate: 
                         deadline=t0 + timeout, runs_dir=runs_dir)
         from qkit import frames
 
-        batch = frames.jobs(q, since=started)["status"].value_counts()
-        print(f"  drained in {len(records)} scheduled burst(s): this batch {batch.get('completed', 0)} completed, "
-              f"{batch.get('failed', 0)} dead-lettered; run logs in scheduled/runs/")
-    analysis = reports / "retry_analysis.ipynb"
-    _execute(notebooks / "retry_analysis.ipynb", analysis, {"queue": queue, "since": started.isoformat()})
-    html = reports / "retry_analysis.html"
+        done = frames.jobs(q, since=started)["status"].value_counts()
+        print(f"  drained in {len(records)} scheduled burst(s): this batch {done.get('completed', 0)} completed, "
+              f"{done.get('failed', 0)} dead-lettered; run logs in scheduled/runs/")
+    analysis = folder / "retry_analysis.ipynb"
+    execute(notebooks / "retry_analysis.ipynb", analysis, {"queue": queue, "since": started.isoformat()})
+    html = folder / "retry_analysis.html"
     size = render_html(analysis, html)
-    print(f"  report: {html} ({size / 1024:.0f} KiB), in {time.monotonic() - t0:.0f} s")
+    write_meta(folder, {"kind": "main job", "created_at": started.isoformat(), "queue": queue, "batch": batch,
+                        "job_ids": [ids[0], ids[-1]] if ids else [], "title": "retry analysis",
+                        "report": html.name, "notebooks": [executed.name, analysis.name],
+                        "runs": render_runs(records, folder)})
+    index = write_index(reports)
+    print(f"  report: {html} ({size / 1024:.0f} KiB), in {time.monotonic() - t0:.0f} s; all reports: {index}")
     return html
 
 
@@ -154,7 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m qkit.mainjob",
         description="Enqueue a seeded batch (notebooks/enqueue_batch.ipynb), run scheduled worker bursts until "
-                    "it drains, and render notebooks/retry_analysis.ipynb to reports/retry_analysis.html.")
+                    "it drains, and render notebooks/retry_analysis.ipynb to reports/<date>/<time>-seed<seed>/, "
+                    "listed in reports/index.html.")
     p.add_argument("--queue", default="default", help="queue to use (default: default)")
     p.add_argument("--n-jobs", type=int, default=DEFAULTS["n_jobs"], help="jobs in the batch (default: 200)")
     p.add_argument("--fail-rate", type=float, default=DEFAULTS["fail_rate"],

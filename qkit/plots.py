@@ -417,6 +417,46 @@ def dlq_groups(groups: pd.DataFrame, *, title: str = "Dead-letter queue by error
     return fig
 
 
+# ---------------------------------------------------------------- two sets of jobs
+def compare(table: pd.DataFrame, *, labels: tuple[str, str] = ("A", "B"),
+            title: str = "What changed from A to B (dots: estimate, bars: 95% interval)") -> Figure:
+    """One panel per measure (each on its own scale), one row per type: A and B with their intervals.
+
+    ``table`` is :func:`qkit.compare.compare`; rows whose intervals do not
+    overlap are marked ``clear``.
+    """
+    measures = list(dict.fromkeys(table["measure"])) if len(table) else []
+    types = list(dict.fromkeys(table["type"])) if len(table) else []
+    fig, axes = _figure(10, 1.8 + 0.5 * max(1, len(types)), 1, max(1, len(measures)), sharey=True)
+    fig.suptitle(title)
+    if not measures:
+        _no_data(axes[0][0], "no jobs to compare")
+        return fig
+    y = np.arange(len(types))[::-1]
+    colors = ("#546e7a", "#1565c0")
+    for ax, measure in zip(axes.flat, measures):
+        rows = table[table["measure"] == measure].set_index("type").reindex(types)
+        scale = 100.0 if measure == "success rate" else 1.0
+        for k, side in enumerate(("a", "b")):
+            v = rows[side].to_numpy(dtype=float) * scale
+            lo = rows[f"{side}_low"].to_numpy(dtype=float) * scale
+            hi = rows[f"{side}_high"].to_numpy(dtype=float) * scale
+            yy = y + (0.15 if k == 0 else -0.15)
+            err = np.vstack([np.clip(v - lo, 0, None), np.clip(hi - v, 0, None)])
+            ax.errorbar(v, yy, xerr=np.nan_to_num(err), fmt="o", color=colors[k], capsize=3, label=labels[k])
+        for yi, verdict in zip(y, rows["verdict"]):
+            if str(verdict).startswith("clear"):
+                ax.annotate("clear", (1.0, yi), xycoords=("axes fraction", "data"), xytext=(-4, 0),
+                            textcoords="offset points", ha="right", va="center", fontsize=MIN_FONT,
+                            color="#b71c1c")
+        ax.set_xlabel(measure + (" (%)" if scale == 100 else ""))
+        ax.grid(axis="x", alpha=0.3)
+        ax.margins(x=0.15)
+    axes.flat[0].set_yticks(y, types)
+    fig.legend(*axes.flat[0].get_legend_handles_labels(), loc="outside lower center", ncols=2)
+    return fig
+
+
 # ---------------------------------------------------------------- what-if
 def whatif(summary: pd.DataFrame, *, title: str = "Recorded failures replayed against other retry policies",
            highlight: Sequence[str] = ("current",)) -> Figure:

@@ -364,3 +364,15 @@ def test_sql_aggregates_match_the_rows(synthetic):
     assert frames.type_summary(q, until=mid)["jobs"].sum() == (jobs["created_at"] < mid).sum()
     assert frames.type_summary(q, seed=2)["jobs"].sum() == 1500
     assert frames.queues(q) == ["default"] and frames.choices(q)["priority"] == [0, 5, 10]
+
+
+def test_intervals():
+    from qkit.stats import mean_interval, quantile_interval, wilson
+
+    lo, hi = wilson([0, 5, 10], [10, 10, 10])
+    assert lo[0] == 0 and hi[0] == pytest.approx(0.2775, abs=1e-4)  # Wilson 1927, z = 1.96
+    assert [float(lo[1]), float(hi[1])] == pytest.approx([0.2366, 0.7634], abs=1e-4) and hi[2] == pytest.approx(1)
+    mean, mlo, mhi = mean_interval(4, 1 + 2 + 3 + 4, 1 + 4 + 9 + 16)
+    assert mean == 2.5 and mhi - mean == pytest.approx(1.96 * (5 / 3 / 4) ** 0.5, rel=1e-3)
+    est, qlo, qhi = quantile_interval(list(range(1, 101)), [1] * 100, 0.5)
+    assert (est, qlo, qhi) == (50, 41, 60)  # ranks 50 -+ 1.96 * sqrt(100 * 0.25), rounded up

@@ -23,11 +23,12 @@ from qkit.notebook import (INJECTED_MARKER, JOB_IDS, QUEUE, SINCE, Param, Parame
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
-NAMES = ["enqueue_batch", "worker", "retry_analysis", "dlq_triage", "queue_monitor", "backoff_whatif", "debug_job"]
+NAMES = ["enqueue_batch", "worker", "retry_analysis", "dlq_triage", "queue_monitor", "backoff_whatif", "debug_job",
+         "compare_runs"]
 
 
 # ---------------------------------------------------------------- committed notebooks
-def test_all_seven_notebooks_exist():
+def test_all_notebooks_exist():
     assert sorted(p.stem for p in NOTEBOOKS.glob("*.ipynb")) == sorted(NAMES)
 
 
@@ -255,6 +256,46 @@ def test_filters_and_a_mistyped_queue(pipeline):
     with pytest.raises(pm.PapermillExecutionError) as err:
         run_notebook("queue_monitor", lab, queue="defualt")
     assert err.value.ename == "ParameterError" and "its queues: default" in err.value.evalue
+
+
+def test_compare_runs_of_two_batches(pipeline):
+    """compare_runs by seed: the rates and their Wilson intervals are those of the two batches' rows."""
+    q, lab = pipeline["q"], pipeline["out"]
+    q.enqueue_many(seeded_batch("mixed", 40, fail_rate=0.0, latency_ms=0, seed=99))  # a batch that never fails
+    deadline = time.monotonic() + 60
+    while q.ledger.status_counts(q.name)["pending"]:
+        q.work(max_seconds=10)
+        assert time.monotonic() < deadline
+    nb = run_notebook("compare_runs", lab, a_seed=3, b_seed=99)
+    rows = {(r["type"], r["measure"]): r for r in read_records(nb)["compare"]}
+    jobs = frames.jobs(q, payload=True)
+    seed = jobs["payload"].map(lambda p: p.get("seed"))
+    a = jobs[(seed == 3) & jobs["status"].isin(["completed", "failed"])]
+    both = rows[("(all types)", "success rate")]
+    assert both["a_n"] == len(a) and both["a"] == pytest.approx((a["status"] == "completed").mean())
+    assert both["b_n"] == 40 and both["b"] == 1.0 and both["b_low"] < 1.0
+    assert both["a_low"] < both["a"] < both["a_high"] and both["verdict"] == "clear increase"
+    tries = rows[("(all types)", "attempts per finished job")]
+    assert tries["a"] == pytest.approx(a["attempts"].mean()) and tries["b"] == 1.0
+    assert images(nb) == 1
+
+
+def test_reports_keep_their_history(pipeline, tmp_path):
+    """Each scheduled report has its own folder; reports/index.html lists them newest first with links."""
+    import re
+
+    from qkit import reports
+
+    first = reports.publish(queue="default", reports=tmp_path / "reports", runs_dir=tmp_path / "runs")
+    second = reports.publish(queue="default", since=datetime(2000, 1, 1, tzinfo=timezone.utc),
+                             reports=tmp_path / "reports", runs_dir=tmp_path / "runs")
+    assert first.parent != second.parent and first.is_file() and second.is_file()
+    assert first.parent.parent.name == datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    index = (tmp_path / "reports" / "index.html").read_text()
+    links = re.findall(r'href="([^"]+)"', index)
+    assert links == [second.relative_to(tmp_path / "reports").as_posix(),
+                     first.relative_to(tmp_path / "reports").as_posix()]  # newest first
+    assert "window 2000-01-01" in index and "data:image/png;base64" in second.read_text()
 
 
 def test_unknown_and_mistyped_parameters_fail_the_run(lab):

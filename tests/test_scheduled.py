@@ -302,6 +302,9 @@ def test_the_main_job(env, tmp_path, monkeypatch, capsys):
     text = html.read_text()
     assert text.count('<img alt="Attempts to success') == 1 and text.count("data:image/png;base64") >= 4
     assert "application/vnd.qkit.record+json" not in text
+    index = (tmp_path / "reports" / "index.html").read_text()  # the report's history, its runs as HTML
+    assert html.parent.name.endswith("-seed42") and html.relative_to(tmp_path / "reports").as_posix() in index
+    assert list(html.parent.glob("runs/*.html")) and "runs/worker-" in index
     cars = sidecars(tmp_path / "runs")
     assert cars and all(c["status"] == "ok" for c in cars)
     with qkit.connect(home=env["QKIT_HOME"]) as q:
