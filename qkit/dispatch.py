@@ -128,7 +128,8 @@ def redis_now() -> datetime | None:
 
     ``qkit.ledger.utcnow`` uses it, so every time the ledger records (created,
     due, started, finished, events) is on the one clock that decides order and
-    due-ness, whatever this host's clock says.
+    due-ness, whatever this host's clock says.  A process that talks to several
+    Redis servers takes the latest reply's clock (they should agree to ms).
     """
     return _PROCESS_CLOCK.now()
 

@@ -243,6 +243,12 @@ def new_job(type: Any, payload: Any, *, priority: Any = 0, max_attempts: Any = 3
             raise BadInput(f"key must be a non-empty string of at most {MAX_KEY_LENGTH} characters")
         if "\x00" in key:
             raise BadInput("key holds a NUL character, which the ledger cannot store")
+        if not key.isascii():
+            try:
+                key.encode("utf-8")
+            except UnicodeEncodeError:
+                raise BadInput("key holds text that is not valid Unicode (a lone surrogate); the ledger stores UTF-8") \
+                    from None
     return NewJob(type=type, payload=dict(payload), priority=priority, max_attempts=max_attempts,
                   delay=float(delay), key=key, payload_text=text)
 

@@ -161,6 +161,12 @@ def test_python_payloads_the_ledger_cannot_keep_faithfully_are_bad_input(q, payl
     assert [j.id for j in q.jobs()] == [kept]  # nothing else was written
 
 
+def test_an_idempotency_key_with_a_lone_surrogate_is_bad_input(q):
+    with pytest.raises(BadInput):
+        q.enqueue("t", {}, key="k-\ud800")
+    assert q.jobs() == []
+
+
 def test_distinct_non_text_keys_are_still_accepted(q):
     job_id = q.enqueue("t", {1: "a", "2": "b"})
     assert q.get(job_id).payload == {"1": "a", "2": "b"}
