@@ -341,6 +341,7 @@ def run_seed(seed: int, *, jobs: int = 500, workers: int = 4, fail_rate: float =
             problems.append(f"earlier-epoch runs not explained: {acc.earlier_unexplained[:20]}")
         dup_unexplained = {j for j, _, _ in report.unexplained}
         suspects = sorted(set(report.lost) | set(report.unexpected) | dup_unexplained | set(acc.lost_replays)
+                          | {f.job_id for f in report.audit.errors if f.job_id is not None}
                           | {j for j, _, _ in acc.earlier_unexplained}
                           | set(getattr(report, "wasted_success", None) or ()
                                 if isinstance(getattr(report, "wasted_success", None), (list, set, tuple)) else ()))
