@@ -29,6 +29,7 @@ way out, also on failure or Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import random
@@ -75,7 +76,7 @@ class SeedResult:
     duplicated: int
     explained: int
     unexplained: int  # total_queue's, plus executions of earlier epochs that no lost/timeout explains
-    wasted_success: int | None  # total_queue's count (None: this qkit's checker has none)
+    wasted_success: int  # jobs failed although a run returned: total_queue's, plus soak_check's lost-not-killed
     recovered: int
     attempted_only: int  # keys whose enqueue never returned an id (found in the ledger by key)
     kills: int
@@ -123,7 +124,7 @@ class SeedResult:
         return (f"seed {self.seed:>3}: {'VALID  ' if self.valid else 'INVALID'} {self.acknowledged} acked · "
                 f"lost {self.lost} · unexpected {self.unexpected} · duplicated {self.duplicated} "
                 f"({self.explained} explained / {self.unexplained} unexplained) · "
-                f"wasted-success {'n/a' if self.wasted_success is None else self.wasted_success} · "
+                f"wasted-success {self.wasted_success} · "
                 f"recovered {self.recovered} · kills {self.kills} ({self.kills_mid_run} mid-run) · "
                 f"lost attempts by {self._lost_by()} ({self.lost_not_started} never started) · "
                 f"redis restarts {self.redis_restarts} · db lock {self.db_lock_held_s:.1f} s · "
@@ -158,12 +159,6 @@ def _wait(check: Callable[[], Any], timeout: float, interval: float = 0.05) -> b
         if time.monotonic() > deadline:
             return False
         time.sleep(interval)
-
-
-def _count(value: Any) -> int | None:
-    if value is None:
-        return None
-    return len(value) if isinstance(value, (list, tuple, set, dict)) else int(value)
 
 
 def _start(args: list[str], env: dict[str, str], err: Path, skew: float = 0.0) -> subprocess.Popen:
@@ -322,15 +317,18 @@ def run_seed(seed: int, *, jobs: int = 500, workers: int = 4, fail_rate: float =
 
         rows = read_log(log)
         actions = read_actions(actions_file.read_text().splitlines() if actions_file.exists() else [])
-        acc = account(q, rows, actions)
+        killed_pids = set(pool.killed)  # by the nemesis: its kills and the failover's
+        acc = account(q, rows, actions, killed_pids)
+        # the nemesis kills workers; which lost attempts a kill explains, soak_check decides per pid
+        extra = {"deaths_expected": True} if "deaths_expected" in inspect.signature(total_queue).parameters else {}
         report = total_queue(q, [i for i in acked.values() if i not in acc.purged], acc.current,
-                             attempted=[i for i in attempted if i not in acc.purged])
-        wasted = _count(getattr(report, "wasted_success", None))
+                             attempted=[i for i in attempted if i not in acc.purged], **extra)
+        wasted_ids = sorted(set(getattr(report, "wasted_success", None) or ()) | set(acc.wasted))
+        wasted = len(wasted_ids)
         poison_ids = {acked[i]: kind for i in acked if (kind := poison_kind(seed, i, poison_rate))}
         poison_statuses, poison_problems = poison_outcomes(q, poison_ids, acc.purged)
         problems += poison_problems
         att = attempt_outcomes(q, rows, {e.pid: (e.killed, e.code) for e in pool.exits})
-        killed_pids = {pid for _, pid in nemesis.log.kills}
         exits = Counter("killed" if e.killed else ("ok" if e.code == 0 else f"exit {e.code}") for e in pool.exits)
         for lock in nemesis.log.db_locks:
             if lock.error:
@@ -343,8 +341,7 @@ def run_seed(seed: int, *, jobs: int = 500, workers: int = 4, fail_rate: float =
         suspects = sorted(set(report.lost) | set(report.unexpected) | dup_unexplained | set(acc.lost_replays)
                           | {f.job_id for f in report.audit.errors if f.job_id is not None}
                           | {j for j, _, _ in acc.earlier_unexplained}
-                          | set(getattr(report, "wasted_success", None) or ()
-                                if isinstance(getattr(report, "wasted_success", None), (list, set, tuple)) else ()))
+                          | set(wasted_ids))
         stories = {j: story(q, rows, actions, j) for j in suspects[:5]}
         counts = q.ledger.status_counts(QUEUE)
         valid = (report.valid and not acc.lost_replays and not acc.earlier_unexplained and not wasted
@@ -379,7 +376,7 @@ def run_seed(seed: int, *, jobs: int = 500, workers: int = 4, fail_rate: float =
                                 "redis_restarts": nemesis.log.redis_restarts, "db_lock_at": nemesis.log.db_lock_at,
                                 "pg_restarts": nemesis.log.pg_restarts, "failovers": nemesis.log.failovers,
                                 "skews": skews},
-                    "stories": stories,
+                    "stories": stories, "wasted_success_ids": wasted_ids,
                     "workdir": str(base)})
     finally:
         if nemesis is not None:
@@ -422,8 +419,7 @@ def totals(results: list[SeedResult]) -> dict[str, Any]:
         admin.update(r.admin_actions)
         refused.update(r.admin_refused)
         poison.update(r.poison_statuses)
-    wasted = [r.wasted_success for r in results if r.wasted_success is not None]
-    out.update(wasted_success=sum(wasted) if wasted else None, admin_actions=dict(sorted(admin.items())),
+    out.update(wasted_success=sum(r.wasted_success for r in results), admin_actions=dict(sorted(admin.items())),
                admin_refused=dict(sorted(refused.items())), poison_statuses=dict(sorted(poison.items())),
                pg_down_s=round(sum(r.pg_down_s for r in results), 3),seeds=len(results), valid=sum(r.valid for r in results),
                invalid=[r.seed for r in results if not r.valid],
@@ -519,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
                           "seeds": [asdict(r) for r in results]}, default=str))
     else:
         att = " ".join(f"{k} {v}" for k, v in tot["attempts"].items())
-        wasted = "n/a" if tot["wasted_success"] is None else tot["wasted_success"]
+        wasted = tot["wasted_success"]
         print(f"totals over {tot['seeds']} seed(s) ({args.ledger}; faults {','.join(sorted(faults)) or 'none'}): "
               f"valid {tot['valid']}/{tot['seeds']} · "
               f"acknowledged {tot['acknowledged']} · lost {tot['lost']} · unexpected {tot['unexpected']} · "

@@ -16,6 +16,10 @@ about the total-queue check, before :func:`qkit.audit.total_queue` runs.
   ledger recorded that attempt ``lost`` or ``timeout`` (an earlier epoch ended ``failed``, so a
   run that returned and was recorded ``failed`` there is a wasted success and counts as
   unexplained).
+* **A lost attempt is excused only by a death the nemesis caused.**  A run that returned, in an
+  epoch that ended ``failed``, whose attempt the ledger recorded ``lost`` while the worker that
+  ran it was not SIGKILLed by the nemesis (it crashed on another job's data, or gave up during
+  an outage), is a wasted success (``Accounting.wasted``), on top of those ``total_queue`` counts.
 """
 from __future__ import annotations
 
@@ -47,6 +51,8 @@ class Accounting:
     earlier_unexplained: list[tuple[int, int, int]] = field(default_factory=list)  # (job, epoch, attempt)
     replayed_jobs: int = 0  # jobs in the ledger whose epoch is > 0
     replay_acks: int = 0  # ids returned by replay calls
+    wasted: list[int] = field(default_factory=list)  # failed jobs with a run that returned, recorded lost
+    # although the nemesis did not kill its worker (the worker crashed or gave up: a wasted success)
     actions: dict[str, int] = field(default_factory=dict)  # per action: how many returned
     refused: dict[str, int] = field(default_factory=dict)  # per action: how many raised
 
@@ -65,8 +71,9 @@ def read_actions(lines: Iterable[str]) -> list[AdminAction]:
     return out
 
 
-def account(q: Any, rows: list[Any], actions: list[AdminAction]) -> Accounting:
-    """``rows``: the handler log (``soak_handlers.read_log``); ``actions``: every admin action."""
+def account(q: Any, rows: list[Any], actions: list[AdminAction], killed: set[int] = frozenset()) -> Accounting:
+    """``rows``: the handler log (``soak_handlers.read_log``); ``actions``: every admin action;
+    ``killed``: the pids the nemesis SIGKILLed (a ``lost`` attempt of theirs is excused)."""
     acc = Accounting()
     purges = [a for a in actions if a.action == "purge" and a.error is None]
     replays = [a for a in actions if a.action.startswith("replay") and a.error is None]
@@ -91,12 +98,13 @@ def account(q: Any, rows: list[Any], actions: list[AdminAction]) -> Accounting:
     ids = sorted({r.job_id for r in done})
     epochs_of: dict[tuple[int, int, str], list[tuple[int, str | None]]] = defaultdict(list)
     current_epoch: dict[int, int] = {}
+    status: dict[int, str] = {}
     with q.ledger.read_engine.connect() as conn:
         acc.replayed_jobs = len(conn.execute(select(jobs.c.id).where(jobs.c.queue == q.name, jobs.c.epoch > 0)).all())
         for start in range(0, len(ids), 500):
             chunk = ids[start:start + 500]
-            current_epoch.update({r.id: r.epoch for r in conn.execute(
-                select(jobs.c.id, jobs.c.epoch).where(jobs.c.id.in_(chunk)))})
+            for r in conn.execute(select(jobs.c.id, jobs.c.epoch, jobs.c.status).where(jobs.c.id.in_(chunk))):
+                current_epoch[r.id], status[r.id] = r.epoch, r.status
             for r in conn.execute(select(job_attempts.c.job_id, job_attempts.c.attempt, job_attempts.c.worker,
                                          job_attempts.c.epoch, job_attempts.c.outcome)
                                   .where(job_attempts.c.job_id.in_(chunk))):
@@ -104,18 +112,25 @@ def account(q: Any, rows: list[Any], actions: list[AdminAction]) -> Accounting:
     for rows_of in epochs_of.values():
         rows_of.sort()
     used: Counter[tuple[int, int, str]] = Counter()
+    wasted: set[int] = set()
     for r in done:
         key = (r.job_id, r.attempt, r.worker)
         candidates = epochs_of.get(key, [])
         k = used[key]
         used[key] += 1
-        if k < len(candidates) and r.job_id in current_epoch and candidates[k][0] < current_epoch[r.job_id]:
-            epoch, outcome = candidates[k]
+        epoch, outcome = candidates[k] if k < len(candidates) else (None, None)
+        current = epoch is None or r.job_id not in current_epoch or epoch >= current_epoch[r.job_id]
+        # an epoch that ended failed (an earlier one, or the current one of a failed job): a run that
+        # returned there is excused only by its worker's death at the nemesis' hand
+        if outcome == "lost" and r.pid not in killed and (not current or status.get(r.job_id) == "failed"):
+            wasted.add(r.job_id)
+        if current:  # the current epoch, or no attempt row at all: total_queue judges it
+            acc.current.append((r.job_id, r.attempt))
+        else:
             acc.earlier += 1
             if outcome not in ("lost", "timeout"):
                 acc.earlier_unexplained.append((r.job_id, epoch, r.attempt))
-        else:  # the current epoch, or no attempt row at all: total_queue judges it
-            acc.current.append((r.job_id, r.attempt))
+    acc.wasted = sorted(wasted)
     return acc
 
 
