@@ -38,6 +38,8 @@ OFF: dict[tuple[str, str | None], str] = {
     ("skew", None): "issue 12 item 5: a job enqueued by a process whose clock is 1 h fast waits an hour",
     ("poison", None): "issue 12 item 1: one job's unencodable error text (or a NUL on PostgreSQL) crashes the "
                       "burst, and its batch-mates' finished runs end failed (wasted successes)",
+    ("pg-restart", "postgres"): "issue 12 item 2: a worker exits on a 1 s PostgreSQL restart and the finished "
+                                "runs it held end failed (wasted successes)",
     ("admin", None): "issue 12 item 3: a DLQ purge racing the bursts leaves orphan_entry errors (Redis DLQ "
                      "entries of purged jobs)",
 }
