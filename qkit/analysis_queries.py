@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import Float, Integer, and_, case, cast, func, literal, select, union_all
+from sqlalchemy import Float, Integer, and_, case, cast, func, literal, literal_column, select, union_all
 from sqlalchemy.engine import Connection
 
 from qkit.ledger import job_attempts, job_events, jobs, worker_runs
@@ -165,7 +165,7 @@ def attempt_stats(conn: Connection, scope: Scope) -> pd.DataFrame:
                    func.sum(job_attempts.c.duration_ms).label("ms_sum")) \
         .select_from(job_attempts.join(jobs, jobs.c.id == job_attempts.c.job_id)) \
         .where(*scope.where(), job_attempts.c.outcome.is_not(None)) \
-        .group_by(jobs.c.type, job_attempts.c.attempt, job_attempts.c.outcome, b)
+        .group_by(jobs.c.type, job_attempts.c.attempt, job_attempts.c.outcome, *_by("bucket"))
     return run(conn, query)
 
 
@@ -182,7 +182,7 @@ def wait_stats(conn: Connection, scope: Scope, now: datetime) -> pd.DataFrame:
     query = select(jobs.c.priority, b, func.count().label("jobs"), func.max(wait).label("wait_max_s"),
                    func.sum(case((waiting, 1), else_=0)).label("waiting"),
                    func.min(case((waiting, epoch_s(jobs.c.created_at, d)), else_=None)).label("oldest_created")) \
-        .where(*scope.where()).group_by(jobs.c.priority, b)
+        .where(*scope.where()).group_by(jobs.c.priority, *_by("bucket"))
     return run(conn, query)
 
 
@@ -206,16 +206,29 @@ def _in_scope(scope: Scope, single_queue: bool, job_id: Any) -> tuple[Any, list[
     return jobs, [jobs.c.id == job_id, *scope.where()]
 
 
+def _seconds(value: Any) -> float | None:
+    """A time as the ledger returns it (datetime, or text from SQLite's min/max) -> epoch seconds."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    return value.timestamp()
+
+
 def time_bounds(conn: Connection, scope: Scope, what: str, single_queue: bool = False) -> tuple[Any, Any]:
-    """(first, last) time, as epoch seconds, of the scope's events (``what="events"``) or finished attempts."""
-    d = _dialect(conn)
+    """(first, last) time, as epoch seconds, of the scope's events (``what="events"``) or finished attempts.
+
+    min/max of the raw column: ISO text sorts as time on SQLite, and no per-row conversion is needed.
+    """
     table, col = (job_events, job_events.c.at) if what == "events" else (job_attempts, job_attempts.c.finished_at)
     extra, cond = _in_scope(scope, single_queue, table.c.job_id)
-    query = select(func.min(epoch_s(col, d)), func.max(epoch_s(col, d))).select_from(table)
+    query = select(func.min(col), func.max(col)).select_from(table)
     if extra is not None:
         query = query.join(extra, cond[0]).where(*cond[1:])
     row = conn.execute(query.where(col.is_not(None))).one()
-    return row[0], row[1]
+    return _seconds(row[0]), _seconds(row[1])
 
 
 def created_bounds(conn: Connection, scope: Scope) -> tuple[Any, Any]:
@@ -230,17 +243,22 @@ def created_bounds(conn: Connection, scope: Scope) -> tuple[Any, Any]:
 DEPTH_EVENTS = ("enqueued", "claimed", "completed", "retry_scheduled", "failed", "reclaimed", "replayed", "released")
 
 
-def depth_changes(conn: Connection, scope: Scope, *, origin: float, width: float, end: float, now: float,
+def _by(*names: str) -> list[Any]:
+    """GROUP BY the select's own output columns, by name: each expression is computed once per row."""
+    return [literal_column(n) for n in names]
+
+
+def depth_changes(conn: Connection, scope: Scope, *, origin: float, width: float, end: float | None, now: float,
                   start: float | None = None, single_queue: bool = False) -> pd.DataFrame:
-    """State-changing events per time bin: ``bin``, ``event``, ``variant``, ``n``.
+    """State-changing events per time bin, in one scan: ``bin``, ``event``, ``variant``, ``due_bin``, ``n``.
 
     ``bin`` = floor((t - origin) / width); events before ``start`` fall in
-    bin -1 (the state the window opens with); nothing after ``end``.
-    ``variant`` tells the two paths of an event apart: for
-    ``retry_scheduled`` 1 = the job waits out a back-off (delay > 0) and 2
-    = it came from a reclaimed lease; for ``failed`` 2 = a reclaimed lease
-    (the job was no longer processing).  ``event = "due"`` rows are the
-    moments back-offs ended (the job is pending again), at or before ``now``.
+    bin -1 (the state the window opens with); nothing after ``end`` (None: no
+    bound).  ``variant`` tells the two paths of an event apart: for
+    ``retry_scheduled`` 1 = the job waits out a back-off (delay > 0) and 2 =
+    it came from a reclaimed lease; for ``failed`` 2 = a reclaimed lease (the
+    job was no longer processing).  ``due_bin`` is the bin where a back-off
+    ended (the job pending again), if that is at or before ``now`` and ``end``.
     """
     d = _dialect(conn)
     t = epoch_s(job_events.c.at, d)
@@ -252,21 +270,19 @@ def depth_changes(conn: Connection, scope: Scope, *, origin: float, width: float
         raw = cast(func.floor((when - origin) / width), Integer)
         return raw if start is None else case((when < start, literal(-1)), else_=raw)
 
-    variant = case((and_(job_events.c.event == "retry_scheduled", delay > 0), 1), else_=0) + \
-        case((and_(job_events.c.event == "retry_scheduled", outcome.is_(None)), 2),
-             (and_(job_events.c.event == "failed", outcome == "lost"), 2), else_=0)
-    base = select().select_from(job_events)
+    retry = job_events.c.event == "retry_scheduled"
+    variant = case((retry, case((delay > 0, 1), else_=0) + case((outcome.is_(None), 2), else_=0)),
+                   (and_(job_events.c.event == "failed", outcome == "lost"), 2), else_=0)
+    limit = now if end is None else min(end, now)
+    due_bin = case((and_(retry, delay > 0, t + delay <= limit), binned(t + delay)), else_=None)
+    query = select(binned(t).label("bin"), job_events.c.event, variant.label("variant"), due_bin.label("due_bin"),
+                   func.count().label("n")).select_from(job_events)
     if extra is not None:
-        base = base.join(extra, cond[0]).where(*cond[1:])
-    b1 = binned(t).label("bin")
-    changes = base.add_columns(b1, job_events.c.event.label("event"), variant.label("variant"),
-                               func.count().label("n")) \
-        .where(job_events.c.event.in_(DEPTH_EVENTS), t <= end).group_by(b1, job_events.c.event, variant)
-    due_t = t + delay
-    b2 = binned(due_t).label("bin")
-    due = base.add_columns(b2, literal("due").label("event"), literal(0).label("variant"), func.count().label("n")) \
-        .where(job_events.c.event == "retry_scheduled", delay > 0, due_t <= min(end, now)).group_by(b2)
-    return run(conn, union_all(changes, due))
+        query = query.join(extra, cond[0]).where(*cond[1:])
+    query = query.where(job_events.c.event.in_(DEPTH_EVENTS))
+    if end is not None:
+        query = query.where(t <= end)
+    return run(conn, query.group_by(*_by("bin", "event", "variant", "due_bin")))
 
 
 def finished_attempts(conn: Connection, scope: Scope, *, origin: float, width: float, start: float | None,
@@ -284,4 +300,4 @@ def finished_attempts(conn: Connection, scope: Scope, *, origin: float, width: f
         query = query.where(t >= start)
     if end is not None:
         query = query.where(t <= end)
-    return run(conn, query.group_by(b, job_attempts.c.outcome))
+    return run(conn, query.group_by(*_by("bin"), job_attempts.c.outcome))

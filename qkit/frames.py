@@ -293,7 +293,8 @@ def type_summary(q: "Queue", **filters: Any) -> pd.DataFrame:
     ``success_rate`` = completed / (completed + failed) jobs.  ``exec_*_ms``
     are over completed attempts (how long a successful handler call takes);
     ``fail_exec_p50_ms`` over failed and timed-out ones.  ``attrs["exec_times"]``
-    holds :func:`exec_times` of the same scope.
+    and ``attrs["attempt_outcomes"]`` hold :func:`exec_times` and
+    :func:`attempt_outcomes` of the same scope, from the same query.
     """
     sc = scope(q, **filters)
     with q.ledger.read_engine.connect() as conn:
@@ -304,6 +305,7 @@ def type_summary(q: "Queue", **filters: Any) -> pd.DataFrame:
     if jobs_df.empty:
         out = pd.DataFrame(columns=columns)
         out.attrs["exec_times"] = exec_from_stats(stats)
+        out.attrs["attempt_outcomes"] = outcomes_from_stats(stats)
         return out
     counts = jobs_df.pivot_table(index="type", columns="status", values="jobs", aggfunc="sum", fill_value=0) \
         .reindex(columns=["pending", "processing", "completed", "failed"], fill_value=0)
@@ -327,6 +329,7 @@ def type_summary(q: "Queue", **filters: Any) -> pd.DataFrame:
     out.index.name = "type"
     out = out.reset_index()[columns]
     out.attrs["exec_times"] = ex  # from the same query: the box plots need no second one
+    out.attrs["attempt_outcomes"] = outcomes_from_stats(stats)
     return out
 
 
@@ -423,19 +426,24 @@ def queue_depth(q: "Queue", *, start: Any = None, end: Any = None, freq: str | N
         return _no_series(states, freq)
     origin, width, stop, freq, single = win
     lo = as_utc(start)
-    df = _sql(q, aq.depth_changes, sc, origin=origin, width=width, end=stop, now=now.timestamp(),
-              start=None if lo is None else lo.timestamp(), single_queue=single)
+    df = _sql(q, aq.depth_changes, sc, origin=origin, width=width, end=stop if as_utc(end) else None,
+              now=now.timestamp(), start=None if lo is None else lo.timestamp(), single_queue=single)
     nbins = int(math.floor((stop - origin) / width)) + 1
     delta = np.zeros((nbins + 1, len(states)), dtype="int64")  # row 0: before the window
-    for ev, var, b, n in zip(df["event"], df["variant"], df["bin"], df["n"]):
-        move = _MOVES.get((ev, int(var)))
-        if move is None:
-            continue
+
+    def move(key: tuple[str, int], b: Any, n: int) -> None:
+        before, after = _MOVES.get(key, (None, None))
+        if after is None:
+            return
         row = min(max(int(b) + 1, 0), nbins)
-        before, after = move
         if before:
-            delta[row, states.index(before)] -= int(n)
-        delta[row, states.index(after)] += int(n)
+            delta[row, states.index(before)] -= n
+        delta[row, states.index(after)] += n
+
+    for ev, var, b, due, n in zip(df["event"], df["variant"], df["bin"], df["due_bin"], df["n"]):
+        move((ev, int(var)), b, int(n))
+        if due is not None and due == due:  # the back-off ended: delayed -> pending
+            move(("due", 0), due, int(n))
     depth = np.cumsum(delta, axis=0)[1:]
     index = pd.DatetimeIndex(pd.to_datetime(origin + width * np.arange(nbins), unit="s", utc=True), name="at")
     out = pd.DataFrame(np.maximum(depth, 0), columns=states, index=index)

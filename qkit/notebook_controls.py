@@ -91,6 +91,15 @@ class Filters:
     window: str = ""
     now: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
 
+    _memo: dict = field(default_factory=dict, repr=False)
+
+    def get(self, fn: Callable[..., Any], **kw: Any) -> Any:
+        """``fn(q, **kw)``, computed once per drawing: views sharing a frame share its queries."""
+        key = (fn, tuple(sorted((k, repr(v)) for k, v in kw.items())))
+        if key not in self._memo:
+            self._memo[key] = fn(self.q, **kw)
+        return self._memo[key]
+
     @property
     def jobs(self) -> dict[str, Any]:
         """Keyword arguments of the qkit.frames analyses: jobs enqueued in the window, of the type/priority."""
@@ -190,6 +199,15 @@ class Controls:
 
     # ------------------------------------------------------------ state
     def filters(self) -> Filters:
+        """What the controls select now.  Without widgets: one Filters for the whole notebook (one "now",
+        shared frames)."""
+        if not self.interactive:
+            if getattr(self, "_fixed", None) is None:
+                self._fixed = self._filters()
+            return self._fixed
+        return self._filters()
+
+    def _filters(self) -> Filters:
         now = datetime.now(timezone.utc)
         since, until = self.since, self.until
         length = WINDOWS.get(self.window)
