@@ -35,7 +35,6 @@ WINDOW = {"sqlite": 12.0, "postgres": 15.0}
 
 #: (fault, ledger or None for both) -> why it is off in this test for now
 OFF: dict[tuple[str, str | None], str] = {
-    ("skew", None): "issue 12 item 5: a job enqueued by a process whose clock is 1 h fast waits an hour",
     ("poison", None): "issue 12 item 1: one job's unencodable error text (or a NUL on PostgreSQL) crashes the "
                       "burst, and its batch-mates' finished runs end failed (wasted successes)",
     ("pg-restart", "postgres"): "issue 12 item 2: a worker exits on a 1 s PostgreSQL restart and the finished "
