@@ -37,7 +37,7 @@ from typing import Any, Iterable, Sequence
 
 from sqlalchemy import (JSON, BigInteger, case, Column, DateTime, Float, Index, Integer, MetaData, String,
                         Table, Text, TypeDecorator, and_, bindparam, create_engine, delete, event, func,
-                        insert, select, text, update)
+                        column, insert, select, table, text, update)
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError, SQLAlchemyError
 
@@ -228,18 +228,24 @@ def _migrate_v3(conn: Connection) -> None:
         return  # PostgreSQL's sequence never hands out an id twice
     ddl = conn.exec_driver_sql("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'jobs'").scalar()
     if "AUTOINCREMENT" not in (ddl or "").upper():
+        from sqlalchemy.schema import DropIndex
+
         for index in jobs.indexes:  # index names are global in SQLite: free them for the new table
-            conn.exec_driver_sql(f"DROP INDEX IF EXISTS {index.name}")
+            conn.execute(DropIndex(index, if_exists=True))
         conn.exec_driver_sql("ALTER TABLE jobs RENAME TO jobs_v2")
         jobs.create(conn)
-        columns = ", ".join(c.name for c in jobs.c)
-        conn.exec_driver_sql(f"INSERT INTO jobs ({columns}) SELECT {columns} FROM jobs_v2")
+        names = [c.name for c in jobs.c]
+        old_rows = table("jobs_v2", *(column(name) for name in names))
+        conn.execute(jobs.insert().from_select(names, select(*old_rows.c)))
         conn.exec_driver_sql("DROP TABLE jobs_v2")
     top = conn.exec_driver_sql(
         "SELECT MAX(COALESCE((SELECT MAX(id) FROM jobs), 0), COALESCE((SELECT MAX(job_id) FROM job_events), 0),"
         " COALESCE((SELECT MAX(job_id) FROM job_attempts), 0))").scalar()
     if not conn.exec_driver_sql("UPDATE sqlite_sequence SET seq = MAX(seq, ?) WHERE name = 'jobs'", (top,)).rowcount:
         conn.exec_driver_sql("INSERT INTO sqlite_sequence (name, seq) VALUES ('jobs', ?)", (top,))
+
+
+_SYNC_PRAGMAS = {"FULL": "PRAGMA synchronous=FULL", "NORMAL": "PRAGMA synchronous=NORMAL"}
 
 
 def _migrate_worker_run_ids(conn: Connection) -> None:
@@ -249,9 +255,15 @@ def _migrate_worker_run_ids(conn: Connection) -> None:
     if "run_id" not in {c["name"] for c in inspect_db(conn).get_columns("worker_runs")}:
         conn.exec_driver_sql("ALTER TABLE worker_runs ADD COLUMN run_id VARCHAR(64)")
     conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS ix_worker_runs_run_id ON worker_runs (run_id)")
-    from_params = "params ->> 'run_id'" if conn.dialect.name == "postgresql" else "json_extract(params, '$.run_id')"
-    conn.exec_driver_sql(f"UPDATE worker_runs SET run_id = SUBSTR(CAST({from_params} AS TEXT), 1, 64) "
-                         f"WHERE run_id IS NULL AND params IS NOT NULL AND {from_params} IS NOT NULL")
+    conn.exec_driver_sql(_FILL_RUN_IDS[conn.dialect.name == "postgresql"])
+
+
+_FILL_RUN_IDS = {  # constant statements, one per dialect (no SQL is built from values)
+    False: "UPDATE worker_runs SET run_id = SUBSTR(CAST(json_extract(params, '$.run_id') AS TEXT), 1, 64) "
+           "WHERE run_id IS NULL AND params IS NOT NULL AND json_extract(params, '$.run_id') IS NOT NULL",
+    True: "UPDATE worker_runs SET run_id = SUBSTR(CAST(params ->> 'run_id' AS TEXT), 1, 64) "
+          "WHERE run_id IS NULL AND params IS NOT NULL AND params ->> 'run_id' IS NOT NULL",
+}
 
 
 _NUMBER = re.compile(r"(?<![A-Za-z_])[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?", re.I)
@@ -469,7 +481,7 @@ class Ledger:
             level = "FULL" if conn.get_execution_options().get("qkit_durable") else "NORMAL"
             info = conn.connection.info
             if info.get("qkit_sync") != level:
-                conn.exec_driver_sql(f"PRAGMA synchronous={level}")
+                conn.exec_driver_sql(_SYNC_PRAGMAS[level])
                 info["qkit_sync"] = level
             # writers take the lock up front: a deferred transaction that later
             # upgrades to a writer can fail with SQLITE_BUSY instead of waiting

@@ -578,7 +578,9 @@ def test_s5_fuzzed_names_are_refused_or_isolated(s5, queue, type_, key):
     try:
         job_id = q.enqueue(type_, {"probe": True}, key=key, delay=3600)
     except qkit.BadInput:
-        assert not NAME_RE.fullmatch(type_) or (key is not None and (not key or len(key) > MAX_KEY_LENGTH))
+        assert not NAME_RE.fullmatch(type_) or (key is not None and (
+            not key or len(key) > MAX_KEY_LENGTH or "\x00" in key
+            or any(0xD800 <= ord(ch) <= 0xDFFF for ch in key)))  # NUL and lone surrogates: not storable text
         return
     assert NAME_RE.fullmatch(type_)
     job = q.get(job_id)
