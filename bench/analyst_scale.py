@@ -255,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
             env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
             out = subprocess.run([sys.executable, __file__, "--measure-only", url], env=env, check=True,
                                  capture_output=True, text=True).stdout
-            result = {"ledger": args.ledger, "jobs": args.jobs, **built, **json.loads(out.strip().splitlines()[-1])}
+            result = {"ledger": args.ledger, "jobs": args.jobs, **built, **json.loads(out.strip().splitlines()[-1]),
+                      "loadavg_1m": round(os.getloadavg()[0], 1)}
         finally:
             if pg is not None:
                 pg.stop()

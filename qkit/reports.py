@@ -104,8 +104,10 @@ def _source(meta: dict[str, Any]) -> str:
     batch = meta.get("batch") or {}
     if batch:
         return "batch " + ", ".join(f"{k} {v}" for k, v in batch.items())
+    from qkit.tables import utc_time
+
     window = meta.get("window") or {}
-    return "window " + " to ".join(str(window.get(k) or "…") for k in ("since", "until"))
+    return "window " + " to ".join(utc_time(window.get(k)) or "…" for k in ("since", "until"))
 
 
 def write_index(reports: Path) -> Path:

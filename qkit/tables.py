@@ -61,9 +61,11 @@ def percent(x: Any) -> str:
 
 def utc_time(t: Any) -> str:
     """``2025-01-31 12:00:05`` (UTC, to the second); blank when missing."""
-    if _blank(t):
+    if _blank(t) or t == "":
         return ""
     ts = pd.Timestamp(t)
+    if pd.isna(ts):
+        return ""
     ts = ts.tz_convert("UTC") if ts.tzinfo is not None else ts
     return ts.strftime("%Y-%m-%d %H:%M:%S")
 
