@@ -8,7 +8,8 @@ Each fault can be switched on or off (``--faults`` of ``bench/soak.py``, names i
 * ``redis-restart``: kill -9 the Redis primary twice and restart it on the same port and AOF;
 * ``ledger-lock``: another process holds the ledger locked for 5 s (SQLite ``BEGIN EXCLUSIVE``,
   PostgreSQL ``LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE``);
-* ``pg-restart``: ``pg_ctl -m fast`` stop, 1 s with no server, start (PostgreSQL ledger only), twice;
+* ``pg-restart``: ``pg_ctl -m fast`` stop, 0.7 s, start: about 1 s with no server (PostgreSQL ledger
+  only), twice;
 * ``failover``: a replica (``redis-server --replicaof``) is promoted (``REPLICAOF NO ONE``), the
   primary keeps taking writes for 0.3 s (the replication lag a promotion loses), then is killed -9.
   Clients learn the new address the way they would from Sentinel or a service registry: the soak
@@ -39,7 +40,7 @@ DB_LOCK_SECONDS = 5.0
 KILL_INTERVAL = (0.5, 3.0)
 REDIS_RESTARTS = 2
 PG_RESTARTS = 2
-PG_DOWN_SECONDS = 1.0
+PG_DOWN_SECONDS = 0.7  # plus the stop and the start: about 1 s without a server
 FAILOVER_LAG_SECONDS = 0.3
 SKEW_SECONDS = 3600.0
 SETTLED_SECONDS = 1.5

@@ -55,6 +55,9 @@ from nemesis import (DB_LOCK_SECONDS, FAULTS, REDIS_RESTARTS, SKEW_SECONDS, SKEW
 
 QUEUE = "soak"
 LEASE_SECONDS = 1.0
+#: with PostgreSQL restarts: a live worker rides out an outage shorter than its lease (it retries for
+#: 3/4 of it), so the ~1 s restart needs a lease of more than 1.4 s for the promise to apply
+PG_RESTART_LEASE_SECONDS = 2.0
 BACKOFF_BASE = 0.1
 POISON_RATE = 0.05
 DOOMED_RATE = 0.03  # with admin: jobs that fail every attempt, so the DLQ has something to replay and purge
@@ -136,11 +139,11 @@ class SeedResult:
                 + (f" · PROBLEMS: {'; '.join(self.problems)}" if self.problems else ""))
 
 
-def _worker_env(redis_url: str, database_url: str, home: Path) -> dict[str, str]:
+def _worker_env(redis_url: str, database_url: str, home: Path, lease: float) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("QKIT_", "UPSTASH_"))}
     env.update({
         "QKIT_REDIS_URL": redis_url, "QKIT_DATABASE_URL": database_url, "QKIT_HOME": str(home),
-        "QKIT_HANDLERS": "soak_handlers", "QKIT_LEASE_SECONDS": str(LEASE_SECONDS),
+        "QKIT_HANDLERS": "soak_handlers", "QKIT_LEASE_SECONDS": str(lease),
         "QKIT_BACKOFF_BASE": str(BACKOFF_BASE), "QKIT_BACKOFF_MAX": "2",
         "PYTHONPATH": os.pathsep.join([str(ROOT), str(BENCH), os.environ.get("PYTHONPATH", "")]),
     })
@@ -209,6 +212,7 @@ def run_seed(seed: int, *, jobs: int = 500, workers: int = 4, fail_rate: float =
     skew_rng = random.Random(f"skew-{seed}")
     skews = [skew_rng.choice((-1, 1)) * SKEW_SECONDS for _ in range(2)] if "skew" in faults else [0.0, 0.0]
     poison_rate = POISON_RATE if "poison" in faults else 0.0
+    lease = PG_RESTART_LEASE_SECONDS if postgres is not None and "pg-restart" in faults else LEASE_SECONDS
     problems: list[str] = []
     servers: list[Any] = []
     pool: WorkerPool | None = None
@@ -226,8 +230,8 @@ def run_seed(seed: int, *, jobs: int = 500, workers: int = 4, fail_rate: float =
             servers.append(redis_server)
         address = Address(base / "redis.url", redis_server.url)
         q = qkit.connect(QUEUE, redis_url=redis_server.url, database_url=database_url, home=base,
-                         lease_seconds=LEASE_SECONDS, backoff_base=BACKOFF_BASE)  # creates the tables
-        env = _worker_env(redis_server.url, database_url, base)
+                         lease_seconds=lease, backoff_base=BACKOFF_BASE)  # creates the tables
+        env = _worker_env(redis_server.url, database_url, base, lease)
         actions_file = base / "admin.jsonl"
         if "admin" in faults:
             for role in ("replayer", "purger"):
@@ -267,7 +271,7 @@ def run_seed(seed: int, *, jobs: int = 500, workers: int = 4, fail_rate: float =
         if nemesis.redis is not redis_server:  # a failover: the soak's own connection follows it too
             q.close()
             q = qkit.connect(QUEUE, redis_url=nemesis.redis.url, database_url=database_url, home=base,
-                             lease_seconds=LEASE_SECONDS, backoff_base=BACKOFF_BASE)
+                             lease_seconds=lease, backoff_base=BACKOFF_BASE)
         status("clients")
         t_clients = time.monotonic()
         for k, proc in enumerate(clients):
