@@ -391,7 +391,9 @@ class TotalQueueReport:
     * ``unexplained``: those extra executions, ``(job_id, epoch, attempt)``, that no
       ``lost``/``timeout`` attempt accounts for (G4; must be empty);
     * ``recovered``: ledger rows of enqueues that were attempted but not
-      acknowledged (the client died or got an error), which ended terminal.
+      acknowledged (the client died or got an error), which ended terminal;
+    * ``wasted_success``: jobs recorded ``failed`` although a handler execution
+      of theirs returned, with no process death to explain it (must be empty).
     """
 
     queue: str
@@ -402,31 +404,35 @@ class TotalQueueReport:
     unexplained: list[tuple[int, int, int]]
     recovered: list[int]
     audit: AuditReport
+    wasted_success: list[int] = field(default_factory=list)
 
     @property
     def valid(self) -> bool:
-        """lost = unexpected = 0, every duplicate explained, and the G1-G8 audit clean."""
-        return not (self.lost or self.unexpected or self.unexplained) and self.audit.clean
+        """lost = unexpected = wasted_success = 0, every duplicate explained, and the G1-G8 audit clean."""
+        return not (self.lost or self.unexpected or self.unexplained or self.wasted_success) and self.audit.clean
 
     def to_dict(self) -> dict[str, Any]:
         return {"queue": self.queue, "valid": self.valid, "acknowledged": self.acknowledged,
                 "lost": len(self.lost), "unexpected": len(self.unexpected), "duplicated": len(self.duplicated),
                 "unexplained": len(self.unexplained), "recovered": len(self.recovered),
+                "wasted_success": len(self.wasted_success),
                 "audit_errors": len(self.audit.errors), "audit_counts": self.audit.counts,
                 "ids": {"lost": self.lost, "unexpected": self.unexpected, "duplicated": self.duplicated,
-                        "unexplained": [list(x) for x in self.unexplained], "recovered": self.recovered}}
+                        "unexplained": [list(x) for x in self.unexplained], "recovered": self.recovered,
+                        "wasted_success": self.wasted_success}}
 
     def summary(self) -> str:
         """One line: the Jepsen counts and the audit verdict."""
         explained = "all explained" if not self.unexplained else f"{len(self.unexplained)} UNEXPLAINED"
         verdict = "audit clean" if self.audit.clean else f"audit: {len(self.audit.errors)} error(s) {self.audit.counts}"
         return (f"{self.acknowledged} acknowledged: lost {len(self.lost)} · unexpected {len(self.unexpected)} · "
-                f"duplicated {len(self.duplicated)} ({explained}) · recovered {len(self.recovered)} · {verdict}")
+                f"duplicated {len(self.duplicated)} ({explained}) · recovered {len(self.recovered)} · "
+                f"wasted-success {len(self.wasted_success)} · {verdict}")
 
 
 def total_queue(q: "Queue", acknowledged: Iterable[int], executions: Iterable[tuple[int, int]] = (),
-                attempted: Iterable[int] = (), epochs: dict[tuple[int, int], int] | None = None
-                ) -> TotalQueueReport:
+                attempted: Iterable[int] = (), epochs: dict[tuple[int, int], int] | None = None,
+                deaths_expected: bool = False) -> TotalQueueReport:
     """Check a drained queue the way Jepsen's total-queue checker checks a queue.
 
     ``acknowledged``: ids that enqueue calls returned.  ``executions``: one
@@ -439,6 +445,10 @@ def total_queue(q: "Queue", acknowledged: Iterable[int], executions: Iterable[tu
     An execution is *explained* when it is the attempt the ledger completed, or
     an attempt the ledger recorded as ``lost`` or ``timeout`` (its result was
     never recorded, so running the job again was right).
+    A ``failed`` job with an execution is a *wasted success* unless that
+    attempt is recorded as ``timeout`` (the handler returned past its timeout)
+    or, when ``deaths_expected`` (the scenario killed or stopped processes), as
+    ``lost``: without a death, a returned handler's outcome must be recorded.
     """
     acked = sorted(set(int(i) for i in acknowledged))
     runs = Counter((int(j), int(a)) for j, a in executions)
@@ -474,5 +484,9 @@ def total_queue(q: "Queue", acknowledged: Iterable[int], executions: Iterable[tu
                 unexplained.append((job_id, epoch, attempt))
     recovered = sorted(i for i in {int(x) for x in attempted} - set(acked)
                        if status.get(i, ("missing", 0))[0] in terminal)
+    excused = ("timeout", "lost") if deaths_expected else ("timeout",)
+    wasted = sorted(j for j, attempts in by_job.items() if status.get(j, ("missing", 0))[0] == "failed" and any(
+        outcomes.get((j, (epochs or {}).get((j, a), status[j][1]), a)) not in excused for a in attempts))
     return TotalQueueReport(queue=q.name, acknowledged=len(acked), lost=lost, unexpected=unexpected,
-                            duplicated=duplicated, unexplained=unexplained, recovered=recovered, audit=check(q))
+                            duplicated=duplicated, unexplained=unexplained, recovered=recovered, audit=check(q),
+                            wasted_success=wasted)

@@ -538,3 +538,15 @@ def test_the_total_queue_check_flags_each_kind_of_fault(setup: Setup, tmp_path: 
     recovered = total_queue(q, [], runs, attempted=[done_id])  # enqueue unanswered, job ended anyway
     assert recovered.recovered == [done_id] and recovered.valid
     assert "lost 0" in recovered.summary() and "recovered 1" in recovered.summary()
+
+    # a handler returned, but its worker never recorded it: the job ends failed (its one attempt lost)
+    stalled = q.enqueue("record", {"log": str(log)}, max_attempts=1)
+    claim = q.dispatch.claim("w-stalled", 1000, 1)
+    q.ledger.claim(q.name, "w-stalled", claim.claimed, claim.reclaimed, q.backoff)
+    expire_leases(q)
+    q.work()
+    assert q.get(stalled).status == "failed"
+    wasted = total_queue(q, [done_id, stalled], [*runs, (stalled, 1)])
+    assert wasted.wasted_success == [stalled] and not wasted.valid and "wasted-success 1" in wasted.summary()
+    died = total_queue(q, [done_id, stalled], [*runs, (stalled, 1)], deaths_expected=True)  # the lost attempt
+    assert died.wasted_success == [] and died.valid
