@@ -39,9 +39,10 @@ from sqlalchemy import (JSON, BigInteger, case, Column, DateTime, Float, Index, 
                         Table, Text, TypeDecorator, and_, bindparam, create_engine, delete, event, func,
                         column, insert, select, table, text, update)
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError, SQLAlchemyError
+from sqlalchemy.exc import (DisconnectionError, IntegrityError, InterfaceError, OperationalError, ProgrammingError,
+                            SQLAlchemyError)
 
-from qkit import extras
+from qkit import extras, storable
 from qkit.backoff import Backoff
 from qkit.config import redact
 from qkit.dispatch import Settlement, redis_now
@@ -52,7 +53,7 @@ from qkit.model import Job, NewJob
 
 SCHEMA_VERSION = 4  # v2: job_daily (retention roll-ups, qkit/retention.py); v3: SQLite job ids never reused;
 #                   v4: worker_runs.run_id (qkit/scheduled.py)
-MAX_TEXT = 64 * 1024  # stored error/traceback text is truncated to this
+MAX_TEXT = storable.MAX_ERROR_BYTES  # stored error/traceback text is cut to this many bytes (qkit/storable.py)
 #: a retry claimed this much before its run_at still runs: Redis decides due times on its own clock,
 #: and run_at is written from an estimate of it (qkit.dispatch.RedisClock)
 NOT_DUE_SLACK = timedelta(seconds=1)
@@ -167,7 +168,7 @@ worker_runs = Table(
     Column("failed", Integer, nullable=False, default=0),
     Column("trigger", String(16), nullable=False),
     Column("params", Json),
-    Column("status", String(16), nullable=False, default="running"),  # running|ok|failed|interrupted
+    Column("status", String(16), nullable=False, default="running"),  # running|ok|failed|interrupted|abandoned
     Column("error", Text),
     Column("run_id", String(64)),  # a scheduled run's id: its runner creates the row, the burst continues it
     Index("ix_worker_runs_run_id", "run_id"),
@@ -279,10 +280,6 @@ def fingerprint(error: str | None) -> str | None:
     text_ = _HEX.sub("<id>", text_)
     text_ = _NUMBER.sub("<n>", text_)
     return text_[:200]
-
-
-def _clip(value: str | None) -> str | None:
-    return value if value is None or len(value) <= MAX_TEXT else value[:MAX_TEXT] + "…[truncated]"
 
 
 class DriverSQL:
@@ -413,6 +410,26 @@ class SettlePlan:
     completed: int = 0
     retried: int = 0
     failed: int = 0
+
+    def merge(self, other: "SettlePlan") -> None:
+        self.settlements += other.settlements
+        self.fenced += other.fenced
+        self.completed += other.completed
+        self.retried += other.retried
+        self.failed += other.failed
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether ``exc`` says the ledger could not be reached (worth retrying), not that it refused the data."""
+    return (isinstance(exc, (BackendUnavailable, OperationalError, InterfaceError, DisconnectionError))
+            or bool(getattr(exc, "connection_invalidated", False)))
+
+
+def unstorable(o: Outcome, exc: BaseException) -> Outcome:
+    """The outcome recorded instead of one the ledger refused: failed, with a clean error and no job data."""
+    return Outcome(o.job, "failed", o.finished_at, permanent=True,
+                   error=f"OutcomeNotStored: the ledger refused this job's {o.outcome} outcome "
+                         f"({type(exc).__name__}); its handler had finished")
 
 
 def _row_to_job(row: Any) -> Job:
@@ -753,13 +770,15 @@ class Ledger:
 
     # ------------------------------------------------------------------ claim
     def claim(self, queue: str, worker: str, job_ids: Sequence[int], reclaimed: dict[int, str],
-              backoff: Backoff, now: datetime | None = None) -> ClaimPlan:
+              backoff: Backoff, now: datetime | None = None, again: bool = False) -> ClaimPlan:
         """Record the claim of ids Redis just leased to ``worker``.
 
         Rows that are missing or already terminal are dropped (settlement
         'done', never run).  A row still ``processing`` had an attempt that
         never finished: it is closed as ``lost`` and the job is retried or
         dead-lettered like any failure.  The rest get an open attempt row.
+        With ``again`` (a retry of a call whose commit went unanswered), an
+        attempt this worker already opened is taken as it is, not as lost.
         """
         now = now or utcnow()
         plan = ClaimPlan()
@@ -793,10 +812,15 @@ class Ledger:
                     wait_ms = int((r.run_at - now).total_seconds() * 1000)
                     plan.settlements.append(Settlement(job_id, "retry", wait_ms, r.priority))
                     continue
+                previous = open_attempts.get(job_id)
+                if again and r.status == "processing" and previous is not None and previous.worker == worker:
+                    plan.runnable.append(Runnable(id=job_id, type=r.type, payload=r.payload, priority=r.priority,
+                                                  attempt=previous.attempt, max_attempts=r.max_attempts,
+                                                  epoch=r.epoch, started_at=previous.started_at))
+                    continue
                 if r.status == "processing":
                     # the previous holder's lease expired: that attempt was lost
                     plan.lost += 1
-                    previous = open_attempts.get(job_id)
                     holder = previous.worker if previous else (reclaimed.get(job_id) or "unknown")
                     error = f"lost: worker {holder} stopped renewing its lease (process died or stalled)"
                     if previous is not None:
@@ -859,12 +883,51 @@ class Ledger:
 
     # ------------------------------------------------------------------ settle
     def settle(self, worker: str, outcomes: Sequence[Outcome], backoff: Backoff,
-               now: datetime | None = None) -> SettlePlan:
-        """Record how attempts ended, fenced: only the attempt the ledger holds as current counts."""
+               now: datetime | None = None, again: bool = False) -> SettlePlan:
+        """Record how attempts ended, fenced: only the attempt the ledger holds as current counts.
+
+        Outcome text the ledger cannot store is escaped or cut and flagged
+        (:mod:`qkit.storable`).  If the batch's transaction still fails for a
+        reason other than the ledger being unreachable, the outcomes are written
+        one by one, so only a job whose own outcome is refused fails, recorded
+        as ``OutcomeNotStored``.  ``again``: an earlier call with these outcomes
+        may have committed without an answer (see :meth:`_settle`).
+        """
         now = now or utcnow()
+        try:
+            return self._settle(worker, outcomes, backoff, now, again)
+        except Exception as exc:  # noqa: BLE001 - sorted below: unreachable ledgers are the caller's to retry
+            if transient(exc):
+                raise
+            first = exc
+        log.warning("could not record a batch of %d outcomes (%s): recording them one by one",
+                    len(outcomes), type(first).__name__)
+        plan = SettlePlan()
+        for o in outcomes:
+            try:
+                part = self._settle(worker, [o], backoff, now, again)
+            except Exception as exc:  # noqa: BLE001
+                if transient(exc):
+                    raise
+                log.warning("job %s: its outcome could not be stored (%s); recorded as failed",
+                            o.job.id, type(exc).__name__)
+                part = self._settle(worker, [unstorable(o, exc)], backoff, now, again)
+            plan.merge(part)
+        return plan
+
+    def _settle(self, worker: str, outcomes: Sequence[Outcome], backoff: Backoff, now: datetime,
+                again: bool) -> SettlePlan:
+        """One transaction for ``outcomes``.
+
+        With ``again``, a job whose row no longer is at this attempt's
+        ``processing`` but still at this attempt and epoch was settled by an
+        earlier call whose commit went unanswered (or marked lost by a
+        reclaimer): Redis is told what the ledger holds instead of fencing it.
+        """
         plan = SettlePlan()
         if not outcomes:
             return plan
+        pg = self.driver.pg
         with self._write() as conn:
             current = {r[0]: FenceRow(*r) for r in self.driver.select_ids(
                 conn, SELECT_FENCE, [o.job.id for o in outcomes], lock=True)}
@@ -880,6 +943,10 @@ class Ledger:
                 j = o.job
                 r = current.get(j.id)
                 if r is None or r.status != "processing" or r.attempts != j.attempt or r.epoch != j.epoch:
+                    if again and r is not None and r.attempts == j.attempt and r.epoch == j.epoch:
+                        action = {"completed": "done", "failed": "dead"}.get(r.status, "retry")
+                        plan.settlements.append(Settlement(j.id, action, 0, j.priority))
+                        continue
                     plan.fenced.append(j.id)
                     continue
                 if o.outcome == "released":
@@ -890,14 +957,20 @@ class Ledger:
                     continue
                 duration = (o.finished_at - j.started_at).total_seconds() * 1000
                 finished = d.ts(o.finished_at)
-                error = _clip(o.error)
-                attempt_rows.append((o.outcome, finished, duration, error, _clip(o.traceback), fingerprint(o.error),
-                                     j.id, j.epoch, j.attempt))
+                result, escaped = None, False
                 if o.outcome == "completed":
-                    job_rows.append(("completed", None if o.result is None else _dumps(o.result), None, finished,
-                                     None, at, j.id))
+                    try:
+                        result, escaped = storable.result_json(o.result, pg)
+                    except ValueError as exc:
+                        o = unstorable(o, exc)
+                error = storable.text(o.error, pg)
+                attempt_rows.append((o.outcome, finished, duration, error, storable.text(o.traceback, pg),
+                                     fingerprint(error), j.id, j.epoch, j.attempt))
+                if o.outcome == "completed":
+                    job_rows.append(("completed", result, None, finished, None, at, j.id))
+                    flag = ',"escaped":"result"' if escaped else ""
                     event_rows.append(dict(job_id=j.id, at=now, event="completed", worker=worker,
-                                           detail=f'{{"attempt":{j.attempt},"duration_ms":{duration:.3f}}}'))
+                                           detail=f'{{"attempt":{j.attempt},"duration_ms":{duration:.3f}{flag}}}'))
                     plan.settlements.append(Settlement(j.id, "done"))
                     plan.completed += 1
                 elif o.permanent or j.attempt >= j.max_attempts:
@@ -1070,7 +1143,30 @@ class Ledger:
         with self._write() as conn:
             conn.execute(update(worker_runs).where(worker_runs.c.id == run_id).values(
                 finished_at=utcnow(), processed=processed, completed=completed, retried=retried, failed=failed,
-                status=status, error=_clip(error)))
+                status=status, error=storable.text(error, self.driver.pg)))
+
+    def running_runs(self, queue: str) -> list[tuple[int, str, datetime]]:
+        """(id, worker, started_at) of the queue's ``worker_runs`` rows still marked ``running``."""
+        with self.read_engine.connect() as conn:
+            return [(int(r[0]), r[1], r[2]) for r in conn.execute(
+                select(worker_runs.c.id, worker_runs.c.worker, worker_runs.c.started_at)
+                .where(worker_runs.c.queue == queue, worker_runs.c.status == "running"))]
+
+    def abandon_runs(self, reasons: dict[int, str]) -> int:
+        """Close ``running`` rows of dead bursts as ``abandoned`` (id -> error); returns how many changed.
+
+        Compare-and-set on the status: a row its burst closed meanwhile keeps what the burst wrote.
+        """
+        if not reasons:
+            return 0
+        now = utcnow()
+        changed = 0
+        with self._write() as conn:
+            for run_id, reason in sorted(reasons.items()):
+                changed += conn.execute(update(worker_runs).where(
+                    worker_runs.c.id == run_id, worker_runs.c.status == "running").values(
+                    finished_at=now, status="abandoned", error=reason)).rowcount
+        return changed
 
     def close(self) -> None:
         with self._writer_lock:
