@@ -117,3 +117,39 @@ def _drop_stale(q: "Queue", snap: Any, active: dict[int, str]) -> dict[int, str]
     if why:
         q.dispatch.remove(sorted(why), scope="all")
     return why
+
+
+def close_abandoned_runs(q: "Queue") -> int:
+    """Close as ``abandoned`` the queue's ``running`` worker_runs rows whose burst process is gone.
+
+    A burst closes its own row; a row still ``running`` after its process died
+    (SIGKILL, power loss) is closed here, by the next burst on the queue and by
+    ``qkit audit --repair``.  Only rows of this host are judged: the worker id
+    names the host and pid (:func:`qkit.worker.burst_process`), and the burst is
+    dead when no process has that pid, or the one that has it started after the
+    row did (the pid was reused).  A live process's rows, including other bursts
+    in this very process, are left alone; so are other hosts' rows.
+    """
+    import psutil
+
+    from qkit.worker import burst_process, short_host
+
+    host = short_host()
+    reasons: dict[int, str] = {}
+    for run_id, worker, started_at in q.ledger.running_runs(q.name):
+        where = burst_process(worker)
+        if where is None or where[0] != host:
+            continue
+        pid = where[1]
+        try:
+            alive = psutil.Process(pid).create_time() <= started_at.timestamp() + 1.0  # create_time: 1 s grain
+        except psutil.NoSuchProcess:
+            alive = False
+        except psutil.Error:
+            alive = True  # cannot tell (e.g. access denied): assume it lives
+        if not alive:
+            reasons[run_id] = f"abandoned: process {pid} on {host} ended without closing its run"
+    closed = q.ledger.abandon_runs(reasons)
+    if closed:
+        log.warning("queue %s: closed %d worker run(s) left running by a process that is gone", q.name, closed)
+    return closed

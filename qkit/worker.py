@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import os
 import queue as queue_mod
+import re
 import signal
 import socket
 import threading
@@ -24,7 +25,8 @@ from qkit.config import redact
 from qkit.dispatch import Settlement
 from qkit.errors import QkitError
 from qkit.handlers import JobContext, get_handler, run_in_context
-from qkit.ledger import Outcome, Runnable, utcnow
+from qkit.errors import BackendUnavailable
+from qkit.ledger import Outcome, Runnable, transient, utcnow
 from qkit.logs import log
 from qkit.model import MAX_PAYLOAD_BYTES, WorkSummary, compact_json
 
@@ -35,12 +37,26 @@ if TYPE_CHECKING:
 MAX_BATCH = 1000
 TARGET_BATCH_SECONDS = 0.5
 TRIGGERS = ("papermill", "cli", "http", "notebook")
+#: back-off of a live worker retrying a ledger or Redis write it could not make (seconds)
+RETRY_FIRST_S, RETRY_MAX_S = 0.05, 1.0
+
+
+def short_host() -> str:
+    return socket.gethostname().split(".")[0][:24] or "host"
 
 
 def new_worker_id() -> str:
-    """Unique per burst, even for a restarted process with the same pid."""
-    host = socket.gethostname().split(".")[0][:24] or "host"
-    return f"w-{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    """Unique per burst, even for a restarted process with the same pid: ``w-<host>-<pid>-<random>``."""
+    return f"w-{short_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+_WORKER_ID = re.compile(r"w-(.+)-(\d+)-[0-9a-f]{8}")
+
+
+def burst_process(worker_id: str) -> tuple[str, int] | None:
+    """(host, pid) of the process that ran burst ``worker_id``, or None for another kind of id."""
+    m = _WORKER_ID.fullmatch(worker_id or "")
+    return (m.group(1), int(m.group(2))) if m else None
 
 
 class _Slot(threading.Thread):
@@ -101,7 +117,7 @@ def _outcome(job: Runnable, result: Any, exc: BaseException | None) -> Outcome:
     finished = utcnow()
     if exc is None:
         try:
-            size = len(compact_json(result).encode()) if result is not None else 0
+            size = len(compact_json(result).encode("utf-8", "surrogatepass")) if result is not None else 0
         except Exception as err:  # noqa: BLE001 - TypeError, ValueError, RecursionError...
             return Outcome(job, "failed", finished,
                            error=f"BadResult: handler returned a value that is not JSON-serialisable: {err}")
@@ -112,6 +128,15 @@ def _outcome(job: Runnable, result: Any, exc: BaseException | None) -> Outcome:
     error = redact(f"{type(exc).__name__}: {exc}")
     tb = redact("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
     return Outcome(job, "timeout" if isinstance(exc, TimeoutError) else "failed", finished, error=error, traceback=tb)
+
+
+def run_error(exc: BaseException) -> str:
+    """A burst's error as stored in ``worker_runs`` and logged: qkit's own one-line message, or only
+    the exception's type (a driver's message may quote the SQL parameters, i.e. job data)."""
+    if isinstance(exc, QkitError):
+        first = str(exc).strip().splitlines()
+        return redact(first[0][:500]) if first else type(exc).__name__
+    return f"{type(exc).__name__} (the worker's exception; details are not stored as they may hold job data)"
 
 
 def _timeout(job: Runnable, timeout: float) -> Outcome:
@@ -267,6 +292,8 @@ class Worker:
         self._started = 0
         self._avg_job_s = 0.0
         self._abandoned: list[tuple[threading.Thread, float]] = []  # (handler thread, job start) of timeouts
+        self._leased_at = 0.0  # monotonic start of the last Redis call that granted or renewed every held lease
+        self._priority: dict[int, int] = {}  # held job -> priority, to release it in place
 
     # ------------------------------------------------------------------ public
     def run(self) -> WorkSummary:
@@ -283,14 +310,15 @@ class Worker:
         pool = HandlerPool(self.concurrency)
         status, error = "ok", None
         try:
-            from qkit.reconcile import repair_if_drifted
+            from qkit.reconcile import close_abandoned_runs, repair_if_drifted
 
             repair_if_drifted(q)
+            close_abandoned_runs(q)
             self._loop(pool)
             if self._signal is not None:
                 status = "interrupted"
         except BaseException as exc:
-            status, error = "failed", redact(f"{type(exc).__name__}: {exc}")
+            status, error = "failed", run_error(exc)
             raise
         finally:
             self._stop.set()
@@ -299,11 +327,14 @@ class Worker:
                 kill_children_of(thread, started)
             self.summary.seconds = round(time.monotonic() - t0, 3)
             s = self.summary
-            try:
+            def close(_again: bool = False) -> None:
                 q.ledger.finish_run(run_id, processed=s.processed, completed=s.completed, retried=s.retried,
                                     failed=s.failed, status=status, error=error)
-            except QkitError as exc:
-                log.error("could not close worker run %s: %s", run_id, exc)
+            try:
+                # a burst that failed (maybe after retrying a write for a lease period) tries once
+                self._retrying("closing the worker run", close) if status != "failed" else close()
+            except Exception as exc:  # noqa: BLE001 - the next burst closes the row as abandoned
+                log.error("could not close worker run %s: %s", run_id, run_error(exc))
             self._restore_signals(previous)
         if self._signal is not None:
             # the burst stopped cleanly; now let the signal do what its sender meant
@@ -331,7 +362,7 @@ class Worker:
                 s.stopped_by = "signal" if self._signal else ("max_jobs" if self.max_jobs is not None
                                                                and self._started >= self.max_jobs else "max_seconds")
                 break
-            claim = q.dispatch.claim(self.worker_id, self.lease_ms, want, to_settle)
+            claim = self._redis_claim(want, to_settle)
             if faults.ARMED and (claim.claimed or claim.reclaimed):
                 faults.reach("claim.after_redis")
             self._forget([x.job_id for x in to_settle])
@@ -345,7 +376,10 @@ class Worker:
             with self._held_lock:
                 for job_id in [*claim.reclaimed, *claim.claimed]:
                     self._held[job_id] = 0
-            plan = q.ledger.claim(q.name, self.worker_id, claim.claimed, claim.reclaimed, q.backoff)
+            plan = self._retrying("recording the claim in the ledger", lambda again: q.ledger.claim(
+                q.name, self.worker_id, claim.claimed, claim.reclaimed, q.backoff, again=again),
+                to_settle, claim_in_hand=[*claim.reclaimed, *claim.claimed])
+            self._priority.update((r.id, r.priority) for r in plan.runnable)
             if faults.ARMED:
                 faults.reach("claim.after_ledger")
             to_settle += plan.settlements
@@ -356,7 +390,8 @@ class Worker:
             outcomes = self._run_batch(pool, plan.runnable)
             if faults.ARMED and outcomes:
                 faults.reach("complete.before_ledger")
-            settled = q.ledger.settle(self.worker_id, outcomes, q.backoff)
+            settled = self._retrying("recording outcomes in the ledger", lambda again: q.ledger.settle(
+                self.worker_id, outcomes, q.backoff, again=again), to_settle)
             if faults.ARMED:
                 faults.reach(*[point for point, n in (("complete.after_ledger", settled.completed),
                                                       ("retry.after_ledger", settled.retried),
@@ -372,7 +407,7 @@ class Worker:
             if self.progress is not None:
                 self.progress.update(settled.completed + settled.retried + settled.failed)
         if to_settle:
-            claim = q.dispatch.claim(self.worker_id, self.lease_ms, 0, to_settle)
+            claim = self._redis_claim(0, to_settle)
             self._forget([x.job_id for x in to_settle])
             s.fenced += len(claim.fenced)
 
@@ -380,6 +415,69 @@ class Worker:
         with self._held_lock:
             for job_id in job_ids:
                 self._held.pop(job_id, None)
+                self._priority.pop(job_id, None)
+
+    # ------------------------------------------------------------------ retried writes
+    def _redis_claim(self, want: int, to_settle: list[Settlement]) -> Any:
+        def call(_again: bool) -> Any:
+            started = time.monotonic()
+            claim = self.q.dispatch.claim(self.worker_id, self.lease_ms, want, to_settle)
+            self._leased_at = started  # every lease we hold now was granted or kept at least this late
+            return claim
+        return self._retrying("the Redis claim", call, to_settle)
+
+    def _retry_deadline(self, first_failure: float) -> float:
+        """Until when a failing write is retried: one lease period, and never past the time the
+        held leases expire (less a margin), since past it other workers may take the jobs over."""
+        lease_s = self.lease_ms / 1000
+        deadline = first_failure + lease_s
+        with self._held_lock:
+            holding = bool(self._held)
+        if holding:
+            deadline = min(deadline, self._leased_at + lease_s - min(lease_s / 4, 5.0))
+        return deadline
+
+    def _retrying(self, what: str, call: Callable[[bool], Any], to_settle: list[Settlement] | None = None,
+                  claim_in_hand: list[int] = ()) -> Any:
+        """``call(again)`` until it succeeds, retrying with back-off while the ledger or Redis cannot be
+        reached, for as long as :meth:`_retry_deadline` allows (the renewer keeps the leases meanwhile).
+
+        Past it: what this burst holds is released (best effort) and BackendUnavailable raised,
+        one line naming the backend.  Errors that are not about reaching a backend are not retried.
+        """
+        first: float | None = None
+        delay = RETRY_FIRST_S
+        while True:
+            try:
+                return call(first is not None)
+            except Exception as exc:
+                if not transient(exc):
+                    raise
+                now = time.monotonic()
+                # a driver's error, as one line naming the ledger (a backend's error names its variable)
+                reason = run_error(exc if isinstance(exc, QkitError) else self.q.ledger._unavailable(exc))
+                if first is None:
+                    first = now
+                    log.warning("%s failed, retrying: %s", what, reason)
+                if now + delay > self._retry_deadline(first):
+                    if to_settle is not None:
+                        self._release(to_settle, claim_in_hand)
+                    raise BackendUnavailable(f"gave up {what} after {now - first:.1f} s of retries: {reason}") from None
+                time.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_S)
+
+    def _release(self, to_settle: list[Settlement], claim_in_hand: list[int]) -> None:
+        """Best effort, on giving up: settle in Redis what the ledger settled, and put back the jobs
+        held (with a known priority) so that another burst can take them without waiting for
+        their leases to expire.  Jobs still open in the ledger get a ``lost`` attempt there."""
+        with self._held_lock:
+            held = [j for j in [*self._held, *claim_in_hand] if j in self._priority]
+        done = {x.job_id for x in to_settle}
+        back = [Settlement(j, "retry", 0, self._priority[j]) for j in dict.fromkeys(held) if j not in done]
+        try:
+            self.q.dispatch.claim(self.worker_id, self.lease_ms, 0, [*to_settle, *back])
+        except Exception as exc:  # noqa: BLE001 - best effort: the leases expire anyway
+            log.debug("could not release the jobs this burst holds: %s", run_error(exc))
 
     def _may_start(self) -> bool:
         return not (self._stop.is_set() or (self.deadline is not None and time.monotonic() >= self.deadline)
@@ -474,7 +572,9 @@ class Worker:
             if not held:
                 continue
             try:
+                started = time.monotonic()
                 lost = set(self.q.dispatch.renew(self.worker_id, self.lease_ms, list(held)))
+                self._leased_at = max(self._leased_at, started)
                 for job_id in lost:
                     log.warning("job %s: lease lost (reclaimed by another worker); its outcome will be fenced", job_id)
                 first = [(j, a) for j, a in held.items() if a and j not in lost and (j, a) not in self._renewed]

@@ -238,7 +238,8 @@ def test_f09_redis_killed_between_claim_and_ack_then_restarted(own_redis, tmp_pa
     assert worker.wait(30) == 1
     assert time.monotonic() - t0 < LEASE + 5
     lines = out.read_text().strip().splitlines()
-    assert len(lines) <= 2 and "QKIT_REDIS_URL" in lines[-1] and "Traceback" not in "".join(lines), lines
+    # at most a warning that the Redis write is being retried, one that renewals fail, and the error
+    assert len(lines) <= 3 and "QKIT_REDIS_URL" in lines[-1] and "Traceback" not in "".join(lines), lines
     # the ledger committed the first job's completion before Redis was told
     assert q.get(first).status == "completed"
     own_redis.restart()
@@ -296,7 +297,8 @@ def test_f11_redis_dies_mid_burst(own_redis, tmp_path: Path):
     assert time.monotonic() - t0 < 5
     lines = out.read_text().strip().splitlines()
     # one error line; at most one warning from the lease renewer, which saw it first
-    assert len(lines) <= 2 and "QKIT_REDIS_URL" in lines[-1] and "Traceback" not in "".join(lines), lines
+    # at most a warning that the Redis write is being retried, one that renewals fail, and the error
+    assert len(lines) <= 3 and "QKIT_REDIS_URL" in lines[-1] and "Traceback" not in "".join(lines), lines
     with q.ledger.read_engine.connect() as conn:
         run = conn.execute(select(worker_runs).order_by(worker_runs.c.id.desc())).mappings().first()
     assert run["status"] == "failed" and run["finished_at"] is not None

@@ -1,0 +1,298 @@
+"""Faults of a live system that kill no process (docs/reliability.md, "Live faults").
+
+- one job's unstorable outcome data (lone surrogates, NUL on PostgreSQL, text
+  over the caps) must fail none of its batch-mates;
+- a PostgreSQL restart mid-burst must not throw away finished outcomes: the
+  worker retries its writes while it keeps its leases;
+- every burst closes its ``worker_runs`` row; a row left ``running`` by a dead
+  process is closed as ``abandoned`` by the next burst and by ``audit --repair``,
+  a live burst's row never.
+
+Each scenario ends with :func:`qkit.audit.total_queue`, whose ``wasted_success``
+(jobs failed although a handler of theirs returned) must be 0.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+from sqlalchemy import select
+
+import qkit
+from conftest import Setup, held_job, run_burst, spawn_burst, wait_for
+from job_handlers import executions, read_log
+from qkit.audit import audit, total_queue
+from qkit.devservers import pg_bin_dir, start_postgres, start_redis
+from qkit.ledger import Outcome, job_events, utcnow, worker_runs
+from qkit.storable import ESCAPED, MAX_ERROR_BYTES
+
+import live_fault_handlers  # noqa: F401 - the same handlers for in-process bursts
+
+ENV = {"QKIT_HANDLERS": "live_fault_handlers", "QKIT_BACKOFF_BASE": 0}
+
+
+def checked(q: qkit.Queue, acknowledged, log: Path, deaths_expected: bool = False):
+    report = total_queue(q, acknowledged, executions(log), deaths_expected=deaths_expected)
+    print(f"[{q.name}] {report.summary()}")
+    assert report.valid and not report.wasted_success, report.summary() + "\n" + report.audit.summary()
+    return report
+
+
+def runs_of(q: qkit.Queue) -> list[dict]:
+    with q.ledger.read_engine.connect() as conn:
+        return [dict(r) for r in conn.execute(select(worker_runs).where(worker_runs.c.queue == q.name)
+                                              .order_by(worker_runs.c.id)).mappings()]
+
+
+# --------------------------------------------------------------------------- 1. one job's bad data
+POISONS = ["surrogate_error", "huge_error", "surrogate_result", "nul_error", "nul_result"]
+
+
+def test_one_jobs_unstorable_outcome_fails_none_of_its_batch_mates(setup: Setup, tmp_path: Path):
+    """20 ``ok`` jobs batched with jobs whose error or result holds a lone surrogate, NUL (refused by
+    PostgreSQL) or 200 KB of text: every ``ok`` job completes, each poison job keeps its own outcome
+    (escaped or cut, and flagged), and the burst exits 0."""
+    q = setup.connect(backoff_base=0)
+    log = tmp_path / "log"
+    ids: dict[str, int] = {}
+    oks: list[int] = []
+    for i, kind in enumerate(POISONS):  # interleaved: every batch holds a poison job and ok jobs
+        oks.append(q.enqueue("lf_ok", {"log": str(log)}, max_attempts=1))
+        ids[kind] = q.enqueue("lf_poison", {"log": str(log), "kind": kind}, max_attempts=1)
+    oks += [q.enqueue("lf_ok", {"log": str(log)}, max_attempts=1) for _ in range(20 - len(oks))]
+    done = run_burst(setup, env=ENV)
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    assert "caf" not in done.stderr and "\\udce9" not in done.stderr  # no job data in the log
+    assert [q.get(i).status for i in oks] == ["completed"] * 20
+    err = q.get(ids["surrogate_error"])
+    assert err.status == "failed" and err.error.startswith("RuntimeError: cannot process caf\\udce9.txt")
+    assert err.error.endswith(ESCAPED)
+    (attempt,) = q.ledger.attempts(err.id)
+    assert attempt["outcome"] == "failed" and "caf\\udce9.txt" in attempt["traceback"]
+    huge = q.get(ids["huge_error"])
+    assert huge.status == "failed" and len(huge.error.encode()) <= MAX_ERROR_BYTES
+    assert "…[truncated]" in huge.error and huge.error.endswith(ESCAPED)
+    res = q.get(ids["surrogate_result"])
+    assert res.status == "completed" and res.result == {"name": "caf\\udce9.txt"}
+    completed = [e for e in q.ledger.events(res.id) if e["event"] == "completed"]
+    assert completed[0]["detail"]["escaped"] == "result"  # flagged
+    nul = q.get(ids["nul_error"])
+    nul_result = q.get(ids["nul_result"])
+    assert nul.status == "failed" and nul_result.status == "completed"
+    if setup.name == "redis-postgres":  # NUL is escaped only where the ledger refuses it
+        assert nul.error == "RuntimeError: cannot process a\\x00b" + ESCAPED
+        assert nul_result.result == {"text": "a\\x00b", "a\\x00key": 1}
+    else:
+        assert nul.error == "RuntimeError: cannot process a\x00b"
+        assert nul_result.result == {"text": "a\x00b", "a\x00key": 1}
+    (run,) = runs_of(q)
+    assert run["status"] == "ok" and run["completed"] == 22 and run["failed"] == 3
+    checked(q, [*oks, *ids.values()], log)
+
+
+def test_a_batch_the_ledger_refuses_is_written_job_by_job(setup: Setup):
+    """When a batch's transaction fails for what one outcome holds (here a result that is not JSON,
+    which the worker never hands over, passed straight to the ledger), the other outcomes are still
+    recorded and that one job alone is failed, with a clean ``OutcomeNotStored`` error."""
+    q = setup.connect(backoff_base=0)
+    job_ids = [q.enqueue("lf_ok", {"n": i}, max_attempts=1) for i in range(5)]
+    claim = q.dispatch.claim("w-test-direct", 60_000, 5)
+    plan = q.ledger.claim(q.name, "w-test-direct", claim.claimed, claim.reclaimed, q.backoff)
+    bad = plan.runnable[2].id
+    outcomes = [Outcome(r, "completed", utcnow(), result={"secret": {1, 2}} if r.id == bad else {"n": r.id})
+                for r in plan.runnable]
+    settled = q.ledger.settle("w-test-direct", outcomes, q.backoff)
+    assert settled.completed == 4 and settled.failed == 1 and not settled.fenced
+    q.dispatch.claim("w-test-direct", 60_000, 0, settled.settlements)
+    assert [q.get(i).status for i in job_ids] == ["completed"] * 2 + ["failed"] + ["completed"] * 2
+    failed = q.get(bad)
+    assert failed.error.startswith("OutcomeNotStored:") and "secret" not in failed.error
+    assert q.ledger.attempts(bad)[0]["outcome"] == "failed"
+    assert audit(q).clean
+
+
+# --------------------------------------------------------------------------- 2. a PostgreSQL restart
+def _pg_ctl(folder: Path, *args: str) -> None:
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    subprocess.run([*as_user, str(pg_bin_dir() / "pg_ctl"), "-D", str(folder / "data"), "-w", *args],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=120)
+
+
+def _start_postgres_again(server) -> None:
+    _pg_ctl(server.folder, "-o", f"-p {server.port} -k {server.folder} -c listen_addresses=127.0.0.1 "
+            "-c fsync=off -c synchronous_commit=off -c max_connections=200",
+            "-l", str(server.folder / "pg.log"), "start")
+
+
+def restart_postgres(server, down_s: float) -> None:
+    """``pg_ctl -m fast stop`` (every session is cut), ``down_s`` seconds down, then started again."""
+    _pg_ctl(server.folder, "-m", "fast", "stop")
+    time.sleep(down_s)
+    _start_postgres_again(server)
+
+
+@pytest.fixture(scope="module")
+def own_postgres() -> Iterator[object]:
+    """A PostgreSQL of this module alone: its tests restart and stop it."""
+    folder = Path(tempfile.mkdtemp(prefix="qkit-pg-live-"))
+    server = start_postgres(folder)
+    yield server
+    server.stop()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def pg_setup(own_postgres, redis_server, tmp_path: Path) -> Iterator[Setup]:
+    """redis-server + this module's own PostgreSQL (a fresh database per test)."""
+    name = f"live{os.getpid()}{int(time.time() * 1000) % 10**8}"
+    db = own_postgres.database(name)
+    env_vars = {"QKIT_HOME": str(tmp_path), "QKIT_REDIS_URL": redis_server.url, "QKIT_DATABASE_URL": db}
+    s = Setup(name="redis-own-postgres", queue=name, home=tmp_path,
+              overrides={"home": tmp_path, "redis_url": redis_server.url, "database_url": db}, env_vars=env_vars)
+    yield s
+    for q in s.opened:
+        q.close()
+
+
+def test_a_postgres_restart_mid_burst_throws_away_no_finished_outcome(pg_setup: Setup, own_postgres, tmp_path: Path):
+    """4,000 jobs with max_attempts=1; ``pg_ctl -m fast restart`` while the burst runs: the worker
+    retries its ledger writes, every job completes, the burst exits 0 and closes its run."""
+    q = pg_setup.connect(backoff_base=0)
+    log = tmp_path / "log"
+    ids = q.enqueue_many([dict(type="lf_ok", payload={"log": str(log), "sleep": 0.0005}, max_attempts=1)
+                          for _ in range(4000)])
+    out = tmp_path / "burst.out"
+    worker = spawn_burst(pg_setup, env={**ENV, "QKIT_LEASE_SECONDS": 20}, log=out)
+    wait_for(lambda: len(executions(log)) >= 300, timeout=120, what="the burst to get going")
+    restart_postgres(own_postgres, down_s=1.0)
+    assert worker.wait(300) == 0, out.read_text()
+    summary = json.loads(out.read_text().strip().splitlines()[-1])
+    assert summary["completed"] == 4000 and summary["failed"] == 0, summary
+    assert q.ledger.status_counts(q.name)["completed"] == 4000
+    (run,) = runs_of(q)
+    assert run["status"] == "ok" and run["completed"] == 4000 and run["finished_at"] is not None
+    checked(q, ids, log)
+
+
+def test_a_ledger_down_past_the_lease_bound_exits_1_and_the_next_burst_closes_its_run(
+        pg_setup: Setup, own_postgres, tmp_path: Path):
+    """PostgreSQL stopped mid-burst for longer than the retry bound: the burst gives up with one line
+    naming the ledger (no secret, no job data), exit 1; its run row, left ``running``, is closed as
+    ``abandoned`` by the next burst once PostgreSQL is back, and no job is lost."""
+    q = pg_setup.connect(backoff_base=0)
+    log = tmp_path / "log"
+    ids = q.enqueue_many([dict(type="lf_ok", payload={"log": str(log), "sleep": 0.002}, max_attempts=3)
+                          for _ in range(3000)])
+    out = tmp_path / "burst.out"
+    worker = spawn_burst(pg_setup, env={**ENV, "QKIT_LEASE_SECONDS": 2}, log=out)
+    wait_for(lambda: len(executions(log)) >= 100, timeout=120, what="the burst to get going")
+    _pg_ctl(own_postgres.folder, "-m", "fast", "stop")
+    try:
+        assert worker.wait(120) == 1
+    finally:
+        _start_postgres_again(own_postgres)
+    lines = out.read_text().strip().splitlines()
+    # warnings of the retries are logged; the error is the last line, one line naming the ledger
+    assert lines[-1].startswith("qkit: ") and "QKIT_DATABASE_URL" in lines[-1] and "gave up" in lines[-1], lines
+    assert not any("lf_ok" in line or "sleep" in line for line in lines), lines
+    (run,) = runs_of(q)
+    assert run["status"] == "running"
+    wait_for(lambda: (lambda inv: inv.leased == inv.leases_expired)(q.dispatch.inventory()),
+             what="the dead burst's leases to expire")
+    q.work()
+    first, second = runs_of(q)
+    assert first["status"] == "abandoned" and first["error"].startswith("abandoned: process")
+    assert second["status"] == "ok"
+    checked(q, ids, log)
+
+
+# --------------------------------------------------------------------------- 2b. a Redis restart
+@pytest.mark.parametrize("via", ["redis-server", "upstash-endpoint"])
+def test_a_redis_restart_mid_burst_throws_away_no_finished_outcome(via: str, endpoint_on, tmp_path: Path):
+    """redis-server (AOF, fsync always) killed and started again 1 s later while a burst of 2,000
+    max_attempts=1 jobs runs, reached over TCP or through the Upstash endpoint: the worker retries
+    its Redis writes within its leases, the burst exits 0 and no job is failed."""
+    server = start_redis(tmp_path / "redis", extra_args=["--appendonly", "yes", "--appendfsync", "always"])
+    try:
+        db = f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
+        if via == "redis-server":
+            backend = {"QKIT_REDIS_URL": server.url}
+            overrides = {"redis_url": server.url}
+        else:
+            token = "live-" + os.urandom(6).hex()
+            url = endpoint_on(server.url, token).url
+            backend = {"UPSTASH_REDIS_REST_URL": url, "UPSTASH_REDIS_REST_TOKEN": token}
+            overrides = {"upstash_url": url, "upstash_token": token}
+        s = Setup(name=via, queue="live-redis", home=tmp_path, overrides={"home": tmp_path, "database_url": db,
+                                                                         **overrides},
+                  env_vars={"QKIT_HOME": str(tmp_path), "QKIT_DATABASE_URL": db, **backend})
+        q = s.connect(backoff_base=0, lease_seconds=5)
+        log = tmp_path / "log"
+        ids = q.enqueue_many([dict(type="lf_ok", payload={"log": str(log), "sleep": 0.0005}, max_attempts=1)
+                              for _ in range(2000)])
+        out = tmp_path / "burst.out"
+        worker = spawn_burst(s, env={**ENV, "QKIT_LEASE_SECONDS": 5}, log=out)
+        wait_for(lambda: len(executions(log)) >= 200, timeout=120, what="the burst to get going")
+        server.crash()
+        time.sleep(1.0)
+        server.restart()
+        assert worker.wait(300) == 0, out.read_text()
+        # a claim whose reply was lost with the server leased jobs nobody recorded: they wait out the lease
+        wait_for(lambda: (lambda inv: inv.leased == inv.leases_expired)(q.dispatch.inventory()),
+                 what="orphaned leases to expire")
+        q.work()
+        assert q.ledger.status_counts(q.name)["completed"] == 2000
+        assert [r["status"] for r in runs_of(q)] == ["ok", "ok"]
+        checked(q, ids, log)
+        q.close()
+    finally:
+        server.stop()
+
+
+# --------------------------------------------------------------------------- worker_runs of dead bursts
+def test_runs_of_dead_bursts_are_abandoned_and_a_live_bursts_run_is_not(setup: Setup, tmp_path: Path):
+    q = setup.connect(backoff_base=0, lease_seconds=1)
+    env = {"QKIT_HANDLERS": "live_fault_handlers", "QKIT_LEASE_SECONDS": 1, "QKIT_BACKOFF_BASE": 0}
+
+    def killed_burst(sub: str) -> int:
+        folder = tmp_path / sub
+        folder.mkdir()
+        held = held_job(setup, q, folder, env)
+        held.worker.send_signal(signal.SIGKILL)
+        held.worker.wait(30)
+        held.release.touch()  # its next run finishes at once
+        return held.job_id
+
+    (tmp_path / "live").mkdir()
+    live = held_job(setup, q, tmp_path / "live", env)  # a burst in another live process
+    dead_job = killed_burst("dead1")
+    rows = runs_of(q)
+    assert [r["status"] for r in rows] == ["running", "running"]  # the dead burst left the live one's alone
+    wait_for(lambda: q.dispatch.inventory().leases_expired == 1, what="the dead burst's lease to expire")
+    q.work()  # the next burst: closes the dead burst's row, leaves the live one's
+    by_id = {r["id"]: r for r in runs_of(q)}
+    live_row, dead_row, mine = (by_id[r["id"]] for r in [*rows, runs_of(q)[-1]])
+    assert dead_row["status"] == "abandoned" and dead_row["finished_at"] is not None
+    assert "ended without closing its run" in dead_row["error"]
+    assert live_row["status"] == "running" and mine["status"] == "ok"
+    assert q.get(dead_job).status == "completed"  # reclaimed: its lost attempt retried
+
+    killed_burst("dead2")
+    report = audit(q, repair=True)
+    assert report.repaired["runs_abandoned"] == 1
+    statuses = {r["id"]: r["status"] for r in runs_of(q)}
+    assert statuses[live_row["id"]] == "running" and list(statuses.values()).count("abandoned") == 2
+    live.release.touch()
+    assert live.worker.wait(60) == 0
+    assert {r["id"]: r["status"] for r in runs_of(q)}[live_row["id"]] == "ok"
+    assert audit(q, repair=True).repaired["runs_abandoned"] == 0
