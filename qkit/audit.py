@@ -376,7 +376,9 @@ def audit(q: "Queue", repair: bool = False) -> AuditReport:
         repaired = {k: int(done.get(k, 0)) for k in repaired}
     from qkit.reconcile import close_abandoned_runs
 
-    repaired["runs_abandoned"] = close_abandoned_runs(q)  # worker_runs rows of dead bursts
+    abandoned = close_abandoned_runs(q)  # worker_runs rows of dead bursts
+    if abandoned:
+        repaired["runs_abandoned"] = abandoned
     report = check(q)
     report.found_before_repair = before
     report.repaired = repaired

@@ -172,6 +172,9 @@ def _run_note(exp: Explanation, worker: str, event_at: datetime | None = None) -
         return ""
     if run.get("finished_at") is None:
         return f"its run (started {_at(run['started_at'])}) never closed: the process died, or is still stalled"
+    if run.get("status") == "abandoned":  # closed by a later burst or audit --repair: its process was gone
+        return (f"its run (started {_at(run['started_at'])}) never closed: the process died "
+                f"(found gone and marked abandoned at {_at(run['finished_at'])})")
     if event_at is not None and run["finished_at"] > event_at:
         return (f"{worker} was stalled, not dead: its run ended later, at {_at(run['finished_at'])} "
                 f"(status {run['status']}), so its handler may have finished too, but that late outcome was "

@@ -11,6 +11,7 @@ queue's data it rebuilds the whole Redis side from the ledger.
 """
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 from qkit.ledger import utcnow
@@ -130,17 +131,17 @@ def close_abandoned_runs(q: "Queue") -> int:
     row did (the pid was reused).  A live process's rows, including other bursts
     in this very process, are left alone; so are other hosts' rows.
     """
-    import psutil
-
     from qkit.worker import burst_process, short_host
 
     host = short_host()
     reasons: dict[int, str] = {}
     for run_id, worker, started_at in q.ledger.running_runs(q.name):
         where = burst_process(worker)
-        if where is None or where[0] != host:
-            continue
+        if where is None or where[0] != host or where[1] == os.getpid():
+            continue  # another host's, or this live process's
         pid = where[1]
+        import psutil  # only when there is a run to judge: a burst starts faster without it
+
         try:
             alive = psutil.Process(pid).create_time() <= started_at.timestamp() + 1.0  # create_time: 1 s grain
         except psutil.NoSuchProcess:

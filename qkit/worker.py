@@ -135,7 +135,7 @@ def run_error(exc: BaseException) -> str:
     the exception's type (a driver's message may quote the SQL parameters, i.e. job data)."""
     if isinstance(exc, QkitError):
         first = str(exc).strip().splitlines()
-        return redact(first[0][:500]) if first else type(exc).__name__
+        return f"{type(exc).__name__}: {redact(first[0][:500])}" if first else type(exc).__name__
     return f"{type(exc).__name__} (the worker's exception; details are not stored as they may hold job data)"
 
 
@@ -424,17 +424,19 @@ class Worker:
             claim = self.q.dispatch.claim(self.worker_id, self.lease_ms, want, to_settle)
             self._leased_at = started  # every lease we hold now was granted or kept at least this late
             return claim
-        return self._retrying("the Redis claim", call, to_settle)
+        return self._retrying("the Redis claim", call)  # nothing to release through a Redis that fails
 
-    def _retry_deadline(self, first_failure: float) -> float:
-        """Until when a failing write is retried: one lease period, and never past the time the
-        held leases expire (less a margin), since past it other workers may take the jobs over."""
+    def _retry_deadline(self, first_call: float) -> float:
+        """Until when a failing write is retried: until the leases it may have granted (counted from
+        the start of the first failed call) or the ones held (from the last renewal) would expire,
+        less a margin: past it other workers may take the jobs over."""
         lease_s = self.lease_ms / 1000
-        deadline = first_failure + lease_s
+        margin = min(lease_s / 4, 5.0)
+        deadline = first_call + lease_s - margin
         with self._held_lock:
             holding = bool(self._held)
         if holding:
-            deadline = min(deadline, self._leased_at + lease_s - min(lease_s / 4, 5.0))
+            deadline = min(deadline, self._leased_at + lease_s - margin)
         return deadline
 
     def _retrying(self, what: str, call: Callable[[bool], Any], to_settle: list[Settlement] | None = None,
@@ -448,6 +450,7 @@ class Worker:
         first: float | None = None
         delay = RETRY_FIRST_S
         while True:
+            started = time.monotonic()
             try:
                 return call(first is not None)
             except Exception as exc:
@@ -455,9 +458,10 @@ class Worker:
                     raise
                 now = time.monotonic()
                 # a driver's error, as one line naming the ledger (a backend's error names its variable)
-                reason = run_error(exc if isinstance(exc, QkitError) else self.q.ledger._unavailable(exc))
+                reason = (str(exc if isinstance(exc, QkitError) else self.q.ledger._unavailable(exc)).strip()
+                          .split("\n")[0])
                 if first is None:
-                    first = now
+                    first = started
                     log.warning("%s failed, retrying: %s", what, reason)
                 if now + delay > self._retry_deadline(first):
                     if to_settle is not None:

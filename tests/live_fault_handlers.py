@@ -10,7 +10,7 @@ import os
 import time
 
 import qkit
-from job_handlers import _log  # noqa: F401 - and the crash tests' handlers, for the same workers
+import job_handlers  # noqa: F401 - the crash tests' handlers too (held_job), for the same workers
 
 #: a file name as ``os.listdir`` returns it for latin-1 bytes: one lone surrogate
 LATIN1_NAME = b"caf\xe9.txt".decode("utf-8", "surrogateescape")

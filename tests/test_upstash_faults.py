@@ -330,24 +330,53 @@ def test_enqueue_retry_after_the_job_died_enqueues_it_again(faulty, tmp_path):
 # --------------------------------------------------------------------------- claim / settle, one fault each
 @pytest.mark.parametrize("action", ALL_FAULTS)
 @pytest.mark.parametrize("position", ["claim", "settle"])
+def test_one_lost_claim_or_settle_answer_is_ridden_out(faulty, tmp_path, position, action):
+    """One failed claim or settle request: the live worker retries it within its leases and the burst
+    ends well; every job runs exactly once (a claim applied without an answer leaves its jobs
+    leased until the lease expires, then they run)."""
+    q = make_queue(faulty, tmp_path, f"fx1-{position}", lease=CLIENT_TIMEOUT + 1.0)
+    faults = faulty.app.state.faults
+    log = tmp_path / "log"
+    try:
+        ids = set(q.enqueue_many([{"type": "fx-ok", "payload": {"log": str(log)}} for _ in range(5)]))
+        plan = ["ok", action] if position == "claim" else ["ok", "ok", action]
+        faults.clear()
+        faults.arm(*plan)
+        q.work()
+        assert faults.fired[:len(plan)] == plan
+        wait_for(lambda: (lambda inv: inv.leased == inv.leases_expired)(q.dispatch.inventory()),
+                 what="orphaned leases to expire")
+        drain(q)
+        totals = audit(q, log, ids)
+        assert totals == {"executions": 5, "lost": 0, "completed": 5, "bursts": totals["bursts"],
+                          "failed_bursts": 0}
+    finally:
+        q.close()
+
+
+@pytest.mark.parametrize("action", ALL_FAULTS)
+@pytest.mark.parametrize("position", ["claim", "settle"])
 def test_lost_claim_or_settle_answer(faulty, tmp_path, position, action):
-    """A burst is three requests here: inventory, claim (gets all 5 jobs), settle-and-claim (gets none)."""
+    """A burst is three requests here: inventory, claim (gets all 5 jobs), settle-and-claim (gets none).
+    The fault persists past the worker's retry bound, so the burst gives up."""
     # a lease outlives the client's timeout (as in production: 60 s vs 10 s), so a claim whose
     # answer timed out still holds its jobs when the burst gives up
-    q = make_queue(faulty, tmp_path, f"fx-{position}", lease=CLIENT_TIMEOUT + (1.0 if action == "timeout_after" else 0))
+    # (the worker retries a timed-out request while those leases would still hold: 3 s more)
+    q = make_queue(faulty, tmp_path, f"fx-{position}", lease=CLIENT_TIMEOUT + (3.0 if action == "timeout_after" else 0))
     faults = faulty.app.state.faults
     log = tmp_path / "log"
     try:
         ids = set(q.enqueue_many([{"type": "fx-ok", "payload": {"log": str(log)}} for _ in range(5)]))
         plan = ["ok", action] if position == "claim" else ["ok", "ok", action]
         faults.clear()  # forget the enqueue's request: fired must show the burst's alone
-        faults.arm(*plan)
+        faults.arm(*plan, *[action] * 200)  # every later request fails too (renewals included)
         with pytest.raises(BackendUnavailable) as caught:
             q.work()
         assert_one_line_naming_url(caught.value)
-        # the fault hit the request meant; only renewals may follow (while a settle hangs,
-        # the burst still renews the leases it is settling)
-        assert faults.fired[:len(plan)] == plan and set(faults.fired[len(plan):]) <= {"ok"}
+        assert "gave up" in str(caught.value)
+        # the fault hit the request meant
+        assert faults.fired[:len(plan)] == plan
+        faults.clear()
         applied = action in FAULTS_AFTER
         ran = len([r for r in read_log(log) if r[0] == "done"])
         assert ran == (5 if position == "settle" else 0)
@@ -385,9 +414,10 @@ def test_retry_whose_settle_was_lost_still_waits_for_its_back_off(faulty, tmp_pa
         delay = q.backoff.delay(job_id, 0, 1)
         assert delay > 30  # deterministic jitter: far beyond the lease and this test
         faults.clear()
-        faults.arm("ok", "ok", "500_before")  # inventory, claim, settle-and-claim
+        faults.arm("ok", "ok", *["500_before"] * 200)  # inventory, claim, then settle-and-claim fails for good
         with pytest.raises(BackendUnavailable):
             q.work()
+        faults.clear()
         job = q.get(job_id)
         assert (job.status, job.attempts) == ("pending", 1)
         assert q.dispatch.snapshot().place_of(job_id) == "leased"
