@@ -129,7 +129,8 @@ def close_abandoned_runs(q: "Queue") -> int:
     names the host and pid (:func:`qkit.worker.burst_process`), and the burst is
     dead when no process has that pid, or the one that has it started after the
     row did (the pid was reused).  A live process's rows, including other bursts
-    in this very process, are left alone; so are other hosts' rows.
+    in this very process, are left alone; so are other hosts' rows, and (to be safe) a row whose pid
+    now belongs to a younger Python process.
     """
     from qkit.worker import burst_process, short_host
 
@@ -143,7 +144,11 @@ def close_abandoned_runs(q: "Queue") -> int:
         import psutil  # only when there is a run to judge: a burst starts faster without it
 
         try:
-            alive = psutil.Process(pid).create_time() <= started_at.timestamp() + 1.0  # create_time: 1 s grain
+            proc = psutil.Process(pid)
+            # a process younger than the row reuses the pid (create_time has a 1 s grain); but a scheduled
+            # run's row is opened by its runner before the kernel that bursts starts: a Python process counts
+            alive = (proc.create_time() <= started_at.timestamp() + 1.0
+                     or proc.name().lower().startswith("python"))
         except psutil.NoSuchProcess:
             alive = False
         except psutil.Error:

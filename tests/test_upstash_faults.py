@@ -328,6 +328,25 @@ def test_enqueue_retry_after_the_job_died_enqueues_it_again(faulty, tmp_path):
 
 
 # --------------------------------------------------------------------------- claim / settle, one fault each
+def five_jobs_then_faults(q: qkit.Queue, faults, log: Path, position: str, action: str,
+                          repeat: int = 0) -> tuple[set[int], list[str]]:
+    """Five ``fx-ok`` jobs; then ``action`` armed on the burst's claim or settle request (and ``repeat``
+    more times): (the job ids, the plan of the burst's first requests)."""
+    ids = set(q.enqueue_many([{"type": "fx-ok", "payload": {"log": str(log)}} for _ in range(5)]))
+    plan = ["ok", action] if position == "claim" else ["ok", "ok", action]
+    faults.clear()  # forget the enqueue's request: fired must show the burst's alone
+    faults.arm(*plan, *[action] * repeat)
+    return ids, plan
+
+
+def assert_each_ran_once(q: qkit.Queue, log: Path, ids: set[int], failed_bursts: int) -> None:
+    drain(q)
+    totals = audit(q, log, ids)
+    # every job ran exactly once: an unknown outcome never cost a second execution
+    assert totals == {"executions": 5, "lost": 0, "completed": 5, "bursts": totals["bursts"],
+                      "failed_bursts": failed_bursts}
+
+
 @pytest.mark.parametrize("action", ALL_FAULTS)
 @pytest.mark.parametrize("position", ["claim", "settle"])
 def test_one_lost_claim_or_settle_answer_is_ridden_out(faulty, tmp_path, position, action):
@@ -338,18 +357,12 @@ def test_one_lost_claim_or_settle_answer_is_ridden_out(faulty, tmp_path, positio
     faults = faulty.app.state.faults
     log = tmp_path / "log"
     try:
-        ids = set(q.enqueue_many([{"type": "fx-ok", "payload": {"log": str(log)}} for _ in range(5)]))
-        plan = ["ok", action] if position == "claim" else ["ok", "ok", action]
-        faults.clear()
-        faults.arm(*plan)
+        ids, plan = five_jobs_then_faults(q, faults, log, position, action)
         q.work()
         assert faults.fired[:len(plan)] == plan
         wait_for(lambda: (lambda inv: inv.leased == inv.leases_expired)(q.dispatch.inventory()),
                  what="orphaned leases to expire")
-        drain(q)
-        totals = audit(q, log, ids)
-        assert totals == {"executions": 5, "lost": 0, "completed": 5, "bursts": totals["bursts"],
-                          "failed_bursts": 0}
+        assert_each_ran_once(q, log, ids, failed_bursts=0)
     finally:
         q.close()
 
@@ -366,10 +379,8 @@ def test_lost_claim_or_settle_answer(faulty, tmp_path, position, action):
     faults = faulty.app.state.faults
     log = tmp_path / "log"
     try:
-        ids = set(q.enqueue_many([{"type": "fx-ok", "payload": {"log": str(log)}} for _ in range(5)]))
-        plan = ["ok", action] if position == "claim" else ["ok", "ok", action]
-        faults.clear()  # forget the enqueue's request: fired must show the burst's alone
-        faults.arm(*plan, *[action] * 200)  # every later request fails too (renewals included)
+        # every later request fails too (renewals included)
+        ids, plan = five_jobs_then_faults(q, faults, log, position, action, repeat=200)
         with pytest.raises(BackendUnavailable) as caught:
             q.work()
         assert_one_line_naming_url(caught.value)
@@ -389,11 +400,7 @@ def test_lost_claim_or_settle_answer(faulty, tmp_path, position, action):
             assert (again.processed, again.lost) == (0, 0)
             assert len(read_log(log)) == 2 * ran
             wait_for(lambda: q.dispatch.inventory().leases_expired == 5, what="the orphaned leases to expire")
-        drain(q)
-        totals = audit(q, log, ids)
-        # every job ran exactly once: an unknown outcome never cost a second execution
-        assert totals == {"executions": 5, "lost": 0, "completed": 5, "bursts": totals["bursts"],
-                          "failed_bursts": 1}
+        assert_each_ran_once(q, log, ids, failed_bursts=1)
     finally:
         q.close()
 
