@@ -85,6 +85,13 @@ def epoch_s(col: Any, dialect: str) -> Any:
     return cast(func.extract("epoch", col), Float)
 
 
+def seconds_between(start: Any, end: Any, dialect: str) -> Any:
+    """end - start in seconds (NULL if either is NULL), one conversion per column."""
+    if dialect == "sqlite":
+        return (func.julianday(end) - func.julianday(start)) * 86400.0
+    return cast(func.extract("epoch", end - start), Float)
+
+
 def bucket(expr: Any) -> Any:
     """The log bucket of a non-negative number (:data:`ZERO_BUCKET` for ~0; NULL stays NULL)."""
     return case((expr > _FLOOR, cast(func.floor(func.ln(expr) * BUCKETS_PER_E), Integer)),
@@ -176,7 +183,7 @@ def wait_stats(conn: Connection, scope: Scope, now: datetime) -> pd.DataFrame:
     and ``oldest_created`` (the earliest enqueue among those waiting).
     """
     d = _dialect(conn)
-    wait = epoch_s(jobs.c.started_at, d) - epoch_s(jobs.c.created_at, d)
+    wait = seconds_between(jobs.c.created_at, jobs.c.started_at, d)
     waiting = and_(jobs.c.started_at.is_(None), jobs.c.status == "pending", jobs.c.run_at <= now)
     b = bucket(wait).label("bucket")
     query = select(jobs.c.priority, b, func.count().label("jobs"), func.max(wait).label("wait_max_s"),
@@ -233,10 +240,8 @@ def time_bounds(conn: Connection, scope: Scope, what: str, single_queue: bool = 
 
 def created_bounds(conn: Connection, scope: Scope) -> tuple[Any, Any]:
     """(first, last) enqueue time of the scope's jobs, as epoch seconds."""
-    d = _dialect(conn)
-    row = conn.execute(select(func.min(epoch_s(jobs.c.created_at, d)), func.max(epoch_s(jobs.c.created_at, d)))
-                       .where(*scope.where())).one()
-    return row[0], row[1]
+    row = conn.execute(select(func.min(jobs.c.created_at), func.max(jobs.c.created_at)).where(*scope.where())).one()
+    return _seconds(row[0]), _seconds(row[1])
 
 
 #: the events that move a job between the states of the depth chart
@@ -248,7 +253,42 @@ def _by(*names: str) -> list[Any]:
     return [literal_column(n) for n in names]
 
 
-def depth_changes(conn: Connection, scope: Scope, *, origin: float, width: float, end: float | None, now: float,
+class _Bins:
+    """Time bins computed in SQL as cheaply as the dialect allows.
+
+    SQLite: julianday() once per row, no rounding (a millisecond of slack
+    puts an event at a bin's edge into that bin); PostgreSQL: epoch seconds.
+    Bin k covers [origin + k·width, origin + (k+1)·width).
+    """
+
+    def __init__(self, dialect: str, origin: float, width: float) -> None:
+        self.sqlite = dialect == "sqlite"
+        self.origin, self.width = origin, width
+
+    def tick(self, col: Any) -> Any:
+        """A time column in this dialect's unit (days on SQLite, seconds on PostgreSQL)."""
+        return func.julianday(col) if self.sqlite else cast(func.extract("epoch", col), Float)
+
+    def seconds(self, s: Any) -> Any:
+        """A number of seconds (a SQL expression) in the same unit."""
+        return s / 86400.0 if self.sqlite else s
+
+    def at(self, epoch: float) -> float:
+        """An epoch time in the same unit."""
+        return epoch / 86400.0 + 2440587.5 if self.sqlite else epoch
+
+    def bin(self, tick: Any) -> Any:
+        scale = (86400.0 if self.sqlite else 1.0) / self.width
+        raw = (tick - self.at(self.origin)) * scale + 1e-3 / self.width
+        # on SQLite CAST truncates, which is floor for the times at or after origin this is used for
+        return cast(raw, Integer) if self.sqlite else cast(func.floor(raw), Integer)
+
+
+def _as_time(epoch: float) -> datetime:
+    return datetime.fromtimestamp(epoch, timezone.utc)
+
+
+def depth_changes(conn: Connection, scope: Scope, *, origin: float, width: float, end: float | None,
                   start: float | None = None, single_queue: bool = False) -> pd.DataFrame:
     """State-changing events per time bin, in one scan: ``bin``, ``event``, ``variant``, ``due_bin``, ``n``.
 
@@ -257,47 +297,50 @@ def depth_changes(conn: Connection, scope: Scope, *, origin: float, width: float
     bound).  ``variant`` tells the two paths of an event apart: for
     ``retry_scheduled`` 1 = the job waits out a back-off (delay > 0) and 2 =
     it came from a reclaimed lease; for ``failed`` 2 = a reclaimed lease (the
-    job was no longer processing).  ``due_bin`` is the bin where a back-off
-    ended (the job pending again), if that is at or before ``now`` and ``end``.
+    job was no longer processing).  ``due_bin`` (retries only) is the bin
+    where the back-off ends: the job is pending again from then, if the
+    variant says it waited (odd) and that bin is not after ``now``'s.
     """
-    d = _dialect(conn)
-    t = epoch_s(job_events.c.at, d)
+    bins = _Bins(_dialect(conn), origin, width)
+    at = job_events.c.at
     delay = job_events.c.detail["delay_s"].as_float()
     outcome = job_events.c.detail["outcome"].as_string()
     extra, cond = _in_scope(scope, single_queue, job_events.c.job_id)
-
-    def binned(when: Any) -> Any:
-        raw = cast(func.floor((when - origin) / width), Integer)
-        return raw if start is None else case((when < start, literal(-1)), else_=raw)
-
+    due_tick = bins.tick(at) + bins.seconds(delay)
+    main_bin = bins.bin(bins.tick(at))
+    due = bins.bin(due_tick)
+    if start is not None:
+        main_bin = case((at < _as_time(start), literal(-1)), else_=main_bin)
+        due = case((due_tick < bins.at(start), literal(-1)), else_=due)
     retry = job_events.c.event == "retry_scheduled"
     variant = case((retry, case((delay > 0, 1), else_=0) + case((outcome.is_(None), 2), else_=0)),
                    (and_(job_events.c.event == "failed", outcome == "lost"), 2), else_=0)
-    limit = now if end is None else min(end, now)
-    due_bin = case((and_(retry, delay > 0, t + delay <= limit), binned(t + delay)), else_=None)
-    query = select(binned(t).label("bin"), job_events.c.event, variant.label("variant"), due_bin.label("due_bin"),
+    # each mention of a JSON field is one more json_extract per row on SQLite: the due bin is computed for
+    # every retry, and the caller keeps those of variant 1 or 3 (a back-off) that end by ``now``/``end``
+    due_bin = case((retry, due), else_=None)
+    query = select(main_bin.label("bin"), job_events.c.event, variant.label("variant"), due_bin.label("due_bin"),
                    func.count().label("n")).select_from(job_events)
     if extra is not None:
         query = query.join(extra, cond[0]).where(*cond[1:])
     query = query.where(job_events.c.event.in_(DEPTH_EVENTS))
     if end is not None:
-        query = query.where(t <= end)
+        query = query.where(at <= _as_time(end))
     return run(conn, query.group_by(*_by("bin", "event", "variant", "due_bin")))
 
 
 def finished_attempts(conn: Connection, scope: Scope, *, origin: float, width: float, start: float | None,
                       end: float | None, single_queue: bool = False) -> pd.DataFrame:
     """Finished attempts per time bin and outcome: ``bin``, ``outcome``, ``n``."""
-    d = _dialect(conn)
-    t = epoch_s(job_attempts.c.finished_at, d)
+    bins = _Bins(_dialect(conn), origin, width)
+    fin = job_attempts.c.finished_at
     extra, cond = _in_scope(scope, single_queue, job_attempts.c.job_id)
-    b = cast(func.floor((t - origin) / width), Integer).label("bin")
-    query = select(b, job_attempts.c.outcome, func.count().label("n")).select_from(job_attempts)
+    query = select(bins.bin(bins.tick(fin)).label("bin"), job_attempts.c.outcome, func.count().label("n")) \
+        .select_from(job_attempts)
     if extra is not None:
         query = query.join(extra, cond[0]).where(*cond[1:])
-    query = query.where(job_attempts.c.finished_at.is_not(None), job_attempts.c.outcome.is_not(None))
+    query = query.where(fin.is_not(None), job_attempts.c.outcome.is_not(None))
     if start is not None:
-        query = query.where(t >= start)
+        query = query.where(fin >= _as_time(start))
     if end is not None:
-        query = query.where(t <= end)
+        query = query.where(fin <= _as_time(end))
     return run(conn, query.group_by(*_by("bin"), job_attempts.c.outcome))

@@ -427,7 +427,8 @@ def queue_depth(q: "Queue", *, start: Any = None, end: Any = None, freq: str | N
     origin, width, stop, freq, single = win
     lo = as_utc(start)
     df = _sql(q, aq.depth_changes, sc, origin=origin, width=width, end=stop if as_utc(end) else None,
-              now=now.timestamp(), start=None if lo is None else lo.timestamp(), single_queue=single)
+              start=None if lo is None else lo.timestamp(), single_queue=single)
+    last_due = math.floor((min(stop, now.timestamp()) - origin) / width)  # back-offs ending later: still delayed
     nbins = int(math.floor((stop - origin) / width)) + 1
     delta = np.zeros((nbins + 1, len(states)), dtype="int64")  # row 0: before the window
 
@@ -442,7 +443,7 @@ def queue_depth(q: "Queue", *, start: Any = None, end: Any = None, freq: str | N
 
     for ev, var, b, due, n in zip(df["event"], df["variant"], df["bin"], df["due_bin"], df["n"]):
         move((ev, int(var)), b, int(n))
-        if due is not None and due == due:  # the back-off ended: delayed -> pending
+        if int(var) % 2 and due is not None and due == due and due <= last_due:  # back-off over: pending
             move(("due", 0), due, int(n))
     depth = np.cumsum(delta, axis=0)[1:]
     index = pd.DatetimeIndex(pd.to_datetime(origin + width * np.arange(nbins), unit="s", utc=True), name="at")
