@@ -380,3 +380,46 @@ def test_pick_job(dq):
     assert debug.pick_job(q, newer) == newer
     with pytest.raises(qkit.NotFound):
         debug.pick_job(q, 99999)
+
+
+# ---------------------------------------------------------------- the control bar, without a browser
+def test_live_mode_refreshes_then_stops_by_itself(dq, monkeypatch):
+    """Live mode redraws on the event loop's schedule, keeps the loop free, and ends after live_for."""
+    import asyncio
+
+    from qkit import frames, plots
+    from qkit.notebook_controls import Controls
+
+    monkeypatch.setenv("QKIT_WIDGETS", "1")  # the widgets, as in Lab
+    q = dq
+    q.enqueue_many(seeded_batch("mixed", 20, fail_rate=0.0, latency_ms=0, seed=1))
+    q.work()
+
+    async def scenario():
+        controls = Controls(q, live=True, every=0.3, live_for=1.5)
+        controls.render(lambda f: [plots.throughput(frames.throughput(f.q, **f.series))])
+        area = controls.views[0][1]
+        assert area.value.startswith("<img") and controls.redraws == 0
+        controls.w_live.value = True  # the Live button
+        ticks = 0
+        while controls._task is not None:  # the loop stays free while live: this coroutine keeps running
+            ticks += 1
+            await asyncio.sleep(0.05)
+        return controls, ticks
+
+    controls, ticks = asyncio.run(scenario())
+    assert controls.redraws >= 3 and ticks >= 10
+    assert controls.w_live.value is False and controls.w_live.description == "Live"  # stopped by itself
+    assert "live" not in controls.status.value
+
+
+def test_a_mistyped_queue_names_the_queues(dq):
+    from qkit.notebook import ParameterError
+    from qkit.notebook_controls import check_queue
+
+    dq.enqueue("web_scraping", {})
+    assert check_queue(dq) == ["debug"]
+    with qkit.connect(queue="debgu", home=dq.settings.home) as other:
+        with pytest.raises(ParameterError, match="queue 'debgu' has no jobs or worker runs in this ledger; "
+                                                 "its queues: debug"):
+            check_queue(other)
