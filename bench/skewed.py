@@ -32,6 +32,10 @@ def shift_clock(seconds: float) -> None:
     real, delta = dt.datetime, dt.timedelta(seconds=seconds)
 
     class SkewedDatetime(real):
+        # no __dict__: the same size as datetime, which C extensions (psycopg's) check when they
+        # import it after this replacement
+        __slots__ = ()
+
         @classmethod
         def now(cls, tz=None):  # noqa: ANN001, ANN206 - datetime's signature
             return real.now(tz) + delta

@@ -29,7 +29,6 @@ way out, also on failure or Ctrl-C.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import random
@@ -254,10 +253,9 @@ def run_seed(seed: int, *, jobs: int = 500, workers: int = 4, fail_rate: float =
         killed_pids = set(pool.killed)  # by the nemesis: its kills and the failover's
         acc = account(q, rows, actions, killed_pids)
         # the nemesis kills workers; which lost attempts a kill explains, soak_check decides per pid
-        extra = {"deaths_expected": True} if "deaths_expected" in inspect.signature(total_queue).parameters else {}
         report = total_queue(q, [i for i in acked.values() if i not in acc.purged], acc.current,
-                             attempted=[i for i in attempted if i not in acc.purged], **extra)
-        wasted_ids = sorted(set(getattr(report, "wasted_success", None) or ()) | set(acc.wasted))
+                             attempted=[i for i in attempted if i not in acc.purged], deaths_expected=True)
+        wasted_ids = sorted(set(report.wasted_success) | set(acc.wasted))
         wasted = len(wasted_ids)
         poison_ids = {acked[i]: kind for i in acked if (kind := poison_kind(seed, i, poison_rate))}
         poison_statuses, poison_problems = poison_outcomes(q, poison_ids, acc.purged)
