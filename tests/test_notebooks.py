@@ -314,6 +314,8 @@ def test_whatif_monitor_debug_and_dlq_notebooks_on_the_pipeline(pipeline):
     assert summary["exponential 1s..30s x5"]["dlq"] <= counts["failed"] and images(wi) == 1
     mon = run_notebook("queue_monitor", lab)
     assert images(mon) == 4
+    for nb in (wi, mon, pipeline["analysis"]):  # papermill shows stderr as a red box: nothing may land there
+        assert not [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.get("name") == "stderr"]
     dead = q.dead()
     target = dead[0].id
     dbg = run_notebook("debug_job", lab, job_id=target)
