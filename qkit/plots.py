@@ -465,7 +465,7 @@ def whatif(summary: pd.DataFrame, *, title: str = "Recorded failures replayed ag
     ``summary`` is ``qkit.whatif.replay(...).summary``.
     """
     fig, axes = _figure(10, 1.8 + 0.6 * max(1, len(summary)), 1, 3, sharey=True)
-    fig.suptitle(title)
+    fig.suptitle(title + "\n(time to success: first attempt to completion)")
     if summary.empty or not summary["jobs"].sum():
         for ax in axes.flat:
             _no_data(ax, "no finished jobs to replay yet")
@@ -479,10 +479,10 @@ def whatif(summary: pd.DataFrame, *, title: str = "Recorded failures replayed ag
               zorder=3)
     a.scatter(rows["tts_p90_s"].fillna(0).to_numpy(dtype=float), y, marker="|", s=250, color="black", label="p90",
               zorder=3)
-    a.set_xlabel("time to success (s), first attempt to completion")
+    a.set_xlabel("time to success (s)")
     fig.legend(*a.get_legend_handles_labels(), loc="outside lower left", ncols=3, title="time to success")
     b.barh(y, rows["extra_attempts"].to_numpy(dtype=float), color=colors, height=0.6)
-    b.set_xlabel("extra attempts (retries, count)")
+    b.set_xlabel("extra attempts (retries)")
     c.barh(y, rows["dlq"].to_numpy(dtype=float), color=[COLORS["dlq"] if p not in highlight else "#b71c1c"
                                                         for p in rows["policy"]], height=0.6)
     c.set_xlabel("DLQ size (jobs, expected)")
