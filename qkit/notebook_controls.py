@@ -300,7 +300,8 @@ class Controls:
             display(self._bar)
         self.views.append((view, area))
         display(area)
-        f = self.filters()
+        # the cells run one after the other: they share one drawing (and its frames) until a control changes
+        f = self._shared = getattr(self, "_shared", None) or self.filters()
         area.value = self._html(view, f)
         self._say(f)
 
@@ -314,7 +315,7 @@ class Controls:
                    f'{html.escape(redact(str(exc)))}</pre>'
 
     def _compute(self) -> tuple[Filters, list[str]]:
-        f = self.filters()
+        f = self._shared = self.filters()
         return f, [self._html(view, f) for view, _ in self.views]
 
     def _apply(self, f: Filters, pages: list[str]) -> None:

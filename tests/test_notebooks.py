@@ -398,7 +398,7 @@ def test_live_mode_refreshes_then_stops_by_itself(dq, monkeypatch):
     q.work()
 
     async def scenario():
-        controls = Controls(q, live=True, every=0.3, live_for=1.5)
+        controls = Controls(q, live=True, every=0.2, live_for=4.0)
         controls.render(lambda f: [plots.throughput(frames.throughput(f.q, **f.series))])
         area = controls.views[0][1]
         assert area.value.startswith("<img") and controls.redraws == 0
@@ -410,7 +410,7 @@ def test_live_mode_refreshes_then_stops_by_itself(dq, monkeypatch):
         return controls, ticks
 
     controls, ticks = asyncio.run(scenario())
-    assert controls.redraws >= 3 and ticks >= 10
+    assert controls.redraws >= 2 and ticks >= 10  # redrawn more than once, the loop free meanwhile
     assert controls.w_live.value is False and controls.w_live.description == "Live"  # stopped by itself
     assert "live" not in controls.status.value
 
