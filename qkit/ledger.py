@@ -51,8 +51,8 @@ from qkit.logs import log
 from qkit.model import Job, NewJob
 
 
-SCHEMA_VERSION = 4  # v2: job_daily (retention roll-ups, qkit/retention.py); v3: SQLite job ids never reused;
-#                   v4: worker_runs.run_id (qkit/scheduled.py)
+SCHEMA_VERSION = 5  # v2: job_daily (retention roll-ups, qkit/retention.py); v3: SQLite job ids never reused;
+#                   v4: worker_runs.run_id (qkit/scheduled.py); v5: a failed job keeps its idempotency key
 MAX_TEXT = storable.MAX_ERROR_BYTES  # stored error/traceback text is cut to this many bytes (qkit/storable.py)
 #: a retry claimed this much before its run_at still runs: Redis decides due times on its own clock,
 #: and run_at is written from an estimate of it (qkit.dispatch.RedisClock)
@@ -107,7 +107,6 @@ class _Json(TypeDecorator):
 
 
 Json = _Json()
-NOT_FAILED = "status <> 'failed'"
 
 metadata = MetaData()
 
@@ -133,8 +132,8 @@ jobs = Table(
     Column("finished_at", UTCDateTime),
     Column("epoch", Integer, nullable=False, default=0),  # bumped by each DLQ replay
     Index("ix_jobs_queue_status", "queue", "status"),
-    Index("uq_jobs_idempotency", "queue", "idempotency_key", unique=True,
-          sqlite_where=text(NOT_FAILED), postgresql_where=text(NOT_FAILED)),
+    # every job holds its key, failed ones too, until purged (docs/semantics.md#idempotency)
+    Index("uq_jobs_idempotency", "queue", "idempotency_key", unique=True),
     sqlite_autoincrement=True,  # job ids are never reused (docs/semantics.md#the-promise)
 )
 
@@ -235,6 +234,7 @@ def _migrate_v3(conn: Connection) -> None:
             conn.execute(DropIndex(index, if_exists=True))
         conn.exec_driver_sql("ALTER TABLE jobs RENAME TO jobs_v2")
         jobs.create(conn)
+        conn.exec_driver_sql(_DROP_KEY_INDEX)  # older rows may share a key: v5 settles that, then indexes again
         names = [c.name for c in jobs.c]
         old_rows = table("jobs_v2", *(column(name) for name in names))
         conn.execute(jobs.insert().from_select(names, select(*old_rows.c)))
@@ -244,6 +244,40 @@ def _migrate_v3(conn: Connection) -> None:
         " COALESCE((SELECT MAX(job_id) FROM job_attempts), 0))").scalar()
     if not conn.exec_driver_sql("UPDATE sqlite_sequence SET seq = MAX(seq, ?) WHERE name = 'jobs'", (top,)).rowcount:
         conn.exec_driver_sql("INSERT INTO sqlite_sequence (name, seq) VALUES ('jobs', ?)", (top,))
+
+
+_DROP_KEY_INDEX = "DROP INDEX IF EXISTS uq_jobs_idempotency"
+_KEY_RELEASED = "idempotency key released to job {} by the v5 upgrade"
+
+
+def _migrate_v5(conn: Connection) -> None:
+    """v4 -> v5: a failed job keeps its idempotency key; the partial unique index becomes a full one.
+
+    Under the old rule a failed job freed its key, so several rows may share
+    one: the key stays on the job that held it (the one not failed, else the
+    newest) and is cleared from the others, each of which gets a ``repaired``
+    event saying so (the key's value is not repeated there).
+    """
+    conn.exec_driver_sql(_DROP_KEY_INDEX)
+    shared = (select(jobs.c.queue, jobs.c.idempotency_key).where(jobs.c.idempotency_key.is_not(None))
+              .group_by(jobs.c.queue, jobs.c.idempotency_key).having(func.count() > 1).subquery())
+    rows = conn.execute(select(jobs.c.id, jobs.c.queue, jobs.c.idempotency_key, jobs.c.status).join(
+        shared, and_(jobs.c.queue == shared.c.queue, jobs.c.idempotency_key == shared.c.idempotency_key))).all()
+    groups: dict[tuple[str, str], list[Any]] = {}
+    for r in rows:
+        groups.setdefault((r.queue, r.idempotency_key), []).append(r)
+    cleared: list[tuple[int, int]] = []
+    for group in groups.values():
+        keeper = max(group, key=lambda r: (r.status != "failed", r.id)).id
+        cleared += [(r.id, keeper) for r in group if r.id != keeper]
+    if cleared:
+        conn.execute(update(jobs).where(jobs.c.id == bindparam("b_id")).values(idempotency_key=None),
+                     [dict(b_id=job_id) for job_id, _ in cleared])
+        now = utcnow()
+        conn.execute(insert(job_events), [
+            dict(job_id=job_id, at=now, event="repaired", worker=None, detail={"action": _KEY_RELEASED.format(keeper)})
+            for job_id, keeper in cleared])
+    next(i for i in jobs.indexes if i.name == "uq_jobs_idempotency").create(conn)
 
 
 _SYNC_PRAGMAS = {"FULL": "PRAGMA synchronous=FULL", "NORMAL": "PRAGMA synchronous=NORMAL"}
@@ -571,9 +605,9 @@ class Ledger:
     def insert_jobs(self, queue: str, new: Sequence[NewJob], now: datetime | None = None) -> list[tuple[int, bool]]:
         """Insert jobs as ``pending``; returns (id, created) per item, in order.
 
-        An idempotency key held by a pending, processing or completed job of the
-        queue returns that job's id (created False); the database's partial
-        unique index decides, so concurrent callers agree.
+        An idempotency key held by any job of the queue, failed ones included,
+        returns that job's id (created False); the database's unique index
+        decides, so concurrent callers agree.
         """
         now = now or utcnow()
         results: list[tuple[int, bool] | None] = [None] * len(new)
@@ -609,16 +643,15 @@ class Ledger:
     def _insert_keyed(self, conn: Connection, queue: str, values: dict[str, Any], key: str) -> tuple[int, bool]:
         """Insert one job with an idempotency key, or return the id of the job holding the key.
 
-        On PostgreSQL the holder can fail (and so release the key) between the
-        conflicting insert and the fetch, each statement seeing the latest
-        commits: then nothing holds the key any more and the insert is tried
-        again.  Every round either inserts, or finds a holder, or saw a holder
-        end since the previous round, so the loop ends.
+        A job keeps its key until it is purged.  On PostgreSQL a purge can delete
+        the holder between the conflicting insert and the fetch, each statement
+        seeing the latest commits: then nothing holds the key any more and the
+        insert is tried again.  Every round either inserts, or finds a holder,
+        or saw a holder purged since the previous round, so the loop ends.
         """
         stmt = (self._insert(jobs).values(**values)
-                .on_conflict_do_nothing(index_elements=["queue", "idempotency_key"], index_where=text(NOT_FAILED))
-                .returning(jobs.c.id))
-        holder = select(jobs.c.id).where(jobs.c.queue == queue, jobs.c.idempotency_key == key, text(NOT_FAILED))
+                .on_conflict_do_nothing(index_elements=["queue", "idempotency_key"]).returning(jobs.c.id))
+        holder = select(jobs.c.id).where(jobs.c.queue == queue, jobs.c.idempotency_key == key)
         while True:
             job_id = conn.execute(stmt).scalar()
             self.statements += 1
@@ -1260,4 +1293,4 @@ def _dumps(value: Any) -> str:
 
 
 #: in-place upgrades: version -> function(connection) bringing the schema to it
-MIGRATIONS: dict[int, Any] = {2: _migrate_v2, 3: _migrate_v3, 4: _migrate_worker_run_ids}
+MIGRATIONS: dict[int, Any] = {2: _migrate_v2, 3: _migrate_v3, 4: _migrate_worker_run_ids, 5: _migrate_v5}

@@ -144,12 +144,12 @@ def test_replay_refuses_a_job_purged_meanwhile(setup):
 
 # ------------------------------------------------------------------ item 4: idempotency key race
 def test_key_released_between_conflict_and_fetch_creates_the_job(setup):
-    """The key's holder fails after the insert saw it and before the fetch looked for it.
+    """The key's holder is purged after the insert saw it and before the fetch looked for it.
 
     A statement trigger on ``jobs`` makes the enqueue wait (on an advisory
     lock the test holds) right after its conflicting insert; meanwhile a
-    burst fails the holder, which frees the key.  The enqueue must then
-    create a new job, not crash.
+    burst fails the holder (it keeps its key) and a purge deletes it, which
+    frees the key.  The enqueue must then create a new job, not crash.
     """
     _only(setup, "redis-postgres")
     q = setup.connect(backoff_base=0)
@@ -179,8 +179,9 @@ def test_key_released_between_conflict_and_fetch_creates_the_job(setup):
         thread = threading.Thread(target=enqueue)
         thread.start()
         wait_for(lambda: _lock_waiters(admin, "advisory"), timeout=60, what="the enqueue to pause after its insert")
-        q.work()  # the holder fails: its key is free again
+        q.work()  # the holder fails: it keeps its key ...
         assert q.get(holder).status == "failed"
+        assert q.purge_dead() == 1  # ... until it is purged
         locker.exec_driver_sql(f"SELECT pg_advisory_unlock({lock_id})")
         thread.join(60)
     finally:
@@ -242,7 +243,8 @@ def test_v2_sqlite_ledger_is_upgraded_in_place_and_stops_reusing_ids(tmp_path):
         assert ledger.purge_dead("q", [4, 5]) == [4, 5]
         new = ledger.insert_jobs("q", [NewJob("record", {}, payload_text="{}")])
         assert new == [(6, True)]
-        assert ledger.insert_jobs("q", [NewJob("record", {}, key="key1", payload_text="{}")]) == [(7, True)]
+        assert ledger.insert_jobs("q", [NewJob("record", {}, key="key5", payload_text="{}")]) == [(7, True)]
+        assert ledger.insert_jobs("q", [NewJob("record", {}, key="key1", payload_text="{}")]) == [(1, False)]
     finally:
         ledger.close()
     again = Ledger(url)  # a second open finds the current version and changes nothing

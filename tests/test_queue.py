@@ -162,8 +162,8 @@ def test_idempotency_key_in_process(q):
     assert q.dispatch.inventory().ready == 1
     q.work()
     assert q.get(a).status == "failed"
-    c = q.enqueue("always_fails", {"n": 3}, key="k1")
-    assert c != a and count_jobs(q) == 2
+    c = q.enqueue("always_fails", {"n": 3}, key="k1")  # a failed job keeps its key (docs/semantics.md#idempotency)
+    assert c == a and count_jobs(q) == 1 and q.get(a).payload == {"n": 1}
     assert {e["event"] for e in rows(q, job_events, job_events.c.job_id == a)} >= {"enqueued", "deduplicated"}
 
 

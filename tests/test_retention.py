@@ -176,11 +176,11 @@ def test_v1_ledger_upgrades_in_place(setup: Setup, tmp_path):
                                                      duration_ms=1000.0, outcome="completed"))
         assert not inspect(engine).has_table("job_daily")
         ledger = Ledger(url)
-        assert SCHEMA_VERSION == 4 and ledger.init_schema() == 4  # v1 -> v2 -> v3 -> v4 in one open
+        assert SCHEMA_VERSION == 5 and ledger.init_schema() == 5  # v1 -> v2 -> ... -> v5 in one open
         ledger.close()
         assert inspect(engine).has_table("job_daily")
         with engine.connect() as conn:
-            assert conn.execute(select(schema_info.c.version)).scalars().all() == [4]
+            assert conn.execute(select(schema_info.c.version)).scalars().all() == [5]
         q = setup.connect(database_url=url)  # opening a queue upgrades again: a no-op
         assert q.get(job_id).payload == {"v": 1}
         assert prune(q, "30d").jobs == 1

@@ -14,8 +14,8 @@ How each caller recovers, and what these tests pin down:
   ids, nothing is enqueued twice, and a push that never ran is redone by the
   next burst's drift check (:func:`qkit.reconcile.repair_if_drifted`).
   Without keys a retry enqueues a second job, which is why keys are the rule.
-  One gap remains, by docs/semantics.md#idempotency (a failed job frees its key): if the first push
-  did run and the job already died before the retry, the retry enqueues it again.
+  A job that already died before the retry still holds its key
+  (docs/semantics.md#idempotency): the retry gets the failed job's id, it does not enqueue it again.
 * **claim** whose answer is lost: the jobs are leased to a token that never
   learns of them; nobody else gets them until the lease expires, then a
   burst reclaims them; the ledger never saw that claim, so no attempt is lost.
@@ -181,23 +181,12 @@ def audit(q: qkit.Queue, log: Path, enqueued: set[int]) -> dict[str, int]:
                             .where(worker_runs.c.queue == q.name)).all()
     started = collections.Counter((j, a) for what, j, a, _ in read_log(log) if what == "start")
 
-    # no double enqueue: the ledger holds the jobs the callers were given, and a key is held by
-    # one job at a time ...
-    assert enqueued <= set(rows)
-    by_key = collections.defaultdict(list)
-    for r in rows.values():
-        if r.idempotency_key is not None:
-            by_key[r.idempotency_key].append(r)
-    for key, holders in by_key.items():
-        assert sum(1 for r in holders if r.status != "failed") <= 1, (key, holders)
-    # ... except that a failed job frees its key (docs/semantics.md#idempotency): a retry that comes after the first job
-    # already died enqueues the item again.  Such a job is the only kind the callers were not given.
+    # no double enqueue: the ledger holds exactly the jobs the callers were given, and a key is held by
+    # one job, failed or not (docs/semantics.md#idempotency): a retry after the first job died gets its id
+    assert enqueued == set(rows), sorted(set(rows) - enqueued)
+    by_key = collections.Counter(r.idempotency_key for r in rows.values() if r.idempotency_key is not None)
+    assert all(n == 1 for n in by_key.values()), [k for k, n in by_key.items() if n > 1]
     totals = collections.Counter()
-    for extra in set(rows) - enqueued:
-        r = rows[extra]
-        assert r.status == "failed" and r.idempotency_key is not None, r
-        assert any(o.id in enqueued and o.created_at >= r.finished_at for o in by_key[r.idempotency_key]), r
-        totals["reenqueued_after_failure"] += 1
     for job_id, r in rows.items():
         outcomes = attempts[job_id]
         assert r.epoch == 0
@@ -297,18 +286,17 @@ def test_enqueue_retried_with_keys_is_exactly_once(faulty, tmp_path):
         assert summary.completed == len(given)
         totals = audit(q, log, given)
         assert totals["executions"] == len(given) and totals["lost"] == 0
-        assert "reenqueued_after_failure" not in totals
     finally:
         q.close()
 
 
-def test_enqueue_retry_after_the_job_died_enqueues_it_again(faulty, tmp_path):
-    """The one gap in "retry with the same key": a failed job frees its key (docs/semantics.md#idempotency).
+def test_enqueue_retry_after_the_job_died_returns_the_failed_job(faulty, tmp_path):
+    """"Retry with the same key" has no gap: a failed job keeps its key (docs/semantics.md#idempotency).
 
     The first push did run (its answer was lost), a burst ran the job and it
-    died before the caller retried: the retry then creates a second job for
-    the same key, as docs/semantics.md#idempotency says.  The ledger shows it (a failed job holding
-    the key, created earlier); the audit above accepts exactly this case.
+    died before the caller retried: the retry gets the failed job's id and
+    enqueues nothing.  Replaying it keeps the key; once purged, the key
+    enqueues a new job.
     """
     q = make_queue(faulty, tmp_path, "fx-late-retry")
     faults = faulty.app.state.faults
@@ -321,8 +309,13 @@ def test_enqueue_retry_after_the_job_died_enqueues_it_again(faulty, tmp_path):
         assert q.work().failed == 1  # meanwhile a burst ran it: dead
         [first] = q.dead()
         [again] = q.enqueue_many([item])  # the caller's late retry
-        assert again != first.id and first.idempotency_key == "once"
-        assert q.get(again).status == "pending"
+        assert again == first.id and first.idempotency_key == "once"
+        assert q.get(again).status == "failed" and q.ledger.status_counts(q.name)["pending"] == 0
+        assert q.dispatch.snapshot().dead == {first.id}
+        assert q.replay(first.id) == [first.id] and q.enqueue_many([item]) == [first.id]
+        assert q.work().failed == 1 and q.purge_dead() == 1
+        [new] = q.enqueue_many([item])
+        assert new != first.id and q.get(new).status == "pending"
     finally:
         q.close()
 
@@ -610,7 +603,7 @@ def test_mixed_workload_under_random_faults(faulty, tmp_path):
         drain(workers[0])
         totals = audit(workers[0], log, given)
         assert len(given) == 240  # one id per key was given back to the enqueuer
-        assert totals["completed"] + totals["failed"] == 240 + totals.get("reenqueued_after_failure", 0)
+        assert totals["completed"] + totals["failed"] == 240
         # the faults did hit: bursts died on them, and each said so in one line naming the URL variable
         assert errors and totals["failed_bursts"] > 0
         for exc in errors:
