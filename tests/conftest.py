@@ -233,6 +233,32 @@ def q(setup: Setup) -> qkit.Queue:
     return setup.connect(backoff_base=0)
 
 
+@contextlib.contextmanager
+def scratch_ledger(setup: Setup, tmp_path: Path, name: str) -> Iterator[str]:
+    """The URL of an empty database of the setup's ledger kind, for building old schemas: a SQLite file
+    under ``tmp_path``, or a fresh PostgreSQL database ``name`` dropped afterwards.  Skips upstash-sqlite
+    (the same SQLite ledger as embedded-sqlite)."""
+    if setup.name == "upstash-sqlite":
+        pytest.skip("the same SQLite ledger as embedded-sqlite")
+    if setup.name != "redis-postgres":
+        yield f"sqlite:///{tmp_path / (name + '.sqlite3')}"
+        return
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    base = make_url(setup.overrides["database_url"])
+    name = f"{name}_{os.getpid()}"
+    admin = f"host={base.host} port={base.port} user={base.username} dbname={base.database}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name}")
+        conn.execute(f"CREATE DATABASE {name}")
+    try:
+        yield base.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
 def run_burst(setup: Setup, *args: str, env: dict[str, Any] | None = None, timeout: float = 120,
               queue: str | None = None) -> subprocess.CompletedProcess:
     """``qkit work`` in a subprocess against the test's queue."""

@@ -2,27 +2,22 @@
 included, until it is purged; the v4 -> v5 upgrade settles keys that older failed jobs shared."""
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import secrets
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
-from typing import Iterator
 
 import httpx
 import pytest
 from sqlalchemy import create_engine, func, insert, select, update
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 
 import qkit
 from qkit.ledger import SCHEMA_VERSION, Ledger, job_events, jobs, metadata, schema_info, utcnow
 from qkit.model import NewJob
 
-from conftest import wait_for
+from conftest import scratch_ledger, wait_for
 from services import start_api_server
 
 
@@ -134,29 +129,6 @@ def test_concurrent_enqueues_while_the_holder_fails_create_no_second_job(setup, 
 
 
 # --------------------------------------------------------------------------- the v4 -> v5 upgrade
-@contextlib.contextmanager
-def empty_ledger(setup, tmp_path: Path) -> Iterator[str]:
-    """The URL of an empty database of the setup's kind (a fresh PostgreSQL database, dropped after)."""
-    if setup.name == "upstash-sqlite":
-        pytest.skip("the same SQLite ledger as embedded-sqlite")
-    if setup.name != "redis-postgres":
-        yield f"sqlite:///{tmp_path / 'v4.sqlite3'}"
-        return
-    import psycopg
-
-    base = make_url(setup.overrides["database_url"])
-    name = f"qkit_v4_{os.getpid()}"
-    admin = f"host={base.host} port={base.port} user={base.username} dbname={base.database}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name}")
-        conn.execute(f"CREATE DATABASE {name}")
-    try:
-        yield base.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-
-
 #: (queue, key letter, status) per job id 1.., as the old rule (a failed job frees its key) allowed
 V4_JOBS = [("q", "a", "failed"), ("q", "a", "failed"), ("q", "a", "pending"),  # 3 holds a
            ("q", "b", "failed"), ("q", "b", "failed"),  # both failed: the newest (5) keeps b
@@ -170,7 +142,7 @@ RELEASED = {1: 3, 2: 3, 4: 5, 6: 7, 9: 8}  # cleared job -> the job that kept it
 
 
 def test_v4_ledger_with_shared_keys_is_upgraded_in_place(setup, tmp_path):
-    with empty_ledger(setup, tmp_path) as url:
+    with scratch_ledger(setup, tmp_path, "qkit_v4") as url:
         secret = {letter: f"secret-{letter}-{secrets.token_hex(6)}" for letter in "abcde"}
         engine = create_engine(url)
         now = utcnow()

@@ -2,15 +2,13 @@
 from __future__ import annotations
 
 import json
-import os
 from datetime import timedelta
 
 import pytest
 from sqlalchemy import create_engine, insert, inspect, select, update
-from sqlalchemy.engine import make_url
 
 import qkit
-from conftest import Setup
+from conftest import Setup, scratch_ledger
 from qkit.audit import audit
 from qkit.errors import BadInput, NotFound
 from qkit.ledger import (SCHEMA_VERSION, Ledger, job_attempts, job_daily, job_events, jobs, metadata, schema_info,
@@ -139,26 +137,7 @@ def test_histogram_percentiles():
 
 
 def test_v1_ledger_upgrades_in_place(setup: Setup, tmp_path):
-    if setup.name == "upstash-sqlite":
-        pytest.skip("the same SQLite ledger as embedded-sqlite")
-    drop = None
-    if setup.name == "redis-postgres":
-        import psycopg
-
-        base = make_url(setup.overrides["database_url"])
-        name = f"qkit_v1_{os.getpid()}"
-        admin = f"host={base.host} port={base.port} user={base.username} dbname={base.database}"
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f"DROP DATABASE IF EXISTS {name}")
-            conn.execute(f"CREATE DATABASE {name}")
-        url = base.set(database=name).render_as_string(hide_password=False)
-
-        def drop() -> None:
-            with psycopg.connect(admin, autocommit=True) as conn:
-                conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    else:
-        url = f"sqlite:///{tmp_path / 'v1.sqlite3'}"
-    try:
+    with scratch_ledger(setup, tmp_path, "qkit_v1") as url:
         # a ledger as qkit's schema v1 left it: every table but job_daily, version 1, one old completed job
         engine = create_engine(url)
         old = utcnow() - timedelta(days=60)
@@ -188,6 +167,3 @@ def test_v1_ledger_upgrades_in_place(setup: Setup, tmp_path):
         q.close()
         setup.opened.remove(q)
         engine.dispose()
-    finally:
-        if drop is not None:
-            drop()
