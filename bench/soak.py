@@ -396,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
             if not r.valid:
                 tqdm.write("  " + r.report["audit_summary"].replace("\n", "\n  "), file=sys.stdout)
                 tqdm.write(f"  ids: {json.dumps(r.report['ids'])}", file=sys.stdout)
+                for job_id, story in list(r.report["stories"].items())[:2]:  # what happened to the first two
+                    tqdm.write(f"  job {job_id}: " + "; ".join(story), file=sys.stdout)
             sys.stdout.flush()  # a line per seed as it ends, also into a pipe or file
 
     def interrupt(signum: int, _frame: Any) -> None:
