@@ -32,10 +32,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Iterable
 
-from sqlalchemy import and_, case, func, not_, or_, select
-
-from qkit.ledger import job_attempts, jobs, utcnow
-from qkit.model import OUTCOMES, STATUSES
+from qkit.ledger import checks, utcnow
+from qkit.ledger.reads import statuses
+from qkit.model import OUTCOMES
 
 if TYPE_CHECKING:
     from qkit.queue import Queue
@@ -232,18 +231,13 @@ def redis_findings(q: "Queue") -> tuple[list[Finding], int, int]:
     new snapshot, then the job's row again — so a job enqueued, claimed or
     settled while the audit ran is not reported.
     """
-    from qkit.reconcile import _statuses
-
     snap = q.dispatch.snapshot()
-    with q.ledger.read_engine.connect() as conn:
-        total = int(conn.execute(select(func.count()).select_from(jobs).where(jobs.c.queue == q.name)).scalar())
-        active = dict(conn.execute(select(jobs.c.id, jobs.c.status).where(
-            jobs.c.queue == q.name, jobs.c.status != "completed")).all())
+    total, active = checks.queue_totals(q.ledger, q.name)
     places = _places(snap)
     status = dict(active)
     others = [j for j in places if j not in status]
     if others:
-        status.update(_statuses(q, others))
+        status.update(statuses(q.ledger, q.name, others))
     findings: list[Finding] = []
     if not places and any(s in ("pending", "processing", "failed") for s in active.values()):
         n = sum(1 for s in active.values() if s in ("pending", "processing", "failed"))
@@ -254,7 +248,7 @@ def redis_findings(q: "Queue") -> tuple[list[Finding], int, int]:
     suspects = {f.job_id for f in findings if f.job_id is not None}
     if suspects:
         snap2 = q.dispatch.snapshot()
-        places2, status2 = _places(snap2), _statuses(q, suspects)
+        places2, status2 = _places(snap2), statuses(q.ledger, q.name, suspects)
         confirmed = {(f.code, f.job_id) for j in suspects
                      for f in place_findings(j, status2.get(j), places2.get(j, {}), snap2.now_ms)}
         findings = [f for f in findings if f.job_id is None or (f.code, f.job_id) in confirmed]
@@ -265,82 +259,46 @@ def redis_findings(q: "Queue") -> tuple[list[Finding], int, int]:
 def ledger_findings(q: "Queue", job_ids: Iterable[int] | None = None) -> list[Finding]:
     """G3-G6 and G8 on the ledger rows of the queue (or only ``job_ids``)."""
     ids = None if job_ids is None else [int(i) for i in job_ids]
-    j, a = jobs, job_attempts
-
-    def scope(query: Any) -> Any:
-        query = query.where(j.c.queue == q.name)
-        return query if ids is None else query.where(j.c.id.in_(ids))
-
+    rows = checks.invariant_rows(q.ledger, q.name, ids)
     out: list[Finding] = []
-    lost_like = ("failed", "timeout", "lost")
-    completed_n = func.coalesce(func.sum(case((a.c.outcome == "completed", 1), else_=0)), 0)
-    rows_n = func.count(a.c.id)
-    with q.ledger.read_engine.connect() as conn:
-        # G8: status words
-        for r in conn.execute(scope(select(j.c.id, j.c.status).where(not_(j.c.status.in_(STATUSES))))):
-            out.append(Finding("bad_status", r.id, f"job {r.id} has status {r.status!r}"))
-        # G5 / G3: attempt counts of the current epoch
-        counted = scope(
-            select(j.c.id, j.c.status, j.c.attempts, j.c.max_attempts, rows_n.label("n"), completed_n.label("done"))
-            .select_from(j.outerjoin(a, and_(a.c.job_id == j.c.id, a.c.epoch == j.c.epoch)))
-        ).group_by(j.c.id, j.c.status, j.c.attempts, j.c.max_attempts).having(or_(
-            rows_n != j.c.attempts, j.c.attempts > j.c.max_attempts, completed_n > 1,
-            and_(j.c.status == "completed", completed_n != 1), and_(j.c.status != "completed", completed_n > 0)))
-        for r in conn.execute(counted):
-            if r.n != r.attempts:
-                out.append(Finding("attempts_mismatch", r.id, f"job {r.id} has attempts={r.attempts} but {r.n} "
-                                                              "attempt row(s) in its current epoch"))
-            if r.attempts > r.max_attempts:
-                out.append(Finding("attempts_over_max", r.id,
-                                   f"job {r.id} has attempts={r.attempts} > max_attempts={r.max_attempts}"))
-            if (r.status == "completed") != (r.done == 1) or r.done > 1:
-                out.append(Finding("completed_mismatch", r.id, f"job {r.id} is {r.status} with {r.done} completed "
-                                                               "attempt(s) in its current epoch"))
-        # G4 and the last attempt against the status
-        earlier = or_(a.c.epoch < j.c.epoch, a.c.attempt < j.c.attempts)
-        last = and_(a.c.epoch == j.c.epoch, a.c.attempt == j.c.attempts)
-        agrees = or_(and_(j.c.status == "processing", a.c.outcome.is_(None)),
-                     and_(j.c.status == "completed", a.c.outcome == "completed"),
-                     and_(j.c.status.in_(("failed", "pending")), a.c.outcome.in_(lost_like)))
-        query = scope(select(a.c.job_id, a.c.epoch, a.c.attempt, a.c.outcome, j.c.status, j.c.epoch.label("cur"),
-                             j.c.attempts.label("cur_attempts"))
-                      .select_from(a.join(j, j.c.id == a.c.job_id))
-                      .where(or_(and_(earlier, or_(a.c.outcome.is_(None), not_(a.c.outcome.in_(lost_like)))),
-                                 and_(last, not_(agrees)),
-                                 and_(a.c.outcome.is_not(None), not_(a.c.outcome.in_(OUTCOMES))))))
-        for r in conn.execute(query.order_by(a.c.job_id, a.c.epoch, a.c.attempt)):
-            label = f"attempt {r.attempt}" + (f" of epoch {r.epoch}" if r.epoch != r.cur else "")
-            if r.outcome is not None and r.outcome not in OUTCOMES:
-                out.append(Finding("bad_outcome", r.job_id, f"job {r.job_id} {label} has outcome {r.outcome!r}"))
-            elif r.epoch < r.cur or r.attempt < r.cur_attempts:
-                out.append(Finding("unexplained_attempt", r.job_id, f"job {r.job_id} {label} ended "
-                                   f"{r.outcome or 'never (still open)'} but a later attempt ran"))
-            else:
-                out.append(Finding("final_attempt_mismatch", r.job_id, f"job {r.job_id} is {r.status} but its last "
-                                   f"{label} is {r.outcome or 'open'}"))
-        # G8: time order (UTC by construction: the column type refuses naive times)
-        for r in conn.execute(scope(select(j.c.id, j.c.created_at, j.c.started_at, j.c.finished_at).where(or_(
-                j.c.started_at < j.c.created_at, j.c.finished_at < j.c.started_at,
-                j.c.finished_at < j.c.created_at)))):
-            out.append(Finding("bad_timestamps", r.id, f"job {r.id}: created {_t(r.created_at)}, started "
-                                                       f"{_t(r.started_at)}, finished {_t(r.finished_at)}"))
-        for r in conn.execute(scope(select(a.c.job_id, a.c.attempt, a.c.started_at, a.c.finished_at)
-                                    .select_from(a.join(j, j.c.id == a.c.job_id))
-                                    .where(a.c.finished_at < a.c.started_at))):
-            out.append(Finding("bad_timestamps", r.job_id, f"job {r.job_id} attempt {r.attempt} finished "
-                                                           f"{_t(r.finished_at)} before it started {_t(r.started_at)}"))
-        # G6: an attempt begins only once the one before it has ended (lost: at its reclaim)
-        nxt = a.alias("next_attempt")
-        pairs = scope(select(a.c.job_id, a.c.epoch, a.c.attempt, a.c.finished_at, nxt.c.started_at.label("next_start"))
-                      .select_from(a.join(nxt, and_(nxt.c.job_id == a.c.job_id, nxt.c.epoch == a.c.epoch,
-                                                    nxt.c.attempt == a.c.attempt + 1))
-                                   .join(j, j.c.id == a.c.job_id))
-                      .where(nxt.c.started_at < a.c.finished_at))
-        for r in conn.execute(pairs):
-            gap = (r.finished_at - r.next_start).total_seconds()
-            if gap > OVERLAP_TOLERANCE_S:
-                out.append(Finding("overlap", r.job_id, f"job {r.job_id} attempt {r.attempt + 1} started "
-                                                        f"{gap:.3f} s before attempt {r.attempt} ended"))
+    # G8: status words
+    for r in rows["bad_status"]:
+        out.append(Finding("bad_status", r.id, f"job {r.id} has status {r.status!r}"))
+    # G5 / G3: attempt counts of the current epoch
+    for r in rows["counted"]:
+        if r.n != r.attempts:
+            out.append(Finding("attempts_mismatch", r.id, f"job {r.id} has attempts={r.attempts} but {r.n} "
+                                                          "attempt row(s) in its current epoch"))
+        if r.attempts > r.max_attempts:
+            out.append(Finding("attempts_over_max", r.id,
+                               f"job {r.id} has attempts={r.attempts} > max_attempts={r.max_attempts}"))
+        if (r.status == "completed") != (r.done == 1) or r.done > 1:
+            out.append(Finding("completed_mismatch", r.id, f"job {r.id} is {r.status} with {r.done} completed "
+                                                           "attempt(s) in its current epoch"))
+    # G4 and the last attempt against the status
+    for r in rows["attempts"]:
+        label = f"attempt {r.attempt}" + (f" of epoch {r.epoch}" if r.epoch != r.cur else "")
+        if r.outcome is not None and r.outcome not in OUTCOMES:
+            out.append(Finding("bad_outcome", r.job_id, f"job {r.job_id} {label} has outcome {r.outcome!r}"))
+        elif r.epoch < r.cur or r.attempt < r.cur_attempts:
+            out.append(Finding("unexplained_attempt", r.job_id, f"job {r.job_id} {label} ended "
+                               f"{r.outcome or 'never (still open)'} but a later attempt ran"))
+        else:
+            out.append(Finding("final_attempt_mismatch", r.job_id, f"job {r.job_id} is {r.status} but its last "
+                               f"{label} is {r.outcome or 'open'}"))
+    # G8: time order (UTC by construction: the column type refuses naive times)
+    for r in rows["job_times"]:
+        out.append(Finding("bad_timestamps", r.id, f"job {r.id}: created {_t(r.created_at)}, started "
+                                                   f"{_t(r.started_at)}, finished {_t(r.finished_at)}"))
+    for r in rows["attempt_times"]:
+        out.append(Finding("bad_timestamps", r.job_id, f"job {r.job_id} attempt {r.attempt} finished "
+                                                       f"{_t(r.finished_at)} before it started {_t(r.started_at)}"))
+    # G6: an attempt begins only once the one before it has ended (lost: at its reclaim)
+    for r in rows["overlaps"]:
+        gap = (r.finished_at - r.next_start).total_seconds()
+        if gap > OVERLAP_TOLERANCE_S:
+            out.append(Finding("overlap", r.job_id, f"job {r.job_id} attempt {r.attempt + 1} started "
+                                                    f"{gap:.3f} s before attempt {r.attempt} ended"))
     return out
 
 
@@ -460,17 +418,7 @@ def total_queue(q: "Queue", acknowledged: Iterable[int], executions: Iterable[tu
     by_job: dict[int, list[int]] = {}
     for (job_id, attempt), n in runs.items():
         by_job.setdefault(job_id, []).extend([attempt] * n)
-    wanted = sorted(set(acked) | set(by_job) | {int(i) for i in attempted})
-    status: dict[int, tuple[str, int]] = {}
-    outcomes: dict[tuple[int, int, int], str | None] = {}
-    with q.ledger.read_engine.connect() as conn:
-        for start in range(0, len(wanted), 500):
-            chunk = wanted[start:start + 500]
-            status.update({r.id: (r.status, r.epoch) for r in conn.execute(
-                select(jobs.c.id, jobs.c.status, jobs.c.epoch).where(jobs.c.queue == q.name, jobs.c.id.in_(chunk)))})
-            outcomes.update({(r.job_id, r.epoch, r.attempt): r.outcome for r in conn.execute(
-                select(job_attempts.c.job_id, job_attempts.c.epoch, job_attempts.c.attempt, job_attempts.c.outcome)
-                .where(job_attempts.c.job_id.in_(chunk)))})
+    status, outcomes = checks.job_states(q.ledger, q.name, set(acked) | set(by_job) | {int(i) for i in attempted})
     terminal = ("completed", "failed")
     lost = [i for i in acked if status.get(i, ("missing", 0))[0] not in terminal]
     unexpected = sorted(j for j in by_job if j not in status)

@@ -224,13 +224,10 @@ def dlq_purge(queue: str, as_json: bool) -> None:
 @json_option
 def runs(queue: str, as_json: bool) -> None:
     """The worker run history (scheduled, CLI, HTTP and notebook bursts)."""
-    from sqlalchemy import select
+    from qkit.ledger.reads import queue_runs
 
-    from qkit.ledger import worker_runs
-
-    with _open(queue) as q, q.ledger.read_engine.connect() as conn:
-        rows = [dict(r) for r in conn.execute(select(worker_runs).where(worker_runs.c.queue == queue)
-                                              .order_by(worker_runs.c.id.desc()).limit(200)).mappings()]
+    with _open(queue) as q:
+        rows = queue_runs(q.ledger, queue)
     emit(rows, as_json, lambda rs: "\n".join(_run_line(r) for r in rs) or "no runs yet")
 
 

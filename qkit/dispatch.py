@@ -15,6 +15,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Iterable, Sequence
 
 from qkit.backends.base import Backend
+from qkit.lifecycle import Settlement
 from qkit.logs import log
 
 
@@ -32,16 +33,6 @@ class QueueKeys:
         prefix = f"qkit:{{{self.queue}}}:"
         # "clock" (last) is only used with priority aging: scripts that take six keys ignore it
         return [prefix + part for part in ("ready", "delayed", "leased", "owners", "dead", "prio", "clock")]
-
-
-@dataclass
-class Settlement:
-    """What Redis must do with a job once the ledger has recorded its outcome."""
-
-    job_id: int
-    action: str  # 'done' | 'retry' | 'dead'
-    delay_ms: int = 0
-    priority: int = 0
 
 
 @dataclass

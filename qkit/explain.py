@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
 
 from qkit.audit import CODES, Finding, ledger_findings, place_findings
 from qkit.errors import NotFound
-from qkit.ledger import fingerprint, utcnow, worker_runs
+from qkit.ledger import utcnow
+from qkit.ledger.reads import runs_of_workers
+from qkit.lifecycle import fingerprint
 from qkit.model import check_job_id, jsonable
 
 if TYPE_CHECKING:
@@ -100,10 +101,7 @@ def _detail(event: dict[str, Any]) -> dict[str, Any]:
 def _worker_rows(q: "Queue", names: set[str]) -> dict[str, dict[str, Any]]:
     if not names:
         return {}
-    with q.ledger.read_engine.connect() as conn:
-        rows = conn.execute(select(worker_runs).where(worker_runs.c.worker.in_(sorted(names)))
-                            .order_by(worker_runs.c.id)).mappings().all()
-    return {r["worker"]: dict(r) for r in rows}
+    return {r["worker"]: r for r in runs_of_workers(q.ledger, names)}
 
 
 def explain(q: "Queue", job_id: int) -> Explanation:

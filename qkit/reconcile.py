@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-from qkit.ledger import utcnow
+from qkit.ledger import reads, utcnow
 from qkit.logs import log
 
 if TYPE_CHECKING:
@@ -80,17 +80,7 @@ def repair(q: "Queue", *, drop: bool = False) -> dict[str, Any]:
 
 def _statuses(q: "Queue", ids: Any) -> dict[int, str]:
     """Ledger status of each id that has a row in this queue (ids without one are left out)."""
-    from sqlalchemy import select
-
-    from qkit.ledger import jobs
-
-    ids = sorted(int(i) for i in ids)
-    found: dict[int, str] = {}
-    with q.ledger.read_engine.connect() as conn:
-        for start in range(0, len(ids), 500):
-            found.update(conn.execute(select(jobs.c.id, jobs.c.status).where(
-                jobs.c.queue == q.name, jobs.c.id.in_(ids[start:start + 500]))).all())
-    return found
+    return reads.statuses(q.ledger, q.name, ids)
 
 
 def _drop_stale(q: "Queue", snap: Any, active: dict[int, str]) -> dict[int, str]:

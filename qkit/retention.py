@@ -24,10 +24,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Iterable
 
-from sqlalchemy import delete, func, insert, select, text, update
-
 from qkit.errors import BadInput
-from qkit.ledger import job_attempts, job_daily, job_events, jobs, utcnow
+from qkit.ledger import admin, utcnow
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -134,12 +132,11 @@ def _day_of(value: datetime) -> str:
     return value.astimezone(timezone.utc).strftime("%Y-%m-%d")
 
 
-def _rollup(conn: Any, ids: list[int]) -> dict[tuple[str, str, str], _Day]:
-    """Roll up completed jobs ``ids`` (and all their attempts) per (day finished, queue, type)."""
+def _rollup(job_rows: list[Any], attempt_rows: list[Any]) -> dict[tuple[str, str, str], _Day]:
+    """Roll up completed jobs (and all their attempts) per (day finished, queue, type)."""
     days: dict[tuple[str, str, str], _Day] = {}
     info: dict[int, tuple[str, str, str]] = {}
-    for r in conn.execute(select(jobs.c.id, jobs.c.queue, jobs.c.type, jobs.c.created_at, jobs.c.started_at,
-                                 jobs.c.finished_at).where(jobs.c.id.in_(ids))):
+    for r in job_rows:
         key = (_day_of(r.finished_at), r.queue, r.type)
         info[r.id] = key
         d = days.setdefault(key, _Day())
@@ -149,8 +146,7 @@ def _rollup(conn: Any, ids: list[int]) -> dict[tuple[str, str, str], _Day]:
             d.wait_ms_sum += wait
             d.wait_ms.append(wait)
     per_job: dict[int, int] = {}
-    for r in conn.execute(select(job_attempts.c.job_id, job_attempts.c.outcome, job_attempts.c.duration_ms)
-                          .where(job_attempts.c.job_id.in_(ids))):
+    for r in attempt_rows:
         d = days[info[r.job_id]]
         per_job[r.job_id] = per_job.get(r.job_id, 0) + 1
         d.attempts += 1
@@ -171,23 +167,18 @@ _SUMS = ("completed", "attempts", "retried", "failed_attempts", "timeout_attempt
          "total_duration_ms", "exec_ms_sum", "wait_ms_sum")
 
 
-def _store(conn: Any, days: dict[tuple[str, str, str], _Day], now: datetime) -> None:
-    """Add roll-ups to ``job_daily`` (sums add up; histograms merge; percentiles recomputed)."""
-    for (day, queue, type_), d in days.items():
-        where = (job_daily.c.day == day) & (job_daily.c.queue == queue) & (job_daily.c.type == type_)
-        old = conn.execute(select(job_daily).where(where)).mappings().first()
-        hists = {"exec": _hist(d.exec_ms), "wait": _hist(d.wait_ms)}
-        if old is not None:
-            before = old["histograms"] or {}
-            hists = {k: hist_merge(before.get(k), v) for k, v in hists.items()}
-        values: dict[str, Any] = {name: getattr(d, name) + (old[name] if old is not None else 0) for name in _SUMS}
-        values.update(exec_p50_ms=hist_percentile(hists["exec"], 0.5), exec_p95_ms=hist_percentile(hists["exec"], 0.95),
-                      wait_p50_ms=hist_percentile(hists["wait"], 0.5), wait_p95_ms=hist_percentile(hists["wait"], 0.95),
-                      histograms=hists, updated_at=now)
-        if old is None:
-            conn.execute(insert(job_daily).values(day=day, queue=queue, type=type_, **values))
-        else:
-            conn.execute(update(job_daily).where(where).values(**values))
+def _merged(d: _Day, old: Any, now: datetime) -> dict[str, Any]:
+    """The ``job_daily`` values of roll-up ``d`` added to the row ``old`` (or None): sums add up,
+    histograms merge, percentiles are recomputed."""
+    hists = {"exec": _hist(d.exec_ms), "wait": _hist(d.wait_ms)}
+    if old is not None:
+        before = old["histograms"] or {}
+        hists = {k: hist_merge(before.get(k), v) for k, v in hists.items()}
+    values: dict[str, Any] = {name: getattr(d, name) + (old[name] if old is not None else 0) for name in _SUMS}
+    values.update(exec_p50_ms=hist_percentile(hists["exec"], 0.5), exec_p95_ms=hist_percentile(hists["exec"], 0.95),
+                  wait_p50_ms=hist_percentile(hists["wait"], 0.5), wait_p95_ms=hist_percentile(hists["wait"], 0.95),
+                  histograms=hists, updated_at=now)
+    return values
 
 
 # ---------------------------------------------------------------- prune
@@ -223,40 +214,22 @@ def prune(q: "Queue", older_than: str | float | timedelta = "30d", *, batch_size
     now = now or utcnow()
     cutoff = cutoff_for(parse_age(older_than), now)
     report = PruneReport(queue=q.name, cutoff=cutoff, dry_run=dry_run)
-    prunable = (jobs.c.queue == q.name) & (jobs.c.status == "completed") & (jobs.c.finished_at < cutoff)
     days: set[str] = set()
     if dry_run:
-        with q.ledger.read_engine.connect() as conn:
-            report.jobs = int(conn.execute(select(func.count()).select_from(jobs).where(prunable)).scalar())
-            ids = select(jobs.c.id).where(prunable)
-            report.attempts = int(conn.execute(select(func.count()).select_from(job_attempts)
-                                               .where(job_attempts.c.job_id.in_(ids))).scalar())
-            report.events = int(conn.execute(select(func.count()).select_from(job_events)
-                                             .where(job_events.c.job_id.in_(ids))).scalar())
-            days = {_day_of(r[0]) for r in conn.execute(select(jobs.c.finished_at).where(prunable))}
-        report.days = sorted(days)
+        report.jobs, report.attempts, report.events, finished = admin.prunable_counts(q.ledger, q.name, cutoff)
+        report.days = sorted({_day_of(f) for f in finished})
         return report
-    pg = q.ledger.dialect == "postgresql"
     while True:
-        with q.ledger.engine.begin() as conn:
-            if pg:
-                # one prune at a time adds to job_daily (read-modify-write of the roll-up rows);
-                # SQLite writers are already serialised by BEGIN IMMEDIATE
-                conn.execute(text("LOCK TABLE job_daily IN SHARE ROW EXCLUSIVE MODE"))
-            query = select(jobs.c.id).where(prunable).order_by(jobs.c.id).limit(batch_size)
-            if pg:
-                query = query.with_for_update(skip_locked=True)
-            ids = [int(i) for i in conn.execute(query).scalars()]
-            if not ids:
-                break
-            rolled = _rollup(conn, ids)
-            _store(conn, rolled, now)
-            report.events += conn.execute(delete(job_events).where(job_events.c.job_id.in_(ids))).rowcount or 0
-            report.attempts += conn.execute(delete(job_attempts).where(job_attempts.c.job_id.in_(ids))).rowcount or 0
-            report.jobs += conn.execute(delete(jobs).where(jobs.c.id.in_(ids), jobs.c.status == "completed")
-                                        ).rowcount or 0
-            report.batches += 1
-            days |= {k[0] for k in rolled}
+        done = admin.prune_batch(q.ledger, q.name, cutoff, batch_size, _rollup,
+                                 lambda d, old: _merged(d, old, now))
+        if done is None:
+            break
+        rolled, events, attempts, n_jobs = done
+        report.events += events
+        report.attempts += attempts
+        report.jobs += n_jobs
+        report.batches += 1
+        days |= {k[0] for k in rolled}
     report.days = sorted(days)
     return report
 
@@ -278,20 +251,17 @@ def daily(q: "Queue", *, since: Any = None) -> "pd.DataFrame":
     columns = ["day", "type", *_SUMS[:6], "total_duration_ms", "exec_ms_sum", "exec_p50_ms", "exec_p95_ms",
                "wait_ms_sum", "wait_p50_ms", "wait_p95_ms", "pruned"]
     merged: dict[tuple[str, str], dict[str, Any]] = {}
-    with q.ledger.read_engine.connect() as conn:
-        for r in conn.execute(select(job_daily).where(job_daily.c.queue == q.name)).mappings():
-            merged[(r["day"], r["type"])] = {**{k: r[k] for k in _SUMS}, "hists": r["histograms"] or {},
-                                             "pruned": True}
-        ids = [int(i) for i in conn.execute(select(jobs.c.id).where(jobs.c.queue == q.name,
-                                                                      jobs.c.status == "completed")).scalars()]
-        for start in range(0, len(ids), 1000):
-            for (day, _queue, type_), d in _rollup(conn, ids[start:start + 1000]).items():
-                row = merged.setdefault((day, type_), {**{k: 0 for k in _SUMS}, "hists": {}, "pruned": True})
-                for k in _SUMS:
-                    row[k] += getattr(d, k)
-                row["hists"] = {"exec": hist_merge(row["hists"].get("exec"), _hist(d.exec_ms)),
-                                "wait": hist_merge(row["hists"].get("wait"), _hist(d.wait_ms))}
-                row["pruned"] = False
+    stored, chunks = admin.completed_history(q.ledger, q.name)
+    for r in stored:
+        merged[(r["day"], r["type"])] = {**{k: r[k] for k in _SUMS}, "hists": r["histograms"] or {}, "pruned": True}
+    for job_rows, attempt_rows in chunks:
+        for (day, _queue, type_), d in _rollup(job_rows, attempt_rows).items():
+            row = merged.setdefault((day, type_), {**{k: 0 for k in _SUMS}, "hists": {}, "pruned": True})
+            for k in _SUMS:
+                row[k] += getattr(d, k)
+            row["hists"] = {"exec": hist_merge(row["hists"].get("exec"), _hist(d.exec_ms)),
+                            "wait": hist_merge(row["hists"].get("wait"), _hist(d.wait_ms))}
+            row["pruned"] = False
     out = []
     for (day, type_), row in sorted(merged.items()):
         h = row.pop("hists")

@@ -108,20 +108,10 @@ def _runner_facts(rec: RunRecord, **override: Any) -> dict[str, Any]:
     return {**{k: getattr(rec, k) for k in RUNNER_FIELDS}, **override}
 
 
-def _insert_record(rec: RunRecord, conn: Any, runner: dict[str, Any], **values: Any) -> None:
-    from sqlalchemy import insert
-
-    from qkit.ledger import worker_runs
-
-    conn.execute(insert(worker_runs).values(
-        worker=_runner_name(), queue=rec.queue, started_at=datetime.fromisoformat(rec.started_at),
-        trigger="papermill", run_id=rec.run_id, params={"run_id": rec.run_id, "runner": runner}, **values))
-
-
 def _open_record(rec: RunRecord, ledger: Any) -> None:
     """Create the run's ``worker_runs`` row (status ``running``) before papermill starts."""
-    with ledger.engine.begin() as conn:
-        _insert_record(rec, conn, _runner_facts(rec, status="running", exit_code=None), status="running")
+    ledger.open_scheduled_run(_runner_name(), rec.queue, datetime.fromisoformat(rec.started_at), rec.run_id,
+                              _runner_facts(rec, status="running", exit_code=None))
 
 
 def _close_record(rec: RunRecord, ledger: Any) -> None:
@@ -133,29 +123,11 @@ def _close_record(rec: RunRecord, ledger: Any) -> None:
     runner's row alone; a row the runner could not create at the start is
     created now.
     """
-    from sqlalchemy import select, update
-
-    from qkit.ledger import worker_runs
-
-    verdict = _runner_facts(rec)
-    finished = datetime.fromisoformat(rec.finished_at)
     row_status = {"ok": "ok", "timeout": "interrupted", "interrupted": "interrupted"}.get(rec.status, "failed")
     error = None if rec.status == "ok" else f"scheduled run {rec.status}: {rec.error}"
-    by_run_id = select(worker_runs).where(worker_runs.c.run_id == rec.run_id).order_by(worker_runs.c.id)
-    with ledger.engine.begin() as conn:
-        rows = conn.execute(by_run_id).mappings().all()
-        if not rows:
-            _insert_record(rec, conn, verdict, status=row_status, error=error, finished_at=finished)
-            rows = conn.execute(by_run_id).mappings().all()
-        for r in rows:
-            values: dict[str, Any] = {"params": {**(r["params"] or {}), "runner": verdict}}
-            if rec.status != "ok":
-                values.update(status=row_status, error=error)
-            elif r["status"] == "running":  # the notebook never started a burst
-                values["status"] = "ok"
-            if r["finished_at"] is None:
-                values["finished_at"] = finished
-            conn.execute(update(worker_runs).where(worker_runs.c.id == r["id"]).values(**values))
+    rows = ledger.close_scheduled_run(_runner_name(), rec.queue, datetime.fromisoformat(rec.started_at), rec.run_id,
+                                      _runner_facts(rec), ok=rec.status == "ok", status=row_status, error=error,
+                                      finished_at=datetime.fromisoformat(rec.finished_at))
     rec.worker_run_ids = [int(r["id"]) for r in rows]
     for key in ("processed", "completed", "retried", "failed"):
         setattr(rec, key, sum(int(r[key] or 0) for r in rows))

@@ -18,11 +18,9 @@ import math
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import and_, func, select
-
 from qkit.errors import BadInput, NotFound
-from qkit.ledger import fingerprint as error_fingerprint
-from qkit.ledger import job_attempts, jobs, utcnow
+from qkit.lifecycle import fingerprint as error_fingerprint
+from qkit.ledger import reads, utcnow
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -43,13 +41,7 @@ def fingerprint_id(fp: str | None) -> str:
 
 def _dlq_rows(q: "Queue") -> list[dict[str, Any]]:
     """Failed jobs of the queue with the fingerprint of their final attempt (one query)."""
-    j, a = jobs, job_attempts
-    query = (select(j.c.id, j.c.type, j.c.error, j.c.payload, j.c.finished_at, j.c.attempts, a.c.fingerprint)
-             .select_from(j.outerjoin(a, and_(a.c.job_id == j.c.id, a.c.epoch == j.c.epoch,
-                                              a.c.attempt == j.c.attempts)))
-             .where(j.c.queue == q.name, j.c.status == "failed").order_by(j.c.id))
-    with q.ledger.read_engine.connect() as conn:
-        rows = [dict(r) for r in conn.execute(query).mappings()]
+    rows = reads.dead_with_fingerprints(q.ledger, q.name)
     for r in rows:
         # rows written before fingerprints were stored: the same function on the job's final error
         r["fingerprint"] = r["fingerprint"] or error_fingerprint(r["error"]) or NO_ERROR
@@ -137,19 +129,7 @@ def starvation(q: "Queue", *, now: datetime | None = None) -> dict[str, Any]:
     of higher priorities can starve lower ones; see ``QKIT_PRIORITY_AGING_SECONDS``).
     """
     now = now or utcnow()
-    j = jobs
-    with q.ledger.read_engine.connect() as conn:
-        claimed = conn.execute(select(j.c.priority, j.c.created_at, j.c.started_at)
-                               .where(j.c.queue == q.name, j.c.started_at.is_not(None))
-                               .order_by(j.c.id.desc()).limit(WAIT_SAMPLE)).all()
-        # per priority: how many are due and waiting, and the one due the longest (a window function:
-        # one query however many priorities)
-        due = (j.c.queue == q.name) & (j.c.status == "pending") & (j.c.run_at <= now)
-        ranked = select(j.c.id, j.c.priority, j.c.run_at,
-                        func.row_number().over(partition_by=j.c.priority, order_by=(j.c.run_at, j.c.id)).label("rn"),
-                        func.count().over(partition_by=j.c.priority).label("n")).where(due).subquery()
-        firsts = conn.execute(select(ranked.c.priority, ranked.c.n, ranked.c.id, ranked.c.run_at)
-                              .where(ranked.c.rn == 1)).all()
+    claimed, firsts = reads.claim_waits(q.ledger, q.name, now, WAIT_SAMPLE)
     waiting = [(r.priority, r.n) for r in firsts]
     oldest: dict[int, tuple[int, datetime]] = {r.priority: (r.id, _utc(r.run_at)) for r in firsts}
     waits: dict[int, list[float]] = {}

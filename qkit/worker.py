@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from qkit import faults
 from qkit.config import redact
-from qkit.dispatch import Settlement
+from qkit.lifecycle import Outcome, Runnable, Settlement
 from qkit.errors import QkitError
 from qkit.handlers import JobContext, get_handler, run_in_context
 from qkit.errors import BackendUnavailable
-from qkit.ledger import Outcome, Runnable, transient, utcnow
+from qkit.ledger import transient, utcnow
 from qkit.logs import log
 from qkit.model import MAX_PAYLOAD_BYTES, WorkSummary, compact_json
 

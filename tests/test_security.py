@@ -266,7 +266,7 @@ def test_s1_no_pickle_eval_or_import_on_data():
 
     assert "QKIT_HANDLERS" in (QKIT / "config.py").read_text() and settings.__name__ == "settings"
     # payloads and results are JSON columns, read with json only
-    ledger_src = (QKIT / "ledger.py").read_text()
+    ledger_src = "".join(p.read_text() for p in (QKIT / "ledger").glob("*.py"))
     assert "json.loads" in ledger_src and "JSON" in ledger_src
 
 

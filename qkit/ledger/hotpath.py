@@ -1,0 +1,455 @@
+"""The hot path's SQL: enqueue, claim and settle, as a few batched statements sent straight to the driver.
+
+The ledger records here what :mod:`qkit.lifecycle` decides; the returned
+plans carry the :class:`~qkit.lifecycle.Settlement` each job needs in Redis,
+which :mod:`qkit.dispatch` carries out.  See docs/architecture.md#the-ledger
+for the order of the writes and the crash windows.
+"""
+from __future__ import annotations
+
+import json
+from collections import namedtuple
+from datetime import datetime, timedelta, timezone
+from typing import Any, Sequence
+
+from sqlalchemy import bindparam, delete, select, update
+from sqlalchemy.engine import Connection
+
+from qkit import storable
+from qkit.backoff import Backoff
+from qkit.ledger.engine import LedgerBase, dumps, transient, utcnow
+from qkit.ledger.schema import job_attempts, jobs
+from qkit.lifecycle import (ClaimPlan, Outcome, Runnable, Settlement, SettlePlan, decide, fingerprint, lost_error,
+                            resend, unstorable)
+from qkit.logs import log
+from qkit.model import NewJob
+
+#: a retry claimed this much before its run_at still runs: Redis decides due times on its own clock,
+#: and run_at is written from an estimate of it (qkit.dispatch.RedisClock)
+NOT_DUE_SLACK = timedelta(seconds=1)
+
+
+class DriverSQL:
+    """Hot-path statements sent straight to the DB-API driver.
+
+    SQLAlchemy's per-row bind processing cost more than the rest of a no-op
+    job; these few statements take values already in the driver's form.
+    Statements are written with ``?`` placeholders and ``{json}`` for a JSON
+    parameter (compact text, or None for SQL NULL).
+    """
+
+    def __init__(self, dialect: str) -> None:
+        self.pg = dialect == "postgresql"
+        self._last_ts: tuple[Any, Any] = (None, None)
+
+    def sql(self, statement: str) -> str:
+        if self.pg:
+            return statement.replace("?", "%s").replace("{json}", "%s::jsonb")
+        return statement.replace("{json}", "?")
+
+    def ts(self, value: datetime | None) -> Any:
+        """A UTC time as the driver stores it (SQLAlchemy's SQLite text format)."""
+        if value is None or self.pg:
+            return value
+        if value is self._last_ts[0]:  # a batch stamps many rows with the same time
+            return self._last_ts[1]
+        text_ = value.astimezone(timezone.utc).replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
+        self._last_ts = (value, text_)
+        return text_
+
+    def run(self, conn: Connection, statement: str, rows: Sequence[tuple]) -> None:
+        if rows:
+            conn.exec_driver_sql(self.sql(statement), list(rows) if len(rows) > 1 else rows[0])
+
+    def select_ids(self, conn: Connection, statement: str, ids: Sequence[int], *, lock: bool = False) -> list:
+        """Rows of ``statement`` (``... WHERE id {ids}``) for the given ids, as plain tuples.
+
+        The id list travels as one parameter (``= ANY(%s)`` / ``json_each(?)``), so the
+        statement text is the same for every batch and the driver's cache keeps it prepared.
+        """
+        sql_ = self.with_ids(statement) + (" FOR UPDATE" if lock and self.pg else "")
+        return conn.exec_driver_sql(sql_, (self.ids_arg(ids),)).all()
+
+    def with_ids(self, statement: str) -> str:
+        """``statement`` with ``{ids}`` taking a whole id list as one parameter."""
+        return self.sql(statement.replace("{ids}", "= ANY(?)" if self.pg else "IN (SELECT value FROM json_each(?))"))
+
+    def ids_arg(self, ids: Sequence[int]) -> Any:
+        return list(ids) if self.pg else json.dumps(list(ids))
+
+    def json_in(self, value: Any) -> Any:
+        return json.loads(value) if isinstance(value, str) else value
+
+    def payload_in(self, value: Any) -> Any:
+        """A stored payload, or None when it is not JSON (a row written behind qkit's back):
+        the worker fails that one job as invalid instead of every claim failing."""
+        try:
+            return self.json_in(value)
+        except ValueError:
+            return None
+
+    def ts_in(self, value: Any) -> datetime | None:
+        if value is None or isinstance(value, datetime):
+            return value if value is None or value.tzinfo else value.replace(tzinfo=timezone.utc)
+        return datetime.fromisoformat(value).replace(tzinfo=timezone.utc)
+
+
+ClaimRow = namedtuple("ClaimRow", "id status type payload priority attempts max_attempts epoch run_at")
+SELECT_CLAIM = ("SELECT id, status, type, payload, priority, attempts, max_attempts, epoch, run_at, queue"
+                " FROM jobs WHERE id {ids}")
+OpenAttempt = namedtuple("OpenAttempt", "job_id attempt worker started_at epoch")
+SELECT_OPEN = ("SELECT job_id, attempt, worker, started_at, epoch FROM job_attempts"
+               " WHERE job_id {ids} AND outcome IS NULL")
+FenceRow = namedtuple("FenceRow", "id status attempts epoch")
+SELECT_FENCE = "SELECT id, status, attempts, epoch FROM jobs WHERE id {ids}"
+INSERT_JOB = ("INSERT INTO jobs (id, queue, type, payload, status, priority, attempts, max_attempts, run_at,"
+              " created_at, updated_at, epoch) VALUES (?, ?, ?, {json}, 'pending', ?, 0, ?, ?, ?, ?, 0)")
+INSERT_EVENT = "INSERT INTO job_events (job_id, at, event, worker, detail) VALUES (?, ?, ?, ?, {json})"
+INSERT_ATTEMPT = "INSERT INTO job_attempts (job_id, epoch, attempt, worker, started_at) VALUES (?, ?, ?, ?, ?)"
+CLAIM_JOBS = ("UPDATE jobs SET status = 'processing', attempts = attempts + 1, started_at = COALESCE(started_at, ?),"
+              " updated_at = ? WHERE id {ids}")
+SETTLE_JOB = ("UPDATE jobs SET status = ?, result = {json}, error = ?, finished_at = ?,"
+              " run_at = COALESCE(?, run_at), updated_at = ? WHERE id = ?")
+SETTLE_ATTEMPT = ("UPDATE job_attempts SET outcome = ?, finished_at = ?, duration_ms = ?, error = ?, traceback = ?,"
+                  " fingerprint = ? WHERE job_id = ? AND epoch = ? AND attempt = ?")
+
+
+class HotPath(LedgerBase):
+    """Enqueue, claim and settle: the statements every job passes through."""
+
+    # ------------------------------------------------------------------ enqueue
+    def insert_jobs(self, queue: str, new: Sequence[NewJob], now: datetime | None = None) -> list[tuple[int, bool]]:
+        """Insert jobs as ``pending``; returns (id, created) per item, in order.
+
+        An idempotency key held by any job of the queue, failed ones included,
+        returns that job's id (created False); the database's unique index
+        decides, so concurrent callers agree.
+        """
+        now = now or utcnow()
+        results: list[tuple[int, bool] | None] = [None] * len(new)
+
+        def row(j: NewJob) -> dict[str, Any]:
+            return dict(queue=queue, type=j.type, payload=j.payload, status="pending", priority=j.priority,
+                        attempts=0, max_attempts=j.max_attempts, idempotency_key=j.key,
+                        run_at=now + timedelta(seconds=j.delay), created_at=now, updated_at=now, epoch=0)
+
+        with self._write(durable=True) as conn:
+            plain = [i for i, j in enumerate(new) if j.key is None]
+            if plain:
+                ids = self._reserve_ids(conn, len(plain))
+                d = self.driver
+                self.driver.run(conn, INSERT_JOB, [
+                    (job_id, queue, new[i].type, new[i].payload_text, new[i].priority, new[i].max_attempts,
+                     d.ts(now + timedelta(seconds=new[i].delay)), d.ts(now), d.ts(now))
+                    for i, job_id in zip(plain, ids)])
+                self.statements += 2
+                for i, job_id in zip(plain, ids):
+                    results[i] = (job_id, True)
+            for i, j in enumerate(new):
+                if j.key is not None:
+                    results[i] = self._insert_keyed(conn, queue, row(j), j.key)
+            at = self.driver.ts(now)
+            self.driver.run(conn, INSERT_EVENT, [
+                (r[0], at, "enqueued", None, None) if r[1] else
+                (r[0], at, "deduplicated", None, dumps({"key": new[i].key}))
+                for i, r in enumerate(results) if r is not None])
+            self.statements += 1
+        return [r for r in results if r is not None]
+
+    def _insert_keyed(self, conn: Connection, queue: str, values: dict[str, Any], key: str) -> tuple[int, bool]:
+        """Insert one job with an idempotency key, or return the id of the job holding the key.
+
+        A job keeps its key until it is purged.  On PostgreSQL a purge can delete
+        the holder between the conflicting insert and the fetch, each statement
+        seeing the latest commits: then nothing holds the key any more and the
+        insert is tried again.  Every round either inserts, or finds a holder,
+        or saw a holder purged since the previous round, so the loop ends.
+        """
+        stmt = (self._insert(jobs).values(**values)
+                .on_conflict_do_nothing(index_elements=["queue", "idempotency_key"]).returning(jobs.c.id))
+        holder = select(jobs.c.id).where(jobs.c.queue == queue, jobs.c.idempotency_key == key)
+        while True:
+            job_id = conn.execute(stmt).scalar()
+            self.statements += 1
+            if job_id is not None:
+                return int(job_id), True
+            existing = conn.execute(holder).scalar()
+            self.statements += 1
+            if existing is not None:
+                return int(existing), False
+
+    def _reserve_ids(self, conn: Connection, n: int) -> list[int]:
+        """Ids for ``n`` new jobs, in order: they are the FIFO sequence within a priority.
+
+        Never an id any job had before (docs/semantics.md#the-promise): PostgreSQL's sequence only
+        moves forward; on SQLite ``jobs`` is AUTOINCREMENT (schema v3), whose
+        ``sqlite_sequence`` row remembers the highest id ever inserted, also
+        after those rows were purged, and moves up with the explicit ids inserted here.
+        """
+        if self.dialect == "postgresql":
+            rows = conn.exec_driver_sql(
+                "SELECT nextval(pg_get_serial_sequence('jobs', 'id')) FROM generate_series(1, %s)", (n,))
+            return sorted(int(r[0]) for r in rows)
+        # SQLite: this transaction holds the write lock (BEGIN IMMEDIATE), so neither can move
+        top = conn.exec_driver_sql(
+            "SELECT MAX(COALESCE((SELECT MAX(id) FROM jobs), 0),"
+            " COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'jobs'), 0))").scalar()
+        return list(range(int(top) + 1, int(top) + n + 1))
+
+
+    def correct_times(self, due: Sequence[tuple[int, datetime]], at: datetime, created: bool) -> None:
+        """Re-write run_at (and updated_at, and created_at if ``created``) of jobs still pending and never
+        run, written from a host clock found off Redis's (see ``Queue._correct_times``)."""
+        if not due:
+            return
+        values: dict[str, Any] = dict(run_at=bindparam("b_run_at"), updated_at=at)
+        if created:
+            values["created_at"] = at
+        with self._write() as conn:
+            conn.execute(update(jobs).where(jobs.c.id == bindparam("b_id"), jobs.c.status == "pending",
+                                            jobs.c.attempts == 0).values(**values),
+                         [dict(b_id=job_id, b_run_at=run_at) for job_id, run_at in due])
+            self.statements += 1
+
+    # ------------------------------------------------------------------ claim
+    def claim(self, queue: str, worker: str, job_ids: Sequence[int], reclaimed: dict[int, str],
+              backoff: Backoff, now: datetime | None = None, again: bool = False) -> ClaimPlan:
+        """Record the claim of ids Redis just leased to ``worker``.
+
+        Rows that are missing or already terminal are dropped (settlement
+        'done', never run).  A row still ``processing`` had an attempt that
+        never finished: it is closed as ``lost`` and the job is retried or
+        dead-lettered like any failure.  The rest get an open attempt row.
+        With ``again`` (a retry of a call whose commit went unanswered), an
+        attempt this worker already opened is taken as it is, not as lost.
+        """
+        now = now or utcnow()
+        plan = ClaimPlan()
+        ids = list(dict.fromkeys(list(reclaimed) + list(job_ids)))
+        if not ids:
+            return plan
+        with self._write() as conn:
+            d = self.driver
+            # another queue's id written into this queue's keys is no job of this queue: dropped, never run
+            rows = {r[0]: ClaimRow(r[0], r[1], r[2], d.payload_in(r[3]), r[4], r[5], r[6], r[7], d.ts_in(r[8]))
+                    for r in d.select_ids(conn, SELECT_CLAIM, ids, lock=True) if r[9] == queue}
+            open_attempts = {}
+            in_flight = [i for i in ids if i in rows and rows[i].status == "processing"]
+            if in_flight:
+                open_attempts = {r[0]: OpenAttempt(r[0], r[1], r[2], d.ts_in(r[3]), r[4])
+                                 for r in d.select_ids(conn, SELECT_OPEN, in_flight)}
+            self.statements += 2
+            claim_rows, attempt_rows, event_rows, lost_rows, job_updates = [], [], [], [], []
+            for job_id in ids:
+                r = rows.get(job_id)
+                if r is None or r.status not in ("pending", "processing"):
+                    # finished already (its settle never reached Redis): drop it, or put it back in the DLQ
+                    plan.settlements.append(resend(job_id, r and r.status, r.priority if r else 0))
+                    continue
+                attempts = r.attempts
+                if r.status == "pending" and r.attempts > 0 and r.run_at > now + NOT_DUE_SLACK:
+                    # a retry whose Redis settle never arrived (its lease expired instead): not due
+                    # before run_at (docs/semantics.md#order), so it goes back to wait, without an attempt
+                    wait_ms = int((r.run_at - now).total_seconds() * 1000)
+                    plan.settlements.append(Settlement(job_id, "retry", wait_ms, r.priority))
+                    continue
+                previous = open_attempts.get(job_id)
+                if again and r.status == "processing" and previous is not None and previous.worker == worker:
+                    plan.runnable.append(Runnable(id=job_id, type=r.type, payload=r.payload, priority=r.priority,
+                                                  attempt=previous.attempt, max_attempts=r.max_attempts,
+                                                  epoch=r.epoch, started_at=previous.started_at))
+                    continue
+                if r.status == "processing":
+                    # the previous holder's lease expired: that attempt was lost
+                    plan.lost += 1
+                    holder = previous.worker if previous else (reclaimed.get(job_id) or "unknown")
+                    error = lost_error(holder)
+                    if previous is not None:
+                        duration = (now - previous.started_at).total_seconds() * 1000
+                        lost_rows.append(dict(b_job=job_id, b_epoch=previous.epoch, b_attempt=previous.attempt,
+                                              finished_at=now, duration_ms=duration, error=error,
+                                              fingerprint=fingerprint(error)))
+                    event_rows.append(dict(job_id=job_id, at=now, event="reclaimed", worker=worker,
+                                           detail={"from_worker": holder, "lost_attempt": attempts}))
+                    verdict = decide("lost", job_id=job_id, epoch=r.epoch, attempt=attempts,
+                                     max_attempts=r.max_attempts, backoff=backoff)
+                    if verdict.dead:
+                        job_updates.append(dict(b_id=job_id, status="failed", run_at=now, error=error,
+                                                finished_at=now, attempts=attempts))
+                        event_rows += [dict(job_id=job_id, at=now, event="failed", worker=worker,
+                                            detail={"attempt": attempts, "outcome": "lost"}),
+                                       dict(job_id=job_id, at=now, event="dead", worker=worker, detail=None)]
+                        plan.settlements.append(verdict.settlement(job_id, r.priority))
+                        plan.failed += 1
+                        continue
+                    if verdict.delay > 0:
+                        job_updates.append(dict(b_id=job_id, status="pending",
+                                                run_at=now + timedelta(seconds=verdict.delay),
+                                                error=error, finished_at=None, attempts=attempts))
+                        event_rows.append(dict(job_id=job_id, at=now, event="retry_scheduled", worker=worker,
+                                               detail={"attempt": attempts, "delay_s": round(verdict.delay, 3)}))
+                        plan.settlements.append(verdict.settlement(job_id, r.priority))
+                        plan.retried += 1
+                        continue
+                    # a retry due at once: this worker holds the lease, so it runs the next attempt now
+                attempt = attempts + 1
+                claim_rows.append(dict(b_id=job_id, attempts=attempt, now=now))
+                attempt_rows.append(dict(job_id=job_id, epoch=r.epoch, attempt=attempt, worker=worker, started_at=now))
+                event_rows.append(dict(job_id=job_id, at=now, event="claimed", worker=worker,
+                                       detail=f'{{"attempt":{attempt}}}'))
+                plan.runnable.append(Runnable(id=job_id, type=r.type, payload=r.payload, priority=r.priority,
+                                              attempt=attempt, max_attempts=r.max_attempts, epoch=r.epoch,
+                                              started_at=now))
+            if lost_rows:
+                conn.execute(update(job_attempts).where(
+                    job_attempts.c.job_id == bindparam("b_job"), job_attempts.c.epoch == bindparam("b_epoch"),
+                    job_attempts.c.attempt == bindparam("b_attempt"), job_attempts.c.outcome.is_(None))
+                    .values(outcome="lost", finished_at=bindparam("finished_at"),
+                            duration_ms=bindparam("duration_ms"), error=bindparam("error"),
+                            fingerprint=bindparam("fingerprint")), lost_rows)
+                self.statements += 1
+            if job_updates:
+                conn.execute(update(jobs).where(jobs.c.id == bindparam("b_id")).values(
+                    status=bindparam("status"), run_at=bindparam("run_at"), error=bindparam("error"),
+                    finished_at=bindparam("finished_at"), attempts=bindparam("attempts"), updated_at=now),
+                    job_updates)
+                self.statements += 1
+            if claim_rows:
+                # one statement for the whole batch: every claimed row gets its next attempt
+                at = self.driver.ts(now)
+                conn.exec_driver_sql(self.driver.with_ids(CLAIM_JOBS),
+                                     (at, at, self.driver.ids_arg([r["b_id"] for r in claim_rows])))
+                self.driver.run(conn, INSERT_ATTEMPT, [(a["job_id"], a["epoch"], a["attempt"], worker, at)
+                                                       for a in attempt_rows])
+                self.statements += 2
+            self._insert_events(conn, event_rows)
+        return plan
+
+    # ------------------------------------------------------------------ settle
+    def settle(self, worker: str, outcomes: Sequence[Outcome], backoff: Backoff,
+               now: datetime | None = None, again: bool = False) -> SettlePlan:
+        """Record how attempts ended, fenced: only the attempt the ledger holds as current counts.
+
+        Outcome text the ledger cannot store is escaped or cut and flagged
+        (:mod:`qkit.storable`).  If the batch's transaction still fails for a
+        reason other than the ledger being unreachable, the outcomes are written
+        one by one, so only a job whose own outcome is refused fails, recorded
+        as ``OutcomeNotStored``.  ``again``: an earlier call with these outcomes
+        may have committed without an answer (see :meth:`_settle`).
+        """
+        now = now or utcnow()
+        try:
+            return self._settle(worker, outcomes, backoff, now, again)
+        except Exception as exc:  # noqa: BLE001 - sorted below: unreachable ledgers are the caller's to retry
+            if transient(exc):
+                raise
+            first = exc
+        log.warning("could not record a batch of %d outcomes (%s): recording them one by one",
+                    len(outcomes), type(first).__name__)
+        plan = SettlePlan()
+        for o in outcomes:
+            try:
+                part = self._settle(worker, [o], backoff, now, again)
+            except Exception as exc:  # noqa: BLE001
+                if transient(exc):
+                    raise
+                log.warning("job %s: its outcome could not be stored (%s); recorded as failed",
+                            o.job.id, type(exc).__name__)
+                part = self._settle(worker, [unstorable(o, exc)], backoff, now, again)
+            plan.merge(part)
+        return plan
+
+    def _settle(self, worker: str, outcomes: Sequence[Outcome], backoff: Backoff, now: datetime,
+                again: bool) -> SettlePlan:
+        """One transaction for ``outcomes``.
+
+        With ``again``, a job whose row no longer is at this attempt's
+        ``processing`` but still at this attempt and epoch was settled by an
+        earlier call whose commit went unanswered (or marked lost by a
+        reclaimer): Redis is told what the ledger holds instead of fencing it.
+        """
+        plan = SettlePlan()
+        if not outcomes:
+            return plan
+        pg = self.driver.pg
+        with self._write() as conn:
+            current = {r[0]: FenceRow(*r) for r in self.driver.select_ids(
+                conn, SELECT_FENCE, [o.job.id for o in outcomes], lock=True)}
+            self.statements += 1
+            d = self.driver
+            at = d.ts(now)
+            # rows in the driver's form, built directly: this loop runs once per job
+            job_rows: list[tuple] = []
+            attempt_rows: list[tuple] = []
+            event_rows: list[dict[str, Any]] = []
+            released: list[dict[str, Any]] = []
+            for o in outcomes:
+                j = o.job
+                r = current.get(j.id)
+                if r is None or r.status != "processing" or r.attempts != j.attempt or r.epoch != j.epoch:
+                    if again and r is not None and r.attempts == j.attempt and r.epoch == j.epoch:
+                        plan.settlements.append(resend(j.id, r.status, j.priority))
+                        continue
+                    plan.fenced.append(j.id)
+                    continue
+                if o.outcome == "released":
+                    released.append(dict(b_id=j.id, b_epoch=j.epoch, b_attempt=j.attempt))
+                    event_rows.append(dict(job_id=j.id, at=now, event="released", worker=worker,
+                                           detail={"attempt": j.attempt}))
+                    plan.settlements.append(decide("released", job_id=j.id, epoch=j.epoch, attempt=j.attempt,
+                                                   max_attempts=j.max_attempts, backoff=backoff)
+                                            .settlement(j.id, j.priority))
+                    continue
+                duration = (o.finished_at - j.started_at).total_seconds() * 1000
+                finished = d.ts(o.finished_at)
+                result, escaped = None, False
+                if o.outcome == "completed":
+                    try:
+                        result, escaped = storable.result_json(o.result, pg)
+                    except ValueError as exc:
+                        o = unstorable(o, exc)
+                error = storable.text(o.error, pg)
+                attempt_rows.append((o.outcome, finished, duration, error, storable.text(o.traceback, pg),
+                                     fingerprint(error), j.id, j.epoch, j.attempt))
+                verdict = decide(o.outcome, job_id=j.id, epoch=j.epoch, attempt=j.attempt,
+                                 max_attempts=j.max_attempts, backoff=backoff, permanent=o.permanent)
+                plan.settlements.append(verdict.settlement(j.id, j.priority))
+                if verdict.status == "completed":
+                    job_rows.append(("completed", result, None, finished, None, at, j.id))
+                    flag = ',"escaped":"result"' if escaped else ""
+                    event_rows.append(dict(job_id=j.id, at=now, event="completed", worker=worker,
+                                           detail=f'{{"attempt":{j.attempt},"duration_ms":{duration:.3f}{flag}}}'))
+                    plan.completed += 1
+                elif verdict.dead:
+                    job_rows.append(("failed", None, error, finished, None, at, j.id))
+                    event_rows += [dict(job_id=j.id, at=now, event="failed", worker=worker,
+                                        detail={"attempt": j.attempt, "outcome": o.outcome}),
+                                   dict(job_id=j.id, at=now, event="dead", worker=worker, detail=None)]
+                    plan.failed += 1
+                else:
+                    delay = verdict.delay
+                    job_rows.append(("pending", None, error, None, d.ts(now + timedelta(seconds=delay)), at, j.id))
+                    event_rows.append(dict(job_id=j.id, at=now, event="retry_scheduled", worker=worker,
+                                           detail={"attempt": j.attempt, "outcome": o.outcome,
+                                                   "delay_s": round(delay, 3)}))
+                    plan.retried += 1
+            d.run(conn, SETTLE_JOB, job_rows)
+            d.run(conn, SETTLE_ATTEMPT, attempt_rows)
+            self.statements += 2
+            if released:
+                conn.execute(delete(job_attempts).where(
+                    job_attempts.c.job_id == bindparam("b_id"), job_attempts.c.epoch == bindparam("b_epoch"),
+                    job_attempts.c.attempt == bindparam("b_attempt")), released)
+                conn.execute(update(jobs).where(jobs.c.id == bindparam("b_id")).values(
+                    status="pending", attempts=jobs.c.attempts - 1, updated_at=now), released)
+                self.statements += 2
+            self._insert_events(conn, event_rows)
+        return plan
+
+    def _insert_events(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
+        if rows:
+            d = self.driver
+            d.run(conn, INSERT_EVENT, [(e["job_id"], d.ts(e["at"]), e["event"], e["worker"],
+                                        e["detail"] if e["detail"] is None or isinstance(e["detail"], str)
+                                        else dumps(e["detail"])) for e in rows])
+            self.statements += 1
