@@ -13,12 +13,12 @@ from datetime import datetime
 from typing import Any, Callable
 
 import click
-from sqlalchemy.exc import OperationalError
 
 import qkit
 from qkit import extras
 from qkit.config import redact
 from qkit.errors import QkitError
+from qkit.ledger import LedgerFailure
 from qkit.model import MAX_ID, parse_json_object, read_json_file
 
 
@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     except QkitError as exc:
         click.echo(f"qkit: {redact(str(exc))}", err=True)
         return exc.exit_code
-    except OperationalError as exc:  # the ledger failed mid-write (disk full, I/O error, connection lost)
+    except LedgerFailure as exc:  # the ledger failed mid-write (disk full, I/O error, connection lost)
         click.echo(f"qkit: {_ledger_failure(exc)}", err=True)
         return 1
     except Exception as exc:  # noqa: BLE001 - a bug: still one line unless debugging
@@ -400,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def _ledger_failure(exc: OperationalError) -> str:
+def _ledger_failure(exc: LedgerFailure) -> str:
     """One line naming the ledger (password masked) and the database's own first line of the error."""
     try:
         from qkit.config import settings

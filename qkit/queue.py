@@ -213,11 +213,18 @@ class Queue:
         return len(self.ledger.purge_dead(self.name, failed))
 
     # ------------------------------------------------------------------ work
+    def _repair(self) -> None:
+        """A burst's first step: put Redis back in line with the ledger, close runs of dead bursts."""
+        from qkit.reconcile import close_abandoned_runs, repair_if_drifted
+
+        repair_if_drifted(self)
+        close_abandoned_runs(self)
+
     def work(self, max_jobs: int | None = None, max_seconds: float | None = None, *,
              concurrency: int = 1, trigger: str = "notebook", progress: Any = None,
              params: dict[str, Any] | None = None) -> WorkSummary:
         """Run one burst in this process: claim and run jobs until none is due or a budget is spent."""
-        from qkit.worker import Worker
+        from qkit.worker import Resources, Worker
 
         if max_jobs is not None and (isinstance(max_jobs, bool) or not isinstance(max_jobs, int) or max_jobs < 1):
             raise BadInput("max_jobs must be a positive integer")
@@ -227,7 +234,8 @@ class Queue:
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or not 1 <= concurrency <= 256:
             raise BadInput("concurrency must be an integer 1..256")
         import_handler_modules(self.settings.handler_modules)
-        worker = Worker(self, max_jobs=max_jobs, max_seconds=max_seconds, concurrency=concurrency,
+        worker = Worker(Resources(self.name, self.ledger, self.dispatch, self.backoff, self.settings.lease_seconds,
+                                  prepare=self._repair), max_jobs=max_jobs, max_seconds=max_seconds, concurrency=concurrency,
                         trigger=trigger, progress=progress, params=params)
         try:
             return worker.run()

@@ -18,6 +18,7 @@ import threading
 import time
 import traceback
 import uuid
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from qkit import faults
@@ -31,7 +32,9 @@ from qkit.logs import log
 from qkit.model import MAX_PAYLOAD_BYTES, WorkSummary, compact_json
 
 if TYPE_CHECKING:
-    from qkit.queue import Queue
+    from qkit.backoff import Backoff
+    from qkit.dispatch import Dispatch
+    from qkit.ledger import Ledger
 
 
 MAX_BATCH = 1000
@@ -262,10 +265,23 @@ class _SerialRunner(threading.Thread):
             return self.outcomes
 
 
+@dataclass(frozen=True)
+class Resources:
+    """What a burst works with, handed over by the facade (:meth:`qkit.queue.Queue.work`)."""
+
+    name: str  # the queue
+    ledger: "Ledger"
+    dispatch: "Dispatch"
+    backoff: "Backoff"
+    lease_seconds: float
+    #: run once before the first claim (the facade's repairs, :mod:`qkit.reconcile`)
+    prepare: Callable[[], Any] = lambda: None
+
+
 class Worker:
     """One burst on one queue.  Use :meth:`qkit.queue.Queue.work`."""
 
-    def __init__(self, q: "Queue", *, max_jobs: int | None = None, max_seconds: float | None = None,
+    def __init__(self, q: Resources, *, max_jobs: int | None = None, max_seconds: float | None = None,
                  concurrency: int = 1, trigger: str = "notebook", params: dict[str, Any] | None = None,
                  progress: Any = None, handle_signals: bool = True) -> None:
         if trigger not in TRIGGERS:
@@ -281,7 +297,7 @@ class Worker:
         self.progress = progress
         self.handle_signals = handle_signals
         self.worker_id = new_worker_id()
-        self.lease_ms = int(q.settings.lease_seconds * 1000)
+        self.lease_ms = int(q.lease_seconds * 1000)
         self.summary = WorkSummary(worker=self.worker_id)
         self._held: dict[int, int] = {}  # leased to us, not yet settled in Redis: id -> attempt (0: not run)
         self._held_lock = threading.Lock()
@@ -310,10 +326,7 @@ class Worker:
         pool = HandlerPool(self.concurrency)
         status, error = "ok", None
         try:
-            from qkit.reconcile import close_abandoned_runs, repair_if_drifted
-
-            repair_if_drifted(q)
-            close_abandoned_runs(q)
+            q.prepare()
             self._loop(pool)
             if self._signal is not None:
                 status = "interrupted"
@@ -568,7 +581,7 @@ class Worker:
 
     # ------------------------------------------------------------------ leases
     def _renew_loop(self) -> None:
-        interval = max(0.05, self.q.settings.lease_seconds / 3)
+        interval = max(0.05, self.q.lease_seconds / 3)
         failing = False  # warn once per outage, not once per tick
         while not self._stop.wait(interval):
             with self._held_lock:

@@ -31,7 +31,7 @@ says is current (status ``processing``, same attempt and replay epoch).
 from __future__ import annotations
 
 from qkit.ledger.admin import Admin
-from qkit.ledger.engine import LedgerBase, transient, utcnow
+from qkit.ledger.engine import LedgerBase, LedgerFailure, transient, utcnow
 from qkit.ledger.events import RENEWAL_EVENT_WAIT_S, EventWriter, Events
 from qkit.ledger.hotpath import (CLAIM_JOBS, INSERT_ATTEMPT, INSERT_EVENT, INSERT_JOB, NOT_DUE_SLACK, SELECT_CLAIM,
                                  SELECT_FENCE, SELECT_OPEN, SETTLE_ATTEMPT, SETTLE_JOB, DriverSQL, HotPath)
@@ -61,6 +61,6 @@ class Ledger(HotPath, Reads, Admin, Runs, Events, LedgerBase):
 
 __all__ = ["CLAIM_JOBS", "INSERT_ATTEMPT", "INSERT_EVENT", "INSERT_JOB", "MAX_TEXT", "MIGRATIONS", "NOT_DUE_SLACK",
            "RENEWAL_EVENT_WAIT_S", "SCHEMA_VERSION", "SELECT_CLAIM", "SELECT_FENCE", "SELECT_OPEN", "SETTLE_ATTEMPT",
-           "SETTLE_JOB", "ClaimPlan", "DriverSQL", "EventWriter", "Ledger", "Outcome", "Runnable", "SettlePlan",
+           "SETTLE_JOB", "ClaimPlan", "DriverSQL", "EventWriter", "Ledger", "LedgerFailure", "Outcome", "Runnable", "SettlePlan",
            "fingerprint", "job_attempts", "job_daily", "job_events", "jobs", "metadata", "schema_info", "transient",
            "unstorable", "utcnow", "worker_runs"]

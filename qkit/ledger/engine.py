@@ -22,6 +22,9 @@ if TYPE_CHECKING:
     from qkit.ledger.events import EventWriter
     from qkit.ledger.hotpath import DriverSQL
 
+#: the database failed mid-statement (disk full, I/O error, connection lost): the CLI words it in one line
+LedgerFailure = OperationalError
+
 _SYNC_PRAGMAS = {"FULL": "PRAGMA synchronous=FULL", "NORMAL": "PRAGMA synchronous=NORMAL"}
 
 
