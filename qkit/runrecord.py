@@ -3,7 +3,7 @@
 The runner (:mod:`qkit.scheduled`) creates the row before papermill starts
 (:func:`open_record`: trigger ``papermill``, status ``running``, the run's id in
 the indexed ``run_id`` column, the runner's facts in ``params.runner``); the
-notebook's burst continues that row (:meth:`qkit.ledger.Ledger.start_run`);
+notebook's burst continues that row (:meth:`qkit.ledger.Ledger.start_run`, in :mod:`qkit.ledger.runs`);
 :func:`close_record` writes the runner's verdict into it, found by ``run_id``,
 and reads the counts back.  :func:`write_copies` then writes the sidecar
 ``<output>.json`` and ``metadata.qkit`` of the executed notebook from the

@@ -4,7 +4,7 @@
   and last failure, a sample error and payload.  The fingerprint is the one
   stored on the job's final attempt (``job_attempts.fingerprint``: exception
   type + message with numbers, ids and quoted values normalised, see
-  :func:`qkit.ledger.fingerprint`); ``fingerprint_id`` is a short stable hash
+  :func:`qkit.lifecycle.fingerprint`); ``fingerprint_id`` is a short stable hash
   of it, easy to type: ``qkit dlq replay --fingerprint 3f2a9c01be``.
 * :func:`replay_fingerprint` — bulk replay of one group.
 * :func:`starvation` / :func:`starvation_frame` — wait from enqueue to first

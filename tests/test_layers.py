@@ -19,6 +19,8 @@ QKIT = ROOT / "qkit"
 DEV = {"devservers.py", "upstash_dev.py"}
 #: config checks that QKIT_DATABASE_URL parses as SQLAlchemy parses it (no SQL): the one exception
 URL_CHECK = {("config.py", "sqlalchemy.engine"), ("config.py", "sqlalchemy.exc")}
+#: the analysis SQL still to move into qkit/ledger/ (issue 13, last step): this list only shrinks
+NOT_YET_MOVED = {"analysis_queries.py", "frames.py"}
 
 
 def _sqlalchemy_imports(path: Path) -> list[tuple[int, str]]:
@@ -34,11 +36,17 @@ def test_only_the_ledger_imports_sqlalchemy():
     offenders = []
     for path in sorted(QKIT.rglob("*.py")):
         rel = path.relative_to(QKIT)
-        if rel.parts[0] in ("ledger", "dev") or rel.name in DEV and len(rel.parts) == 1:
+        if rel.parts[0] in ("ledger", "dev") or rel.name in DEV and len(rel.parts) == 1 \
+                or str(rel) in NOT_YET_MOVED:
             continue
         offenders += [f"qkit/{rel}:{line} imports {name}" for line, name in _sqlalchemy_imports(path)
                       if (str(rel), name) not in URL_CHECK]
     assert not offenders, "SQL belongs in qkit/ledger/:\n" + "\n".join(offenders)
+
+
+def test_the_list_of_modules_not_yet_moved_is_current():
+    stale = [name for name in NOT_YET_MOVED if not (QKIT / name).is_file() or not _sqlalchemy_imports(QKIT / name)]
+    assert not stale, f"moved already: take {stale} off NOT_YET_MOVED"
 
 
 def test_the_check_sees_an_import_inside_a_function(tmp_path):
