@@ -136,7 +136,7 @@ def test_a_ledger_upgrade_fills_run_ids_from_params(tmp_path, request, dialect):
     with old.engine.begin() as conn:  # back to a ledger of before the column
         conn.execute(text("DROP INDEX ix_worker_runs_run_id"))
         conn.execute(text("ALTER TABLE worker_runs DROP COLUMN run_id"))
-        conn.execute(text("UPDATE qkit_schema SET version = :v"), {"v": SCHEMA_VERSION - 1})
+        conn.execute(text("UPDATE qkit_schema SET version = 3"))  # v4 added worker_runs.run_id
         conn.execute(text("DELETE FROM worker_runs"))
         for params in ('{"run_id": "r-old"}', '{"via": "bearer"}', None):
             conn.execute(text("INSERT INTO worker_runs (worker, queue, started_at, processed, completed, retried, "
