@@ -8,7 +8,7 @@ execution time of a successful attempt (order-statistic interval from the
 database's histogram).  A change is called *clear* when the two intervals do
 not overlap (a conservative test) and, for times, exceeds the histogram's 5%
 resolution; otherwise it is within what chance gives at these sample sizes.  Everything is aggregated in SQL
-(:mod:`qkit.analysis_queries`), one pair of queries per side.
+(:mod:`qkit.ledger.analysis`), one pair of queries per side.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from qkit import analysis_queries as aq
+from qkit.ledger import analysis as aq
 from qkit.frames import scope
 from qkit.stats import mean_interval, quantile_interval, wilson
 
@@ -32,8 +32,7 @@ def split_default(q: "Queue") -> tuple[dict[str, Any], dict[str, Any]]:
     """Without parameters: the older and the newer half of the queue's jobs (by the midpoint of their enqueue times)."""
     from datetime import datetime, timezone
 
-    with q.ledger.read_engine.connect() as conn:
-        first, last = aq.created_bounds(conn, scope(q))
+    first, last = aq.read(q.ledger, aq.created_bounds, scope(q))
     if first is None:
         return {}, {}
     mid = datetime.fromtimestamp((float(first) + float(last)) / 2, timezone.utc)
@@ -42,9 +41,7 @@ def split_default(q: "Queue") -> tuple[dict[str, Any], dict[str, Any]]:
 
 def _side(q: "Queue", filters: dict[str, Any]) -> list[dict[str, Any]]:
     sc = scope(q, **filters)
-    with q.ledger.read_engine.connect() as conn:
-        jobs = aq.job_outcomes(conn, sc)
-        stats = aq.attempt_stats(conn, sc)
+    jobs, stats = aq.read_together(q.ledger, (aq.job_outcomes, sc), (aq.attempt_stats, sc))
     rows = []
     types = sorted(jobs["type"].unique()) if len(jobs) else []
     for t in [*types, ALL_TYPES]:

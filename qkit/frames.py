@@ -20,11 +20,10 @@ require("qkit.frames", "pandas")
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from sqlalchemy import and_, func, select  # noqa: E402
 
-from qkit import analysis_queries as aq  # noqa: E402
-from qkit.analysis_queries import Scope  # noqa: E402
-from qkit.ledger import job_attempts, job_events, jobs as jobs_t, utcnow, worker_runs  # noqa: E402
+from qkit.ledger import analysis as aq  # noqa: E402
+from qkit.ledger import utcnow  # noqa: E402
+from qkit.ledger.analysis import Scope  # noqa: E402
 
 if TYPE_CHECKING:
     from qkit.queue import Queue
@@ -64,20 +63,13 @@ def as_utc(value: Any) -> datetime | None:
     return ts.to_pydatetime()
 
 
-def _frame(q: "Queue", query: Any, times: Iterable[str] = ()) -> pd.DataFrame:
-    """Run one query on the read engine; times become datetime64[UTC] (also when empty)."""
-    with q.ledger.read_engine.connect() as conn:
-        result = conn.execute(query)
-        columns = list(result.keys())
-        df = pd.DataFrame(result.all(), columns=columns)
+def _frame(q: "Queue", rows: Any, times: Iterable[str] = (), **kw: Any) -> pd.DataFrame:
+    """One of the ledger's row reads as a DataFrame; times become datetime64[UTC] (also when empty)."""
+    columns, data = aq.read(q.ledger, rows, q.name, **kw)
+    df = pd.DataFrame(data, columns=columns)
     for col in times:
         df[col] = pd.to_datetime(df[col], utc=True)
     return df
-
-
-def _since(query: Any, since: Any) -> Any:
-    start = as_utc(since)
-    return query if start is None else query.where(jobs_t.c.created_at >= start)
 
 
 def auto_freq(start: Any, end: Any, bins: int = 60) -> str:
@@ -100,20 +92,8 @@ def jobs(q: "Queue", *, since: Any = None, status: str | None = None, type: str 
     ``run_s`` (first claim to final state).  ``payload=True`` adds the
     payload and result objects.
     """
-    cols = [jobs_t.c.id, jobs_t.c.queue, jobs_t.c.type, jobs_t.c.status, jobs_t.c.priority, jobs_t.c.attempts,
-            jobs_t.c.max_attempts, jobs_t.c.epoch, jobs_t.c.error, jobs_t.c.idempotency_key, jobs_t.c.run_at,
-            jobs_t.c.created_at, jobs_t.c.updated_at, jobs_t.c.started_at, jobs_t.c.finished_at]
-    if payload:
-        cols += [jobs_t.c.payload, jobs_t.c.result]
-    query = _since(select(*cols).where(jobs_t.c.queue == q.name), since)
-    if status:
-        query = query.where(jobs_t.c.status == status)
-    if type:
-        query = query.where(jobs_t.c.type == type)
-    if ids is not None:
-        query = query.where(jobs_t.c.id.in_([int(i) for i in ids]))
-    df = _frame(q, query.order_by(jobs_t.c.id),
-                ("run_at", "created_at", "updated_at", "started_at", "finished_at"))
+    df = _frame(q, aq.job_rows, ("run_at", "created_at", "updated_at", "started_at", "finished_at"),
+                since=as_utc(since), status=status, type=type, ids=ids, payload=payload)
     df["wait_s"] = (df["started_at"] - df["created_at"]).dt.total_seconds()
     df["run_s"] = (df["finished_at"] - df["started_at"]).dt.total_seconds()
     return df
@@ -126,30 +106,13 @@ def attempts(q: "Queue", *, since: Any = None, job_id: int | None = None,
     ``outcome`` is ``completed``, ``failed``, ``timeout``, ``lost``, or
     None while the attempt runs.  ``traceback=True`` adds the traceback text.
     """
-    cols = [job_attempts.c.id, job_attempts.c.job_id, jobs_t.c.type, jobs_t.c.priority, job_attempts.c.epoch,
-            job_attempts.c.attempt, job_attempts.c.worker, job_attempts.c.started_at, job_attempts.c.finished_at,
-            job_attempts.c.duration_ms, job_attempts.c.outcome, job_attempts.c.error, job_attempts.c.fingerprint,
-            jobs_t.c.status.label("job_status"), jobs_t.c.epoch.label("job_epoch"), jobs_t.c.max_attempts]
-    if traceback:
-        cols.append(job_attempts.c.traceback)
-    query = select(*cols).select_from(job_attempts.join(jobs_t, jobs_t.c.id == job_attempts.c.job_id)) \
-        .where(jobs_t.c.queue == q.name)
-    query = _since(query, since)
-    if job_id is not None:
-        query = query.where(job_attempts.c.job_id == int(job_id))
-    return _frame(q, query.order_by(job_attempts.c.job_id, job_attempts.c.epoch, job_attempts.c.attempt),
-                  ("started_at", "finished_at"))
+    return _frame(q, aq.attempt_rows, ("started_at", "finished_at"), since=as_utc(since), job_id=job_id,
+                  traceback=traceback)
 
 
 def events(q: "Queue", *, since: Any = None, job_id: int | None = None) -> pd.DataFrame:
     """One row per job event (``enqueued``, ``claimed``, ``retry_scheduled``...), in order."""
-    query = select(job_events.c.id, job_events.c.job_id, jobs_t.c.type, job_events.c.at, job_events.c.event,
-                   job_events.c.worker, job_events.c.detail) \
-        .select_from(job_events.join(jobs_t, jobs_t.c.id == job_events.c.job_id)).where(jobs_t.c.queue == q.name)
-    query = _since(query, since)
-    if job_id is not None:
-        query = query.where(job_events.c.job_id == int(job_id))
-    return _frame(q, query.order_by(job_events.c.id), ("at",))
+    return _frame(q, aq.event_rows, ("at",), since=as_utc(since), job_id=job_id)
 
 
 def runs(q: "Queue", *, since: Any = None) -> pd.DataFrame:
@@ -162,11 +125,7 @@ def runs(q: "Queue", *, since: Any = None) -> pd.DataFrame:
     ``run_duration_s``; empty for other bursts.  ``run_id`` is the scheduled
     run's id.
     """
-    query = select(worker_runs).where(worker_runs.c.queue == q.name)
-    start = as_utc(since)
-    if start is not None:
-        query = query.where(worker_runs.c.started_at >= start)
-    df = _frame(q, query.order_by(worker_runs.c.id), ("started_at", "finished_at"))
+    df = _frame(q, aq.run_rows, ("started_at", "finished_at"), since=as_utc(since))
     df["duration_s"] = (df["finished_at"] - df["started_at"]).dt.total_seconds()
     df["run_id"] = df["run_id"].astype(object)
     runner = [p["runner"] if isinstance(p, dict) and isinstance(p.get("runner"), dict) else {} for p in df["params"]]
@@ -180,15 +139,14 @@ def runs(q: "Queue", *, since: Any = None) -> pd.DataFrame:
 # ---------------------------------------------------------------- analyses (aggregated in SQL)
 def scope(q: "Queue", *, since: Any = None, until: Any = None, type: str | None = None,
           priority: int | None = None, seed: int | None = None) -> Scope:
-    """The jobs an analysis covers (:class:`qkit.analysis_queries.Scope`); "" and None mean no bound."""
+    """The jobs an analysis covers (:class:`qkit.ledger.analysis.Scope`); "" and None mean no bound."""
     return Scope(q.name, since=as_utc(since), until=as_utc(until), type=type or None,
                  priority=None if priority is None or priority == "" else int(priority),
                  seed=None if seed is None or seed == "" else int(seed))
 
 
 def _sql(q: "Queue", fn: Any, *args: Any, **kw: Any) -> Any:
-    with q.ledger.read_engine.connect() as conn:
-        return fn(conn, *args, **kw)
+    return aq.read(q.ledger, fn, *args, **kw)
 
 
 def queues(q: "Queue") -> list[str]:
@@ -235,7 +193,7 @@ def attempt_outcomes(q: "Queue", **filters: Any) -> pd.DataFrame:
 
 
 def outcomes_from_stats(stats: pd.DataFrame) -> pd.DataFrame:
-    """:func:`attempt_outcomes` from :func:`qkit.analysis_queries.attempt_stats` rows."""
+    """:func:`attempt_outcomes` from :func:`qkit.ledger.analysis.attempt_stats` rows."""
     if stats.empty:
         return pd.DataFrame(columns=["type", "attempt", "attempts", *_OUTCOMES, "success_rate"])
     wide = stats.pivot_table(index=["type", "attempt"], columns="outcome", values="n", aggfunc="sum", fill_value=0)
@@ -264,7 +222,7 @@ _PCTS = (5, 25, 50, 75, 90, 95, 99)
 
 
 def exec_from_stats(stats: pd.DataFrame) -> pd.DataFrame:
-    """:func:`exec_times` from :func:`qkit.analysis_queries.attempt_stats` rows."""
+    """:func:`exec_times` from :func:`qkit.ledger.analysis.attempt_stats` rows."""
     rows = []
     for (t, group), sub in _grouped(stats):
         qs = aq.hist_quantile(sub["bucket"], sub["n"], [p / 100 for p in _PCTS])
@@ -297,9 +255,7 @@ def type_summary(q: "Queue", **filters: Any) -> pd.DataFrame:
     :func:`attempt_outcomes` of the same scope, from the same query.
     """
     sc = scope(q, **filters)
-    with q.ledger.read_engine.connect() as conn:
-        jobs_df = aq.job_outcomes(conn, sc)
-        stats = aq.attempt_stats(conn, sc)
+    jobs_df, stats = aq.read_together(q.ledger, (aq.job_outcomes, sc), (aq.attempt_stats, sc))
     columns = ["type", "jobs", "completed", "failed", "active", "success_rate", "attempts", "attempts_per_job",
                "exec_p50_ms", "exec_p90_ms", "exec_p99_ms", "exec_mean_ms", "fail_exec_p50_ms"]
     if jobs_df.empty:
@@ -370,7 +326,7 @@ def waiting(q: "Queue", *, limit: int = 10, now: datetime | None = None, **filte
     return df
 
 
-#: event (and variant, see qkit.analysis_queries.depth_changes) -> (state before, state after)
+#: event (and variant, see qkit.ledger.analysis.depth_changes) -> (state before, state after)
 _MOVES = {("enqueued", 0): (None, "pending"), ("claimed", 0): ("pending", "processing"),
           ("completed", 0): ("processing", "completed"), ("retry_scheduled", 0): ("processing", "pending"),
           ("retry_scheduled", 1): ("processing", "delayed"), ("retry_scheduled", 2): ("pending", "pending"),
@@ -493,9 +449,7 @@ def dlq_groups(q: "Queue") -> pd.DataFrame:
 
 def next_due(q: "Queue") -> datetime | None:
     """When the earliest pending job is (or was) due, or None if nothing is pending."""
-    with q.ledger.read_engine.connect() as conn:
-        value = conn.execute(select(func.min(jobs_t.c.run_at)).where(
-            and_(jobs_t.c.queue == q.name, jobs_t.c.status == "pending"))).scalar()
+    value = aq.read(q.ledger, aq.first_due, q.name)
     if value is None:
         return None
     if isinstance(value, str):  # func.min() loses the column type on SQLite

@@ -3,7 +3,7 @@
 All intervals are 95% by default.  Rates use Wilson's score interval (sound
 for small n and rates near 0 or 1); means the normal approximation from
 counts, sums and sums of squares; percentiles the distribution-free
-order-statistic interval read from a histogram (:mod:`qkit.analysis_queries`).
+order-statistic interval read from a histogram (:mod:`qkit.ledger.analysis`).
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The ledger owns the SQL: no module outside qkit/ledger/ imports SQLAlchemy (docs/architecture.md#imports).
+"""The ledger owns the SQL: no module outside qkit/ledger/ imports SQLAlchemy or touches the ledger's engines
+(docs/architecture.md#the-import-arrows).
 
 Dev tooling (qkit/devservers.py, qkit/upstash_dev.py, qkit/dev/) is exempt.  The one-way import
 rule itself is the import-linter contract in pyproject.toml, run by scripts/test.sh; this test also
@@ -19,8 +20,8 @@ QKIT = ROOT / "qkit"
 DEV = {"devservers.py", "upstash_dev.py"}
 #: config checks that QKIT_DATABASE_URL parses as SQLAlchemy parses it (no SQL): the one exception
 URL_CHECK = {("config.py", "sqlalchemy.engine"), ("config.py", "sqlalchemy.exc")}
-#: the analysis SQL still to move into qkit/ledger/ (issue 13, last step): this list only shrinks
-NOT_YET_MOVED = {"analysis_queries.py", "frames.py"}
+#: what running SQL takes: the ledger's engines and the driver's raw statements
+SQL_ATTRIBUTES = {"engine", "read_engine", "durable_engine", "exec_driver_sql"}
 
 
 def _sqlalchemy_imports(path: Path) -> list[tuple[int, str]]:
@@ -36,17 +37,14 @@ def test_only_the_ledger_imports_sqlalchemy():
     offenders = []
     for path in sorted(QKIT.rglob("*.py")):
         rel = path.relative_to(QKIT)
-        if rel.parts[0] in ("ledger", "dev") or rel.name in DEV and len(rel.parts) == 1 \
-                or str(rel) in NOT_YET_MOVED:
+        if rel.parts[0] in ("ledger", "dev") or rel.name in DEV and len(rel.parts) == 1:
             continue
         offenders += [f"qkit/{rel}:{line} imports {name}" for line, name in _sqlalchemy_imports(path)
                       if (str(rel), name) not in URL_CHECK]
+        offenders += [f"qkit/{rel}:{node.lineno} uses .{node.attr}"
+                      for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+                      if isinstance(node, ast.Attribute) and node.attr in SQL_ATTRIBUTES]
     assert not offenders, "SQL belongs in qkit/ledger/:\n" + "\n".join(offenders)
-
-
-def test_the_list_of_modules_not_yet_moved_is_current():
-    stale = [name for name in NOT_YET_MOVED if not (QKIT / name).is_file() or not _sqlalchemy_imports(QKIT / name)]
-    assert not stale, f"moved already: take {stale} off NOT_YET_MOVED"
 
 
 def test_the_check_sees_an_import_inside_a_function(tmp_path):

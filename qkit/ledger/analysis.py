@@ -10,7 +10,8 @@ factor e, about 5% wide), from which percentiles are read back with
 A :class:`Scope` says which jobs a query covers: one queue, and optionally a
 creation-time window, a type, a priority and a seeded batch (the ``seed`` in
 the payload of ``qkit.notebook.seeded_batch`` jobs).  Nothing here runs SQL
-per job, and nothing outside this module writes analysis SQL.
+per job, and nothing outside this module writes analysis SQL.  It lives in the ledger package, which
+owns all SQL, but is imported only by the analysis modules (it needs pandas: the ``notebooks`` extra).
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ import pandas as pd
 from sqlalchemy import Float, Integer, and_, case, cast, func, literal, literal_column, select, union_all
 from sqlalchemy.engine import Connection
 
-from qkit.ledger import job_attempts, job_events, jobs, worker_runs
+from qkit.ledger.engine import LedgerBase
+from qkit.ledger.schema import job_attempts, job_events, jobs, worker_runs
 
 #: histogram resolution: bucket b holds values in [e^(b/K), e^((b+1)/K)) for K buckets per factor e
 BUCKETS_PER_E = 20
@@ -344,3 +346,87 @@ def finished_attempts(conn: Connection, scope: Scope, *, origin: float, width: f
     if end is not None:
         query = query.where(fin <= _as_time(end))
     return run(conn, query.group_by(*_by("bin"), job_attempts.c.outcome))
+
+
+# ---------------------------------------------------------------- reading (one connection per call)
+def read(ledger: LedgerBase, fn: Any, *args: Any, **kw: Any) -> Any:
+    """``fn(conn, *args, **kw)`` on a connection of the ledger's read engine."""
+    with ledger.read_engine.connect() as conn:
+        return fn(conn, *args, **kw)
+
+
+def read_together(ledger: LedgerBase, *calls: tuple[Any, ...]) -> list[Any]:
+    """Each ``(fn, *args)`` of ``calls`` on one connection (one snapshot of the ledger), in order."""
+    with ledger.read_engine.connect() as conn:
+        return [fn(conn, *args) for fn, *args in calls]
+
+
+# ---------------------------------------------------------------- one row per thing (qkit.frames)
+def _rows(conn: Connection, query: Any) -> tuple[list[str], list[Any]]:
+    result = conn.execute(query)
+    return list(result.keys()), result.all()
+
+
+def job_rows(conn: Connection, queue: str, *, since: datetime | None = None, status: str | None = None,
+             type: str | None = None, ids: Sequence[int] | None = None, payload: bool = False
+             ) -> tuple[list[str], list[Any]]:
+    """(columns, rows) of the queue's jobs, oldest first; ``payload`` adds payload and result."""
+    cols = [jobs.c.id, jobs.c.queue, jobs.c.type, jobs.c.status, jobs.c.priority, jobs.c.attempts,
+            jobs.c.max_attempts, jobs.c.epoch, jobs.c.error, jobs.c.idempotency_key, jobs.c.run_at,
+            jobs.c.created_at, jobs.c.updated_at, jobs.c.started_at, jobs.c.finished_at]
+    if payload:
+        cols += [jobs.c.payload, jobs.c.result]
+    query = select(*cols).where(jobs.c.queue == queue)
+    if since is not None:
+        query = query.where(jobs.c.created_at >= since)
+    if status:
+        query = query.where(jobs.c.status == status)
+    if type:
+        query = query.where(jobs.c.type == type)
+    if ids is not None:
+        query = query.where(jobs.c.id.in_([int(i) for i in ids]))
+    return _rows(conn, query.order_by(jobs.c.id))
+
+
+def attempt_rows(conn: Connection, queue: str, *, since: datetime | None = None, job_id: int | None = None,
+                 traceback: bool = False) -> tuple[list[str], list[Any]]:
+    """(columns, rows) of the queue's attempts with their job's type, priority, status, epoch, max_attempts."""
+    a = job_attempts
+    cols = [a.c.id, a.c.job_id, jobs.c.type, jobs.c.priority, a.c.epoch, a.c.attempt, a.c.worker, a.c.started_at,
+            a.c.finished_at, a.c.duration_ms, a.c.outcome, a.c.error, a.c.fingerprint,
+            jobs.c.status.label("job_status"), jobs.c.epoch.label("job_epoch"), jobs.c.max_attempts]
+    if traceback:
+        cols.append(a.c.traceback)
+    query = select(*cols).select_from(a.join(jobs, jobs.c.id == a.c.job_id)).where(jobs.c.queue == queue)
+    if since is not None:
+        query = query.where(jobs.c.created_at >= since)
+    if job_id is not None:
+        query = query.where(a.c.job_id == int(job_id))
+    return _rows(conn, query.order_by(a.c.job_id, a.c.epoch, a.c.attempt))
+
+
+def event_rows(conn: Connection, queue: str, *, since: datetime | None = None,
+               job_id: int | None = None) -> tuple[list[str], list[Any]]:
+    """(columns, rows) of the queue's job events, in order."""
+    e = job_events
+    query = select(e.c.id, e.c.job_id, jobs.c.type, e.c.at, e.c.event, e.c.worker, e.c.detail) \
+        .select_from(e.join(jobs, jobs.c.id == e.c.job_id)).where(jobs.c.queue == queue)
+    if since is not None:
+        query = query.where(jobs.c.created_at >= since)
+    if job_id is not None:
+        query = query.where(e.c.job_id == int(job_id))
+    return _rows(conn, query.order_by(e.c.id))
+
+
+def run_rows(conn: Connection, queue: str, *, since: datetime | None = None) -> tuple[list[str], list[Any]]:
+    """(columns, rows) of the queue's ``worker_runs``, oldest first."""
+    query = select(worker_runs).where(worker_runs.c.queue == queue)
+    if since is not None:
+        query = query.where(worker_runs.c.started_at >= since)
+    return _rows(conn, query.order_by(worker_runs.c.id))
+
+
+def first_due(conn: Connection, queue: str) -> Any:
+    """The earliest ``run_at`` of the queue's pending jobs (text on SQLite: ``min()`` loses the type), or None."""
+    return conn.execute(select(func.min(jobs.c.run_at)).where(
+        and_(jobs.c.queue == queue, jobs.c.status == "pending"))).scalar()
