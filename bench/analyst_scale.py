@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="qkit-analyst-") as tmp:
         pg = None
         if args.ledger == "postgres":
-            from qkit.devservers import start_postgres
+            from qkit.dev.servers import start_postgres
 
             os.chmod(tmp, 0o711)  # initdb runs as user postgres, under this folder
             pg = start_postgres(Path(tmp) / "pg")

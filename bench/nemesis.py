@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qkit.devservers import Postgres, RedisServer, start_redis, start_replica
+from qkit.dev.servers import Postgres, RedisServer, start_redis, start_replica
 
 FAULTS = ("kill", "redis-restart", "ledger-lock", "pg-restart", "poison", "admin", "skew", "failover")
 DB_LOCK_SECONDS = 5.0

@@ -1,6 +1,6 @@
 """Throw-away servers for the benchmarks: redis-server, PostgreSQL, the local Upstash endpoint.
 
-redis-server and PostgreSQL come from :mod:`qkit.devservers` (shared with the
+redis-server and PostgreSQL come from :mod:`qkit.dev.servers` (shared with the
 test suite; ``bench/`` must not import from ``tests/``).  The Upstash starter
 is the benchmarks' own: it can set TCP_NODELAY on the endpoint.  Every
 starter waits for readiness by polling (never a fixed sleep) and returns an
@@ -13,7 +13,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
-from qkit.devservers import Postgres, RedisServer, start_postgres, start_redis
+from qkit.dev.servers import Postgres, RedisServer, start_postgres, start_redis
 
 __all__ = ["Postgres", "RedisServer", "UpstashEndpoint", "start_postgres", "start_redis", "start_upstash"]
 
@@ -29,7 +29,7 @@ class UpstashEndpoint:
 
     @property
     def stats(self) -> Any:
-        """:class:`qkit.upstash_dev.EndpointStats`: requests and commands served so far."""
+        """:class:`qkit.dev.upstash.EndpointStats`: requests and commands served so far."""
         return self.app.state.stats
 
     def stop(self) -> None:
@@ -46,7 +46,7 @@ def start_upstash(redis_url: str, latency_ms: float = 0.0, nodelay: bool = True)
     the client's delayed ACK (Nagle): about 40 ms per large request, which
     would measure the dev endpoint's socket setup instead of qkit.
     """
-    from qkit.upstash_dev import create_app, start_in_thread
+    from qkit.dev.upstash import create_app, start_in_thread
 
     token = "bench-" + secrets.token_hex(12)
     app = create_app(redis_url, token, latency_ms=latency_ms)

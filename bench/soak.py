@@ -119,7 +119,7 @@ def run_seed(seed: int, *, jobs: int = 500, workers: int = 4, fail_rate: float =
              status: Callable[[str], None] = lambda s: None, keep: bool = False) -> SeedResult:
     """One soak run (see the module docstring); servers and processes are stopped before it returns.
 
-    ``postgres``: the :class:`qkit.devservers.Postgres` holding ``database_url``, for ``pg-restart``.
+    ``postgres``: the :class:`qkit.dev.servers.Postgres` holding ``database_url``, for ``pg-restart``.
     """
     import qkit
     from qkit.audit import total_queue
@@ -342,7 +342,7 @@ def run_soak(seeds: list[int], *, ledger: str = "sqlite", progress: bool = True,
     pg_dir = None
     try:
         if ledger == "postgres":
-            from qkit.devservers import start_postgres
+            from qkit.dev.servers import start_postgres
 
             pg_dir = Path(tempfile.mkdtemp(prefix="qkit-soak-pg-"))
             pg = start_postgres(pg_dir)

@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import Any
 
 import qkit
-from qkit.devservers import start_redis
+from qkit.dev.servers import start_redis
 from qkit.queue import UPSTASH_USD_PER_100K_COMMANDS
-from qkit.upstash_dev import create_app, start_in_thread
+from qkit.dev.upstash import create_app, start_in_thread
 
 TARGET_COMMANDS_PER_JOB = 0.1
 TARGET_JOBS_PER_S = 1000.0

@@ -256,7 +256,7 @@ def dev() -> None:
 @click.option("--latency-ms", type=float, default=0.0, show_default=True, help="Injected delay per request.")
 def dev_upstash(redis_url: str, token: str, host: str, port: int, latency_ms: float) -> None:
     """Serve a local Upstash-compatible REST endpoint in front of a real Redis."""
-    from qkit.upstash_dev import serve
+    from qkit.dev.upstash import serve
 
     serve(redis_url, token, host=host, port=port, latency_ms=latency_ms)
 

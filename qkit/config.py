@@ -244,7 +244,7 @@ class Settings:
     backoff_max: float = 300.0
     lease_seconds: float = 60.0
     handler_modules: tuple[str, ...] = ()
-    #: seconds of waiting worth one priority level (0: strict priority); see qkit/scripts/claim.lua
+    #: seconds of waiting worth one priority level (0: strict priority); see qkit/lua/claim.lua
     priority_aging: float = 0.0
 
     @property

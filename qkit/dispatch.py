@@ -2,7 +2,7 @@
 
 Redis answers one question fast — which job runs next, and who holds it —
 while the SQL ledger stays the source of truth.  Every method here is one
-atomic script call (see ``qkit/scripts/*.lua``), so a crash between two calls
+atomic script call (see ``qkit/lua/*.lua``), so a crash between two calls
 never leaves a job half-moved.  All keys of a queue share the hash tag
 ``{<queue>}``.
 """

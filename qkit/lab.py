@@ -74,7 +74,7 @@ def run_lab(*, host: str = "127.0.0.1", port: int = 8888, open_browser: bool = F
     if not notebooks.is_dir():
         raise BadInput(f"no notebooks folder at {notebooks}")
     if not port:
-        from qkit.devservers import free_port
+        from qkit.ports import free_port
 
         port = free_port()
     token = secrets.token_hex(24)

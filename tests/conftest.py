@@ -110,7 +110,7 @@ def postgres_server() -> Iterator[Server]:
 @pytest.fixture(scope="session")
 def upstash_endpoint(redis_server: Server) -> Iterator[tuple[str, str]]:
     """qkit's local Upstash REST endpoint in front of the TCP redis-server."""
-    from qkit.upstash_dev import create_app, start_in_thread
+    from qkit.dev.upstash import create_app, start_in_thread
 
     token = "test-upstash-token-" + os.urandom(6).hex()
     endpoint = start_in_thread(create_app(redis_server.url, token))
@@ -149,7 +149,7 @@ def module_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 @pytest.fixture(scope="module")
 def endpoint_on() -> Iterator[Any]:
     """``endpoint_on(redis_url, token)`` starts qkit's local Upstash endpoint; all stop after the module."""
-    from qkit.upstash_dev import create_app, start_in_thread
+    from qkit.dev.upstash import create_app, start_in_thread
 
     started = []
 

@@ -1,6 +1,6 @@
 """Real redis-server processes for tests: a plain one and a one-node cluster.
 
-The code is :mod:`qkit.devservers` (shared with ``bench/``); these are the
+The code is :mod:`qkit.dev.servers` (shared with ``bench/``); these are the
 names the tests import.  Each server gets its own directory under the given
 folder and is ready (answers PING; for the cluster, ``cluster_state:ok``)
 when the start function returns.
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qkit.devservers import RedisServer, free_port, start_redis
+from qkit.dev.servers import RedisServer, free_port, start_redis
 
 __all__ = ["RedisServer", "free_port", "start_cluster_redis", "start_plain_redis"]
 

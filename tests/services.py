@@ -1,6 +1,6 @@
 """A real PostgreSQL cluster and real ``qkit serve`` processes for the test suite (redis-server: ``redis_servers.py``).
 
-``start_postgres`` is :func:`qkit.devservers.start_postgres` (shared with
+``start_postgres`` is :func:`qkit.dev.servers.start_postgres` (shared with
 ``bench/``): a throw-away cluster in a temporary folder, waited for by polling,
 stopped at the end.  When ``QKIT_TEST_DATABASE_URL`` is set, ``conftest.py``
 uses that server instead.
@@ -15,7 +15,7 @@ from typing import Callable
 
 import httpx
 
-from qkit.devservers import free_port, start_postgres, stop_process, wait_until
+from qkit.dev.servers import free_port, start_postgres, stop_process, wait_until
 
 __all__ = ["ApiServer", "Server", "start_api_server", "start_postgres"]
 

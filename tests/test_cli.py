@@ -102,7 +102,7 @@ def test_malformed_configuration_names_the_variable(tmp_path, var, value):
 
 
 def test_an_evicting_redis_gets_one_warning(tmp_path):
-    from qkit.devservers import start_redis
+    from qkit.dev.servers import start_redis
 
     server = start_redis(tmp_path / "lru", extra_args=("--maxmemory-policy", "allkeys-lru"))
     try:

@@ -28,7 +28,7 @@ from conftest import Setup, held_job, run_burst, spawn_burst, wait_for
 from job_handlers import executions, read_log
 from qkit.audit import total_queue
 from qkit.ledger import job_attempts, job_events, worker_runs
-from qkit.devservers import start_redis
+from qkit.dev.servers import start_redis
 
 import job_handlers  # noqa: F401 - same handlers in this process for in-process bursts
 

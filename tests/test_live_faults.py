@@ -30,7 +30,7 @@ import qkit
 from conftest import Setup, held_job, run_burst, spawn_burst, wait_for
 from job_handlers import executions
 from qkit.audit import audit, total_queue
-from qkit.devservers import pg_bin_dir, start_postgres, start_redis
+from qkit.dev.servers import pg_bin_dir, start_postgres, start_redis
 from qkit.ledger import Outcome, utcnow, worker_runs
 from qkit.storable import ESCAPED, MAX_ERROR_BYTES
 

@@ -19,7 +19,7 @@ S2  Fail closed.  Auth matrix, 503 when unset/empty: tests/test_api.py
     test_s2_serve_binds_loopback_by_default             the listening socket is 127.0.0.1
 S3  Constant-time comparison.  Non-ASCII tokens on a live server: tests/test_api.py (BAD_AUTH).  Here:
     test_s3_auth_compares_bytes_with_compare_digest     static: every secret comparison in qkit/api/ and
-                                                        upstash_dev.py is hmac.compare_digest on bytes
+                                                        dev/upstash.py is hmac.compare_digest on bytes
     test_s3_non_ascii_credentials_are_401_not_500       every credential path, raw bytes on the socket
 S4  No secret in logs, errors, notebooks, ledger.
     test_s4_notebook_parameters_refuse_secrets          check_params and run_worker refuse before papermill
@@ -79,7 +79,7 @@ from hypothesis import HealthCheck, given, settings as hsettings, strategies as 
 from sqlalchemy import text
 
 import qkit
-from qkit.devservers import free_port, stop_process, wait_until
+from qkit.dev.servers import free_port, stop_process, wait_until
 from qkit.model import MAX_JSON_DEPTH, MAX_KEY_LENGTH, NAME_RE
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -395,7 +395,7 @@ def test_s2_serve_binds_loopback_by_default(server):
 # =========================================================================== S3
 def test_s3_auth_compares_bytes_with_compare_digest():
     suspicious = re.compile(r"token|secret|signature|digest|expected|presented|password|claimed|key", re.I)
-    for name in (*sorted(str(p.relative_to(QKIT)) for p in (QKIT / "api").glob("*.py")), "upstash_dev.py"):
+    for name in (*sorted(str(p.relative_to(QKIT)) for p in (QKIT / "api").glob("*.py")), "dev/upstash.py"):
         tree = ast.parse((QKIT / name).read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.Compare) and any(isinstance(op, (ast.Eq, ast.NotEq)) for op in node.ops):
@@ -410,7 +410,7 @@ def test_s3_auth_compares_bytes_with_compare_digest():
     verify = api[api.index("def verify_qstash_signature"):api.index("def endpoint_url")]
     assert "hmac.compare_digest(" in verify and ".encode(" in verify
     assert 'token_matches(bearer_token(request.scope)' in api  # raw header bytes, never decoded text
-    dev = (QKIT / "upstash_dev.py").read_text()
+    dev = (QKIT / "dev" / "upstash.py").read_text()
     assert "hmac.compare_digest(presented.strip(), expected)" in dev
 
 
@@ -646,9 +646,9 @@ def test_s5_no_key_outside_the_prefix(s5):
 
 
 def test_s5_scripts_get_user_text_only_as_keys_and_argv():
-    scripts = sorted((QKIT / "scripts").glob("*.lua"))
+    scripts = sorted((QKIT / "lua").glob("*.lua"))
     assert {p.stem for p in scripts} >= {"claim", "push", "renew", "remove", "inventory", "locate"}
-    loader = (QKIT / "scripts" / "__init__.py").read_text()
+    loader = (QKIT / "lua" / "__init__.py").read_text()
     assert 'joinpath(f"{name}.lua").read_text' in loader  # script text comes from the package's files only
     for path in _qkit_sources():
         tree = ast.parse(path.read_text())
@@ -658,7 +658,7 @@ def test_s5_scripts_get_user_text_only_as_keys_and_argv():
             call = ast.unparse(node.func)
             if node.func.attr == "run" and call.endswith("backend.run"):
                 name = node.args[0]  # a script name: a literal naming a shipped file
-                assert isinstance(name, ast.Constant) and (QKIT / "scripts" / f"{name.value}.lua").is_file(), \
+                assert isinstance(name, ast.Constant) and (QKIT / "lua" / f"{name.value}.lua").is_file(), \
                     (path, ast.unparse(node))
             if node.func.attr in ("eval", "evalsha", "script_load", "register_script"):
                 first = ast.unparse(node.args[0]) if node.args else ""
@@ -673,7 +673,7 @@ def test_s5_scripts_get_user_text_only_as_keys_and_argv():
 
 def test_s5_sql_is_never_built_from_values():
     for path in _qkit_sources():
-        if path.name == "devservers.py":  # test/bench servers: CREATE DATABASE of a fixed name
+        if path.as_posix().endswith("dev/servers.py"):  # test/bench servers: CREATE DATABASE of a fixed name
             continue
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
@@ -820,7 +820,7 @@ def _tls_files(folder: Path) -> tuple[Path, Path]:
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is needed to make a certificate")
 def test_s7_rediss_verifies_certificates(tmp_path):
-    from qkit.devservers import redis_server_binary
+    from qkit.dev.servers import redis_server_binary
 
     cert, key = _tls_files(tmp_path)
     port = free_port()

@@ -26,7 +26,7 @@ sys.path.insert(0, str(BENCH))
 
 import soak  # noqa: E402
 
-from qkit.devservers import Postgres, start_postgres  # noqa: E402
+from qkit.dev.servers import Postgres, start_postgres  # noqa: E402
 
 SEEDS = [(0, "sqlite"), (1, "sqlite"), (2, "postgres")]
 JOBS = 300

@@ -47,9 +47,9 @@ from qkit.errors import BadInput
 from qkit.explain import locate
 from qkit.ledger import job_attempts, job_events
 from qkit.reconcile import repair
-from qkit.scripts import Script, load_script
+from qkit.lua import Script, load_script
 
-SCRIPTS_DIR = Path(qkit.__file__).parent / "scripts"
+SCRIPTS_DIR = Path(qkit.__file__).parent / "lua"
 #: every production script (files starting with "_" are test-only)
 SCRIPT_NAMES = sorted(p.stem for p in SCRIPTS_DIR.glob("*.lua") if not p.stem.startswith("_"))
 QUEUE = "mail.out-v2.eu-west-1"

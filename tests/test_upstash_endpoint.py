@@ -1,14 +1,13 @@
 """The local Upstash REST endpoint and the Upstash backend, against real servers.
 
 A real /usr/bin/redis-server (and a one-node Redis Cluster) behind
-``qkit.upstash_dev`` served by uvicorn in a thread; the unmodified
+``qkit.dev.upstash`` served by uvicorn in a thread; the unmodified
 ``upstash_redis.Redis`` client (``rest_retries=0`` so a bug fails at once
 instead of sleeping 3 s and re-sending) for protocol behaviour; raw httpx where
 the exact HTTP status and body shape matter.  No fakes, no mocks.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import secrets
@@ -24,10 +23,10 @@ import upstash_redis
 from upstash_redis.errors import UpstashError
 
 from qkit.backends.upstash import TOKEN_VAR, URL_VAR, UpstashBackend, UpstashUnauthorized
-from qkit.devservers import free_port
+from qkit.dev.servers import free_port
 from qkit.errors import BackendUnavailable, ConfigError, QkitError
-from qkit.scripts import Script, load_script
-from qkit.upstash_dev import DEFAULT_MAX_BODY_BYTES, FaultPlan, create_app, start_in_thread
+from qkit.lua import Script
+from qkit.dev.upstash import DEFAULT_MAX_BODY_BYTES, FaultPlan, create_app, start_in_thread
 
 # Random per run, so "the token never appears" cannot pass by accident.
 TOKEN = "qkit-test-" + secrets.token_hex(12)
@@ -106,8 +105,16 @@ def script_from_file(tmp_path: Path, source: str) -> Script:
     """A Script read from a temporary .lua file (unique text, so Redis has not seen it)."""
     path = tmp_path / f"t_{secrets.token_hex(4)}.lua"
     path.write_text(f"-- {path.name}\n{source}", encoding="utf-8")
-    text = path.read_text(encoding="utf-8")
-    return Script(name=path.stem, source=text, sha=hashlib.sha1(text.encode()).hexdigest())
+    return Script.from_source(path.stem, path.read_text(encoding="utf-8"))
+
+
+#: the test-only script (it echoes KEYS and ARGV), kept out of the runtime package
+ECHO = Script.from_source("_echo", (Path(__file__).parent / "lua" / "echo.lua").read_text(encoding="utf-8"))
+
+
+def run_echo(backend, keys: list, args: list):
+    """Run :data:`ECHO` on ``backend`` (arguments sent as strings, as ``Backend.run`` sends them)."""
+    return backend.run_script(ECHO, list(keys), [str(a) for a in args])
 
 
 # --------------------------------------------------------------------------- plain commands
@@ -338,7 +345,7 @@ def test_cli_module_serves(module_redis, tmp_path):
     paths = [str(Path(__file__).resolve().parents[1]), *filter(None, [os.environ.get("PYTHONPATH")])]
     env = {**os.environ, "UPSTASH_REDIS_REST_TOKEN": TOKEN, "PYTHONPATH": os.pathsep.join(paths)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "qkit.upstash_dev", "--redis-url", module_redis.url,
+        [sys.executable, "-m", "qkit.dev.upstash", "--redis-url", module_redis.url,
          "--port", str(port), "--latency-ms", "1"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
@@ -375,9 +382,13 @@ def test_backend_noscript_fallback_then_evalsha(backend, endpoint, tmp_path):
 
 
 def test_backend_run_named_script_stringifies(backend):
-    assert load_script("_echo").source.startswith("-- _echo.lua")
-    assert backend.run("_echo", ["{q}:a", "{q}:b"], [1, 2.5, "x"]) == [["{q}:a", "{q}:b"], ["1", "2.5", "x"]]
-    assert backend.run("_echo", [], []) == [[], []]
+    assert ECHO.source.startswith("-- echo.lua")
+    assert run_echo(backend, ["{q}:a", "{q}:b"], [1, 2.5, "x"]) == [["{q}:a", "{q}:b"], ["1", "2.5", "x"]]
+    assert run_echo(backend, [], []) == [[], []]
+    # a shipped script by name, with a non-string argument (sent as its text)
+    keys = [f"qkit:{{q}}:{part}" for part in ("ready", "delayed", "leased", "owners", "dead", "prio")]
+    reply = backend.run("locate", keys, [42])
+    assert isinstance(reply[0], int) and reply[0] > 0 and reply[3] == 0 and set(reply[1:3] + reply[4:]) == {None}
 
 
 def test_backend_script_error_is_qkit_error(backend, tmp_path):
@@ -433,7 +444,7 @@ def test_backend_ping_and_describe(backend, endpoint):
 
 def test_backend_wrong_url_is_one_line(endpoint):
     b = UpstashBackend(f"http://127.0.0.1:{free_port()}", TOKEN, timeout=2)
-    for call in (b.ping, lambda: b.run("_echo", [], []), lambda: b.pipeline([["PING"]])):
+    for call in (b.ping, lambda: run_echo(b, [], []), lambda: b.pipeline([["PING"]])):
         with pytest.raises(BackendUnavailable) as caught:
             call()
         message = str(caught.value)
@@ -444,7 +455,7 @@ def test_backend_wrong_url_is_one_line(endpoint):
 def test_backend_wrong_token_is_one_line(endpoint):
     wrong = "wrong-" + secrets.token_hex(8)
     b = UpstashBackend(endpoint.url, wrong, timeout=2)
-    for call in (b.ping, lambda: b.run("_echo", [], []), lambda: b.pipeline([["PING"]])):
+    for call in (b.ping, lambda: run_echo(b, [], []), lambda: b.pipeline([["PING"]])):
         with pytest.raises(UpstashUnauthorized) as caught:
             call()
         message = str(caught.value)
@@ -483,7 +494,7 @@ def test_backend_against_something_that_is_not_upstash():
 
 
 def test_backend_is_thread_safe(backend):
-    script = load_script("_echo")
+    script = ECHO
     results: list = []
 
     def work(n: int) -> None:
@@ -598,7 +609,7 @@ def test_cluster_crossslot_through_endpoint(cluster_endpoint):
     b = UpstashBackend(cluster_endpoint.url, TOKEN)
     try:
         with pytest.raises(QkitError, match=f"^Redis refused script _echo: {CROSSSLOT}$"):
-            b.run("_echo", ["qkit:a:x", "qkit:b:y"], [])
-        assert b.run("_echo", ["qkit:{a}:x", "qkit:{a}:y"], []) == [["qkit:{a}:x", "qkit:{a}:y"], []]
+            run_echo(b, ["qkit:a:x", "qkit:b:y"], [])
+        assert run_echo(b, ["qkit:{a}:x", "qkit:{a}:y"], []) == [["qkit:{a}:x", "qkit:{a}:y"], []]
     finally:
         b.close()

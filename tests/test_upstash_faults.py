@@ -1,6 +1,6 @@
 """Faults on the Upstash HTTP path never double-claim or double-enqueue a job.
 
-The local Upstash endpoint's :class:`~qkit.upstash_dev.FaultPlan` answers
+The local Upstash endpoint's :class:`~qkit.dev.upstash.FaultPlan` answers
 chosen requests with a 5xx before or after running the command, hangs after
 running it until the client times out, or drops the connection before or
 after running it.  qkit's Upstash client never re-sends (``rest_retries=0``):
@@ -50,10 +50,10 @@ from qkit.backends.upstash import URL_VAR, UpstashBackend
 from qkit.config import settings as resolve_settings
 from qkit.errors import BackendUnavailable
 from qkit.ledger import job_attempts, job_events, jobs, worker_runs
-from qkit.scripts import load_script
+from qkit.lua import load_script
 
 TOKEN = "faults-test-" + secrets.token_hex(8)
-SCRIPT_NAMES = sorted(p.stem for p in (Path(qkit.__file__).parent / "scripts").glob("*.lua")
+SCRIPT_NAMES = sorted(p.stem for p in (Path(qkit.__file__).parent / "lua").glob("*.lua")
                       if not p.stem.startswith("_"))
 #: the client gives up on a request after this long (also how long a "timeout_after" costs)
 CLIENT_TIMEOUT = 1.0

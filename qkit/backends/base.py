@@ -1,6 +1,6 @@
 """The backend adapter: the only door between qkit and a Redis server.
 
-Every job state change in Redis is one Lua script from ``qkit/scripts``; a
+Every job state change in Redis is one Lua script from ``qkit/lua``; a
 backend only has to run a named script (EVALSHA, falling back to EVAL when the
 server does not know the script yet) and, for read-only helpers, a pipeline of
 plain commands.  The Upstash REST backend is one more subclass of
@@ -16,7 +16,7 @@ import abc
 import threading
 from typing import Any, Sequence
 
-from qkit.scripts import Script, load_script
+from qkit.lua import Script, load_script
 
 
 class Backend(abc.ABC):
@@ -42,7 +42,7 @@ class Backend(abc.ABC):
 
     # ------------------------------------------------------------------ interface
     def run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        """Run the script ``qkit/scripts/<name>.lua`` atomically on the server.
+        """Run the script ``qkit/lua/<name>.lua`` atomically on the server.
 
         Arguments are sent as strings.  Replies keep RESP2 shapes with strings
         decoded as UTF-8 text (integers stay ``int``, nil is ``None``).

@@ -43,7 +43,7 @@ from redis.retry import Retry
 
 from qkit.backends.redis import RedisBackend
 from qkit.config import embedded_idle_seconds, make_private, private_home
-from qkit.devservers import free_port
+from qkit.ports import free_port
 from qkit.errors import BackendUnavailable
 
 #: unix socket paths longer than this do not fit in sockaddr_un (108 bytes on Linux)

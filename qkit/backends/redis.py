@@ -10,7 +10,7 @@ from qkit.backends.base import Backend
 from qkit.config import redact
 from qkit.errors import BackendUnavailable, QkitError
 from qkit.logs import log
-from qkit.scripts import Script
+from qkit.lua import Script
 
 
 

@@ -30,7 +30,7 @@ from upstash_redis.errors import UpstashError
 
 from qkit.backends.base import Backend
 from qkit.errors import BackendUnavailable, ConfigError, QkitError
-from qkit.scripts import Script
+from qkit.lua import Script
 
 __all__ = ["UpstashBackend", "UpstashUnauthorized"]
 

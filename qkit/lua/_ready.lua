@@ -1,4 +1,4 @@
--- _ready.lua: shared part of push.lua and claim.lua (spliced in by qkit/scripts/__init__.py at
+-- _ready.lua: shared part of push.lua and claim.lua (spliced in by qkit/lua/__init__.py at
 -- its "-- include _ready.lua" line; never run alone).  Expects `aging` (ARGV) and `now_us`
 -- (Redis TIME) to be defined, and KEYS[7] to be the queue's clock key.
 --
