@@ -181,7 +181,7 @@ def dlq() -> None:
 def dlq_list(group: bool, queue: str, as_json: bool) -> None:
     """Failed jobs with their final error (or, with --group, grouped by error fingerprint)."""
     if group:
-        _dlq_groups(queue, as_json)
+        _print_dlq_groups(queue, as_json)
         return
     with _open(queue) as q:
         jobs = [j.to_dict() for j in q.dead()]
@@ -232,7 +232,7 @@ def runs(queue: str, as_json: bool) -> None:
 
 
 def _run_line(r: dict) -> str:
-    """One run; a scheduled run adds the runner's verdict and its executed notebook (qkit.scheduled)."""
+    """One run; a scheduled run adds the runner's verdict and its executed notebook (qkit.runner)."""
     line = (f"{r['id']}\t{r['trigger']}\t{r['status']}\t{r['started_at']:%Y-%m-%d %H:%M:%S}"
             f"\tprocessed {r['processed']}")
     params = r.get("params") if isinstance(r.get("params"), dict) else {}
@@ -303,7 +303,7 @@ def lab_command(host: str, port: int, browser: bool, folder: str | None) -> None
     sys.exit(run_lab(host=host, port=port, open_browser=browser, notebooks=folder, say=click.echo))
 
 
-def _dlq_groups(queue: str, as_json: bool) -> None:
+def _print_dlq_groups(queue: str, as_json: bool) -> None:
     """``qkit dlq list --group``: the DLQ grouped by error fingerprint and type (qkit/triage.py)."""
     extras.require("qkit dlq list --group", "pandas")
     from qkit.triage import dlq_groups

@@ -24,6 +24,8 @@ import pandas as pd  # noqa: E402
 from qkit.ledger import analysis as aq  # noqa: E402
 from qkit.ledger import utcnow  # noqa: E402
 from qkit.ledger.analysis import Scope  # noqa: E402
+#: the DLQ grouped by error fingerprint and type, defined once in qkit.triage (``qkit dlq list --group``)
+from qkit.triage import dlq_groups  # noqa: E402, F401
 
 if TYPE_CHECKING:
     from qkit.queue import Queue
@@ -119,7 +121,7 @@ def runs(q: "Queue", *, since: Any = None) -> pd.DataFrame:
     """One row per worker run (burst) of the queue, oldest first.
 
     Adds ``duration_s`` and, from the record a scheduled run keeps in its row
-    (``params.runner``, written by :mod:`qkit.scheduled`): ``run_status`` (ok,
+    (``params.runner``, written by :mod:`qkit.runner`): ``run_status`` (ok,
     failed, kernel_died, timeout, interrupted, error; ``running`` while it
     runs), ``exit_code``, ``output`` (the executed notebook) and
     ``run_duration_s``; empty for other bursts.  ``run_id`` is the scheduled
@@ -432,19 +434,6 @@ def throughput(q: "Queue", *, start: Any = None, end: Any = None, freq: str | No
     wide.columns.name = None
     wide.attrs["freq"] = freq
     return wide
-
-
-def dlq_groups(q: "Queue") -> pd.DataFrame:
-    """The DLQ grouped by error fingerprint and type, largest group first (one query).
-
-    The grouping of ``qkit dlq list --group`` (:func:`qkit.triage.dlq_groups`):
-    columns ``fingerprint_id`` (what ``qkit dlq replay --fingerprint`` takes),
-    ``fingerprint``, ``type``, ``jobs``, ``first_seen``, ``last_seen``,
-    ``sample_id``, ``sample_error``, ``sample_payload``, ``job_ids`` (a list).
-    """
-    from qkit.triage import dlq_groups as groups
-
-    return groups(q)
 
 
 def next_due(q: "Queue") -> datetime | None:

@@ -4,7 +4,7 @@ On a fresh clone, on the embedded default:
 
 1. set up: create the ledger tables (``qkit.connect`` does) and start the embedded Redis;
 2. enqueue a seeded batch through ``notebooks/enqueue_batch.ipynb`` (papermill);
-3. run scheduled worker bursts (:mod:`qkit.scheduled`, so each leaves its executed
+3. run scheduled worker bursts (:mod:`qkit.runner`, so each leaves its executed
    notebook in ``scheduled/runs/``) until the batch is drained, sleeping between
    bursts until the next retry is due (the earliest pending ``run_at`` in the ledger);
 4. execute ``notebooks/retry_analysis.ipynb`` on this batch and render it to
@@ -38,7 +38,7 @@ def drain(q: Any, queue: str, *, total: int, deadline: float, runs_dir: Path | N
     from tqdm import tqdm
 
     from qkit import frames
-    from qkit.scheduled import LockBusy, run_worker
+    from qkit.runner import LockBusy, run_worker
 
     records = []
     tqdm.monitor_interval = 0  # no monitor thread: the runner forks papermill
@@ -79,9 +79,9 @@ def run(*, queue: str = "default", n_jobs: int = DEFAULTS["n_jobs"], fail_rate: 
     ``runs_dir`` (default ``scheduled/runs/``) the worker runs' logs.
     """
     import qkit
-    from qkit.notebook import read_records
+    from qkit.notebook_helpers import read_records
     from qkit.reports import execute, render_runs, report_dir, write_index, write_meta
-    from qkit.scheduled import child_env, repo_root, resolve_home
+    from qkit.runner import child_env, repo_root, resolve_home
 
     t0 = time.monotonic()
     root = repo_root()

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Sequence
 
-from qkit.notebook import ParameterError
+from qkit.notebook_helpers import ParameterError
 
 #: the time windows offered, label -> length (None: everything)
 WINDOWS = {"all time": None, "last 15 min": timedelta(minutes=15), "last hour": timedelta(hours=1),
@@ -155,7 +155,7 @@ def _show(item: Any, caption: str) -> None:
     from matplotlib.figure import Figure
 
     from qkit import plots, tables
-    from qkit.notebook import show
+    from qkit.notebook_helpers import show
 
     if isinstance(item, Figure):
         show(plots.caption(item, caption))
@@ -278,9 +278,9 @@ class Controls:
 
     # ------------------------------------------------------------ views
     def record(self, name: str, value: Any) -> None:
-        """:func:`qkit.notebook.record` for papermill's executed notebook (Lab has no renderer for it)."""
+        """:func:`qkit.notebook_helpers.record` for papermill's executed notebook (Lab has no renderer for it)."""
         if not self.interactive:
-            from qkit.notebook import record
+            from qkit.notebook_helpers import record
 
             record(name, value)
 

@@ -3,7 +3,7 @@
 Each function takes a frame and returns a matplotlib ``Figure`` with a
 title, axis labels with units, and a "no data yet" note instead of an empty
 box.  Figures are built without pyplot (no global state, no backend
-needed); display them with :func:`qkit.notebook.show`.
+needed); display them with :func:`qkit.notebook_helpers.show`.
 """
 from __future__ import annotations
 
@@ -462,7 +462,7 @@ def whatif(summary: pd.DataFrame, *, title: str = "Recorded failures replayed ag
            highlight: Sequence[str] = ("current",)) -> Figure:
     """Three panels per policy: time to success (p50 bar, p90 tick), extra attempts, DLQ size.
 
-    ``summary`` is ``qkit.whatif.replay(...).summary``.
+    ``summary`` is ``qkit.whatif.simulate_queue(...).summary``.
     """
     fig, axes = _figure(10, 1.8 + 0.6 * max(1, len(summary)), 1, 3, sharey=True)
     fig.suptitle(title + "\n(time to success: first attempt to completion)")

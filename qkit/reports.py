@@ -39,7 +39,7 @@ def render_html(executed: Path, out: Path) -> int:
     import nbformat
     from nbconvert import HTMLExporter
 
-    from qkit.notebook import RECORD_MIME
+    from qkit.notebook_helpers import RECORD_MIME
 
     nb = nbformat.read(executed, as_version=4)
     for cell in nb.cells:  # records are for programs (read_records), not for readers
@@ -146,7 +146,7 @@ th,td{{text-align:left;padding:4px 8px;border-bottom:1px solid #ddd;vertical-ali
 
 def execute(notebook: Path, output: Path, parameters: dict[str, Any]) -> None:
     """Run a notebook through papermill (kernel python3 on this interpreter); its log goes beside the output."""
-    from qkit.scheduled import first_error, log_error, papermill_command
+    from qkit.runner import first_error, log_error, papermill_command
 
     output.parent.mkdir(parents=True, exist_ok=True)
     log = output.with_name(output.name + ".log")
@@ -162,7 +162,7 @@ def publish(*, queue: str = "default", since: datetime | None = None, until: dat
             reports: Path | None = None, runs_dir: Path | None = None) -> Path:
     """A scheduled report: retry_analysis over ``since..until``, the window's scheduled runs; the index."""
     from qkit.runrecord import RunRecord
-    from qkit.scheduled import child_env, default_runs_dir, read_sidecars, repo_root, resolve_home
+    from qkit.runner import child_env, default_runs_dir, read_sidecars, repo_root, resolve_home
 
     root = repo_root()
     reports = reports or root / "reports"

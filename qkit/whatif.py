@@ -1,7 +1,7 @@
 """What if the retries had followed another policy?  Replays recorded failures.
 
 The ledger records, for every job, the outcome and duration of each attempt
-(``job_attempts``).  :func:`replay` runs those recorded sequences through
+(``job_attempts``).  :func:`simulate_queue` runs those recorded sequences through
 other retry policies (fixed, linear, exponential, full/equal/decorrelated
 jitter, caps, max attempts) and reports, per policy, the time to success,
 the extra attempts and the DLQ size each would have given.
@@ -371,9 +371,9 @@ class _Rates:
         return self._ok_ms.get(typ, self._ok_default)
 
 
-# ---------------------------------------------------------------- replay
+# ---------------------------------------------------------------- simulation
 @dataclass
-class Outcome:
+class SimOutcome:
     """One episode under one policy: a distribution over outcomes."""
 
     p_success: float
@@ -383,11 +383,11 @@ class Outcome:
     modelled: bool  # depends on attempts the record never made
 
 
-def simulate_episode(e: Episode, policy: Policy, rates: _Rates, assume: str = "model") -> Outcome:
+def simulate_episode(e: Episode, policy: Policy, rates: _Rates, assume: str = "model") -> SimOutcome:
     """What ``policy`` would have done with the recorded episode ``e``."""
     limit = policy.max_attempts or e.max_attempts
     if e.permanent:
-        return Outcome(0.0, 1.0, float(min(e.n, limit)), [], False)
+        return SimOutcome(0.0, 1.0, float(min(e.n, limit)), [], False)
     delays: list[float] = []
     previous = 0.0
     for k in range(1, max(limit, e.n) + 1):
@@ -396,13 +396,13 @@ def simulate_episode(e: Episode, policy: Policy, rates: _Rates, assume: str = "m
     if e.success_at:
         k = e.success_at
         if k > limit:
-            return Outcome(0.0, 1.0, float(limit), [], False)
+            return SimOutcome(0.0, 1.0, float(limit), [], False)
         t = sum(e.durations_ms[:k]) / 1000 + sum(delays[: k - 1])
-        return Outcome(1.0, 0.0, float(k), [(t, 1.0)], False)
+        return SimOutcome(1.0, 0.0, float(k), [(t, 1.0)], False)
     if limit <= e.n:
-        return Outcome(0.0, 1.0, float(limit), [], False)
+        return SimOutcome(0.0, 1.0, float(limit), [], False)
     if assume == "fail":
-        return Outcome(0.0, 1.0, float(limit), [], True)
+        return SimOutcome(0.0, 1.0, float(limit), [], True)
     # attempts n+1..limit were never made: weigh them by the observed success rates
     alive = 1.0
     expected = float(e.n)
@@ -415,7 +415,7 @@ def simulate_episode(e: Episode, policy: Policy, rates: _Rates, assume: str = "m
             times.append((t + rates.ok_ms(e.type) / 1000, alive * h))
         alive *= 1 - h
         t += rates.fail_ms(e.type) / 1000 + delays[k - 1]
-    return Outcome(1 - alive, alive, expected, times, True)
+    return SimOutcome(1 - alive, alive, expected, times, True)
 
 
 def weighted_quantile(values: Sequence[float], weights: Sequence[float], q: float) -> float:
@@ -434,7 +434,7 @@ def weighted_quantile(values: Sequence[float], weights: Sequence[float], q: floa
 
 @dataclass
 class WhatIf:
-    """The result of :func:`replay`: summary per policy, per policy and type, per episode, and the rates used."""
+    """The result of :func:`simulate`: summary per policy, per policy and type, per episode, and the rates used."""
 
     summary: pd.DataFrame
     by_type: pd.DataFrame
@@ -451,7 +451,7 @@ _SUMMARY_COLUMNS = ["policy", "description", "jobs", "completed", "dlq", "succes
                     "modelled_jobs"]
 
 
-def _stats(policy: str, description: str, rows: list[tuple[Episode, Outcome]]) -> dict[str, Any]:
+def _stats(policy: str, description: str, rows: list[tuple[Episode, SimOutcome]]) -> dict[str, Any]:
     jobs = len(rows)
     completed = sum(o.p_success for _, o in rows)
     attempts = sum(o.attempts for _, o in rows)
@@ -478,7 +478,7 @@ def simulate(attempts: pd.DataFrame, policies: Sequence[Any], *, assume: str = "
     parsed = parse_policies(policies, current)
     eps, in_flight = episodes(attempts)
     rates = _Rates(eps)
-    recorded = [(e, Outcome(1.0 if e.success_at else 0.0, 0.0 if e.success_at else 1.0, float(e.n),
+    recorded = [(e, SimOutcome(1.0 if e.success_at else 0.0, 0.0 if e.success_at else 1.0, float(e.n),
                             [(e.observed_tts_s, 1.0)] if e.success_at and e.observed_tts_s is not None else [],
                             False)) for e in eps]
     results = {"recorded": recorded}
@@ -514,9 +514,9 @@ def simulate(attempts: pd.DataFrame, policies: Sequence[Any], *, assume: str = "
                   in_flight=in_flight, assume=assume, notes=notes)
 
 
-def replay(q: "Queue", policies: Sequence[Any] | None = None, *, since: Any = None,
-           assume: str = "model") -> WhatIf:
-    """Replay the queue's recorded attempts (one ledger query) against ``policies``.
+def simulate_queue(q: "Queue", policies: Sequence[Any] | None = None, *, since: Any = None,
+                   assume: str = "model") -> WhatIf:
+    """:func:`simulate` on the queue's recorded attempts (one ledger query), against ``policies``.
 
     ``policies`` defaults to :data:`DEFAULT_POLICIES`; ``"current"`` is the
     queue's own back-off (``q.settings``).  ``since`` keeps jobs enqueued

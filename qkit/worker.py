@@ -30,6 +30,7 @@ from qkit.errors import BackendUnavailable
 from qkit.ledger import transient, utcnow
 from qkit.logs import log
 from qkit.model import MAX_PAYLOAD_BYTES, WorkSummary, compact_json
+from qkit.signals import StopSignals
 
 if TYPE_CHECKING:
     from qkit.backoff import Backoff
@@ -305,6 +306,7 @@ class Worker:
         self._stop = threading.Event()
         self._wake = threading.Event()  # cuts short a wait for delayed jobs when a signal stops the burst
         self._signal: int | None = None
+        self._signals = StopSignals(self._on_stop_signal)
         self._started = 0
         self._avg_job_s = 0.0
         self._abandoned: list[tuple[threading.Thread, float]] = []  # (handler thread, job start) of timeouts
@@ -320,7 +322,8 @@ class Worker:
                                     {"max_jobs": self.max_jobs, "max_seconds": self.max_seconds,
                                      "concurrency": self.concurrency, **self.params})
         self.summary.run_id = run_id
-        previous = self._install_signals()
+        if self.handle_signals:
+            self._signals.install()
         renewer = threading.Thread(target=self._renew_loop, daemon=True, name="qkit-renewer")
         renewer.start()
         pool = HandlerPool(self.concurrency)
@@ -348,7 +351,7 @@ class Worker:
                 self._retrying("closing the worker run", close) if status != "failed" else close()
             except Exception as exc:  # noqa: BLE001 - the next burst closes the row as abandoned
                 log.error("could not close worker run %s: %s", run_id, run_error(exc))
-            self._restore_signals(previous)
+            self._signals.restore()
         if self._signal is not None:
             # the burst stopped cleanly; now let the signal do what its sender meant
             signal.raise_signal(self._signal)
@@ -605,25 +608,13 @@ class Worker:
                 failing = True
 
     # ------------------------------------------------------------------ signals
-    def _install_signals(self) -> dict[int, Any]:
-        if not self.handle_signals or threading.current_thread() is not threading.main_thread():
-            return {}
-        previous: dict[int, Any] = {}
-
-        def on_signal(signum: int, _frame: Any) -> None:
-            if self._signal is not None:  # a second signal: stop now
-                self._restore_signals(previous)
-                signal.raise_signal(signum)
-                return
-            self._signal = signum
-            self._stop_claiming()
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                previous[sig] = signal.signal(sig, on_signal)
-            except (ValueError, OSError):
-                pass
-        return previous
+    def _on_stop_signal(self, signum: int) -> None:
+        if self._signal is not None:  # a second signal: stop now
+            self._signals.restore()
+            signal.raise_signal(signum)
+            return
+        self._signal = signum
+        self._stop_claiming()
 
     def _wait_for_delayed(self, next_due_ms: int) -> bool:
         """Sleep until the next delayed job is due, if that is within this burst's time budget.
@@ -644,11 +635,3 @@ class Worker:
         # only the claim loop stops: the renewer keeps leases alive while the job in hand finishes
         self.deadline = time.monotonic()
         self._wake.set()
-
-    def _restore_signals(self, previous: dict[int, Any]) -> None:
-        for sig, handler in previous.items():
-            try:
-                signal.signal(sig, handler)
-            except (ValueError, OSError):
-                pass
-        previous.clear()

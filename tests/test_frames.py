@@ -14,7 +14,7 @@ from sqlalchemy import event
 import qkit
 from qkit import frames, plots, whatif
 from qkit.backends.embedded import EmbeddedServer
-from qkit.notebook import seeded_batch
+from qkit.notebook_helpers import seeded_batch
 
 TYPES = ("web_scraping", "ai_text_generation", "scheduled_publish")
 
@@ -265,7 +265,7 @@ def _check_figure(fig: Figure) -> None:
 
 
 def _figures(q):
-    res = whatif.replay(q, ["current", "immediate x1", "exponential 1s..30s x5"])
+    res = whatif.simulate_queue(q, ["current", "immediate x1", "exponential 1s..30s x5"])
     return [
         plots.retry_distribution(frames.retry_distribution(q)),
         plots.success_rate(frames.type_summary(q)),

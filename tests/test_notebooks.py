@@ -18,7 +18,7 @@ import pytest
 import qkit
 from qkit import debug, frames
 from qkit.backends.embedded import EmbeddedServer
-from qkit.notebook import (INJECTED_MARKER, JOB_IDS, QUEUE, SINCE, Param, ParameterError,
+from qkit.notebook_helpers import (INJECTED_MARKER, JOB_IDS, QUEUE, SINCE, Param, ParameterError,
                            check_params, injected_parameters, read_records, seeded_batch)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -416,7 +416,7 @@ def test_live_mode_refreshes_then_stops_by_itself(dq, monkeypatch):
 
 
 def test_a_mistyped_queue_names_the_queues(dq):
-    from qkit.notebook import ParameterError
+    from qkit.notebook_helpers import ParameterError
     from qkit.notebook_controls import check_queue
 
     dq.enqueue("web_scraping", {})

@@ -1,4 +1,4 @@
-"""scheduled/run_worker.py and qkit.scheduled: locks, run records, and how runs end.
+"""scheduled/run_worker.py and qkit.runner: locks, run records, and how runs end.
 
 Every runner here is a real process running papermill and a real kernel.
 Tests synchronise on files the notebooks write, never on sleeps.
@@ -21,7 +21,7 @@ import pytest
 import qkit
 from qkit import cli, frames
 from qkit.backends.embedded import EmbeddedServer
-from qkit.scheduled import (EXIT_LOCKED, LockBusy, QueueLock, new_run_id, read_sidecars, reserve_output)
+from qkit.runner import (EXIT_LOCKED, LockBusy, QueueLock, new_run_id, read_sidecars, reserve_output)
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNNER = ROOT / "scheduled" / "run_worker.py"

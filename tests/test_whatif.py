@@ -12,7 +12,7 @@ import qkit
 from qkit.backends.embedded import EmbeddedServer
 from qkit.backoff import Backoff
 from qkit.whatif import (DEFAULT_POLICIES, MIN_TRIALS, Policy, check_policies, current_policy, episodes,
-                         parse_policies, parse_policy, replay, simulate, weighted_quantile)
+                         parse_policies, parse_policy, simulate, simulate_queue, weighted_quantile)
 
 T0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
 
@@ -243,13 +243,13 @@ def drain(q, seconds: float = 60) -> None:
         time.sleep(0.02)
 
 
-def test_replay_of_a_real_ledger(queue):
+def test_simulate_queue_on_a_real_ledger(queue):
     q = queue
     q.enqueue_many([{"type": "web_scraping", "payload": {"simulate": {"fail_rate": 0.5}}} for _ in range(40)])
     drain(q)
     from qkit import frames
 
-    r = replay(q, ["current", "immediate x1"])
+    r = simulate_queue(q, ["current", "immediate x1"])
     s = r.summary.set_index("policy")
     counts = q.ledger.status_counts(q.name)
     att = frames.attempts(q)

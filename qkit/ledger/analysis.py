@@ -9,7 +9,7 @@ factor e, about 5% wide), from which percentiles are read back with
 
 A :class:`Scope` says which jobs a query covers: one queue, and optionally a
 creation-time window, a type, a priority and a seeded batch (the ``seed`` in
-the payload of ``qkit.notebook.seeded_batch`` jobs).  Nothing here runs SQL
+the payload of ``qkit.notebook_helpers.seeded_batch`` jobs).  Nothing here runs SQL
 per job, and nothing outside this module writes analysis SQL.  It lives in the ledger package, which
 owns all SQL, but is imported only by the analysis modules (it needs pandas: the ``notebooks`` extra).
 """

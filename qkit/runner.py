@@ -50,6 +50,7 @@ from typing import Any, Sequence
 from qkit.errors import BadInput, QkitError
 from qkit.runrecord import RunRecord, close_record, open_record, write_copies
 from qkit.runrecord import read_sidecars as _read_sidecars
+from qkit.signals import StopSignals
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -314,7 +315,7 @@ def run_worker(*, queue: str = "default", max_jobs: int | None = None, max_secon
         raise BadInput("--max-jobs must be a positive integer")
     if max_seconds is not None and not (isinstance(max_seconds, (int, float)) and max_seconds > 0):
         raise BadInput("--max-seconds must be a positive number")
-    from qkit.notebook import secret_parameter_problems
+    from qkit.notebook_helpers import secret_parameter_problems
 
     refused = secret_parameter_problems(parameters or {})
     if refused:  # before papermill writes them into scheduled/runs/
@@ -355,7 +356,7 @@ def _run_locked(*, queue: str, max_jobs: int | None, max_seconds: float | None, 
     t0 = time.monotonic()
     stop_signal: list[int] = []
     timed_out = False
-    previous = _install_signals(stop_signal)
+    signals = StopSignals(lambda signum: None if stop_signal else stop_signal.append(signum)).install()
     try:
         with open(log, "wb") as log_fh:
             try:
@@ -381,33 +382,12 @@ def _run_locked(*, queue: str, max_jobs: int | None, max_seconds: float | None, 
                     proc.returncode if proc.returncode is not None else -9, timed_out=timed_out,
                     stop_signal=stop_signal[0] if stop_signal else None, output=output, log=log)
     finally:
-        _restore_signals(previous)
+        signals.restore()
     rec.duration_s = round(time.monotonic() - t0, 3)
     rec.finished_at = datetime.now(timezone.utc).isoformat()
     close_record(rec, home)
     write_copies(rec)
     return rec
-
-
-def _install_signals(flag: list[int]) -> dict[int, Any]:
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        if not flag:
-            flag.append(signum)
-
-    previous = {}
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        previous[sig] = signal.signal(sig, on_signal)
-    return previous
-
-
-def _restore_signals(previous: dict[int, Any]) -> None:
-    for sig, handler in previous.items():
-        signal.signal(sig, handler)
 
 
 def read_sidecars(runs_dir: str | os.PathLike[str] | None = None) -> Any:
