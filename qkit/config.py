@@ -7,6 +7,7 @@ variable; secrets are redacted from every message (:func:`redact`).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import re
 import stat
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from qkit.errors import ConfigError
+from qkit.errors import BadInput, ConfigError
 
 DEFAULT_QUEUE = "default"
 
@@ -105,6 +106,12 @@ def redact(text: str) -> str:
         if len(secret) >= 6 or (secret in secrets_[:len(SECRET_VARIABLES)] and len(secret) >= 4):
             text = text.replace(secret, "***")
     return text
+
+
+def url_for_messages(url: str) -> str:
+    """``url`` without user info (a password) or query string, for messages and ``describe()``."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
 
 
 def _float_env(name: str, default: float, minimum: float = 0.0) -> float:
@@ -249,6 +256,12 @@ class Settings:
 
     @property
     def backend_kind(self) -> str:
+        """Where the dispatch index lives: ``upstash``, ``redis`` or ``embedded``.
+
+        The one place the choice is made (from what :func:`settings` resolved:
+        Upstash variables win over ``QKIT_REDIS_URL``); :func:`qkit.backends.open_backend`
+        opens the backend this names.
+        """
         if self.upstash_url:
             return "upstash"
         return "redis" if self.redis_url else "embedded"
@@ -300,6 +313,17 @@ def settings(
     return Settings(home=home_path, redis_url=redis_url, upstash_url=upstash_url, upstash_token=upstash_token,
                     database_url=db, backoff_base=float(base), backoff_max=float(cap),
                     lease_seconds=float(lease), handler_modules=modules, priority_aging=aging)
+
+
+#: the keyword overrides :func:`settings` (and so :func:`qkit.connect`) accepts
+OVERRIDES = frozenset(inspect.signature(settings).parameters)
+
+
+def check_overrides(overrides: dict, what: str = "connect") -> None:
+    """Refuse keyword overrides :func:`settings` does not know, in one line naming them."""
+    unknown = set(overrides) - OVERRIDES
+    if unknown:
+        raise BadInput(f"unknown option(s) for {what}: {', '.join(sorted(unknown))}")
 
 
 def check_home(path: Path) -> Path:

@@ -26,6 +26,7 @@ from qkit.ledger import utcnow  # noqa: E402
 from qkit.ledger.analysis import Scope  # noqa: E402
 #: the DLQ grouped by error fingerprint and type, defined once in qkit.triage (``qkit dlq list --group``)
 from qkit.triage import dlq_groups  # noqa: E402, F401
+from qkit.utc import as_utc  # noqa: E402 - frames.as_utc for the notebooks
 
 if TYPE_CHECKING:
     from qkit.queue import Queue
@@ -45,26 +46,6 @@ _FREQS = ("1s", "2s", "5s", "10s", "15s", "30s", "1min", "2min", "5min", "10min"
 
 
 # ---------------------------------------------------------------- helpers
-def as_utc(value: Any) -> datetime | None:
-    """``None``/``""`` -> None; a datetime, Timestamp or ISO 8601 string -> an aware UTC datetime.
-
-    Raises ValueError for text that is not a date or time.
-    """
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return None
-    if isinstance(value, str):
-        try:
-            ts = pd.Timestamp(value.strip())
-        except (ValueError, TypeError):
-            raise ValueError(f"{value!r} is not an ISO 8601 date or time (e.g. 2025-01-31T12:00:00Z)") from None
-    else:
-        ts = pd.Timestamp(value)
-    if pd.isna(ts):
-        raise ValueError(f"{value!r} is not a date or time")
-    ts = ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
-    return ts.to_pydatetime()
-
-
 def _frame(q: "Queue", rows: Any, times: Iterable[str] = (), **kw: Any) -> pd.DataFrame:
     """One of the ledger's row reads as a DataFrame; times become datetime64[UTC] (also when empty)."""
     columns, data = aq.read(q.ledger, rows, q.name, **kw)
@@ -441,6 +422,4 @@ def next_due(q: "Queue") -> datetime | None:
     value = aq.read(q.ledger, aq.first_due, q.name)
     if value is None:
         return None
-    if isinstance(value, str):  # func.min() loses the column type on SQLite
-        value = datetime.fromisoformat(value)
-    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+    return as_utc(value)  # text on SQLite: func.min() loses the column type

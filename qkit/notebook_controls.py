@@ -181,7 +181,7 @@ class Controls:
     def __init__(self, q: Any, *, since: Any = "", until: Any = "", job_type: str = "",
                  priority: int | None = None, live: bool = False, every: float = 5.0,
                  live_for: float = 600.0) -> None:
-        from qkit.frames import as_utc
+        from qkit.utc import as_utc
 
         self.queues = check_queue(q)
         self._queues: dict[str, Any] = {q.name: q}

@@ -357,7 +357,7 @@ def _queue_name(value: str) -> None:
 
 
 def _iso_time(value: str) -> None:
-    from qkit.frames import as_utc
+    from qkit.utc import as_utc
 
     as_utc(value)
 

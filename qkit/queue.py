@@ -9,7 +9,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from qkit import faults
 from qkit.backends import Backend, open_backend
 from qkit.backoff import Backoff
-from qkit.config import DEFAULT_QUEUE, Settings, settings as resolve_settings
+from qkit.config import DEFAULT_QUEUE, Settings, check_overrides, settings as resolve_settings
 from qkit.dispatch import CLOCK_SLACK, Dispatch, redis_now
 from qkit.errors import BadInput
 from qkit.handlers import import_handler_modules
@@ -260,9 +260,5 @@ def connect(queue: str = DEFAULT_QUEUE, **overrides: Any) -> Queue:
     Accepted: ``redis_url, upstash_url, upstash_token, database_url, home,
     backoff_base, backoff_max, lease_seconds, priority_aging``.
     """
-    allowed = {"redis_url", "upstash_url", "upstash_token", "database_url", "home", "backoff_base",
-               "backoff_max", "lease_seconds", "priority_aging"}
-    unknown = set(overrides) - allowed
-    if unknown:
-        raise BadInput(f"unknown option(s) for connect: {', '.join(sorted(unknown))}")
+    check_overrides(overrides)
     return Queue(queue, resolve_settings(**overrides))

@@ -196,7 +196,7 @@ def _when(text: str) -> datetime:
         n, unit = int(m.group(1)), m.group(2)
         return datetime.now(timezone.utc) - timedelta(**{{"s": "seconds", "m": "minutes", "h": "hours",
                                                           "d": "days"}[unit]: n})
-    from qkit.frames import as_utc
+    from qkit.utc import as_utc
 
     return as_utc(text)
 

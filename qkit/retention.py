@@ -272,7 +272,7 @@ def daily(q: "Queue", *, since: Any = None) -> "pd.DataFrame":
                     "wait_p95_ms": hist_percentile(h.get("wait"), 0.95)})
     df = pd.DataFrame(out, columns=columns)
     if since is not None and not df.empty:
-        from qkit.frames import as_utc
+        from qkit.utc import as_utc
 
         start_day = _day_of(as_utc(since))
         df = df[df["day"] >= start_day].reset_index(drop=True)

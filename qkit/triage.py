@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from qkit.errors import BadInput, NotFound
 from qkit.lifecycle import fingerprint as error_fingerprint
 from qkit.ledger import reads, utcnow
+from qkit.utc import as_utc
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -131,7 +132,7 @@ def starvation(q: "Queue", *, now: datetime | None = None) -> dict[str, Any]:
     now = now or utcnow()
     claimed, firsts = reads.claim_waits(q.ledger, q.name, now, WAIT_SAMPLE)
     waiting = [(r.priority, r.n) for r in firsts]
-    oldest: dict[int, tuple[int, datetime]] = {r.priority: (r.id, _utc(r.run_at)) for r in firsts}
+    oldest: dict[int, tuple[int, datetime]] = {r.priority: (r.id, as_utc(r.run_at)) for r in firsts}
     waits: dict[int, list[float]] = {}
     for priority, created, started in claimed:
         waits.setdefault(priority, []).append(max(0.0, (started - created).total_seconds()))
@@ -149,13 +150,6 @@ def starvation(q: "Queue", *, now: datetime | None = None) -> dict[str, Any]:
             "oldest_waiting_s": _round((now - old[1]).total_seconds()) if old else None,
         })
     return {"aging_s": q.settings.priority_aging, "sample": WAIT_SAMPLE, "by_priority": rows}
-
-
-def _utc(value: Any) -> datetime:
-    """A subquery column loses the column type on SQLite: parse its text back to an aware UTC datetime."""
-    if isinstance(value, str):
-        value = datetime.fromisoformat(value)
-    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
 
 
 def _round(value: float | None) -> float | None:

@@ -6,15 +6,16 @@ from qkit.config import Settings
 
 
 def open_backend(settings: Settings) -> Backend:
-    """Upstash if configured, else ``QKIT_REDIS_URL``, else the embedded server."""
-    if settings.upstash_url:
+    """The backend :attr:`Settings.backend_kind` names (Upstash, ``QKIT_REDIS_URL``, or embedded)."""
+    kind = settings.backend_kind
+    if kind == "upstash":
         from qkit.backends.upstash import UpstashBackend
 
-        return UpstashBackend(settings.upstash_url, settings.upstash_token or "")
-    if settings.redis_url:
+        return UpstashBackend(settings.upstash_url or "", settings.upstash_token or "")
+    if kind == "redis":
         from qkit.backends.redis import RedisBackend
 
-        return RedisBackend(settings.redis_url)
+        return RedisBackend(settings.redis_url or "")
     from qkit.backends.embedded import EmbeddedBackend
 
     return EmbeddedBackend(settings.home)

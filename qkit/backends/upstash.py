@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 from typing import Any, Callable, Sequence, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import httpx
 import redis
@@ -29,6 +29,7 @@ import upstash_redis
 from upstash_redis.errors import UpstashError
 
 from qkit.backends.base import Backend
+from qkit.config import url_for_messages
 from qkit.errors import BackendUnavailable, ConfigError, QkitError
 from qkit.lua import Script
 
@@ -123,11 +124,6 @@ def _redis_py_callbacks() -> Any:
     return _REDIS_PY_CALLBACKS
 
 
-def _redact(url: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
-
-
 class UpstashBackend(Backend):
     """Scripts and pipelines over Upstash's REST API."""
 
@@ -172,7 +168,7 @@ class UpstashBackend(Backend):
     # ------------------------------------------------------------------ plumbing
     def describe(self) -> str:
         """The REST URL without user info or query string (never the token)."""
-        return _redact(self._url)
+        return url_for_messages(self._url)
 
     def _scrub(self, text: str) -> str:
         # Belt and braces: no message may ever carry the token.
@@ -183,7 +179,7 @@ class UpstashBackend(Backend):
         # Counted before sending: a request that fails in transit may still
         # have reached Upstash and been billed.
         self._count(commands, 1)
-        where = _redact(self._url)
+        where = url_for_messages(self._url)
         try:
             return send()
         except _HttpFailure as failure:

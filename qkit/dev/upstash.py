@@ -39,7 +39,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Iterable, Sequence
-from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio
 import uvicorn
@@ -55,6 +54,8 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from qkit.accesslog import AccessLog
+from qkit.api.errors import http_error
+from qkit.config import url_for_messages
 
 __all__ = [
     "FAULT_ACTIONS",
@@ -447,23 +448,8 @@ def _command_endpoint(route: str):
     return endpoint
 
 
-async def _http_error(request: Request, exc: Exception) -> Response:
-    # Starlette's defaults are plain text; the client parses every body as JSON.
-    status = getattr(exc, "status_code", 500)
-    detail = getattr(exc, "detail", "Internal Server Error")
-    headers = getattr(exc, "headers", None)
-    return JSONResponse({"error": str(detail)}, status_code=status, headers=headers)
-
-
 async def _server_error(request: Request, exc: Exception) -> Response:
     return JSONResponse({"error": "ERR internal error in the dev endpoint"}, status_code=500)
-
-
-def redact_url(url: str) -> str:
-    """The URL without user info (passwords) or query string, for messages."""
-    parts = urlsplit(url)
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 def create_app(
@@ -498,7 +484,7 @@ def create_app(
     app = Starlette(
         routes=routes,
         middleware=[Middleware(AccessLog, logger=logger, route_of=lambda path: path if path in _ROUTES else "<other>")],
-        exception_handlers={HTTPException: _http_error, Exception: _server_error},
+        exception_handlers={HTTPException: http_error, Exception: _server_error},
         lifespan=lifespan,
     )
     app.state.config = _Config(pool=pool, token=token.encode("utf-8"))
@@ -584,7 +570,7 @@ def serve(
         logger.warning("serving on %s: anyone who can reach it and knows the token can use this Redis", host)
     logger.info(
         "Upstash-compatible endpoint on http://%s:%d -> %s (latency %.1f ms)",
-        host, port, redact_url(redis_url), latency_ms,
+        host, port, url_for_messages(redis_url), latency_ms,
     )
     uvicorn.run(app, host=host, port=port, access_log=False, log_level="info")
 

@@ -27,6 +27,7 @@ from sqlalchemy.engine import Connection
 
 from qkit.ledger.engine import LedgerBase
 from qkit.ledger.schema import job_attempts, job_events, jobs, worker_runs
+from qkit.utc import as_utc
 
 #: histogram resolution: bucket b holds values in [e^(b/K), e^((b+1)/K)) for K buckets per factor e
 BUCKETS_PER_E = 20
@@ -219,11 +220,7 @@ def _seconds(value: Any) -> float | None:
     """A time as the ledger returns it (datetime, or text from SQLite's min/max) -> epoch seconds."""
     if value is None:
         return None
-    if isinstance(value, str):
-        value = datetime.fromisoformat(value)
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=timezone.utc)
-    return value.timestamp()
+    return as_utc(value).timestamp()
 
 
 def time_bounds(conn: Connection, scope: Scope, what: str, single_queue: bool = False) -> tuple[Any, Any]:

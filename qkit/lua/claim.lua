@@ -41,22 +41,12 @@ local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
 
 -- include _ready.lua
 -- include _prio.lua
+-- include _ids.lua
 
--- a job id as qkit writes it: decimal, no sign, no leading zero, 1..2^63-1 (BIGINT)
-local function is_id(m)
-  local len = string.len(m)
-  if len > 19 or string.find(m, '^[1-9][0-9]*$') == nil then return false end
-  return len < 19 or m <= '9223372036854775807'  -- same length: text order is numeric order
-end
 local function clamp_priority(p)
   p = tonumber(p) or 0
   if p ~= p then return 0 end
   return math.max(-1000000, math.min(1000000, p))
-end
--- a fence token as workers make them; anything else is reported as unknown
-local function clean_token(v)
-  if type(v) == 'string' and string.len(v) <= 128 and string.find(v, '^[%w%._:-]*$') then return v end
-  return ''
 end
 local malformed = 0
 

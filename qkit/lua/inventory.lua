@@ -14,11 +14,7 @@ if ARGV[1] == 'counts' then
 end
 -- 'full' lists job ids only: a member that is not one (decimal 1..2^63-1, as qkit writes them) was
 -- written by something else; it is left out here, and claim.lua removes it without running anything
-local function is_id(m)
-  local len = string.len(m)
-  if len > 19 or string.find(m, '^[1-9][0-9]*$') == nil then return false end
-  return len < 19 or m <= '9223372036854775807'
-end
+-- include _ids.lua
 local function ids_of(members, step)
   local out = {}
   for i = 1, #members, step do
@@ -27,10 +23,6 @@ local function ids_of(members, step)
     end
   end
   return out
-end
-local function clean_token(v)
-  if type(v) == 'string' and string.len(v) <= 128 and string.find(v, '^[%w%._:-]*$') then return v end
-  return ''
 end
 local leased = ids_of(redis.call('ZRANGE', KEYS[3], 0, -1, 'WITHSCORES'), 2)
 local with_owner = {}
