@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from qkit.backoff import unit_hash
+from qkit.backoff import Backoff, unit_hash
 
 if TYPE_CHECKING:
     from qkit.queue import Queue
@@ -108,9 +108,7 @@ class Policy:
 
     def ceiling(self, attempt: int) -> float:
         """The exponential envelope ``min(cap, base·2^(n-1))`` after failed attempt ``attempt``."""
-        if self.base <= 0:
-            return 0.0
-        return min(self.cap, self.base * 2.0 ** min(attempt - 1, 60))
+        return Backoff(self.base, self.cap).ceiling(attempt)
 
     def delay(self, job_id: int, epoch: int, attempt: int, previous: float = 0.0) -> float:
         """Seconds to wait after failed attempt ``attempt`` (1-based); ``previous`` is the last delay."""
@@ -124,9 +122,8 @@ class Policy:
         if k == "exponential":
             return self.ceiling(attempt)
         if k == "full_jitter":
-            # the same draw as qkit.backoff.Backoff.delay: "current" reproduces the recorded delays
-            c = self.ceiling(attempt)
-            return 0.0 if c <= 0 else unit_hash("backoff", job_id, epoch, attempt) * c
+            # qkit's own rule: "current" reproduces the recorded delays
+            return Backoff(self.base, self.cap).delay(job_id, epoch, attempt)
         if k == "equal_jitter":
             c = self.ceiling(attempt)
             return c / 2 + unit_hash("backoff", job_id, epoch, attempt) * c / 2
