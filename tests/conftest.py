@@ -30,9 +30,8 @@ import pytest
 import qkit
 from qkit.backends.embedded import EmbeddedServer, running_servers
 
-sys.path.insert(0, str(Path(__file__).parent))
-from redis_servers import start_cluster_redis, start_plain_redis  # noqa: E402
-from services import Server, start_postgres  # noqa: E402
+from redis_servers import start_cluster_redis, start_plain_redis  # tests/ is on pytest's pythonpath
+from services import Server, start_postgres
 
 ROOT = Path(__file__).resolve().parent.parent
 _counter = itertools.count(1)

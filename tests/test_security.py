@@ -82,11 +82,10 @@ import qkit
 from qkit.dev.servers import free_port, stop_process, wait_until
 from qkit.model import MAX_JSON_DEPTH, MAX_KEY_LENGTH, NAME_RE
 
-sys.path.insert(0, str(Path(__file__).parent))
-from conftest import run_burst, wait_for  # noqa: E402
-from job_handlers import read_log  # noqa: E402
-from redis_servers import start_plain_redis  # noqa: E402
-from services import ApiServer, start_api_server  # noqa: E402
+from conftest import run_burst, wait_for
+from job_handlers import read_log
+from redis_servers import start_plain_redis
+from services import ApiServer, start_api_server
 
 ROOT = Path(__file__).resolve().parent.parent
 QKIT = ROOT / "qkit"

@@ -13,6 +13,7 @@ issue item whose fix turns it back on (the soak finds them: run
 """
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import sys
 import tempfile
@@ -21,12 +22,21 @@ from typing import Iterator
 
 import pytest
 
+from qkit.dev.servers import Postgres, start_postgres
+
 BENCH = Path(__file__).resolve().parent.parent / "bench"
-sys.path.insert(0, str(BENCH))
 
-import soak  # noqa: E402
 
-from qkit.dev.servers import Postgres, start_postgres  # noqa: E402
+def _load_soak():
+    """bench/soak.py, loaded by path (bench/ is scripts, not a package; it finds its own siblings)."""
+    spec = importlib.util.spec_from_file_location("soak", BENCH / "soak.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["soak"] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+soak = _load_soak()
 
 SEEDS = [(0, "sqlite"), (1, "sqlite"), (2, "postgres")]
 JOBS = 300
