@@ -1,7 +1,7 @@
 """The ledger owns the SQL: no module outside qkit/ledger/ imports SQLAlchemy or touches the ledger's engines
 (docs/architecture.md#the-import-arrows).
 
-Dev tooling (qkit/devservers.py, qkit/upstash_dev.py, qkit/dev/) is exempt.  The one-way import
+Dev tooling (qkit/dev/) is exempt.  The one-way import
 rule itself is the import-linter contract in pyproject.toml, run by scripts/test.sh; this test also
 runs it, so a plain ``pytest tests/`` catches an upward import too.
 """
@@ -17,7 +17,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 QKIT = ROOT / "qkit"
-DEV = {"devservers.py", "upstash_dev.py"}
 #: config checks that QKIT_DATABASE_URL parses as SQLAlchemy parses it (no SQL): the one exception
 URL_CHECK = {("config.py", "sqlalchemy.engine"), ("config.py", "sqlalchemy.exc")}
 #: what running SQL takes: the ledger's engines and the driver's raw statements
@@ -37,7 +36,7 @@ def test_only_the_ledger_imports_sqlalchemy():
     offenders = []
     for path in sorted(QKIT.rglob("*.py")):
         rel = path.relative_to(QKIT)
-        if rel.parts[0] in ("ledger", "dev") or rel.name in DEV and len(rel.parts) == 1:
+        if rel.parts[0] in ("ledger", "dev"):
             continue
         offenders += [f"qkit/{rel}:{line} imports {name}" for line, name in _sqlalchemy_imports(path)
                       if (str(rel), name) not in URL_CHECK]
