@@ -90,6 +90,7 @@ class RedisClock:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._seen: tuple[int, float] | None = None  # (Redis ms, monotonic s when the reply arrived)
+        self._last_ms = 0.0  # the latest time now() returned: it never goes back
 
     def observe(self, redis_ms: int) -> None:
         with self._lock:
@@ -107,7 +108,19 @@ class RedisClock:
         return datetime.fromtimestamp(ms / 1000, timezone.utc)
 
     def now(self) -> datetime | None:
-        return self.at(time.monotonic())
+        """Redis's time now, never earlier than a time this clock returned before.
+
+        A new reply can set the estimate back by the difference of two replies'
+        transit times (a loaded host: milliseconds); the ledger's times must not
+        run backwards within a process (created <= started <= finished), so the
+        estimate holds until it catches up."""
+        with self._lock:
+            seen, last = self._seen, self._last_ms
+            if seen is None:
+                return None
+            ms = max(seen[0] + (time.monotonic() - seen[1]) * 1000, last)
+            self._last_ms = ms
+        return datetime.fromtimestamp(ms / 1000, timezone.utc)
 
 
 #: Redis's clock as the latest reply of any queue in this process returned it (see :func:`redis_now`)

@@ -135,7 +135,8 @@ def test_a_batch_the_ledger_refuses_is_written_job_by_job(setup: Setup):
     failed = q.get(bad)
     assert failed.error.startswith("OutcomeNotStored:") and "secret" not in failed.error
     assert q.ledger.attempts(bad)[0]["outcome"] == "failed"
-    assert audit(q).clean
+    report = audit(q)
+    assert report.clean, [f.to_dict() for f in report.findings]
 
 
 # --------------------------------------------------------------------------- 2. a PostgreSQL restart
