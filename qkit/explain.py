@@ -24,6 +24,7 @@ from qkit.ledger import utcnow
 from qkit.ledger.reads import runs_of_workers
 from qkit.lifecycle import fingerprint
 from qkit.model import check_job_id, jsonable
+from qkit.text import clip
 
 if TYPE_CHECKING:
     from qkit.queue import Queue
@@ -159,8 +160,7 @@ def _at(value: datetime | None) -> str:
 def _short(error: str | None, limit: int = 160) -> str:
     if not error:
         return "no error recorded"
-    first = error.strip().splitlines()[0]
-    return first if len(first) <= limit else first[:limit] + "…"
+    return clip(error.strip().splitlines()[0], limit + 1)  # at most ``limit`` characters and the ellipsis
 
 
 def _run_note(exp: Explanation, worker: str, event_at: datetime | None = None) -> str:

@@ -17,6 +17,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
+from qkit.text import clip
+
 #: one colour per outcome or state, the same in every figure
 COLORS = {
     "completed": "#2e7d32", "dlq": "#c62828", "failed": "#c62828", "timeout": "#ef6c00", "lost": "#6a1b9a",
@@ -81,11 +83,6 @@ def _time_axis(ax: Any, label: str = "time (UTC)") -> None:
     ax.xaxis.set_major_locator(locator)
     ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
     ax.set_xlabel(label)
-
-
-def _short(text: str, n: int = 60) -> str:
-    text = str(text)
-    return text if len(text) <= n else text[: n - 1] + "…"
 
 
 # ---------------------------------------------------------------- retry analysis
@@ -406,7 +403,7 @@ def dlq_groups(groups: pd.DataFrame, *, title: str = "Dead-letter queue by error
     types = rows["type"] if "type" in rows else rows.get("types", [""] * len(rows))
     ids = rows["fingerprint_id"] if "fingerprint_id" in rows else [""] * len(rows)
     for yi, f, t, n, fid in zip(y, rows["fingerprint"], types, rows["jobs"], ids):
-        ax.text(0, yi + 0.27, f"{int(n)}  {_short(f, 100)}  [{_short(t, 30)}]{f'  id {fid}' if fid else ''}",
+        ax.text(0, yi + 0.27, f"{int(n)}  {clip(f, 100)}  [{clip(t, 30)}]{f'  id {fid}' if fid else ''}",
                 fontsize=MIN_FONT + 0.5, va="bottom")
     ax.set_yticks([])
     ax.set_ylim(-0.5, len(rows) - 0.1)
@@ -490,7 +487,7 @@ def whatif(summary: pd.DataFrame, *, title: str = "Recorded failures replayed ag
         ax.margins(x=0.12)  # room for the value labels
         for yi, v in zip(y, rows[col].to_numpy(dtype=float)):
             ax.annotate(fmt.format(v), (v, yi), textcoords="offset points", xytext=(3, 0), va="center", fontsize=MIN_FONT)
-    a.set_yticks(y, [_short(p, 42) for p in rows["policy"]])
+    a.set_yticks(y, [clip(p, 42) for p in rows["policy"]])
     for ax in axes.flat:
         ax.grid(axis="x", alpha=0.3)
     return fig

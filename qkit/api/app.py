@@ -29,11 +29,12 @@ from qkit.accesslog import AccessLog
 from qkit.api.auth import authorize_burst, require_api_token
 from qkit.api.bodies import (JOB_FIELDS, MAX_BODY_BYTES, api_limits, burst_budget, is_id_text, job_body,
                              list_query, read_body)
-from qkit.api.errors import ApiError, clip, guard, http_error, route_of
+from qkit.api.errors import ApiError, guard, http_error, route_of
 from qkit.api.openapi import OPENAPI
 from qkit.config import DEFAULT_QUEUE, Settings, settings as resolve_settings
 from qkit.errors import BadInput
 from qkit.model import check_name, jsonable
+from qkit.text import clip
 
 log = logging.getLogger("qkit.api")
 

@@ -16,6 +16,7 @@ from starlette.responses import JSONResponse, Response
 
 from qkit.config import redact
 from qkit.errors import BackendUnavailable, BadInput, NotFound, QkitError
+from qkit.text import clip
 
 log = logging.getLogger("qkit.api")
 
@@ -26,11 +27,6 @@ KNOWN_ROUTES = ("/api/jobs", "/api/workers", "/api/health", "/api/openapi.json")
 _JOB_PATH = re.compile(r"/api/jobs/[^/]+")
 
 Endpoint = Callable[[Request], Awaitable[Response]]
-
-
-def clip(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
-    """``text`` cut to ``limit`` characters (the last one an ellipsis when cut)."""
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 class ApiError(Exception):
@@ -45,7 +41,7 @@ class ApiError(Exception):
         self.headers = dict(headers or {})
 
     def response(self) -> JSONResponse:
-        body: dict[str, Any] = {"error": clip(redact(self.message))}
+        body: dict[str, Any] = {"error": clip(redact(self.message), MAX_MESSAGE_CHARS)}
         if self.field is not None:
             body["field"] = self.field
         return JSONResponse(body, status_code=self.status, headers=self.headers)

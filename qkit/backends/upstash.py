@@ -32,6 +32,7 @@ from qkit.backends.base import Backend
 from qkit.config import url_for_messages
 from qkit.errors import BackendUnavailable, ConfigError, QkitError
 from qkit.lua import Script
+from qkit.text import clip
 
 __all__ = ["UpstashBackend", "UpstashUnauthorized"]
 
@@ -86,11 +87,6 @@ def _check_response(response: httpx.Response) -> None:
     # JSONDecodeError, and a JSON 404/5xx into a harmless-looking UpstashError.
     response.read()
     raise _HttpFailure(status, response.request.url.path, _json_error(response))
-
-
-def _one_line(text: str, limit: int = 300) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _arg(value: Any) -> str:
@@ -172,7 +168,7 @@ class UpstashBackend(Backend):
 
     def _scrub(self, text: str) -> str:
         # Belt and braces: no message may ever carry the token.
-        return _one_line(text.replace(self._token, "<token>"))
+        return clip(text.replace(self._token, "<token>"), 300, one_line=True)
 
     def _call(self, send: Callable[[], T], commands: int) -> T:
         """Make one HTTP request through the client; map its failures to qkit's errors."""

@@ -1,4 +1,4 @@
-"""qkit.utc.as_utc and qkit.signals.StopSignals without servers."""
+"""qkit.utc.as_utc, qkit.signals.StopSignals and qkit.text.clip without servers."""
 from __future__ import annotations
 
 import os
@@ -64,3 +64,11 @@ def test_stop_signals_do_nothing_off_the_main_thread():
     t.start()
     t.join()
     assert guards[0].previous == {} and signal.getsignal(signal.SIGTERM) == before
+
+
+def test_clip():
+    from qkit.text import clip
+
+    assert clip("abcdef", 6) == "abcdef" and clip("abcdefg", 6) == "abcde…" and len(clip("x" * 500, 300)) == 300
+    assert clip("a\n  b\tc", 10, one_line=True) == "a b c" and clip("a\nb", 10) == "a\nb"
+    assert clip(12345, 3) == "12…"
