@@ -31,7 +31,14 @@ def shift_clock(seconds: float) -> None:
     time.time_ns = lambda: real_time_ns() + int(seconds * 1e9)
     real, delta = dt.datetime, dt.timedelta(seconds=seconds)
 
-    class SkewedDatetime(real):
+    class Meta(type):  # a datetime made by C code (a driver, fromtimestamp) still counts as one
+        def __instancecheck__(cls, obj: object) -> bool:
+            return isinstance(obj, real)
+
+        def __subclasscheck__(cls, sub: type) -> bool:
+            return issubclass(sub, real)
+
+    class SkewedDatetime(real, metaclass=Meta):
         # no __dict__: the same size as datetime, which C extensions (psycopg's) check when they
         # import it after this replacement
         __slots__ = ()

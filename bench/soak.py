@@ -285,7 +285,7 @@ def run_seed(seed: int, *, jobs: int = 500, workers: int = 4, fail_rate: float =
             explained=len([j for j in report.duplicated if j not in dup_unexplained]),
             unexplained=len(report.unexplained) + len(acc.earlier_unexplained), wasted_success=wasted,
             recovered=len(report.recovered), attempted_only=len(never),
-            kills=len(nemesis.log.kills), kills_mid_run=len(killed_pids & att.lost_pids),
+            kills=len(nemesis.log.kills), kills_mid_run=len({pid for _, pid in nemesis.log.kills} & att.lost_pids),
             lost_by=att.lost_by, lost_not_started=att.lost_not_started,
             redis_restarts=len(nemesis.log.redis_restarts),
             redis_down_s=round(sum(d for _, d in nemesis.log.redis_restarts), 3),
