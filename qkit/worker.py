@@ -443,12 +443,14 @@ class Worker:
         return self._retrying("the Redis claim", call)  # nothing to release through a Redis that fails
 
     def _retry_deadline(self, first_call: float) -> float:
-        """Until when a failing write is retried: until the leases it may have granted (counted from
-        the start of the first failed call) or the ones held (from the last renewal) would expire,
-        less a margin: past it other workers may take the jobs over."""
+        """Until when a failing write is retried: an outage shorter than a lease is ridden out
+        (docs/semantics.md: counted from the start of the first failed call), and never past the
+        time the leases held would expire (from their last renewal), less a margin: past that
+        other workers may take the jobs over.  While Redis answers, the renewer keeps those
+        leases, so a ledger outage is bounded by the first limit alone."""
         lease_s = self.lease_ms / 1000
         margin = min(lease_s / 4, 5.0)
-        deadline = first_call + lease_s - margin
+        deadline = first_call + lease_s
         with self._held_lock:
             holding = bool(self._held)
         if holding:
@@ -479,11 +481,12 @@ class Worker:
                 if first is None:
                     first = started
                     log.warning("%s failed, retrying: %s", what, reason)
-                if now + delay > self._retry_deadline(first):
+                left = self._retry_deadline(first) - now
+                if left <= 0:
                     if to_settle is not None:
                         self._release(to_settle, claim_in_hand)
                     raise BackendUnavailable(f"gave up {what} after {now - first:.1f} s of retries: {reason}") from None
-                time.sleep(delay)
+                time.sleep(min(delay, left))  # the last try comes at the bound, not a back-off step before it
                 delay = min(delay * 2, RETRY_MAX_S)
 
     def _release(self, to_settle: list[Settlement], claim_in_hand: list[int]) -> None:

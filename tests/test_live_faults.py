@@ -197,6 +197,20 @@ def test_a_postgres_restart_mid_burst_throws_away_no_finished_outcome(pg_setup: 
     checked(q, ids, log)
 
 
+def test_a_ledger_outage_most_of_a_lease_long_is_ridden_out(pg_setup: Setup, own_postgres, tmp_path: Path):
+    """The contract is "an outage shorter than its lease": PostgreSQL down about 4 s under a 6 s
+    lease.  The retries run up to the bound (they used to stop one back-off step early, at ~3.5 s),
+    and the burst exits 0 with every job completed once."""
+    q, ids, log, out, worker = burst_under_way(pg_setup, tmp_path, 3000, lease=6, sleep=0.001, max_attempts=1,
+                                               after=100)
+    restart_postgres(own_postgres, down_s=3.8)
+    assert worker.wait(300) == 0, out.read_text()
+    assert q.ledger.status_counts(q.name)["completed"] == 3000
+    (run,) = runs_of(q)
+    assert run["status"] == "ok"
+    checked(q, ids, log)
+
+
 def test_a_ledger_down_past_the_lease_bound_exits_1_and_the_next_burst_closes_its_run(
         pg_setup: Setup, own_postgres, tmp_path: Path):
     """PostgreSQL stopped mid-burst for longer than the retry bound: the burst gives up with one line
