@@ -65,6 +65,12 @@ def repair(q: "Queue", *, drop: bool = False) -> dict[str, Any]:
             missing_dead.append(job_id)
     pushed = q.dispatch.push(missing_active, mode="repair") if missing_active else 0
     dead_lettered = q.dispatch.push([(j, 0, 0) for j in missing_dead], mode="dead") if missing_dead else 0
+    if missing_dead:  # a DLQ purge may have deleted some of them since they were read: no orphan entry
+        purged = set(missing_dead) - set(_statuses(q, missing_dead))
+        if purged:
+            q.dispatch.remove(sorted(purged), scope="dead")
+            missing_dead = [j for j in missing_dead if j not in purged]
+            dead_lettered -= len(purged)
     actions: dict[int, str] = {j: f"dropped ({why})" for j, why in dropped.items()}
     actions.update({j: "pushed" for j, _, _ in missing_active})
     actions.update({j: "dead-lettered" for j in missing_dead})

@@ -116,6 +116,56 @@ def test_concurrent_purge_and_replay_agree_on_every_backend(setup):
     assert report.clean, report.counts
 
 
+def test_a_repair_between_purge_steps_leaves_no_orphan_dlq_entry(setup):
+    """A burst's repair that runs after the purge took the DLQ entries out of Redis but before it
+    deleted the rows dead-letters those jobs again; the purge then removes them once more, so no
+    Redis entry outlives its ledger row (the soak saw such orphans)."""
+    from qkit.reconcile import repair
+
+    q, other = setup.connect(backoff_base=0), setup.connect(backoff_base=0)
+    ids = _dead_jobs(q, 5)
+    real_purge = q.ledger.purge_dead
+
+    def purge_after_a_repair(queue, chosen):
+        assert repair(other)["dead_lettered"] == len(ids)  # the rows are still failed: back in the DLQ
+        return real_purge(queue, chosen)
+
+    q.ledger.purge_dead = purge_after_a_repair
+    try:
+        assert q.purge_dead() == len(ids)
+    finally:
+        q.ledger.purge_dead = real_purge
+    assert q.dispatch.inventory().dead == 0
+    report = audit(q)
+    assert report.clean, report.counts
+
+
+def test_a_purge_during_a_repair_leaves_no_orphan_dlq_entry(setup):
+    """The other order: a repair read the failed rows, a whole purge ran, then the repair's
+    dead-letter push landed.  The repair re-checks what it dead-lettered and takes out the rows
+    that are gone."""
+    from qkit.reconcile import repair
+
+    q, other = setup.connect(backoff_base=0), setup.connect(backoff_base=0)
+    ids = _dead_jobs(q, 5)
+    other.dispatch.remove(ids, scope="dead")  # drift: the repair has something to dead-letter
+    real_push = other.dispatch.push
+
+    def push_after_a_purge(items, mode):
+        if mode == "dead":
+            assert q.purge_dead() == len(ids)
+        return real_push(items, mode=mode)
+
+    other.dispatch.push = push_after_a_purge
+    try:
+        done = repair(other)
+    finally:
+        other.dispatch.push = real_push
+    assert done["dead_lettered"] == 0 and q.dispatch.inventory().dead == 0
+    report = audit(q)
+    assert report.clean, report.counts
+
+
 def test_purge_spares_a_job_replayed_since_it_was_chosen(setup):
     """A purge deletes a job only in the replay epoch it saw it failed in: a job replayed (and
     failed again) after the purge read the DLQ stays, with its history."""
