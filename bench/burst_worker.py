@@ -74,14 +74,14 @@ def time_phases(q: Any) -> dict[str, float]:
     def wrap(owner: Any, attr: str, name: str) -> None:
         wrap_timer(totals, owner, attr, name)
 
-    import qkit.reconcile
-    import qkit.worker
+    import qkit.ops.reconcile
+    import qkit.engine.worker
 
     wrap(q.dispatch, "claim", "redis_claim")          # settle previous batch + claim next (one script call)
     wrap(q.ledger, "claim", "ledger_claim")           # record the claim (one transaction)
-    wrap(qkit.worker.Worker, "_run_batch", "handlers")  # run the batch's handlers
+    wrap(qkit.engine.worker.Worker, "_run_batch", "handlers")  # run the batch's handlers
     wrap(q.ledger, "settle", "ledger_settle")         # record the outcomes (one transaction)
-    wrap(qkit.reconcile, "repair_if_drifted", "drift_check")
+    wrap(qkit.ops.reconcile, "repair_if_drifted", "drift_check")
     wrap(q.ledger, "start_run", "run_record")
     wrap(q.ledger, "finish_run", "run_record")
     return totals

@@ -17,7 +17,7 @@ file or a fresh PostgreSQL database):
    one enqueuer and one worker slot run with their clock ±1 h off (``bench/skewed.py``);
 3. the nemesis stops and the workers drain the queue with no faults: until every job in the ledger
    is terminal and Redis holds no ready, delayed or leased entry (bounded by ``--drain-timeout``);
-4. ``bench/soak_check.py`` accounts for purges and replays, then :func:`qkit.audit.total_queue`
+4. ``bench/soak_check.py`` accounts for purges and replays, then :func:`qkit.ops.audit.total_queue`
    checks it Jepsen-style: the ids the enqueuers got back (acknowledged), the ids found by key for
    calls that errored (attempted), and the handler's ``done`` lines (executions).
 
@@ -122,7 +122,7 @@ def run_seed(seed: int, *, jobs: int = 500, workers: int = 4, fail_rate: float =
     ``postgres``: the :class:`qkit.dev.servers.Postgres` holding ``database_url``, for ``pg-restart``.
     """
     import qkit
-    from qkit.audit import total_queue
+    from qkit.ops.audit import total_queue
     from sqlalchemy import select
 
     from qkit.ledger import jobs as jobs_table

@@ -1,5 +1,5 @@
 """The soak's accounting (``bench/soak.py``): what the nemesis' admin actions and replays change
-about the total-queue check, before :func:`qkit.audit.total_queue` runs.
+about the total-queue check, before :func:`qkit.ops.audit.total_queue` runs.
 
 * **Purges are deletions, not losses.**  An id that an admin purge returned (the ids the
   ledger deleted) is accounted for: it leaves the acknowledged set, and its executions are not

@@ -8,7 +8,7 @@ in the payload, with an fsync, right before it returns successfully::
     done <job id> <attempt> <pid> <worker id> <monotonic ns>
 
 Those lines are the handler executions that ran to their end: the
-``executions`` of :func:`qkit.audit.total_queue`.  A ``start`` line is written
+``executions`` of :func:`qkit.ops.audit.total_queue`.  A ``start`` line is written
 when the handler begins.  The worker id (one per burst) lets the soak tell
 which replay epoch an execution belonged to, from the ledger's attempt rows;
 the monotonic time (one clock for every process of the machine, untouched by
@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 import qkit
-from qkit.backoff import unit_hash
-from qkit.handlers import JobContext, SimulatedFailure
+from qkit.engine.backoff import unit_hash
+from qkit.engine.handlers import JobContext, SimulatedFailure
 
 TYPE = "soak"
 

@@ -33,7 +33,7 @@ from typing import Any
 
 import qkit
 from qkit.dev.servers import start_redis
-from qkit.queue import UPSTASH_USD_PER_100K_COMMANDS
+from qkit.engine.queue import UPSTASH_USD_PER_100K_COMMANDS
 from qkit.dev.upstash import create_app, start_in_thread
 
 TARGET_COMMANDS_PER_JOB = 0.1

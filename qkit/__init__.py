@@ -4,9 +4,9 @@ dead-letter queue and a SQL ledger of every job and attempt.
 At-least-once execution of handlers, exactly-once terminal state in the ledger.
 """
 from qkit.errors import BackendUnavailable, BadInput, ConfigError, Conflict, NotFound, QkitError
-from qkit.handlers import current_job, handler
+from qkit.engine.handlers import current_job, handler
 from qkit.model import Job, WorkSummary
-from qkit.queue import Queue, connect
+from qkit.engine.queue import Queue, connect
 
 __version__ = "0.1.0"
 

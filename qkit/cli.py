@@ -304,9 +304,9 @@ def lab_command(host: str, port: int, browser: bool, folder: str | None) -> None
 
 
 def _print_dlq_groups(queue: str, as_json: bool) -> None:
-    """``qkit dlq list --group``: the DLQ grouped by error fingerprint and type (qkit/triage.py)."""
+    """``qkit dlq list --group``: the DLQ grouped by error fingerprint and type (qkit/ops/triage.py)."""
     extras.require("qkit dlq list --group", "pandas")
-    from qkit.triage import dlq_groups
+    from qkit.ops.triage import dlq_groups
 
     with _open(queue) as q:
         df = dlq_groups(q)
@@ -324,7 +324,7 @@ def _print_dlq_groups(queue: str, as_json: bool) -> None:
 @json_option
 def explain(job_id: int, queue: str, as_json: bool) -> None:
     """Why is this job where it is: ledger row, attempts, events, Redis state, verdict."""
-    from qkit.explain import explain as explain_job
+    from qkit.ops.explain import explain as explain_job
 
     with _open(queue) as q:
         exp = explain_job(q, job_id)
@@ -337,7 +337,7 @@ def explain(job_id: int, queue: str, as_json: bool) -> None:
 @json_option
 def audit(repair: bool, queue: str, as_json: bool) -> None:
     """Check that Redis and the ledger agree and the ledger keeps its invariants (exit 1 if errors remain)."""
-    from qkit.audit import audit as run_audit
+    from qkit.ops.audit import audit as run_audit
 
     with _open(queue) as q:
         report = run_audit(q, repair=repair)
@@ -356,7 +356,7 @@ def audit(repair: bool, queue: str, as_json: bool) -> None:
 @json_option
 def prune(older_than: str, batch_size: int, dry_run: bool, queue: str, as_json: bool) -> None:
     """Delete old completed jobs (rows, attempts, events), keeping daily roll-ups; never the DLQ."""
-    from qkit.retention import prune as prune_queue
+    from qkit.ops.retention import prune as prune_queue
 
     with _open(queue) as q:
         report = prune_queue(q, older_than, batch_size=batch_size, dry_run=dry_run)

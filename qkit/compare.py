@@ -22,7 +22,7 @@ from qkit.frames import scope
 from qkit.stats import mean_interval, quantile_interval, wilson
 
 if TYPE_CHECKING:
-    from qkit.queue import Queue
+    from qkit.engine.queue import Queue
 
 MEASURES = ("success rate", "attempts per finished job", "median execution time (ms)")
 ALL_TYPES = "(all types)"

@@ -1,7 +1,7 @@
 """Debug one job: its ledger rows, events and tracebacks, and one in-process re-run.
 
 :func:`rerun` calls the job's registered handler with the job's payload under
-:func:`qkit.handlers.run_in_context` (so ``qkit.current_job()`` answers as in
+:func:`qkit.engine.handlers.run_in_context` (so ``qkit.current_job()`` answers as in
 a worker), in the calling process and thread, without a lease, a timeout or
 any write to the ledger or Redis.  Set a ``breakpoint()`` in the handler, or
 call it with ``raise_errors=True`` and use ``%debug``, to step into it.  By
@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from qkit.errors import NotFound, QkitError
-from qkit.handlers import JobContext, get_handler, import_handler_modules, run_in_context
+from qkit.engine.handlers import JobContext, get_handler, import_handler_modules, run_in_context
 
 if TYPE_CHECKING:
-    from qkit.queue import Queue
+    from qkit.engine.queue import Queue
 
 #: the job debug_job enqueues on an empty queue: fails on its only attempt, so it has a traceback
 DEMO_JOB = {"type": "web_scraping", "payload": {"url": "https://example.org/debug-demo",

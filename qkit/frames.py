@@ -24,12 +24,12 @@ import pandas as pd  # noqa: E402
 from qkit.ledger import analysis as aq  # noqa: E402
 from qkit.ledger import utcnow  # noqa: E402
 from qkit.ledger.analysis import Scope  # noqa: E402
-#: the DLQ grouped by error fingerprint and type, defined once in qkit.triage (``qkit dlq list --group``)
-from qkit.triage import dlq_groups  # noqa: E402, F401
+#: the DLQ grouped by error fingerprint and type, defined once in qkit.ops.triage (``qkit dlq list --group``)
+from qkit.ops.triage import dlq_groups  # noqa: E402, F401
 from qkit.utc import as_utc  # noqa: E402 - frames.as_utc for the notebooks
 
 if TYPE_CHECKING:
-    from qkit.queue import Queue
+    from qkit.engine.queue import Queue
 
 #: states of the queue-depth reconstruction, in plotting order
 DEPTH_STATES = ("pending", "delayed", "processing", "completed", "failed")

@@ -323,7 +323,7 @@ def seeded_batch(job_type: str = "mixed", n_jobs: int = 50, *, priority: int = 0
     depends only on the job id and attempt number (docs/semantics.md#interfaces), so the same
     batch in a fresh ledger gives the same retry distribution.
     """
-    from qkit.handlers import BUILTIN_TYPES
+    from qkit.engine.handlers import BUILTIN_TYPES
 
     if job_type != "mixed" and job_type not in BUILTIN_TYPES:
         raise BadInput(f"job_type must be 'mixed' or one of {', '.join(BUILTIN_TYPES)} (got {job_type!r})")

@@ -50,7 +50,7 @@ from typing import Any, Sequence
 from qkit.errors import BadInput, QkitError
 from qkit.runrecord import RunRecord, close_record, open_record, write_copies
 from qkit.runrecord import read_sidecars as _read_sidecars
-from qkit.signals import StopSignals
+from qkit.engine.signals import StopSignals
 
 EXIT_OK = 0
 EXIT_FAILED = 1

@@ -30,7 +30,7 @@ The model, and what it assumes:
   ``recorded`` row instead shows the wall-clock time the jobs really took,
   including the time retries waited for a worker burst.
 * Jittered delays are drawn from a hash of (job id, epoch, attempt), like
-  :class:`qkit.backoff.Backoff`, so ``current`` reproduces the recorded delays
+  :class:`qkit.engine.backoff.Backoff`, so ``current`` reproduces the recorded delays
   and every replay gives the same numbers.
 """
 from __future__ import annotations
@@ -43,10 +43,10 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from qkit.backoff import Backoff, unit_hash
+from qkit.engine.backoff import Backoff, unit_hash
 
 if TYPE_CHECKING:
-    from qkit.queue import Queue
+    from qkit.engine.queue import Queue
 
 KINDS = ("immediate", "fixed", "linear", "exponential", "full_jitter", "equal_jitter", "decorrelated")
 ASSUMPTIONS = ("model", "fail")

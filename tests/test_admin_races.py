@@ -20,7 +20,7 @@ from sqlalchemy import MetaData, create_engine, event, text
 from sqlalchemy.exc import DBAPIError
 
 import qkit
-from qkit.audit import audit
+from qkit.ops.audit import audit
 from qkit.errors import BadInput, NotFound
 from qkit.ledger import INSERT_JOB, SCHEMA_VERSION, Ledger, metadata
 from qkit.model import NewJob

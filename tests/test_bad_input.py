@@ -174,7 +174,7 @@ def test_distinct_non_text_keys_are_still_accepted(q):
 
 @pytest.mark.parametrize("bad", [2**63, 10**30, 0, -1])
 def test_python_ids_out_of_range_are_bad_input(q, bad):
-    from qkit.explain import explain
+    from qkit.ops.explain import explain
 
     for call in (q.get, q.replay, lambda i: explain(q, i)):
         with pytest.raises(BadInput):

@@ -61,7 +61,7 @@ def redis_now(q: qkit.Queue) -> datetime:
 
 def lose_redis_and_rebuild(q: qkit.Queue, keep: tuple[str, ...] = ()) -> None:
     """Redis forgets the queue (but ``keep``); ``audit --repair`` rebuilds it from the ledger's run_at."""
-    from qkit.audit import audit
+    from qkit.ops.audit import audit
 
     q.backend.pipeline([["DEL", *[k for k in q.dispatch.keys if k not in keep]]])
     audit(q, repair=True)

@@ -16,7 +16,7 @@ from sqlalchemy import select
 
 from conftest import Setup, held_job, run_burst, spawn_burst, stalled_past_its_lease, wait_for
 from job_handlers import read_log
-from qkit.audit import audit
+from qkit.ops.audit import audit
 from qkit.ledger import job_attempts, job_events
 
 import job_handlers  # noqa: F401 - same handlers in this process for in-process bursts

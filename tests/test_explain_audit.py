@@ -21,8 +21,8 @@ from sqlalchemy import insert, select, update
 import qkit
 from conftest import Setup, held_job, stalled_past_its_lease, wait_for
 from job_handlers import read_log
-from qkit.audit import audit
-from qkit.explain import explain
+from qkit.ops.audit import audit
+from qkit.ops.explain import explain
 from qkit.ledger import job_attempts, job_events, jobs, utcnow
 
 import job_handlers  # noqa: F401 - the crash handlers, also for in-process bursts

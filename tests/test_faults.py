@@ -1,9 +1,9 @@
 """Fault injection: the F-scenarios of the reliability research that earlier suites did not cover.
 
 Each test names its scenario (F2, F3, ...) and ends with Jepsen's total-queue
-check (:func:`qkit.audit.total_queue`: lost, unexpected, duplicated,
+check (:func:`qkit.ops.audit.total_queue`: lost, unexpected, duplicated,
 recovered, plus the G1-G8 audit), printed so a failing run shows the counts.
-Crash points are ``QKIT_CRASH_AT`` (:mod:`qkit.faults`): the worker or
+Crash points are ``QKIT_CRASH_AT`` (:mod:`qkit.engine.faults`): the worker or
 enqueuer SIGKILLs itself between the two writes of a step.  The map from
 every F-id to its test is ``docs/reliability.md``.
 """
@@ -26,7 +26,7 @@ from sqlalchemy import create_engine, select, text
 import qkit
 from conftest import Setup, held_job, run_burst, spawn_burst, wait_for
 from job_handlers import executions, read_log
-from qkit.audit import total_queue
+from qkit.ops.audit import total_queue
 from qkit.ledger import job_attempts, job_events, worker_runs
 from qkit.dev.servers import start_redis
 

@@ -8,7 +8,7 @@
   process is closed as ``abandoned`` by the next burst and by ``audit --repair``,
   a live burst's row never.
 
-Each scenario ends with :func:`qkit.audit.total_queue`, whose ``wasted_success``
+Each scenario ends with :func:`qkit.ops.audit.total_queue`, whose ``wasted_success``
 (jobs failed although a handler of theirs returned) must be 0.
 """
 from __future__ import annotations
@@ -29,10 +29,10 @@ from sqlalchemy import select
 import qkit
 from conftest import Setup, held_job, run_burst, spawn_burst, wait_for
 from job_handlers import executions
-from qkit.audit import audit, total_queue
+from qkit.ops.audit import audit, total_queue
 from qkit.dev.servers import pg_bin_dir, start_postgres, start_redis
 from qkit.ledger import Outcome, utcnow, worker_runs
-from qkit.storable import ESCAPED, MAX_ERROR_BYTES
+from qkit.engine.storable import ESCAPED, MAX_ERROR_BYTES
 
 import live_fault_handlers  # noqa: F401 - the same handlers for in-process bursts
 

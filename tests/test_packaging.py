@@ -83,7 +83,7 @@ def test_environment_yml_is_in_step_with_setup_sh_and_pyproject() -> None:
 
 # ---------------------------------------------------------------- import qkit is light
 def test_import_qkit_imports_no_optional_package() -> None:
-    code = ("import sys, qkit, qkit.cli, qkit.queue, qkit.worker, qkit.backends.embedded, qkit.backends.redis, "
+    code = ("import sys, qkit, qkit.cli, qkit.engine.queue, qkit.engine.worker, qkit.backends.embedded, qkit.backends.redis, "
             "qkit.backends.upstash; print(sorted({m.split('.')[0] for m in sys.modules} & set(sys.argv[1:])))")
     proc = subprocess.run([sys.executable, "-c", code, *HEAVY], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})

@@ -9,11 +9,11 @@ from sqlalchemy import create_engine, insert, inspect, select, update
 
 import qkit
 from conftest import Setup, scratch_ledger
-from qkit.audit import audit
+from qkit.ops.audit import audit
 from qkit.errors import BadInput, NotFound
 from qkit.ledger import (SCHEMA_VERSION, Ledger, job_attempts, job_daily, job_events, jobs, metadata, schema_info,
                          utcnow)
-from qkit.retention import bucket, bucket_value, cutoff_for, daily, hist_percentile, parse_age, prune
+from qkit.ops.retention import bucket, bucket_value, cutoff_for, daily, hist_percentile, parse_age, prune
 
 
 @qkit.handler("rt_ok", timeout=10)

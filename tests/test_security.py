@@ -249,8 +249,8 @@ def test_s1_no_pickle_eval_or_import_on_data():
                                                                      "import_attribute", "locate"):
                     import_module_calls.append((path.relative_to(ROOT).as_posix(), node))
     # the one dynamic import: handler modules named by the operator in QKIT_HANDLERS
-    assert [p for p, _ in import_module_calls] == ["qkit/handlers.py"]
-    handlers_tree = ast.parse((QKIT / "handlers.py").read_text())
+    assert [p for p, _ in import_module_calls] == ["qkit/engine/handlers.py"]
+    handlers_tree = ast.parse((QKIT / "engine" / "handlers.py").read_text())
     (fn,) = [n for n in ast.walk(handlers_tree) if isinstance(n, ast.FunctionDef)
              and any(getattr(c, "attr", "") == "import_module" for c in ast.walk(n))]
     assert fn.name == "import_handler_modules"
@@ -718,7 +718,7 @@ def test_s5_a_foreign_id_in_a_queue_is_not_run(s5, tmp_path):
 # =========================================================================== S6
 def test_s6_batch_key_and_depth_caps(s5):
     from qkit.model import MAX_PAYLOAD_BYTES
-    from qkit.queue import MAX_BATCH_BYTES, MAX_BATCH_ITEMS
+    from qkit.engine.queue import MAX_BATCH_BYTES, MAX_BATCH_ITEMS
 
     connect, *_ = s5
     q = connect("s6-caps")

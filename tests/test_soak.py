@@ -46,7 +46,7 @@ WINDOW = {"sqlite": 12.0, "postgres": 15.0}
 #: (fault, ledger or None for both) -> why it is off in this test for now
 OFF: dict[tuple[str, str | None], str] = {
     ("pg-restart", "postgres"): "a worker gives up a ledger write after about 0.9 s of retries with a 2 s lease "
-                                "(qkit/worker.py _retrying stops when the next back-off step would pass the "
+                                "(qkit/engine/worker.py _retrying stops when the next back-off step would pass the "
                                 "bound, instead of sleeping up to it), so a 1.3 s restart costs finished runs",
     ("admin", None): "issue 12 item 3: a DLQ purge racing the bursts leaves orphan_entry errors (Redis DLQ "
                      "entries of purged jobs)",

@@ -16,7 +16,7 @@ from sqlalchemy import select
 
 import qkit
 from conftest import Setup
-from qkit.audit import audit
+from qkit.ops.audit import audit
 from qkit.config import settings as resolve_settings
 from qkit.errors import ConfigError
 from qkit.ledger import job_events, jobs

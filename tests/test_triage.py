@@ -7,10 +7,10 @@ import pytest
 
 import qkit
 from conftest import Setup
-from qkit.audit import audit
+from qkit.ops.audit import audit
 from qkit.errors import NotFound
-from qkit.explain import explain
-from qkit.triage import dlq_groups, fingerprint_id, replay_fingerprint
+from qkit.ops.explain import explain
+from qkit.ops.triage import dlq_groups, fingerprint_id, replay_fingerprint
 
 healthy: set[str] = set()  # types whose upstream has recovered
 

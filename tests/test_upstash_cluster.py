@@ -41,12 +41,12 @@ import qkit
 from conftest import wait_for
 from qkit.backends.base import Backend
 from qkit.backends.redis import RedisBackend
-from qkit.dispatch import QueueKeys, Settlement
+from qkit.engine.dispatch import QueueKeys, Settlement
 from qkit.config import settings as resolve_settings
 from qkit.errors import BadInput
-from qkit.explain import locate
+from qkit.ops.explain import locate
 from qkit.ledger import job_attempts, job_events
-from qkit.reconcile import repair
+from qkit.ops.reconcile import repair
 from qkit.lua import Script, load_script
 
 SCRIPTS_DIR = Path(qkit.__file__).parent / "lua"

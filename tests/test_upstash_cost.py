@@ -13,7 +13,7 @@ import pytest
 
 import qkit
 from qkit.cli import main
-from qkit.queue import UPSTASH_USD_PER_100K_COMMANDS
+from qkit.engine.queue import UPSTASH_USD_PER_100K_COMMANDS
 
 TOKEN = "cost-test-" + secrets.token_hex(8)
 COST_KEYS = {"redis_commands", "http_requests", "ledger_statements", "jobs_enqueued_here", "jobs_finished_here",

@@ -12,7 +12,7 @@ How each caller recovers, and what these tests pin down:
 * **enqueue**: the ledger row is committed before the Redis push, so a caller
   retries ``enqueue_many`` with the same idempotency keys: it gets the same
   ids, nothing is enqueued twice, and a push that never ran is redone by the
-  next burst's drift check (:func:`qkit.reconcile.repair_if_drifted`).
+  next burst's drift check (:func:`qkit.ops.reconcile.repair_if_drifted`).
   Without keys a retry enqueues a second job, which is why keys are the rule.
   A job that already died before the retry still holds its key
   (docs/semantics.md#idempotency): the retry gets the failed job's id, it does not enqueue it again.

@@ -10,7 +10,7 @@ import pytest
 
 import qkit
 from qkit.backends.embedded import EmbeddedServer
-from qkit.backoff import Backoff
+from qkit.engine.backoff import Backoff
 from qkit.whatif import (DEFAULT_POLICIES, MIN_TRIALS, Policy, check_policies, current_policy, episodes,
                          parse_policies, parse_policy, simulate, simulate_queue, weighted_quantile)
 

@@ -57,7 +57,7 @@ class QueueHolder:
         if self._queue is None:
             with self._lock:
                 if self._queue is None:
-                    from qkit.queue import Queue
+                    from qkit.engine.queue import Queue
 
                     self._queue = Queue(self.name, self.settings)
         return self._queue

@@ -3,7 +3,7 @@
 This package owns every SQL statement qkit sends: ``schema`` (tables, migrations), ``engine``
 (engines, pragmas, errors), ``hotpath`` (enqueue/claim/settle), ``admin`` (replay, purge),
 ``runs`` (worker_runs), ``events`` (the background event writer), ``reads`` (named reads).
-What becomes of a job after an attempt is decided in :mod:`qkit.lifecycle`, not here.
+What becomes of a job after an attempt is decided in :mod:`qkit.engine.lifecycle`, not here.
 
 Redis is only the dispatch index.  Each step writes the ledger first and
 Redis second, so a crash between the two is repaired from the ledger:
@@ -21,7 +21,7 @@ replay     ``failed`` -> ``pending``          push in 'repair' mode (DLQ -> read
 ========== ================================= ======================================
 
 Crash windows and their repair: a pending row missing from Redis is pushed
-again by the next burst (:mod:`qkit.reconcile`); a Redis entry whose row is
+again by the next burst (:mod:`qkit.ops.reconcile`); a Redis entry whose row is
 missing or terminal is dropped when claimed, never run; a lease whose ledger
 write never happened expires and is reclaimed; an outcome committed but not
 settled in Redis is found terminal at reclaim and dropped without a new attempt.
@@ -39,7 +39,7 @@ from qkit.ledger.reads import Reads
 from qkit.ledger.runs import Runs
 from qkit.ledger.schema import (MAX_TEXT, MIGRATIONS, SCHEMA_VERSION, job_attempts, job_daily, job_events, jobs,
                                 metadata, schema_info, worker_runs)
-from qkit.lifecycle import ClaimPlan, Outcome, Runnable, SettlePlan, fingerprint, unstorable
+from qkit.engine.lifecycle import ClaimPlan, Outcome, Runnable, SettlePlan, fingerprint, unstorable
 
 
 class Ledger(HotPath, Reads, Admin, Runs, Events, LedgerBase):

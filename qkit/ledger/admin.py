@@ -97,7 +97,7 @@ class Admin(LedgerBase):
 
 
 
-# ---------------------------------------------------------------- prune (qkit/retention.py decides the roll-ups)
+# ---------------------------------------------------------------- prune (qkit/ops/retention.py decides the roll-ups)
 def _completed_rows(conn: Any, ids: list[int]) -> tuple[list[Any], list[Any]]:
     """(id, queue, type, created_at, started_at, finished_at) of jobs ``ids``, and (job_id, outcome,
     duration_ms) of all their attempts."""

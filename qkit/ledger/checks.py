@@ -1,6 +1,6 @@
-"""The audit's reads (qkit/audit.py): rows that break the ledger's invariants, and job states in bulk.
+"""The audit's reads (qkit/ops/audit.py): rows that break the ledger's invariants, and job states in bulk.
 
-Each query returns only suspect rows; :mod:`qkit.audit` words them as findings.
+Each query returns only suspect rows; :mod:`qkit.ops.audit` words them as findings.
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """The hot path's SQL: enqueue, claim and settle, as a few batched statements sent straight to the driver.
 
-The ledger records here what :mod:`qkit.lifecycle` decides; the returned
-plans carry the :class:`~qkit.lifecycle.Settlement` each job needs in Redis,
-which :mod:`qkit.dispatch` carries out.  See docs/architecture.md#the-ledger
+The ledger records here what :mod:`qkit.engine.lifecycle` decides; the returned
+plans carry the :class:`~qkit.engine.lifecycle.Settlement` each job needs in Redis,
+which :mod:`qkit.engine.dispatch` carries out.  See docs/architecture.md#the-ledger
 for the order of the writes and the crash windows.
 """
 from __future__ import annotations
@@ -15,17 +15,17 @@ from typing import Any, Sequence
 from sqlalchemy import bindparam, delete, select, update
 from sqlalchemy.engine import Connection
 
-from qkit import storable
-from qkit.backoff import Backoff
+from qkit.engine import storable
+from qkit.engine.backoff import Backoff
 from qkit.ledger.engine import LedgerBase, dumps, transient, utcnow
 from qkit.ledger.schema import job_attempts, jobs
-from qkit.lifecycle import (ClaimPlan, Outcome, Runnable, Settlement, SettlePlan, decide, fingerprint, lost_error,
+from qkit.engine.lifecycle import (ClaimPlan, Outcome, Runnable, Settlement, SettlePlan, decide, fingerprint, lost_error,
                             resend, unstorable)
 from qkit.logs import log
 from qkit.model import NewJob
 
 #: a retry claimed this much before its run_at still runs: Redis decides due times on its own clock,
-#: and run_at is written from an estimate of it (qkit.dispatch.RedisClock)
+#: and run_at is written from an estimate of it (qkit.engine.dispatch.RedisClock)
 NOT_DUE_SLACK = timedelta(seconds=1)
 
 
@@ -331,7 +331,7 @@ class HotPath(LedgerBase):
         """Record how attempts ended, fenced: only the attempt the ledger holds as current counts.
 
         Outcome text the ledger cannot store is escaped or cut and flagged
-        (:mod:`qkit.storable`).  If the batch's transaction still fails for a
+        (:mod:`qkit.engine.storable`).  If the batch's transaction still fails for a
         reason other than the ledger being unreachable, the outcomes are written
         one by one, so only a job whose own outcome is refused fails, recorded
         as ``OutcomeNotStored``.  ``again``: an earlier call with these outcomes

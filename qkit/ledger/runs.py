@@ -6,7 +6,7 @@ from typing import Any
 
 from sqlalchemy import insert, select, update
 
-from qkit import storable
+from qkit.engine import storable
 from qkit.ledger.engine import LedgerBase, utcnow
 from qkit.ledger.schema import worker_runs
 

@@ -9,17 +9,17 @@ from sqlalchemy import (JSON, BigInteger, Column, DateTime, Float, Index, Intege
                         TypeDecorator, and_, bindparam, column, func, insert, select, table, update)
 from sqlalchemy.engine import Connection
 
-from qkit import storable
-from qkit.dispatch import redis_now
+from qkit.engine import storable
+from qkit.engine.dispatch import redis_now
 
-SCHEMA_VERSION = 5  # v2: job_daily (retention roll-ups, qkit/retention.py); v3: SQLite job ids never reused;
+SCHEMA_VERSION = 5  # v2: job_daily (retention roll-ups, qkit/ops/retention.py); v3: SQLite job ids never reused;
 #                   v4: worker_runs.run_id (qkit/runner.py); v5: a failed job keeps its idempotency key
-MAX_TEXT = storable.MAX_ERROR_BYTES  # stored error/traceback text is cut to this many bytes (qkit/storable.py)
+MAX_TEXT = storable.MAX_ERROR_BYTES  # stored error/traceback text is cut to this many bytes (qkit/engine/storable.py)
 
 
 def utcnow() -> datetime:
     """qkit's clock, an aware UTC datetime: Redis ``TIME`` as this process last saw it
-    (:func:`qkit.dispatch.redis_now`), or before any Redis reply this host's wall clock (``time.time``)."""
+    (:func:`qkit.engine.dispatch.redis_now`), or before any Redis reply this host's wall clock (``time.time``)."""
     return redis_now() or datetime.fromtimestamp(time.time(), timezone.utc)
 
 
@@ -142,7 +142,7 @@ job_events = Table(
 
 # ---------------------------------------------------------------- retention roll-ups (schema v2)
 #: One row per (UTC day of finishing, queue, type) of completed jobs that
-#: ``qkit prune`` deleted (qkit/retention.py), so analyses still cover pruned
+#: ``qkit prune`` deleted (qkit/ops/retention.py), so analyses still cover pruned
 #: days.  Counts and sums are exact; ``histograms`` holds mergeable log-bucket
 #: histograms of execution and wait times, the source of the p50/p95 columns.
 job_daily = Table(

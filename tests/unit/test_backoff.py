@@ -1,7 +1,7 @@
-"""Retry back-off (qkit/backoff.py), without servers."""
+"""Retry back-off (qkit/engine/backoff.py), without servers."""
 from __future__ import annotations
 
-from qkit.backoff import Backoff, unit_hash
+from qkit.engine.backoff import Backoff, unit_hash
 
 
 def test_ceiling_doubles_from_base_up_to_the_cap():

@@ -1,7 +1,7 @@
-"""The error fingerprint DLQ triage groups by (qkit/lifecycle.py), without servers."""
+"""The error fingerprint DLQ triage groups by (qkit/engine/lifecycle.py), without servers."""
 from __future__ import annotations
 
-from qkit.lifecycle import fingerprint
+from qkit.engine.lifecycle import fingerprint
 
 
 def test_empty_errors_have_no_fingerprint():

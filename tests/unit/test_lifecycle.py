@@ -1,10 +1,10 @@
-"""The job life-cycle's one decision (qkit/lifecycle.py), without servers."""
+"""The job life-cycle's one decision (qkit/engine/lifecycle.py), without servers."""
 from __future__ import annotations
 
 import pytest
 
-from qkit.backoff import Backoff
-from qkit.lifecycle import Decision, Settlement, decide, lost_error, resend
+from qkit.engine.backoff import Backoff
+from qkit.engine.lifecycle import Decision, Settlement, decide, lost_error, resend
 
 POLICY = Backoff(base=2.0, cap=300.0)
 

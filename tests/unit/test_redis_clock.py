@@ -1,9 +1,9 @@
-"""qkit.dispatch.RedisClock: the ledger's clock, from Redis replies, carried on the monotonic clock."""
+"""qkit.engine.dispatch.RedisClock: the ledger's clock, from Redis replies, carried on the monotonic clock."""
 from __future__ import annotations
 
 from datetime import timezone
 
-from qkit.dispatch import RedisClock
+from qkit.engine.dispatch import RedisClock
 
 
 def test_no_reply_no_time():

@@ -1,4 +1,4 @@
-"""qkit.utc.as_utc, qkit.signals.StopSignals and qkit.text.clip without servers."""
+"""qkit.utc.as_utc, qkit.engine.signals.StopSignals and qkit.text.clip without servers."""
 from __future__ import annotations
 
 import os
@@ -8,7 +8,7 @@ from datetime import date, datetime, timedelta, timezone
 
 import pytest
 
-from qkit.signals import StopSignals
+from qkit.engine.signals import StopSignals
 from qkit.utc import as_utc
 
 UTC = timezone.utc

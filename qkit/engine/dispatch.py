@@ -15,7 +15,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Iterable, Sequence
 
 from qkit.backends.base import Backend
-from qkit.lifecycle import Settlement
+from qkit.engine.lifecycle import Settlement
 from qkit.logs import log
 
 

@@ -6,7 +6,7 @@ against counts per status); only when Redis holds fewer active jobs than the
 ledger does it take a full snapshot and push the missing ones back.  Redis
 entries the ledger does not know, or knows as finished, are harmless: a claim
 drops them without running anything; ``qkit audit --repair`` (``repair(q,
-drop=True)``, :mod:`qkit.audit`) also takes them out, and after Redis lost a
+drop=True)``, :mod:`qkit.ops.audit`) also takes them out, and after Redis lost a
 queue's data it rebuilds the whole Redis side from the ledger.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from qkit.ledger import reads, utcnow
 from qkit.logs import log
 
 if TYPE_CHECKING:
-    from qkit.queue import Queue
+    from qkit.engine.queue import Queue
 
 
 
@@ -122,13 +122,13 @@ def close_abandoned_runs(q: "Queue") -> int:
     A burst closes its own row; a row still ``running`` after its process died
     (SIGKILL, power loss) is closed here, by the next burst on the queue and by
     ``qkit audit --repair``.  Only rows of this host are judged: the worker id
-    names the host and pid (:func:`qkit.worker.burst_process`), and the burst is
+    names the host and pid (:func:`qkit.engine.worker.burst_process`), and the burst is
     dead when no process has that pid, or the one that has it started after the
     row did (the pid was reused).  A live process's rows, including other bursts
     in this very process, are left alone; so are other hosts' rows, and (to be safe) a row whose pid
     now belongs to a younger Python process.
     """
-    from qkit.worker import burst_process, short_host
+    from qkit.engine.worker import burst_process, short_host
 
     host = short_host()
     reasons: dict[int, str] = {}

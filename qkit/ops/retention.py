@@ -30,7 +30,7 @@ from qkit.ledger import admin, utcnow
 if TYPE_CHECKING:
     import pandas as pd
 
-    from qkit.queue import Queue
+    from qkit.engine.queue import Queue
 
 #: histogram buckets grow by 5 %: a percentile read from one is within ~2.5 % of the true value
 BUCKET_RATIO = 1.05

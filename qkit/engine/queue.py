@@ -6,13 +6,13 @@ import time
 from datetime import datetime, timedelta
 from typing import Any, Iterable, Mapping, Sequence
 
-from qkit import faults
+from qkit.engine import faults
 from qkit.backends import Backend, open_backend
-from qkit.backoff import Backoff
+from qkit.engine.backoff import Backoff
 from qkit.config import DEFAULT_QUEUE, Settings, check_overrides, settings as resolve_settings
-from qkit.dispatch import CLOCK_SLACK, Dispatch, redis_now
+from qkit.engine.dispatch import CLOCK_SLACK, Dispatch, redis_now
 from qkit.errors import BadInput
-from qkit.handlers import import_handler_modules
+from qkit.engine.handlers import import_handler_modules
 from qkit.ledger import Ledger, utcnow
 from qkit.model import Job, NewJob, WorkSummary, check_job_id, check_name, new_job, new_job_from_item
 
@@ -144,7 +144,7 @@ class Queue:
             "backend": self.backend.kind,
         }
         out["cost"] = self.cost()
-        from qkit.triage import starvation
+        from qkit.ops.triage import starvation
 
         # wait (enqueue -> first claim) per priority and the oldest waiting job: where starvation shows
         out["starvation"] = starvation(self)
@@ -197,7 +197,7 @@ class Queue:
 
     def replay_fingerprint(self, fingerprint: str, *, type: str | None = None) -> list[int]:
         """Replay every DLQ job whose final error has this fingerprint (full text or short id)."""
-        from qkit.triage import replay_fingerprint
+        from qkit.ops.triage import replay_fingerprint
 
         return replay_fingerprint(self, fingerprint, type=type)
 
@@ -221,7 +221,7 @@ class Queue:
     # ------------------------------------------------------------------ work
     def _repair(self) -> None:
         """A burst's first step: put Redis back in line with the ledger, close runs of dead bursts."""
-        from qkit.reconcile import close_abandoned_runs, repair_if_drifted
+        from qkit.ops.reconcile import close_abandoned_runs, repair_if_drifted
 
         repair_if_drifted(self)
         close_abandoned_runs(self)
@@ -230,7 +230,7 @@ class Queue:
              concurrency: int = 1, trigger: str = "notebook", progress: Any = None,
              params: dict[str, Any] | None = None) -> WorkSummary:
         """Run one burst in this process: claim and run jobs until none is due or a budget is spent."""
-        from qkit.worker import Resources, Worker
+        from qkit.engine.worker import Resources, Worker
 
         if max_jobs is not None and (isinstance(max_jobs, bool) or not isinstance(max_jobs, int) or max_jobs < 1):
             raise BadInput("max_jobs must be a positive integer")

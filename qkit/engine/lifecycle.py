@@ -2,7 +2,7 @@
 
 Pure: no SQL, no Redis, no clock.  The ledger records what :func:`decide`
 says (:mod:`qkit.ledger.hotpath`), and dispatch carries the resulting
-:class:`Settlement` out in Redis (:mod:`qkit.dispatch`).  Both the claim path
+:class:`Settlement` out in Redis (:mod:`qkit.engine.dispatch`).  Both the claim path
 (an attempt found lost when its lease was reclaimed) and the settle path (a
 worker reporting how an attempt ended) ask the same function.
 
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from qkit.backoff import Backoff
+from qkit.engine.backoff import Backoff
 
 #: how an attempt can end; "lost" is decided by a reclaimer, the rest by the worker that ran it
 OUTCOMES = ("completed", "failed", "timeout", "released", "lost")

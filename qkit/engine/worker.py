@@ -1,40 +1,38 @@
 """The burst worker: claim in batches, run handlers, settle in batches, exit.
 
 One loop iteration costs one Redis script call (settle the last batch + claim
-the next, :meth:`qkit.dispatch.Dispatch.claim`) and two ledger transactions
+the next, :meth:`qkit.engine.dispatch.Dispatch.claim`) and two ledger transactions
 (record the claim, record the outcomes).  Leases are renewed by a background
-thread while handlers run; handlers run on worker threads so a handler that
+thread while handlers run; handlers run on worker threads (:mod:`qkit.engine.pool`) so a handler that
 hangs past its timeout is abandoned instead of hanging the burst.
 """
 from __future__ import annotations
 
 import concurrent.futures as cf
 import os
-import queue as queue_mod
 import re
 import signal
 import socket
 import threading
 import time
-import traceback
 import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
-from qkit import faults
 from qkit.config import redact
-from qkit.lifecycle import Outcome, Runnable, Settlement
-from qkit.errors import QkitError
-from qkit.handlers import JobContext, get_handler, run_in_context
-from qkit.errors import BackendUnavailable
+from qkit.engine import faults
+from qkit.engine.handlers import JobContext, get_handler, run_in_context
+from qkit.engine.lifecycle import Outcome, Runnable, Settlement
+from qkit.engine.pool import HandlerPool, SerialRunner, kill_children_of, outcome_of, run_error, timeout_outcome
+from qkit.engine.signals import StopSignals
+from qkit.errors import BackendUnavailable, QkitError
 from qkit.ledger import transient, utcnow
 from qkit.logs import log
-from qkit.model import MAX_PAYLOAD_BYTES, WorkSummary, compact_json
-from qkit.signals import StopSignals
+from qkit.model import WorkSummary
 
 if TYPE_CHECKING:
-    from qkit.backoff import Backoff
-    from qkit.dispatch import Dispatch
+    from qkit.engine.backoff import Backoff
+    from qkit.engine.dispatch import Dispatch
     from qkit.ledger import Ledger
 
 
@@ -63,224 +61,21 @@ def burst_process(worker_id: str) -> tuple[str, int] | None:
     return (m.group(1), int(m.group(2))) if m else None
 
 
-class _Slot(threading.Thread):
-    """A handler thread.  Retired (and replaced) when its handler overruns its timeout."""
-
-    def __init__(self, tasks: "queue_mod.Queue[Any]") -> None:
-        super().__init__(daemon=True, name="qkit-handler")
-        self.tasks = tasks
-        self.retired = False
-
-    def run(self) -> None:
-        while not self.retired:
-            item = self.tasks.get()
-            if item is None:
-                return
-            future, fn = item
-            future.slot = self
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(fn())
-            except BaseException as exc:  # noqa: BLE001 - reported as the attempt's outcome
-                future.set_exception(exc)
-
-
-class HandlerPool:
-    """``size`` threads running handlers; a stuck thread is abandoned, not awaited."""
-
-    def __init__(self, size: int) -> None:
-        self.tasks: queue_mod.Queue[Any] = queue_mod.Queue()
-        self.slots = [self._spawn() for _ in range(size)]
-
-    def _spawn(self) -> _Slot:
-        slot = _Slot(self.tasks)
-        slot.start()
-        return slot
-
-    def submit(self, fn: Callable[[], Any]) -> cf.Future:
-        future: cf.Future = cf.Future()
-        self.tasks.put((future, fn))
-        return future
-
-    def abandon(self, future: cf.Future) -> None:
-        """Give up on a running handler: its thread finishes alone, a new one takes its place."""
-        slot = getattr(future, "slot", None)
-        if slot is not None and slot in self.slots:
-            slot.retired = True
-            self.slots.remove(slot)
-            self.slots.append(self._spawn())
-
-    def close(self) -> None:
-        for _ in self.slots:
-            self.tasks.put(None)
-
-
-def _outcome(job: Runnable, result: Any, exc: BaseException | None) -> Outcome:
-    """The outcome of a handler that returned ``result`` or raised ``exc``."""
-    finished = utcnow()
-    if exc is None:
-        try:
-            size = len(compact_json(result).encode("utf-8", "surrogatepass")) if result is not None else 0
-        except Exception as err:  # noqa: BLE001 - TypeError, ValueError, RecursionError...
-            return Outcome(job, "failed", finished,
-                           error=f"BadResult: handler returned a value that is not JSON-serialisable: {err}")
-        if size > MAX_PAYLOAD_BYTES:
-            return Outcome(job, "failed", finished,
-                           error=f"BadResult: result is {size} bytes of JSON; the limit is {MAX_PAYLOAD_BYTES}")
-        return Outcome(job, "completed", finished, result=result)
-    error = redact(f"{type(exc).__name__}: {exc}")
-    tb = redact("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
-    return Outcome(job, "timeout" if isinstance(exc, TimeoutError) else "failed", finished, error=error, traceback=tb)
-
-
-def run_error(exc: BaseException) -> str:
-    """A burst's error as stored in ``worker_runs`` and logged: qkit's own one-line message, or only
-    the exception's type (a driver's message may quote the SQL parameters, i.e. job data)."""
-    if isinstance(exc, QkitError):
-        first = str(exc).strip().splitlines()
-        return f"{type(exc).__name__}: {redact(first[0][:500])}" if first else type(exc).__name__
-    return f"{type(exc).__name__} (the worker's exception; details are not stored as they may hold job data)"
-
-
-def _timeout(job: Runnable, timeout: float) -> Outcome:
-    return Outcome(job, "timeout", utcnow(), error=f"HandlerTimeout: handler exceeded its {timeout:g} s timeout")
-
-
-def kill_children_of(thread: threading.Thread, since: float) -> int:
-    """SIGKILL the processes that handler ``thread`` started at or after ``since`` (epoch s), with
-    their descendants; returns how many.
-
-    An abandoned handler thread cannot be killed, but the processes it started
-    can: otherwise a timed-out handler's child would outlive the burst.  Other
-    handlers run in the same process (concurrent handlers, other bursts of
-    ``qkit serve``), so a child is told apart by the thread that forked it:
-    Linux lists a thread's own children in ``/proc/<pid>/task/<tid>/children``.
-    ``since`` spares what the thread's earlier jobs left running.  Where that
-    file does not exist (not Linux), nothing is killed: sparing an abandoned
-    handler's child is better than killing an innocent job's.
-    """
-    import psutil
-
-    tid = thread.native_id
-    if tid is None or not thread.is_alive():  # a finished thread's id may belong to a new thread now
-        return 0
-    try:
-        with open(f"/proc/{os.getpid()}/task/{tid}/children") as fh:
-            pids = [int(p) for p in fh.read().split()]
-    except OSError:
-        log.debug("cannot list the children of handler thread %s: left running", tid)
-        return 0
-    killed = 0
-    for pid in pids:
-        try:
-            child = psutil.Process(pid)
-            if child.create_time() < since - 1.0:  # create_time counts from a boot time rounded down to 1 s
-                continue
-            victims = [child, *child.children(recursive=True)]
-        except psutil.Error:
-            continue
-        for proc in victims:
-            try:
-                proc.kill()
-                killed += 1
-            except psutil.Error:
-                pass
-    return killed
-
-
-class _SerialRunner(threading.Thread):
-    """Runs a batch's jobs in order on one thread, watched by the burst's thread.
-
-    When the running handler passes its timeout, :meth:`watch` records a
-    timeout and abandons this thread; the rest of the batch goes to a new runner.
-    """
-
-    def __init__(self, worker: "Worker", jobs: list[Runnable]) -> None:
-        super().__init__(daemon=True, name="qkit-handler")
-        self.worker = worker
-        self.jobs = jobs
-        self.outcomes: list[Outcome] = []
-        self.current: tuple[Runnable, float, float, float] | None = None  # job, deadline, timeout, started
-        self.finished = False
-        self.abandoned = False
-        self.crash: BaseException | None = None
-        self.cond = threading.Condition()
-
-    def run(self) -> None:
-        try:
-            self._run_jobs()
-        except BaseException as exc:  # noqa: BLE001 - a bug around a handler call; reported by watch()
-            self.crash = exc
-        finally:  # whatever happens, the watcher must not wait forever
-            with self.cond:
-                self.finished = True
-                self.cond.notify()
-
-    def _run_jobs(self) -> None:
-        for job in self.jobs:
-            with self.cond:
-                if self.abandoned:
-                    return
-                if not self.worker._may_start():
-                    self.outcomes.append(Outcome(job, "released", utcnow()))
-                    continue
-                prepared = self.worker._prepare(job)
-                if isinstance(prepared, Outcome):
-                    self.outcomes.append(prepared)
-                    continue
-                call, timeout = prepared
-                self.current = (job, time.monotonic() + timeout, timeout, time.time())
-                self.cond.notify()
-            result, exc = None, None
-            try:
-                result = call()
-            except BaseException as err:  # noqa: BLE001 - the attempt's outcome
-                exc = err
-            with self.cond:
-                if self.abandoned:
-                    return  # the watcher already recorded this job as timed out
-                self.current = None
-                self.outcomes.append(_outcome(job, result, exc))
-
-    def watch(self) -> list[Outcome]:
-        """Wait for the batch; on a handler timeout, abandon this thread and return what is known."""
-        with self.cond:
-            while not self.finished:
-                if self.current is None:
-                    self.cond.wait(1.0)
-                    continue
-                job, deadline, timeout, started = self.current
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    self.abandoned = True
-                    self.outcomes.append(_timeout(job, timeout))
-                    kill_children_of(self, started)
-                    self.worker._abandoned.append((self, started))  # and again at the burst's end
-                    break
-                self.cond.wait(left)
-            if self.crash is not None and not self.abandoned and len(self.outcomes) < len(self.jobs):
-                # fail the job in hand rather than start it again and again
-                self.outcomes.append(Outcome(self.jobs[len(self.outcomes)], "failed", utcnow(),
-                                             error=redact(f"InternalError: {type(self.crash).__name__}: {self.crash}")))
-            return self.outcomes
-
-
 @dataclass(frozen=True)
 class Resources:
-    """What a burst works with, handed over by the facade (:meth:`qkit.queue.Queue.work`)."""
+    """What a burst works with, handed over by the facade (:meth:`qkit.engine.queue.Queue.work`)."""
 
     name: str  # the queue
     ledger: "Ledger"
     dispatch: "Dispatch"
     backoff: "Backoff"
     lease_seconds: float
-    #: run once before the first claim (the facade's repairs, :mod:`qkit.reconcile`)
+    #: run once before the first claim (the facade's repairs, :mod:`qkit.ops.reconcile`)
     prepare: Callable[[], Any] = lambda: None
 
 
 class Worker:
-    """One burst on one queue.  Use :meth:`qkit.queue.Queue.work`."""
+    """One burst on one queue.  Use :meth:`qkit.engine.queue.Queue.work`."""
 
     def __init__(self, q: Resources, *, max_jobs: int | None = None, max_seconds: float | None = None,
                  concurrency: int = 1, trigger: str = "notebook", params: dict[str, Any] | None = None,
@@ -542,7 +337,7 @@ class Worker:
         """
         outcomes: list[Outcome] = []
         while len(outcomes) < len(batch):
-            runner = _SerialRunner(self, batch[len(outcomes):])
+            runner = SerialRunner(self, batch[len(outcomes):])
             runner.start()
             outcomes += runner.watch()
         return outcomes
@@ -574,11 +369,11 @@ class Worker:
                 if future in done:
                     del in_flight[future]
                     exc = future.exception()
-                    outcomes.append(_outcome(job, None if exc else future.result(), exc))
+                    outcomes.append(outcome_of(job, None if exc else future.result(), exc))
                 elif now_mono >= deadline:
                     del in_flight[future]
                     pool.abandon(future)
-                    outcomes.append(_timeout(job, timeout))
+                    outcomes.append(timeout_outcome(job, timeout))
                     slot = getattr(future, "slot", None)
                     if slot is not None:
                         kill_children_of(slot, started)

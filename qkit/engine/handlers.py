@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
-from qkit.backoff import unit_hash
+from qkit.engine.backoff import unit_hash
 from qkit.errors import ConfigError
 
 DEFAULT_TIMEOUT = 300.0

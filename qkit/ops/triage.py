@@ -4,7 +4,7 @@
   and last failure, a sample error and payload.  The fingerprint is the one
   stored on the job's final attempt (``job_attempts.fingerprint``: exception
   type + message with numbers, ids and quoted values normalised, see
-  :func:`qkit.lifecycle.fingerprint`); ``fingerprint_id`` is a short stable hash
+  :func:`qkit.engine.lifecycle.fingerprint`); ``fingerprint_id`` is a short stable hash
   of it, easy to type: ``qkit dlq replay --fingerprint 3f2a9c01be``.
 * :func:`replay_fingerprint` — bulk replay of one group.
 * :func:`starvation` / :func:`starvation_frame` — wait from enqueue to first
@@ -19,14 +19,14 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from qkit.errors import BadInput, NotFound
-from qkit.lifecycle import fingerprint as error_fingerprint
+from qkit.engine.lifecycle import fingerprint as error_fingerprint
 from qkit.ledger import reads, utcnow
 from qkit.utc import as_utc
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from qkit.queue import Queue
+    from qkit.engine.queue import Queue
 
 NO_ERROR = "(no error recorded)"
 _EARLIEST = datetime.min.replace(tzinfo=timezone.utc)

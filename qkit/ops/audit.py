@@ -17,7 +17,7 @@ A finding is an *error* (the two sides disagree, or an invariant is broken)
 or a *notice* (a state that is correct but worth knowing and that the next
 burst resolves on its own: an expired lease waiting to be reclaimed, a claim
 or a settlement in flight).  ``clean`` means no error.  ``repair=True`` runs
-:func:`qkit.reconcile.repair` with ``drop=True`` (push, dead-letter, drop
+:func:`qkit.ops.reconcile.repair` with ``drop=True`` (push, dead-letter, drop
 stale entries; a full rebuild when Redis lost the queue's data), records what
 it did as ``repaired`` events, and checks again.  Ledger errors are never
 "repaired" by guessing: they are reported.
@@ -37,7 +37,7 @@ from qkit.ledger.reads import statuses
 from qkit.model import OUTCOMES
 
 if TYPE_CHECKING:
-    from qkit.queue import Queue
+    from qkit.engine.queue import Queue
 
 #: code -> (severity, what it means, what ``--repair`` does or None)
 CODES: dict[str, tuple[str, str, str | None]] = {
@@ -157,7 +157,7 @@ def place_findings(job_id: int, status: str | None, places: dict[str, Any], now_
 
     ``places``: ``ready`` (bool), ``delayed`` (due ms or None), ``leased``
     ((deadline ms, owner) or None), ``dead`` (bool).  Shared by :func:`audit`
-    (from the snapshot) and :mod:`qkit.explain` (from ``locate.lua``), so both
+    (from the snapshot) and :mod:`qkit.ops.explain` (from ``locate.lua``), so both
     say the same thing about a job.
     """
     where = [p for p in ("ready", "delayed", "leased", "dead") if places.get(p) not in (None, False)]
@@ -328,11 +328,11 @@ def audit(q: "Queue", repair: bool = False) -> AuditReport:
     fixable = [f for f in report.errors if CODES[f.code][2] is not None]
     repaired: dict[str, int] = {"pushed": 0, "dead_lettered": 0, "dropped": 0}
     if fixable:
-        from qkit.reconcile import repair as reconcile_repair
+        from qkit.ops.reconcile import repair as reconcile_repair
 
         done = reconcile_repair(q, drop=True)
         repaired = {k: int(done.get(k, 0)) for k in repaired}
-    from qkit.reconcile import close_abandoned_runs
+    from qkit.ops.reconcile import close_abandoned_runs
 
     abandoned = close_abandoned_runs(q)  # worker_runs rows of dead bursts
     if abandoned:

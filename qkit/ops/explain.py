@@ -7,7 +7,7 @@ workers that touched it, and writes a one-paragraph verdict: "leased by
 worker w-… whose lease expired 40 s ago; the next burst will reclaim it",
 "ran twice: attempt 1 was lost when worker … stopped renewing its lease".
 
-The verdict uses the same rules as :mod:`qkit.audit`, so ``explain`` and
+The verdict uses the same rules as :mod:`qkit.ops.audit`, so ``explain`` and
 ``audit`` never disagree about a job.
 """
 from __future__ import annotations
@@ -18,16 +18,16 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 
-from qkit.audit import CODES, Finding, ledger_findings, place_findings
+from qkit.ops.audit import CODES, Finding, ledger_findings, place_findings
 from qkit.errors import NotFound
 from qkit.ledger import utcnow
 from qkit.ledger.reads import runs_of_workers
-from qkit.lifecycle import fingerprint
+from qkit.engine.lifecycle import fingerprint
 from qkit.model import check_job_id, jsonable
 from qkit.text import clip
 
 if TYPE_CHECKING:
-    from qkit.queue import Queue
+    from qkit.engine.queue import Queue
 
 
 @dataclass
@@ -323,7 +323,7 @@ def _verdict(q: "Queue", exp: Explanation) -> str:
         final = next((a for a in reversed(exp.attempts) if a["epoch"] == job.get("epoch", 0)), None)
         fp = (final or {}).get("fingerprint") or fingerprint(job["error"])
         permanent = bool(job["error"] and job["error"].startswith("UnknownJobType"))
-        from qkit.triage import fingerprint_id
+        from qkit.ops.triage import fingerprint_id
 
         parts.append(f"Job {jid} failed and is in the DLQ: attempt {n}/{mx} "
                      + (f"({final['outcome']}) " if final else "")
