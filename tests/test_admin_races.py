@@ -120,7 +120,7 @@ def test_a_repair_between_purge_steps_leaves_no_orphan_dlq_entry(setup):
     """A burst's repair that runs after the purge took the DLQ entries out of Redis but before it
     deleted the rows dead-letters those jobs again; the purge then removes them once more, so no
     Redis entry outlives its ledger row (the soak saw such orphans)."""
-    from qkit.reconcile import repair
+    from qkit.ops.reconcile import repair
 
     q, other = setup.connect(backoff_base=0), setup.connect(backoff_base=0)
     ids = _dead_jobs(q, 5)
@@ -144,7 +144,7 @@ def test_a_purge_during_a_repair_leaves_no_orphan_dlq_entry(setup):
     """The other order: a repair read the failed rows, a whole purge ran, then the repair's
     dead-letter push landed.  The repair re-checks what it dead-lettered and takes out the rows
     that are gone."""
-    from qkit.reconcile import repair
+    from qkit.ops.reconcile import repair
 
     q, other = setup.connect(backoff_base=0), setup.connect(backoff_base=0)
     ids = _dead_jobs(q, 5)

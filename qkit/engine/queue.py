@@ -210,7 +210,7 @@ class Queue:
         # a job replayed meanwhile stays, and the replay's push puts it back in Redis (DLQ -> ready).
         # A burst's repair that read those rows before the delete may dead-letter them again after
         # the first removal: the deleted ids are taken out once more (and the repair itself
-        # re-checks what it dead-lettered, qkit.reconcile.repair), so no entry outlives its row.
+        # re-checks what it dead-lettered, qkit.ops.reconcile.repair), so no entry outlives its row.
         failed = [(row[0], row[4]) for row in self.ledger.active_rows(self.name) if row[1] == "failed"]
         self.dispatch.remove([job_id for job_id, _ in failed], scope="dead")
         deleted = self.ledger.purge_dead(self.name, failed)
