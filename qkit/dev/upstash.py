@@ -26,19 +26,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import collections
 import contextlib
 import hmac
-import json
 import logging
 import os
 import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Sequence
 
 import redis.asyncio
 import uvicorn
@@ -56,6 +53,10 @@ from starlette.types import Receive, Scope, Send
 from qkit.accesslog import AccessLog
 from qkit.api.errors import http_error
 from qkit.config import url_for_messages
+# FaultPlan, EndpointStats and the limits are public here too (tests and bench import them from this module)
+from qkit.dev.upstash_wire import (DEFAULT_MAX_BODY_BYTES, EXECABORT, FAULT_ACTIONS, MAX_REQUEST_SIZE,  # noqa: F401
+                                   ROUTES, WRONGPASS, EndpointStats, FaultPlan, RestError, as_command, encode_reply,
+                                   error_text, parse_body, refusal, reply_item)
 
 __all__ = [
     "FAULT_ACTIONS",
@@ -70,185 +71,6 @@ __all__ = [
 
 logger = logging.getLogger("qkit.dev.upstash")
 
-#: Upstash's Free/PAYG "max request size" (2025–2026); 1 MB in older docs.
-DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
-
-WRONGPASS = "WRONGPASS invalid or missing auth token"
-MAX_REQUEST_SIZE = "ERR max request size exceeded"
-EXECABORT = "EXECABORT Transaction discarded because of previous errors."
-
-# Upstash REST does not serve these (§2.8).  On a pooled connection they would
-# also block it (BLPOP…), or change its state for the next request (SELECT,
-# AUTH, HELLO, CLIENT…), or break the reply stream (SUBSCRIBE, MONITOR).
-REFUSED_COMMANDS = frozenset(
-    """
-    BLPOP BRPOP BRPOPLPUSH BLMOVE BLMPOP BZPOPMIN BZPOPMAX BZMPOP
-    SUBSCRIBE PSUBSCRIBE SSUBSCRIBE UNSUBSCRIBE PUNSUBSCRIBE SUNSUBSCRIBE MONITOR
-    MULTI EXEC DISCARD WATCH UNWATCH
-    SELECT SWAPDB AUTH HELLO RESET QUIT CLIENT WAIT WAITAOF
-    REPLICAOF SLAVEOF SYNC PSYNC REPLCONF FAILOVER SHUTDOWN
-    READONLY READWRITE ASKING
-    """.split()
-)
-# XREAD/XREADGROUP are fine unless they carry a BLOCK option.
-BLOCK_OPTION_COMMANDS = frozenset({"XREAD", "XREADGROUP"})
-
-#: what a :class:`FaultPlan` may do to one request
-FAULT_ACTIONS = (
-    "ok",               # behave normally
-    "500_before",       # answer 500 with an HTML page (as a proxy would); the command does not run
-    "500_json_before",  # answer 500 with a JSON error; the command does not run
-    "500_after",        # run the command, then answer 500 with an HTML page
-    "drop_before",      # close the connection before a complete answer; the command does not run
-    "drop_after",       # run the command, then close the connection before a complete answer
-    "timeout_after",    # run the command, then hang until the client gives up (or hang_seconds)
-)
-
-_ROUTES = ("/", "/pipeline", "/multi-exec")
-
-
-# --------------------------------------------------------------------------- test knobs
-class FaultPlan:
-    """A queue of per-request fault actions for the command routes.
-
-    Each command request (``POST /``, ``/pipeline``, ``/multi-exec``) takes the
-    next action in arrival order; once the queue is empty every request is
-    answered normally.  Thread-safe, so a test thread can arm faults while the
-    server thread serves.  ``fired`` records the actions taken, in order.
-    """
-
-    def __init__(self, actions: Iterable[str] = (), hang_seconds: float = 30.0) -> None:
-        self._lock = threading.Lock()
-        self._queue: collections.deque[str] = collections.deque()
-        self.hang_seconds = hang_seconds
-        self.fired: list[str] = []
-        self.arm(*actions)
-
-    def arm(self, *actions: str) -> None:
-        """Append actions (see :data:`FAULT_ACTIONS`) for the next requests."""
-        for action in actions:
-            if action not in FAULT_ACTIONS:
-                raise ValueError(f"unknown fault action {action!r}; expected one of {FAULT_ACTIONS}")
-        with self._lock:
-            self._queue.extend(actions)
-
-    def clear(self) -> None:
-        """Forget pending actions and the history."""
-        with self._lock:
-            self._queue.clear()
-            self.fired.clear()
-
-    @property
-    def pending(self) -> int:
-        """How many armed actions have not been used yet."""
-        with self._lock:
-            return len(self._queue)
-
-    def next_action(self) -> str:
-        """Take the action for the request being served ("ok" when none is armed)."""
-        with self._lock:
-            action = self._queue.popleft() if self._queue else "ok"
-            self.fired.append(action)
-            return action
-
-
-@dataclass
-class EndpointStats:
-    """Counters a test can read (and reset) while the endpoint serves."""
-
-    requests: int = 0          # command requests received (POST /, /pipeline, /multi-exec)
-    commands: int = 0          # commands sent on to Redis (MULTI/EXEC wrappers excluded)
-    unauthorized: int = 0      # requests answered 401
-    latency_sleeps: int = 0    # injected latency sleeps completed
-    by_route: dict[str, int] = field(default_factory=dict)
-
-    def reset(self) -> None:
-        """Zero every counter."""
-        self.requests = self.commands = self.unauthorized = self.latency_sleeps = 0
-        self.by_route.clear()
-
-
-class _RestError(Exception):
-    """An answer with a JSON error body: raised anywhere, turned into a response once."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-# --------------------------------------------------------------------------- reply encoding
-def error_text(err: ResponseError) -> str:
-    """Redis's full error text, with the code prefix redis-py strips off (``NOSCRIPT …``)."""
-    code = getattr(err, "status_code", None)  # redis-py 8 keeps the stripped prefix here
-    text = str(err)
-    return f"{code} {text}" if code else text
-
-
-def encode_reply(value: Any, b64: bool) -> Any:
-    """Map a raw RESP2 reply (bytes/int/None/list) to Upstash's JSON value.
-
-    Only strings, integers, null and arrays are emitted: the client's decoder
-    raises on JSON floats and objects.  ``"OK"`` stays plain in base64 mode
-    because the client special-cases it.
-    """
-    if value is None or isinstance(value, int):
-        return value
-    if isinstance(value, bytes):
-        if not b64:
-            return value.decode("utf-8", "replace")  # Upstash replaces bad bytes with U+FFFD too
-        return "OK" if value == b"OK" else base64.b64encode(value).decode("ascii")
-    if isinstance(value, list):
-        return [encode_reply(item, b64) for item in value]
-    if isinstance(value, ResponseError):  # an error nested in a Lua table / EXEC reply
-        return encode_reply(error_text(value).encode("utf-8"), b64)
-    raise TypeError(f"unexpected reply type {type(value).__name__} (is the pool on protocol=2?)")
-
-
-def _item(value: Any, b64: bool) -> dict[str, Any]:
-    """One element of a /pipeline or /multi-exec answer."""
-    if isinstance(value, ResponseError):
-        return {"error": error_text(value)}
-    return {"result": encode_reply(value, b64)}
-
-
-# --------------------------------------------------------------------------- request parsing
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON here")
-
-
-def _parse_body(body: bytes) -> Any:
-    try:
-        # Numbers keep the literal text the client sent ("2.5", "1e+21"), so
-        # nothing is re-formatted on its way to Redis; NaN/Infinity are refused.
-        return json.loads(body, parse_int=str, parse_float=str, parse_constant=_no_constants)
-    except (ValueError, UnicodeDecodeError):
-        raise _RestError(400, "ERR failed to parse the request body as JSON") from None
-
-
-def _as_command(value: Any) -> list[str]:
-    """Validate one command array: a name, then string/number arguments."""
-    if not isinstance(value, list) or not value:
-        raise _RestError(400, "ERR a command must be a non-empty JSON array")
-    for arg in value:
-        # parse_int/parse_float turned numbers into str already; bools, null,
-        # objects and arrays are refused so qkit cannot come to rely on
-        # Upstash's undocumented coercion of them.
-        if not isinstance(arg, str):
-            raise _RestError(400, "ERR command arguments must be JSON strings or numbers")
-    return value
-
-
-def refusal(command: Sequence[str]) -> str | None:
-    """The error text for a command this endpoint will not run, else None."""
-    name = command[0].upper()
-    if name in REFUSED_COMMANDS or (
-        name in BLOCK_OPTION_COMMANDS and any(a.upper() == "BLOCK" for a in command[1:])
-    ):
-        return f"ERR command is not available over REST: {name}"
-    return None
-
-
 def _authorized(request: Request, expected: bytes) -> bool:
     for name, value in request.headers.raw:
         if name == b"authorization":
@@ -262,12 +84,12 @@ def _authorized(request: Request, expected: bytes) -> bool:
 async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise _RestError(400, MAX_REQUEST_SIZE)
+        raise RestError(400, MAX_REQUEST_SIZE)
     body = bytearray()
     async for chunk in request.stream():  # counted while reading: never buffer more than the limit
         body += chunk
         if len(body) > limit:
-            raise _RestError(400, MAX_REQUEST_SIZE)
+            raise RestError(400, MAX_REQUEST_SIZE)
     return bytes(body)
 
 
@@ -367,10 +189,10 @@ async def _answer(request: Request, route: str) -> Response:
         # resp2 raw replies exist on Upstash but the Python client never asks for them.
         return _json(400, {"error": "ERR only Upstash-Response-Format: json is supported here"})
     b64 = request.headers.get("upstash-encoding", "").lower() == "base64"
-    body = _parse_body(await _read_body(request, state.max_body_bytes))
+    body = parse_body(await _read_body(request, state.max_body_bytes))
 
     if route == "/":
-        command = _as_command(body)
+        command = as_command(body)
         refused = refusal(command)
         if refused:
             return _json(400, {"error": refused})
@@ -381,8 +203,8 @@ async def _answer(request: Request, route: str) -> Response:
         return _json(200, {"result": encode_reply(reply, b64)})
 
     if not isinstance(body, list) or not body:
-        raise _RestError(400, "ERR the body must be a non-empty JSON array of commands")
-    commands = [_as_command(item) for item in body]
+        raise RestError(400, "ERR the body must be a non-empty JSON array of commands")
+    commands = [as_command(item) for item in body]
     refusals = [refusal(c) for c in commands]
 
     if route == "/pipeline":
@@ -391,7 +213,7 @@ async def _answer(request: Request, route: str) -> Response:
         stats.commands += len(runnable)
         replies = iter(await _send(config.pool, runnable) if runnable else [])
         items = [
-            {"error": r} if r is not None else _item(next(replies), b64)
+            {"error": r} if r is not None else reply_item(next(replies), b64)
             for r in refusals
         ]
         return _json(200, items)
@@ -405,7 +227,7 @@ async def _answer(request: Request, route: str) -> Response:
     result = replies[-1]
     if isinstance(result, ResponseError):  # EXECABORT (queue-time error, CROSSSLOT, …)
         return _json(400, {"error": error_text(result)})
-    return _json(200, [_item(value, b64) for value in result])
+    return _json(200, [reply_item(value, b64) for value in result])
 
 
 def _command_endpoint(route: str):
@@ -429,7 +251,7 @@ def _command_endpoint(route: str):
             return _DropConnection()
         try:
             response = await _answer(request, route)
-        except _RestError as err:
+        except RestError as err:
             response = _json(err.status, {"error": err.message})
         except (RedisConnectionError, RedisTimeoutError):
             # Also raised by redis-py for some error *replies* (LOADING,
@@ -480,10 +302,10 @@ def create_app(
         yield
         await pool.aclose()
 
-    routes = [Route(path, _command_endpoint(path), methods=["POST"]) for path in _ROUTES]
+    routes = [Route(path, _command_endpoint(path), methods=["POST"]) for path in ROUTES]
     app = Starlette(
         routes=routes,
-        middleware=[Middleware(AccessLog, logger=logger, route_of=lambda path: path if path in _ROUTES else "<other>")],
+        middleware=[Middleware(AccessLog, logger=logger, route_of=lambda path: path if path in ROUTES else "<other>")],
         exception_handlers={HTTPException: http_error, Exception: _server_error},
         lifespan=lifespan,
     )
