@@ -11,7 +11,7 @@ worker writes (enqueued, claimed, retry_scheduled with its back-off,
 completed, failed + dead), 0.5% of the jobs still pending, and an early spike
 (a fifth of the jobs enqueued in the first five minutes of six hours).  Then
 it times, in a fresh process, every frame and figure the two notebooks draw
-(qkit.frames -> qkit.plots -> PNG) and reports that process's peak RSS.
+(qkit.analysis.frames -> qkit.analysis.plots -> PNG) and reports that process's peak RSS.
 Prints one JSON line; ``--keep DIR`` keeps the SQLite file there.
 """
 from __future__ import annotations
@@ -184,7 +184,7 @@ def measure(url: str) -> dict[str, Any]:
     from types import SimpleNamespace
 
     t_import = time.perf_counter()
-    from qkit import frames, plots
+    from qkit.analysis import frames, plots
     from qkit.ledger import Ledger
 
     imported = time.perf_counter() - t_import

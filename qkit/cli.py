@@ -232,7 +232,7 @@ def runs(queue: str, as_json: bool) -> None:
 
 
 def _run_line(r: dict) -> str:
-    """One run; a scheduled run adds the runner's verdict and its executed notebook (qkit.runner)."""
+    """One run; a scheduled run adds the runner's verdict and its executed notebook (qkit.runs.runner)."""
     line = (f"{r['id']}\t{r['trigger']}\t{r['status']}\t{r['started_at']:%Y-%m-%d %H:%M:%S}"
             f"\tprocessed {r['processed']}")
     params = r.get("params") if isinstance(r.get("params"), dict) else {}

@@ -7,7 +7,7 @@ backends and the SQLite ledger.  The rest is installed by extras (pyproject.toml
 extra           brings                                                      needed by
 ==============  ==========================================================  ===========================
 ``api``         starlette, uvicorn, PyJWT                                   ``qkit serve``, :mod:`qkit.api`
-``notebooks``   pandas, matplotlib, papermill, jupyterlab, ipywidgets, ...  :mod:`qkit.frames`, plots,
+``notebooks``   pandas, matplotlib, papermill, jupyterlab, ipywidgets, ...  :mod:`qkit.analysis.frames`, plots,
                                                                             notebooks, scheduled runs,
                                                                             ``qkit dlq list --group``
 ``postgres``    psycopg                                                     a ``postgresql+psycopg://`` ledger

@@ -39,7 +39,7 @@ def lab_env(home: Path | None = None) -> dict[str, str]:
 
     Plots keep Jupyter's inline backend unless the caller chose one.
     """
-    from qkit.runner import child_env, resolve_home
+    from qkit.runs.runner import child_env, resolve_home
 
     env = child_env(resolve_home(home))
     if "MPLBACKEND" not in os.environ:
@@ -68,7 +68,7 @@ def run_lab(*, host: str = "127.0.0.1", port: int = 8888, open_browser: bool = F
 
     Ctrl-C (or SIGTERM) stops the server, which shuts its kernels down.
     """
-    from qkit.runner import repo_root
+    from qkit.runs.runner import repo_root
 
     notebooks = Path(notebooks).resolve() if notebooks else repo_root() / "notebooks"
     if not notebooks.is_dir():

@@ -4,13 +4,13 @@ On a fresh clone, on the embedded default:
 
 1. set up: create the ledger tables (``qkit.connect`` does) and start the embedded Redis;
 2. enqueue a seeded batch through ``notebooks/enqueue_batch.ipynb`` (papermill);
-3. run scheduled worker bursts (:mod:`qkit.runner`, so each leaves its executed
+3. run scheduled worker bursts (:mod:`qkit.runs.runner`, so each leaves its executed
    notebook in ``scheduled/runs/``) until the batch is drained, sleeping between
    bursts until the next retry is due (the earliest pending ``run_at`` in the ledger);
 4. execute ``notebooks/retry_analysis.ipynb`` on this batch and render it to
    ``reports/<UTC date>/<UTC time>-seed<seed>/retry_analysis.html`` with its figures
    embedded, beside the executed notebooks and the worker runs rendered as HTML
-   (:mod:`qkit.reports`), and list it in ``reports/index.html`` (newest first).
+   (:mod:`qkit.runs.reports`), and list it in ``reports/index.html`` (newest first).
 
 It prints where the report is.  The defaults keep it well under two minutes:
 200 jobs, 30% failing attempts, a few milliseconds per job, and a back-off base
@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
-from qkit.reports import render_html  # noqa: F401 - the report renderer, where it used to live
+from qkit.runs.reports import render_html  # noqa: F401 - the report renderer, where it used to live
 
 DEFAULTS = {"n_jobs": 200, "fail_rate": 0.3, "latency_ms": 3, "seed": 42, "backoff_base": "0.5"}
 
@@ -37,8 +37,8 @@ def drain(q: Any, queue: str, *, total: int, deadline: float, runs_dir: Path | N
     """Scheduled bursts until nothing is pending or processing; returns their run records."""
     from tqdm import tqdm
 
-    from qkit import frames
-    from qkit.runner import LockBusy, run_worker
+    from qkit.analysis import frames
+    from qkit.runs.runner import LockBusy, run_worker
 
     records = []
     tqdm.monitor_interval = 0  # no monitor thread: the runner forks papermill
@@ -79,9 +79,9 @@ def run(*, queue: str = "default", n_jobs: int = DEFAULTS["n_jobs"], fail_rate: 
     ``runs_dir`` (default ``scheduled/runs/``) the worker runs' logs.
     """
     import qkit
-    from qkit.notebook_helpers import read_records
-    from qkit.reports import execute, render_runs, report_dir, write_index, write_meta
-    from qkit.runner import child_env, repo_root, resolve_home
+    from qkit.analysis.notebook_helpers import read_records
+    from qkit.runs.reports import execute, render_runs, report_dir, write_index, write_meta
+    from qkit.runs.runner import child_env, repo_root, resolve_home
 
     t0 = time.monotonic()
     root = repo_root()
@@ -107,7 +107,7 @@ def run(*, queue: str = "default", n_jobs: int = DEFAULTS["n_jobs"], fail_rate: 
         counts = q.ledger.status_counts(queue)
         records = drain(q, queue, total=sum(counts[k] for k in ("pending", "processing", "completed", "failed")),
                         deadline=t0 + timeout, runs_dir=runs_dir)
-        from qkit import frames
+        from qkit.analysis import frames
 
         done = frames.jobs(q, since=started)["status"].value_counts()
         print(f"  drained in {len(records)} scheduled burst(s): this batch {done.get('completed', 0)} completed, "

@@ -24,7 +24,7 @@ from qkit.ops.audit import audit
 from qkit.errors import BadInput, NotFound
 from qkit.ledger import INSERT_JOB, SCHEMA_VERSION, Ledger, metadata
 from qkit.model import NewJob
-from qkit.notebook_helpers import ParameterError, check_params
+from qkit.analysis.notebook_helpers import ParameterError, check_params
 
 from conftest import ROOT, wait_for  # noqa: F401  (ROOT: the clone under test)
 from services import start_api_server

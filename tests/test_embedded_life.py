@@ -16,7 +16,7 @@ import pytest
 
 import qkit
 from qkit.backends.embedded import EmbeddedServer, running_servers
-from qkit.runner import QueueLock
+from qkit.runs.runner import QueueLock
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKEND_VARIABLES = ("QKIT_REDIS_URL", "UPSTASH_REDIS_REST_URL", "UPSTASH_REDIS_REST_TOKEN", "QKIT_DATABASE_URL")

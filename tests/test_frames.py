@@ -1,4 +1,4 @@
-"""qkit.frames (DataFrames from the ledger, one query each) and qkit.plots (figures from them)."""
+"""qkit.analysis.frames (DataFrames from the ledger, one query each) and qkit.analysis.plots (figures from them)."""
 from __future__ import annotations
 
 import io
@@ -12,9 +12,9 @@ from matplotlib.figure import Figure
 from sqlalchemy import event
 
 import qkit
-from qkit import frames, plots, whatif
+from qkit.analysis import frames, plots, whatif
 from qkit.backends.embedded import EmbeddedServer
-from qkit.notebook_helpers import seeded_batch
+from qkit.analysis.notebook_helpers import seeded_batch
 
 TYPES = ("web_scraping", "ai_text_generation", "scheduled_publish")
 
@@ -367,7 +367,7 @@ def test_sql_aggregates_match_the_rows(synthetic):
 
 
 def test_intervals():
-    from qkit.stats import mean_interval, quantile_interval, wilson
+    from qkit.analysis.stats import mean_interval, quantile_interval, wilson
 
     lo, hi = wilson([0, 5, 10], [10, 10, 10])
     assert lo[0] == 0 and hi[0] == pytest.approx(0.2775, abs=1e-4)  # Wilson 1927, z = 1.96

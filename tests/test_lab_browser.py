@@ -26,7 +26,7 @@ import pytest
 
 import qkit
 from qkit.backends.embedded import EmbeddedServer
-from qkit.notebook_helpers import seeded_batch
+from qkit.analysis.notebook_helpers import seeded_batch
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUT = ROOT / "tests" / "output" / "lab"

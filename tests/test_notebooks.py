@@ -16,9 +16,9 @@ import papermill as pm
 import pytest
 
 import qkit
-from qkit import debug, frames
+from qkit.analysis import debug, frames
 from qkit.backends.embedded import EmbeddedServer
-from qkit.notebook_helpers import (INJECTED_MARKER, JOB_IDS, QUEUE, SINCE, Param, ParameterError,
+from qkit.analysis.notebook_helpers import (INJECTED_MARKER, JOB_IDS, QUEUE, SINCE, Param, ParameterError,
                            check_params, injected_parameters, read_records, seeded_batch)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -284,7 +284,7 @@ def test_reports_keep_their_history(pipeline, tmp_path):
     """Each scheduled report has its own folder; reports/index.html lists them newest first with links."""
     import re
 
-    from qkit import reports
+    from qkit.runs import reports
 
     first = reports.publish(queue="default", reports=tmp_path / "reports", runs_dir=tmp_path / "runs")
     second = reports.publish(queue="default", since=datetime(2000, 1, 1, tzinfo=timezone.utc),
@@ -331,7 +331,7 @@ def test_whatif_monitor_debug_and_dlq_notebooks_on_the_pipeline(pipeline):
     assert sorted(read_records(tri)["replayed"]) == sorted(group["job_ids"])
 
 
-# ---------------------------------------------------------------- qkit.debug
+# ---------------------------------------------------------------- qkit.analysis.debug
 @pytest.fixture
 def dq(tmp_path):
     home = tmp_path / "home"
@@ -389,8 +389,8 @@ def test_live_mode_refreshes_then_stops_by_itself(dq, monkeypatch):
     """Live mode redraws on the event loop's schedule, keeps the loop free, and ends after live_for."""
     import asyncio
 
-    from qkit import frames, plots
-    from qkit.notebook_controls import Controls
+    from qkit.analysis import frames, plots
+    from qkit.analysis.notebook_controls import Controls
 
     monkeypatch.setenv("QKIT_WIDGETS", "1")  # the widgets, as in Lab
     q = dq
@@ -416,8 +416,8 @@ def test_live_mode_refreshes_then_stops_by_itself(dq, monkeypatch):
 
 
 def test_a_mistyped_queue_names_the_queues(dq):
-    from qkit.notebook_helpers import ParameterError
-    from qkit.notebook_controls import check_queue
+    from qkit.analysis.notebook_helpers import ParameterError
+    from qkit.analysis.notebook_controls import check_queue
 
     dq.enqueue("web_scraping", {})
     assert check_queue(dq) == ["debug"]

@@ -188,8 +188,8 @@ def test_a_missing_extra_is_one_line_naming_it(core_venv: Venv, tmp_path: Path, 
 
 @pytest.mark.pypi
 def test_importing_an_analysis_module_names_its_extra(core_venv: Venv, tmp_path: Path) -> None:
-    code = "import qkit.frames"
+    code = "import qkit.analysis.frames"
     proc = core_venv.run(core_venv.python, "-c", code, env=core_venv.env(tmp_path), cwd=tmp_path)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1] == (
-        "qkit.extras.MissingExtra: qkit.frames needs the notebooks extra: pip install 'qkit[notebooks]'")
+        "qkit.extras.MissingExtra: qkit.analysis.frames needs the notebooks extra: pip install 'qkit[notebooks]'")

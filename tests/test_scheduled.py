@@ -1,4 +1,4 @@
-"""scheduled/run_worker.py and qkit.runner: locks, run records, and how runs end.
+"""scheduled/run_worker.py and qkit.runs.runner: locks, run records, and how runs end.
 
 Every runner here is a real process running papermill and a real kernel.
 Tests synchronise on files the notebooks write, never on sleeps.
@@ -19,9 +19,10 @@ import nbformat
 import pytest
 
 import qkit
-from qkit import cli, frames
+from qkit import cli
+from qkit.analysis import frames
 from qkit.backends.embedded import EmbeddedServer
-from qkit.runner import (EXIT_LOCKED, LockBusy, QueueLock, new_run_id, read_sidecars, reserve_output)
+from qkit.runs.runner import (EXIT_LOCKED, LockBusy, QueueLock, new_run_id, read_sidecars, reserve_output)
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNNER = ROOT / "scheduled" / "run_worker.py"

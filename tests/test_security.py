@@ -505,8 +505,8 @@ def test_s8_replayed_signed_request_runs_no_job_twice(server, world, tmp_path):
 
 # =========================================================================== S4
 def test_s4_notebook_parameters_refuse_secrets(monkeypatch, tmp_path):
-    from qkit.notebook_helpers import QUEUE, Param, ParameterError, check_params
-    from qkit.runner import run_worker
+    from qkit.analysis.notebook_helpers import QUEUE, Param, ParameterError, check_params
+    from qkit.runs.runner import run_worker
 
     monkeypatch.setenv("QKIT_REDIS_URL", f"redis://:{REDIS_PW}@127.0.0.1:1/0")
     monkeypatch.setenv("QKIT_DATABASE_URL", f"postgresql+psycopg://u:{DB_PW}@127.0.0.1:1/d")

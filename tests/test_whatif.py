@@ -1,4 +1,4 @@
-"""qkit.whatif: retry policies, and recorded failures replayed against them."""
+"""qkit.analysis.whatif: retry policies, and recorded failures replayed against them."""
 from __future__ import annotations
 
 import math
@@ -11,14 +11,15 @@ import pytest
 import qkit
 from qkit.backends.embedded import EmbeddedServer
 from qkit.engine.backoff import Backoff
-from qkit.whatif import (DEFAULT_POLICIES, MIN_TRIALS, Policy, check_policies, current_policy, episodes,
-                         parse_policies, parse_policy, simulate, simulate_queue, weighted_quantile)
+from qkit.analysis.policies import (DEFAULT_POLICIES, Policy, check_policies, current_policy, parse_policies,
+                                    parse_policy)
+from qkit.analysis.whatif import MIN_TRIALS, episodes, simulate, simulate_queue, weighted_quantile
 
 T0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
 
 
 def attempts_frame(jobs: list[dict]) -> pd.DataFrame:
-    """An attempts frame like qkit.frames.attempts from compact job descriptions.
+    """An attempts frame like qkit.analysis.frames.attempts from compact job descriptions.
 
     Each job: id, type, outcomes (list, None = running), and optionally
     max_attempts (3), status (derived), epoch (0), job_epoch (epoch), durations (10 ms each).
@@ -247,7 +248,7 @@ def test_simulate_queue_on_a_real_ledger(queue):
     q = queue
     q.enqueue_many([{"type": "web_scraping", "payload": {"simulate": {"fail_rate": 0.5}}} for _ in range(40)])
     drain(q)
-    from qkit import frames
+    from qkit.analysis import frames
 
     r = simulate_queue(q, ["current", "immediate x1"])
     s = r.summary.set_index("policy")

@@ -1,4 +1,4 @@
-"""The analysis SQL: every aggregate :mod:`qkit.frames` shapes, as SQLAlchemy Core, on SQLite and PostgreSQL.
+"""The analysis SQL: every aggregate :mod:`qkit.analysis.frames` shapes, as SQLAlchemy Core, on SQLite and PostgreSQL.
 
 The database does the counting: each query groups and returns a few hundred
 rows at most, however many jobs the ledger holds (a million jobs and three
@@ -9,7 +9,7 @@ factor e, about 5% wide), from which percentiles are read back with
 
 A :class:`Scope` says which jobs a query covers: one queue, and optionally a
 creation-time window, a type, a priority and a seeded batch (the ``seed`` in
-the payload of ``qkit.notebook_helpers.seeded_batch`` jobs).  Nothing here runs SQL
+the payload of ``qkit.analysis.notebook_helpers.seeded_batch`` jobs).  Nothing here runs SQL
 per job, and nothing outside this module writes analysis SQL.  It lives in the ledger package, which
 owns all SQL, but is imported only by the analysis modules (it needs pandas: the ``notebooks`` extra).
 """
@@ -369,7 +369,7 @@ def read_together(ledger: LedgerBase, *calls: tuple[Any, ...]) -> list[Any]:
         return [fn(conn, *args) for fn, *args in calls]
 
 
-# ---------------------------------------------------------------- one row per thing (qkit.frames)
+# ---------------------------------------------------------------- one row per thing (qkit.analysis.frames)
 def _rows(conn: Connection, query: Any) -> tuple[list[str], list[Any]]:
     result = conn.execute(query)
     return list(result.keys()), result.all()

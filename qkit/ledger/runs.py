@@ -65,7 +65,7 @@ class Runs(LedgerBase):
         return changed
 
 
-    # ---------------------------------------------------------------- a scheduled run's record (qkit/runrecord.py)
+    # ---------------------------------------------------------------- a scheduled run's record (qkit/runs/runrecord.py)
     def _insert_scheduled(self, conn: Any, worker: str, queue: str, started_at: datetime, run_id: str,
                           runner: dict[str, Any], **values: Any) -> None:
         conn.execute(insert(worker_runs).values(

@@ -13,7 +13,7 @@ from qkit.engine import storable
 from qkit.engine.dispatch import redis_now
 
 SCHEMA_VERSION = 5  # v2: job_daily (retention roll-ups, qkit/ops/retention.py); v3: SQLite job ids never reused;
-#                   v4: worker_runs.run_id (qkit/runner.py); v5: a failed job keeps its idempotency key
+#                   v4: worker_runs.run_id (qkit/runs/runner.py); v5: a failed job keeps its idempotency key
 MAX_TEXT = storable.MAX_ERROR_BYTES  # stored error/traceback text is cut to this many bytes (qkit/engine/storable.py)
 
 

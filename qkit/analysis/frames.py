@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from qkit.extras import require
 
-require("qkit.frames", "pandas")
+require("qkit.analysis.frames", "pandas")
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
@@ -102,7 +102,7 @@ def runs(q: "Queue", *, since: Any = None) -> pd.DataFrame:
     """One row per worker run (burst) of the queue, oldest first.
 
     Adds ``duration_s`` and, from the record a scheduled run keeps in its row
-    (``params.runner``, written by :mod:`qkit.runner`): ``run_status`` (ok,
+    (``params.runner``, written by :mod:`qkit.runs.runner`): ``run_status`` (ok,
     failed, kernel_died, timeout, interrupted, error; ``running`` while it
     runs), ``exit_code``, ``output`` (the executed notebook) and
     ``run_duration_s``; empty for other bursts.  ``run_id`` is the scheduled

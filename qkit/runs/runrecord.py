@@ -1,6 +1,6 @@
 """The record of one scheduled run: its ``worker_runs`` row, and the copies made from it.
 
-The runner (:mod:`qkit.runner`) creates the row before papermill starts
+The runner (:mod:`qkit.runs.runner`) creates the row before papermill starts
 (:func:`open_record`: trigger ``papermill``, status ``running``, the run's id in
 the indexed ``run_id`` column, the runner's facts in ``params.runner``); the
 notebook's burst continues that row (:meth:`qkit.ledger.Ledger.start_run`, in :mod:`qkit.ledger.runs`);
@@ -35,7 +35,7 @@ class RunRecord:
     run_id: str
     queue: str
     status: str = "error"
-    exit_code: int = 1  # a run not yet classified has failed (qkit.runner.EXIT_FAILED)
+    exit_code: int = 1  # a run not yet classified has failed (qkit.runs.runner.EXIT_FAILED)
     papermill_exit: int | None = None
     error: str | None = None
     started_at: str = ""

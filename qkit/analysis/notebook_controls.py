@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Sequence
 
-from qkit.notebook_helpers import ParameterError
+from qkit.analysis.notebook_helpers import ParameterError
 
 #: the time windows offered, label -> length (None: everything)
 WINDOWS = {"all time": None, "last 15 min": timedelta(minutes=15), "last hour": timedelta(hours=1),
@@ -70,7 +70,7 @@ def progress(**kw: Any) -> Any:
 
 def check_queue(q: Any) -> list[str]:
     """The ledger's queues; raises ParameterError naming them if ``q``'s queue is not one (and some exist)."""
-    from qkit import frames
+    from qkit.analysis import frames
 
     names = frames.queues(q)
     if names and q.name not in names:
@@ -102,7 +102,7 @@ class Filters:
 
     @property
     def jobs(self) -> dict[str, Any]:
-        """Keyword arguments of the qkit.frames analyses: jobs enqueued in the window, of the type/priority."""
+        """Keyword arguments of the qkit.analysis.frames analyses: jobs enqueued in the window, of the type/priority."""
         return {"since": self.since, "until": self.until, "type": self.type, "priority": self.priority}
 
     @property
@@ -133,7 +133,7 @@ def _short_time(t: datetime | None) -> str:
 def _as_html(item: Any, caption: str) -> str:
     from matplotlib.figure import Figure
 
-    from qkit import plots, tables
+    from qkit.analysis import plots, tables
 
     if isinstance(item, Figure):
         plots.caption(item, caption)
@@ -154,8 +154,8 @@ def _show(item: Any, caption: str) -> None:
     from IPython.display import display
     from matplotlib.figure import Figure
 
-    from qkit import plots, tables
-    from qkit.notebook_helpers import show
+    from qkit.analysis import plots, tables
+    from qkit.analysis.notebook_helpers import show
 
     if isinstance(item, Figure):
         show(plots.caption(item, caption))
@@ -227,7 +227,7 @@ class Controls:
     def _build(self, live: bool) -> Any:
         import ipywidgets as w
 
-        from qkit import frames
+        from qkit.analysis import frames
 
         names = sorted(set(self.queues) | {self.q.name})
         windows = ([PARAMS_WINDOW] if self.window == PARAMS_WINDOW else []) + list(WINDOWS)
@@ -262,7 +262,7 @@ class Controls:
         self._quiet = False
 
     def _on_queue(self, change: dict) -> None:
-        from qkit import frames
+        from qkit.analysis import frames
 
         self.q = self._queue(change["new"])
         self._fill_choices(frames.choices(self.q))
@@ -278,9 +278,9 @@ class Controls:
 
     # ------------------------------------------------------------ views
     def record(self, name: str, value: Any) -> None:
-        """:func:`qkit.notebook_helpers.record` for papermill's executed notebook (Lab has no renderer for it)."""
+        """:func:`qkit.analysis.notebook_helpers.record` for papermill's executed notebook (Lab has no renderer for it)."""
         if not self.interactive:
-            from qkit.notebook_helpers import record
+            from qkit.analysis.notebook_helpers import record
 
             record(name, value)
 

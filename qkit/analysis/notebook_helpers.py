@@ -274,7 +274,7 @@ def show(fig: Any, *, dpi: int = 100) -> None:
     display({"image/png": base64.b64encode(buf.getvalue()).decode("ascii"), "text/plain": f"<figure: {title}>"},
             metadata={"image/png": {"alt": title}}, raw=True)  # alt: the HTML rendering's image description
     pyplot = sys.modules.get("matplotlib.pyplot")
-    if pyplot is not None:  # a figure pyplot manages would stay open; qkit.plots makes none
+    if pyplot is not None:  # a figure pyplot manages would stay open; qkit.analysis.plots makes none
         pyplot.close(fig)
 
 

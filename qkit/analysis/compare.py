@@ -1,7 +1,7 @@
 """Two sets of jobs side by side (two time windows or two seeded batches): what changed, and how sure we are.
 
 For each job type and for all types together, three measures with a 95%
-interval the sample sizes allow (:mod:`qkit.stats`): the success rate
+interval the sample sizes allow (:mod:`qkit.analysis.stats`): the success rate
 (completed / finished jobs, Wilson), the attempts a finished job needed
 (mean, normal approximation from the exact distribution), and the median
 execution time of a successful attempt (order-statistic interval from the
@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 
 from qkit.ledger import analysis as aq
-from qkit.frames import scope
-from qkit.stats import mean_interval, quantile_interval, wilson
+from qkit.analysis.frames import scope
+from qkit.analysis.stats import mean_interval, quantile_interval, wilson
 
 if TYPE_CHECKING:
     from qkit.engine.queue import Queue
@@ -69,7 +69,7 @@ def compare(q: "Queue", a: dict[str, Any], b: dict[str, Any]) -> pd.DataFrame:
     """One row per (type, measure): ``a``, ``a_low``, ``a_high``, ``a_n``, the same for ``b``,
     ``change`` (b - a) and ``verdict`` (``clear increase``/``clear decrease``/``within noise``/``no data``).
 
-    ``a`` and ``b`` are :func:`qkit.frames.scope` keyword arguments (since,
+    ``a`` and ``b`` are :func:`qkit.analysis.frames.scope` keyword arguments (since,
     until, type, priority, seed).
     """
     left = pd.DataFrame(_side(q, a), columns=["type", "measure", "value", "low", "high", "n"])
@@ -111,7 +111,7 @@ def describe(filters: dict[str, Any]) -> str:
 
 def readable(table: pd.DataFrame) -> pd.DataFrame:
     """:func:`compare`'s table as text for people: ``81.2% (78.0-84.1%)``, ``2.31 (2.25-2.37)``, ``412 ms (...)``."""
-    from qkit.tables import duration
+    from qkit.analysis.tables import duration
 
     def fmt(measure: str, v: float) -> str:
         if pd.isna(v):

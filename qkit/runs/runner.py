@@ -20,7 +20,7 @@ calls :func:`main`.  One run:
    ``interrupted`` (SIGTERM/SIGINT to the runner) or ``error`` (papermill
    could not run the notebook).
 
-The record of a run is its ``worker_runs`` row (:mod:`qkit.runrecord`): created
+The record of a run is its ``worker_runs`` row (:mod:`qkit.runs.runrecord`): created
 before papermill starts, continued by the notebook's burst, given the runner's
 verdict at the end; the sidecar ``<output>.json`` and ``metadata.qkit`` of the
 executed notebook are copies made from it.  A run whose notebook never reached
@@ -48,8 +48,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from qkit.errors import BadInput, QkitError
-from qkit.runrecord import RunRecord, close_record, open_record, write_copies
-from qkit.runrecord import read_sidecars as _read_sidecars
+from qkit.runs.runrecord import RunRecord, close_record, open_record, write_copies
+from qkit.runs.runrecord import read_sidecars as _read_sidecars
 from qkit.engine.signals import StopSignals
 
 EXIT_OK = 0
@@ -74,7 +74,7 @@ def repo_root() -> Path:
     the runner from any directory), else the project root of the working
     directory.
     """
-    here = Path(__file__).resolve().parent.parent
+    here = Path(__file__).resolve().parents[2]  # qkit/runs/runner.py: the checkout
     if (here / "notebooks" / "worker.ipynb").is_file():
         return here
     from qkit.config import project_root
@@ -315,7 +315,7 @@ def run_worker(*, queue: str = "default", max_jobs: int | None = None, max_secon
         raise BadInput("--max-jobs must be a positive integer")
     if max_seconds is not None and not (isinstance(max_seconds, (int, float)) and max_seconds > 0):
         raise BadInput("--max-seconds must be a positive number")
-    from qkit.notebook_helpers import secret_parameter_problems
+    from qkit.analysis.notebook_helpers import secret_parameter_problems
 
     refused = secret_parameter_problems(parameters or {})
     if refused:  # before papermill writes them into scheduled/runs/
@@ -391,7 +391,7 @@ def _run_locked(*, queue: str, max_jobs: int | None, max_seconds: float | None, 
 
 
 def read_sidecars(runs_dir: str | os.PathLike[str] | None = None) -> Any:
-    """The sidecars under ``runs_dir`` (default ``scheduled/runs``) as a DataFrame: :func:`qkit.runrecord.read_sidecars`."""
+    """The sidecars under ``runs_dir`` (default ``scheduled/runs``) as a DataFrame: :func:`qkit.runs.runrecord.read_sidecars`."""
     return _read_sidecars(runs_dir if runs_dir is not None else default_runs_dir())
 
 

@@ -1,9 +1,9 @@
-"""The figures the notebooks show, drawn from :mod:`qkit.frames` DataFrames.
+"""The figures the notebooks show, drawn from :mod:`qkit.analysis.frames` DataFrames.
 
 Each function takes a frame and returns a matplotlib ``Figure`` with a
 title, axis labels with units, and a "no data yet" note instead of an empty
 box.  Figures are built without pyplot (no global state, no backend
-needed); display them with :func:`qkit.notebook_helpers.show`.
+needed); display them with :func:`qkit.analysis.notebook_helpers.show`.
 """
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ def _time_axis(ax: Any, label: str = "time (UTC)") -> None:
 # ---------------------------------------------------------------- retry analysis
 def retry_distribution(dist: pd.DataFrame, *, title: str = "Attempts to success or to the DLQ, by job type") -> Figure:
     """Small multiples, one per type, each on its own y-scale: jobs by attempts used, completed (green)
-    stacked with DLQ (red).  ``dist`` is :func:`qkit.frames.retry_distribution`.
+    stacked with DLQ (red).  ``dist`` is :func:`qkit.analysis.frames.retry_distribution`.
     """
     types = sorted(dist["type"].unique()) if len(dist) else []
     ncols = min(2, max(1, len(types)))
@@ -128,7 +128,7 @@ def success_rate(summary: pd.DataFrame, *,
                  title: str = "Success rate by job type (completed / finished jobs)") -> Figure:
     """Horizontal bars of each type's success rate in %, labelled with the counts.
 
-    ``summary`` is :func:`qkit.frames.type_summary`.
+    ``summary`` is :func:`qkit.analysis.frames.type_summary`.
     """
     rows = summary.dropna(subset=["success_rate"]) if len(summary) else summary
     fig, ax = _titled(title, 9, 1.2 + 0.55 * max(1, len(rows)))
@@ -156,7 +156,7 @@ def success_rate(summary: pd.DataFrame, *,
 def exec_time(times: pd.DataFrame, *, title: str = "Handler execution time per attempt, by job type") -> Figure:
     """Box plots of attempt duration (ms) per type: completed attempts next to failed/timed-out ones.
 
-    ``times`` is :func:`qkit.frames.exec_times` (percentiles the database
+    ``times`` is :func:`qkit.analysis.frames.exec_times` (percentiles the database
     computed); boxes span p25..p75, whiskers p5..p95.  The legend sits
     under the axes, off the boxes.
     """
@@ -206,9 +206,9 @@ def attempt_outcomes(outcomes: pd.DataFrame, *,
     """One panel per type (shared 0-100% scale): the share of attempts number n that completed, with
     its 95% Wilson interval and ``n=`` (attempts made) under each point.
 
-    ``outcomes`` is :func:`qkit.frames.attempt_outcomes`.
+    ``outcomes`` is :func:`qkit.analysis.frames.attempt_outcomes`.
     """
-    from qkit.stats import wilson
+    from qkit.analysis.stats import wilson
 
     types = sorted(outcomes["type"].unique()) if len(outcomes) else []
     ncols = min(2, max(1, len(types)))
@@ -254,7 +254,7 @@ def _spiky(values: np.ndarray) -> bool:
 
 def queue_depth(depth: pd.DataFrame, *, title: str = "Queue depth over time (rebuilt from job events)") -> Figure:
     """Top: waiting and running jobs, one line per state (a log scale when a spike would flatten the rest);
-    bottom: finished jobs, cumulative.  ``depth`` is :func:`qkit.frames.queue_depth`.
+    bottom: finished jobs, cumulative.  ``depth`` is :func:`qkit.analysis.frames.queue_depth`.
     """
     fig, axes = _figure(10, 6, 2, 1, sharex=True)
     top, bottom = axes[0][0], axes[1][0]
@@ -295,7 +295,7 @@ def queue_depth(depth: pd.DataFrame, *, title: str = "Queue depth over time (reb
 
 
 def throughput(tp: pd.DataFrame, *, title: str | None = None) -> Figure:
-    """Stacked bars of finished attempts per time bin, by outcome.  ``tp`` is :func:`qkit.frames.throughput`."""
+    """Stacked bars of finished attempts per time bin, by outcome.  ``tp`` is :func:`qkit.analysis.frames.throughput`."""
     freq = tp.attrs.get("freq", "bin")
     fig, ax = _titled(title or f"Throughput: attempts finished per {freq}, by outcome", 10, 4)
     if tp.empty or not tp.to_numpy().sum():
@@ -320,7 +320,7 @@ def throughput(tp: pd.DataFrame, *, title: str | None = None) -> Figure:
 def wait_times(waits: pd.DataFrame, *, title: str = "Wait from enqueue to first claim, by priority") -> Figure:
     """Grouped bars of wait p50/p90/p99 (s) per priority; a note where jobs still wait unclaimed.
 
-    ``waits`` is :func:`qkit.frames.wait_times`.
+    ``waits`` is :func:`qkit.analysis.frames.wait_times`.
     """
     fig, ax = _titled(title, 10, 4.5)
     if waits.empty:
@@ -351,7 +351,7 @@ def runs(history: pd.DataFrame, *, title: str = "Worker runs: jobs processed and
     """Per run (oldest left, the latest ``last``): jobs processed and duration (s), one marker per run in
     its status colour, so a run that processed nothing (or failed at once) still shows.
 
-    ``history`` is :func:`qkit.frames.runs`; the scheduled runner's verdict
+    ``history`` is :func:`qkit.analysis.frames.runs`; the scheduled runner's verdict
     (``run_status``) wins over the burst's own ``status``.
     """
     fig, axes = _figure(10, 5.5, 2, 1, sharex=True)
@@ -391,7 +391,7 @@ def runs(history: pd.DataFrame, *, title: str = "Worker runs: jobs processed and
 
 def dlq_groups(groups: pd.DataFrame, *, title: str = "Dead-letter queue by error fingerprint and type") -> Figure:
     """Horizontal bars: jobs per (fingerprint, type) group, largest on top, each labelled with its
-    fingerprint id.  ``groups`` is :func:`qkit.frames.dlq_groups`."""
+    fingerprint id.  ``groups`` is :func:`qkit.analysis.frames.dlq_groups`."""
     top = groups.head(15)
     fig, ax = _titled(title, 10, 1.3 + 0.45 * max(1, len(top)))
     if top.empty:
@@ -419,7 +419,7 @@ def compare(table: pd.DataFrame, *, labels: tuple[str, str] = ("A", "B"),
             title: str = "What changed from A to B (dots: estimate, bars: 95% interval)") -> Figure:
     """One panel per measure (each on its own scale), one row per type: A and B with their intervals.
 
-    ``table`` is :func:`qkit.compare.compare`; rows whose intervals do not
+    ``table`` is :func:`qkit.analysis.compare.compare`; rows whose intervals do not
     overlap are marked ``clear``.
     """
     measures = list(dict.fromkeys(table["measure"])) if len(table) else []
@@ -459,7 +459,7 @@ def whatif(summary: pd.DataFrame, *, title: str = "Recorded failures replayed ag
            highlight: Sequence[str] = ("current",)) -> Figure:
     """Three panels per policy: time to success (p50 bar, p90 tick), extra attempts, DLQ size.
 
-    ``summary`` is ``qkit.whatif.simulate_queue(...).summary``.
+    ``summary`` is ``qkit.analysis.whatif.simulate_queue(...).summary``.
     """
     fig, axes = _figure(10, 1.8 + 0.6 * max(1, len(summary)), 1, 3, sharey=True)
     fig.suptitle(title + "\n(time to success: first attempt to completion)")

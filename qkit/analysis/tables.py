@@ -142,7 +142,7 @@ def for_people(df: pd.DataFrame, *, index: bool | None = None, caption: str | No
 
 # ---------------------------------------------------------------- the notebooks' small summaries
 def retry_overview(summary: pd.DataFrame, label: str) -> str:
-    """One line: jobs, finished, dead-lettered, attempts and retries of a :func:`qkit.frames.type_summary`."""
+    """One line: jobs, finished, dead-lettered, attempts and retries of a :func:`qkit.analysis.frames.type_summary`."""
     if summary.empty:
         return f"{label}: no jobs"
     jobs, done, dead = int(summary["jobs"].sum()), int(summary["completed"].sum()), int(summary["failed"].sum())
@@ -154,7 +154,7 @@ def retry_overview(summary: pd.DataFrame, label: str) -> str:
 
 
 def attempts_pivot(dist: pd.DataFrame) -> Any:
-    """Jobs by type and outcome (rows) and attempts used (columns), from :func:`qkit.frames.retry_distribution`."""
+    """Jobs by type and outcome (rows) and attempts used (columns), from :func:`qkit.analysis.frames.retry_distribution`."""
     if dist.empty:
         return "no finished jobs"
     wide = dist.pivot_table(index=["type", "outcome"], columns="attempts", values="jobs", aggfunc="sum",

@@ -73,7 +73,7 @@ def pick_job(q: "Queue", job_id: int = 0, *, demo: bool = True) -> int:
 
 def report(q: "Queue", job_id: int) -> dict[str, pd.DataFrame]:
     """The job (one row, payload included), its attempts (with tracebacks) and its events, as DataFrames."""
-    from qkit import frames
+    from qkit.analysis import frames
 
     job = q.get(job_id)
     job_df = pd.DataFrame([job.to_dict()])

@@ -1,6 +1,6 @@
 """Reports with history: each report in its own folder, all of them listed in ``reports/index.html``.
 
-A report (of the main job, or a scheduled one: ``python -m qkit.reports``)
+A report (of the main job, or a scheduled one: ``python -m qkit.runs.reports``)
 goes to ``reports/<UTC date>/<UTC time>-<label>/``: the executed notebooks,
 the report rendered as standalone HTML, the worker runs it came from
 rendered as HTML too (``runs/``), and ``report.json`` saying what it is
@@ -9,7 +9,7 @@ rendered as HTML too (``runs/``), and ``report.json`` saying what it is
 overwritten, so two batches or two days can be compared
 (``notebooks/compare_runs.ipynb``).
 
-``python -m qkit.reports [--queue Q] [--since 24h|ISO] [--reports DIR]``
+``python -m qkit.runs.reports [--queue Q] [--since 24h|ISO] [--reports DIR]``
 executes ``notebooks/retry_analysis.ipynb`` over that window (e.g. from cron
 after the day's bursts), links the scheduled worker runs of the window, and
 updates the index.
@@ -39,7 +39,7 @@ def render_html(executed: Path, out: Path) -> int:
     import nbformat
     from nbconvert import HTMLExporter
 
-    from qkit.notebook_helpers import RECORD_MIME
+    from qkit.analysis.notebook_helpers import RECORD_MIME
 
     nb = nbformat.read(executed, as_version=4)
     for cell in nb.cells:  # records are for programs (read_records), not for readers
@@ -104,7 +104,7 @@ def _source(meta: dict[str, Any]) -> str:
     batch = meta.get("batch") or {}
     if batch:
         return "batch " + ", ".join(f"{k} {v}" for k, v in batch.items())
-    from qkit.tables import utc_time
+    from qkit.analysis.tables import utc_time
 
     window = meta.get("window") or {}
     return "window " + " to ".join(utc_time(window.get(k)) or "…" for k in ("since", "until"))
@@ -146,7 +146,7 @@ th,td{{text-align:left;padding:4px 8px;border-bottom:1px solid #ddd;vertical-ali
 
 def execute(notebook: Path, output: Path, parameters: dict[str, Any]) -> None:
     """Run a notebook through papermill (kernel python3 on this interpreter); its log goes beside the output."""
-    from qkit.runner import first_error, log_error, papermill_command
+    from qkit.runs.runner import first_error, log_error, papermill_command
 
     output.parent.mkdir(parents=True, exist_ok=True)
     log = output.with_name(output.name + ".log")
@@ -161,8 +161,8 @@ def execute(notebook: Path, output: Path, parameters: dict[str, Any]) -> None:
 def publish(*, queue: str = "default", since: datetime | None = None, until: datetime | None = None,
             reports: Path | None = None, runs_dir: Path | None = None) -> Path:
     """A scheduled report: retry_analysis over ``since..until``, the window's scheduled runs; the index."""
-    from qkit.runrecord import RunRecord
-    from qkit.runner import child_env, default_runs_dir, read_sidecars, repo_root, resolve_home
+    from qkit.runs.runrecord import RunRecord
+    from qkit.runs.runner import child_env, default_runs_dir, read_sidecars, repo_root, resolve_home
 
     root = repo_root()
     reports = reports or root / "reports"
@@ -202,7 +202,7 @@ def _when(text: str) -> datetime:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m qkit.reports", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m qkit.runs.reports", description=__doc__.split("\n\n")[0])
     p.add_argument("--queue", default="default")
     p.add_argument("--since", default="24h", help="window start: 24h, 30m, 7d or an ISO 8601 time (default 24h)")
     p.add_argument("--until", default="", help="window end (ISO 8601; default now)")
