@@ -365,10 +365,10 @@ def queue_depth(q: "Queue", *, start: Any = None, end: Any = None, freq: str | N
         return _no_series(states, freq)
     origin, width, stop, freq, single = win
     lo = as_utc(start)
-    df = _sql(q, aq.depth_changes, sc, origin=origin, width=width, end=stop if as_utc(end) else None,
-              start=None if lo is None else lo.timestamp(), single_queue=single)
-    last_due = math.floor((min(stop, now.timestamp()) - origin) / width)  # back-offs ending later: still delayed
     nbins = int(math.floor((stop - origin) / width)) + 1
+    df = _sql(q, aq.depth_changes, sc, origin=origin, width=width, end=stop if as_utc(end) else None,
+              start=None if lo is None else lo.timestamp(), single_queue=single, nbins=nbins)
+    last_due = math.floor((min(stop, now.timestamp()) - origin) / width)  # back-offs ending later: still delayed
     delta = np.zeros((nbins + 1, len(states)), dtype="int64")  # row 0: before the window
 
     def move(key: tuple[str, int], b: Any, n: int) -> None:

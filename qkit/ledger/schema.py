@@ -12,8 +12,9 @@ from sqlalchemy.engine import Connection
 from qkit.engine import storable
 from qkit.engine.dispatch import redis_now
 
-SCHEMA_VERSION = 5  # v2: job_daily (retention roll-ups, qkit/ops/retention.py); v3: SQLite job ids never reused;
-#                   v4: worker_runs.run_id (qkit/runs/runner.py); v5: a failed job keeps its idempotency key
+SCHEMA_VERSION = 6  # v2: job_daily (retention roll-ups, qkit/ops/retention.py); v3: SQLite job ids never reused;
+#                   v4: worker_runs.run_id (qkit/runs/runner.py); v5: a failed job keeps its idempotency key;
+#                   v6: SQLite's job_events index ix_events_moves for the depth chart (qkit/ledger/analysis.py)
 MAX_TEXT = storable.MAX_ERROR_BYTES  # stored error/traceback text is cut to this many bytes (qkit/engine/storable.py)
 
 
@@ -138,6 +139,9 @@ job_events = Table(
     Column("worker", String(128)),
     Column("detail", Json),
     Index("ix_events_job", "job_id"),
+    # SQLite only (v6): the depth chart counts each time bin's events from this index alone (no sort, no table
+    # row; qkit/ledger/analysis.py); PostgreSQL aggregates by hash and its B-tree entries have a size limit
+    Index("ix_events_moves", "event", "at", "detail").ddl_if(dialect="sqlite"),
 )
 
 # ---------------------------------------------------------------- retention roll-ups (schema v2)
@@ -254,5 +258,12 @@ _FILL_RUN_IDS = {  # constant statements, one per dialect (no SQL is built from 
 }
 
 
+def _migrate_v6(conn: Connection) -> None:
+    """v5 -> v6 (SQLite only): index ``job_events`` on (event, at, detail) for the depth chart."""
+    if conn.dialect.name == "sqlite":
+        next(i for i in job_events.indexes if i.name == "ix_events_moves").create(conn, checkfirst=True)
+
+
 #: in-place upgrades: version -> function(connection) bringing the schema to it
-MIGRATIONS: dict[int, Any] = {2: _migrate_v2, 3: _migrate_v3, 4: _migrate_worker_run_ids, 5: _migrate_v5}
+MIGRATIONS: dict[int, Any] = {2: _migrate_v2, 3: _migrate_v3, 4: _migrate_worker_run_ids, 5: _migrate_v5,
+                              6: _migrate_v6}
