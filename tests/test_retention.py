@@ -159,7 +159,7 @@ def test_v1_ledger_upgrades_in_place(setup: Setup, tmp_path):
         ledger.close()
         assert inspect(engine).has_table("job_daily")
         with engine.connect() as conn:
-            assert conn.execute(select(schema_info.c.version)).scalars().all() == [5]
+            assert conn.execute(select(schema_info.c.version)).scalars().all() == [SCHEMA_VERSION]
         q = setup.connect(database_url=url)  # opening a queue upgrades again: a no-op
         assert q.get(job_id).payload == {"v": 1}
         assert prune(q, "30d").jobs == 1
