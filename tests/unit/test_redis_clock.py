@@ -3,7 +3,19 @@ from __future__ import annotations
 
 from datetime import timezone
 
+import pytest
+
+from qkit.engine import dispatch
 from qkit.engine.dispatch import RedisClock
+
+
+@pytest.fixture(autouse=True)
+def process_clock_kept():
+    """A RedisClock passes what it observes on to the process clock (qkit.engine.dispatch.redis_now):
+    these made-up replies must not set the ledger's clock of the tests that follow."""
+    saved = (dispatch._PROCESS_CLOCK._seen, dispatch._PROCESS_CLOCK._last_ms)
+    yield
+    dispatch._PROCESS_CLOCK._seen, dispatch._PROCESS_CLOCK._last_ms = saved
 
 
 def test_no_reply_no_time():
