@@ -235,17 +235,20 @@ class Worker:
             claim = self.q.dispatch.claim(self.worker_id, self.lease_ms, want, to_settle)
             self._leased_at = started  # every lease we hold now was granted or kept at least this late
             return claim
-        return self._retrying("the Redis claim", call)  # nothing to release through a Redis that fails
+        # nothing to release through a Redis that fails
+        return self._retrying("the Redis claim", call, redis_call=True)
 
-    def _retry_deadline(self, first_call: float) -> float:
-        """Until when a failing write is retried: an outage shorter than a lease is ridden out
-        (docs/semantics.md: counted from the start of the first failed call), and never past the
-        time the leases held would expire (from their last renewal), less a margin: past that
-        other workers may take the jobs over.  While Redis answers, the renewer keeps those
-        leases, so a ledger outage is bounded by the first limit alone."""
+    def _retry_deadline(self, first_call: float, unknown_leases: bool) -> float:
+        """Until when a failing write is retried, never past the time the leases held would expire
+        (from their last renewal), less a margin: past that other workers may take the jobs over.
+
+        A ledger write (Redis answers, the renewer keeps the leases): an outage shorter than a
+        lease is ridden out (docs/semantics.md), counted from the start of the first failed call.
+        A Redis claim whose answer was lost may have granted leases nobody renews: those expire a
+        lease after that call began, so its retries stop a margin before then."""
         lease_s = self.lease_ms / 1000
         margin = min(lease_s / 4, 5.0)
-        deadline = first_call + lease_s
+        deadline = first_call + lease_s - (margin if unknown_leases else 0.0)
         with self._held_lock:
             holding = bool(self._held)
         if holding:
@@ -253,7 +256,7 @@ class Worker:
         return deadline
 
     def _retrying(self, what: str, call: Callable[[bool], Any], to_settle: list[Settlement] | None = None,
-                  claim_in_hand: list[int] = ()) -> Any:
+                  claim_in_hand: list[int] = (), redis_call: bool = False) -> Any:
         """``call(again)`` until it succeeds, retrying with back-off while the ledger or Redis cannot be
         reached, for as long as :meth:`_retry_deadline` allows (the renewer keeps the leases meanwhile).
 
@@ -276,7 +279,7 @@ class Worker:
                 if first is None:
                     first = started
                     log.warning("%s failed, retrying: %s", what, reason)
-                left = self._retry_deadline(first) - now
+                left = self._retry_deadline(first, unknown_leases=redis_call) - now
                 if left <= 0:
                     if to_settle is not None:
                         self._release(to_settle, claim_in_hand)
