@@ -126,7 +126,9 @@ COLUMNS = {
 
 def build(url: str, n_jobs: int, seed: int) -> dict[str, Any]:
     """Create the tables (qkit's schema) and bulk-load the synthetic ledger; returns counts and seconds."""
-    from qkit.ledger import Ledger
+    from sqlalchemy.schema import CreateIndex
+
+    from qkit.ledger import Ledger, job_events
 
     t0 = time.perf_counter()
     ledger = Ledger(url)
@@ -137,6 +139,7 @@ def build(url: str, n_jobs: int, seed: int) -> dict[str, Any]:
         driver = raw.driver_connection
         if ledger.dialect == "sqlite":
             driver.execute("PRAGMA synchronous=OFF")
+            driver.execute("DROP INDEX ix_events_moves")  # built once after the load (v6; SQLite only): faster
             for part in chunks(n_jobs, seed):
                 driver.execute("BEGIN")
                 for table, rows in part.items():
@@ -145,6 +148,9 @@ def build(url: str, n_jobs: int, seed: int) -> dict[str, Any]:
                                        f"({', '.join('?' * len(cols))})", rows)
                     counts[table] += len(rows)
                 driver.execute("COMMIT")
+            driver.execute("PRAGMA threads=2")
+            driver.execute(next(str(CreateIndex(i).compile(dialect=ledger.engine.dialect))
+                                for i in job_events.indexes if i.name == "ix_events_moves"))
             driver.execute("ANALYZE")
         else:
             with driver.cursor() as cur:
