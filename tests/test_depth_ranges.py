@@ -61,18 +61,19 @@ def test_depth_by_range_equals_one_group_by(ledger, monkeypatch, seed):
     t0 = _fill(ledger, 400, seed)
     q = SimpleNamespace(name="d", ledger=ledger)
     now = t0 + timedelta(minutes=20)
-    windows = [{}, {"freq": "1s"}, {"start": t0 + timedelta(seconds=61), "end": t0 + timedelta(seconds=200),
+    windows = [{}, {"freq": "5s"}, {"start": t0 + timedelta(seconds=61), "end": t0 + timedelta(seconds=200),
                                     "freq": "5s"}, {"freq": "10s", "end": t0 + timedelta(seconds=150)}]
     calls = []
     real = analysis._depth_by_range
     monkeypatch.setattr(analysis, "_depth_by_range", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     for kw in windows:
+        before = len(calls)
         by_range = frames.queue_depth(q, now=now, **kw)
         used = len(calls)
         monkeypatch.setattr(analysis, "_MAX_RANGES", 0)  # more bins than the union takes: one GROUP BY
         grouped = frames.queue_depth(q, now=now, **kw)
-        monkeypatch.setattr(analysis, "_MAX_RANGES", 200)
-        assert used and len(calls) == used, kw  # the first count went by range, the second did not
+        monkeypatch.setattr(analysis, "_MAX_RANGES", 100)
+        assert used == before + 1 and len(calls) == used, kw  # the first count went by range, the second did not
         assert len(by_range) > 3 and by_range.to_numpy().sum() > 0
         assert by_range.equals(grouped), kw
 
