@@ -311,11 +311,8 @@ def depth_changes(conn: Connection, scope: Scope, *, origin: float, width: float
     where the back-off ends: the job is pending again from then, if the
     variant says it waited (odd) and that bin is not after ``now``'s.
 
-    Given ``nbins`` (the chart's bins: later events count in the last one,
-    where the caller would clamp them), SQLite counts a whole queue's events
-    bin by bin from the ``ix_events_moves`` index (:func:`_depth_by_range`)
-    instead of sorting them all for one GROUP BY (a scope joins ``jobs``
-    per event: then the GROUP BY is cheaper).
+    Given ``nbins`` (later events count in the last bin, where the caller clamps them), SQLite counts a
+    whole queue bin by bin (:func:`_depth_by_range`); a scope joins ``jobs`` per event: one GROUP BY.
     """
     bins = _Bins(_dialect(conn), origin, width)
     at, event = job_events.c.at, job_events.c.event
