@@ -166,6 +166,38 @@ def test_a_purge_during_a_repair_leaves_no_orphan_dlq_entry(setup):
     assert report.clean, report.counts
 
 
+@qkit.handler("admin_races_fail")
+def _always_fails(payload: dict) -> None:
+    raise RuntimeError("this job always fails")
+
+
+def test_a_purge_before_a_bursts_redis_dead_letter_leaves_no_orphan_entry(setup):
+    """A burst records a job `failed` in the ledger and sends its dead-letter to Redis with its next
+    claim.  A purge in between deletes the row while Redis still has the job leased; the burst's late
+    dead-letter then made a DLQ entry that no row explains (the soak saw such orphans).  The purge
+    takes what it deleted out of every place in Redis, so the late dead-letter is fenced."""
+    q, other = setup.connect(backoff_base=0), setup.connect(backoff_base=0)
+    ids = q.enqueue_many([{"type": "admin_races_fail", "payload": {"i": i}, "max_attempts": 1} for i in range(3)])
+    real_settle = q.ledger.settle
+    purged: list[int] = []
+
+    def settle_then_purge(*args, **kwargs):
+        settled = real_settle(*args, **kwargs)
+        if settled.failed:
+            purged.append(other.purge_dead())
+        return settled
+
+    q.ledger.settle = settle_then_purge
+    try:
+        q.work()
+    finally:
+        q.ledger.settle = real_settle
+    assert sum(purged) == len(ids)
+    assert q.dispatch.inventory().dead == 0
+    report = audit(q)
+    assert report.clean, report.counts
+
+
 def test_purge_spares_a_job_replayed_since_it_was_chosen(setup):
     """A purge deletes a job only in the replay epoch it saw it failed in: a job replayed (and
     failed again) after the purge read the DLQ stays, with its history."""

@@ -209,13 +209,15 @@ class Queue:
         # Each row is deleted only if it is still failed in the epoch read here (a compare-and-set):
         # a job replayed meanwhile stays, and the replay's push puts it back in Redis (DLQ -> ready).
         # A burst's repair that read those rows before the delete may dead-letter them again after
-        # the first removal: the deleted ids are taken out once more (and the repair itself
-        # re-checks what it dead-lettered, qkit.ops.reconcile.repair), so no entry outlives its row.
+        # the first removal, and a burst that recorded a job failed still holds its lease until its
+        # next claim sends the dead-letter: the deleted ids are taken out once more, from every
+        # place (a late dead-letter of a lease removed here is fenced; the repair itself re-checks
+        # what it dead-lettered, qkit.ops.reconcile.repair), so no entry outlives its row.
         failed = [(row[0], row[4]) for row in self.ledger.active_rows(self.name) if row[1] == "failed"]
         self.dispatch.remove([job_id for job_id, _ in failed], scope="dead")
         deleted = self.ledger.purge_dead(self.name, failed)
         if deleted:
-            self.dispatch.remove(list(deleted), scope="dead")
+            self.dispatch.remove(list(deleted), scope="all")
         return len(deleted)
 
     # ------------------------------------------------------------------ work
