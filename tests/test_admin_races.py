@@ -198,6 +198,24 @@ def test_a_purge_before_a_bursts_redis_dead_letter_leaves_no_orphan_entry(setup)
     assert report.clean, report.counts
 
 
+def test_a_burst_drops_dlq_entries_that_redis_brought_back_after_a_purge(setup):
+    """Redis loses its last writes when it restarts (AOF fsync every second) or fails over: a purge's
+    removal from the DLQ can come back while the ledger rows stay deleted (the soak saw such
+    orphans after a kill -9).  No claim ever reaches a DLQ entry, so the next burst drops the DLQ
+    entries that have no ledger row; a DLQ entry whose job has a row is left to the repair."""
+    q = setup.connect(backoff_base=0)
+    ids = _dead_jobs(q, 4)
+    assert q.purge_dead() == 3 + 1
+    q.dispatch.push([(j, 0, 0) for j in ids], mode="dead")  # the removal lost, as after a restart
+    assert q.dispatch.inventory().dead == len(ids)
+    kept = _dead_jobs(q, 2)  # failed jobs with rows: their entries stay
+    q.work()
+    inv = q.dispatch.inventory()
+    assert inv.dead == len(kept) and q.stats()["failed"] == len(kept)
+    report = audit(q)
+    assert report.clean, report.counts
+
+
 def test_purge_spares_a_job_replayed_since_it_was_chosen(setup):
     """A purge deletes a job only in the replay epoch it saw it failed in: a job replayed (and
     failed again) after the purge read the DLQ stays, with its history."""

@@ -28,9 +28,29 @@ def repair_if_drifted(q: "Queue") -> dict[str, Any]:
     counts = q.ledger.status_counts(q.name)
     active_ledger = counts["pending"] + counts["processing"]
     active_redis = inv.ready + inv.delayed + inv.leased
-    if active_redis >= active_ledger and inv.dead >= counts["failed"]:
-        return {}
-    return repair(q)
+    if active_redis < active_ledger or inv.dead < counts["failed"]:
+        return repair(q)
+    if inv.dead > counts["failed"]:
+        return {"dropped": drop_orphan_dead(q)}
+    return {}
+
+
+def drop_orphan_dead(q: "Queue") -> int:
+    """Take out the DLQ entries that have no ledger row; returns how many.
+
+    A purge removes the entries before it deletes the rows, but Redis loses its last writes when it
+    restarts (AOF fsync every second) or fails over, and the removal can come back.  No claim ever
+    reaches a DLQ entry, so without this it would stay until ``qkit audit --repair``.  Ids are never
+    reused: an entry without a row never gets one.  An entry whose job has a row (a replay between
+    its ledger update and its push) is left alone.
+    """
+    dead = sorted(q.dispatch.snapshot().dead)
+    orphans = sorted(set(dead) - set(_statuses(q, dead)))
+    if orphans:
+        q.dispatch.remove(orphans, scope="dead")
+        log.warning("queue %s: dropped %d DLQ entr%s with no ledger row (Redis kept what a purge removed)",
+                    q.name, len(orphans), "y" if len(orphans) == 1 else "ies")
+    return len(orphans)
 
 
 def repair(q: "Queue", *, drop: bool = False) -> dict[str, Any]:
