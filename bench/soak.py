@@ -116,8 +116,12 @@ def run_seed(seed: int, *, jobs: int = 500, workers: int = 4, fail_rate: float =
              database_url: str | None = None, workdir: Path | None = None, window: float = 15.0,
              enqueue_seconds: float = 6.0, burst_seconds: float = 4.0, drain_timeout: float = 90.0,
              faults: frozenset[str] | str = frozenset(FAULTS), postgres: Any = None,
-             status: Callable[[str], None] = lambda s: None, keep: bool = False) -> SeedResult:
+             status: Callable[[str], None] = lambda s: None, keep: bool = False,
+             admin_overtime: float = ADMIN_OVERTIME) -> SeedResult:
     """One soak run (see the module docstring); servers and processes are stopped before it returns.
+
+    ``admin_overtime``: how long the admin processes go on acting past the nemesis window (the
+    workers still run then, so their replays and purges still race the bursts).
 
     ``postgres``: the :class:`qkit.dev.servers.Postgres` holding ``database_url``, for ``pg-restart``.
     """
@@ -165,7 +169,7 @@ def run_seed(seed: int, *, jobs: int = 500, workers: int = 4, fail_rate: float =
         if "admin" in faults:
             for role in ("replayer", "purger"):
                 admins.append(_start(["admin", "--role", role, "--seed", str(seed), "--start-file",
-                                      str(base / "nemesis.t0"), "--seconds", str(window + ADMIN_OVERTIME),
+                                      str(base / "nemesis.t0"), "--seconds", str(window + admin_overtime),
                                        "--address", str(address.path), "--out", str(actions_file)],
                                       env, base / f"{role}.err"))
         acks = [base / f"enqueue{k}.jsonl" for k in range(ENQUEUERS)]

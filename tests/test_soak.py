@@ -3,7 +3,7 @@
 Seeds 0 and 1 on SQLite, seed 2 on PostgreSQL.  Per seed: 300 jobs with
 fail_rate 0.3 through 4 burst worker processes for a 12 s nemesis window (15 s on PostgreSQL)
 (SIGKILLs, Redis restarts, a ledger lock, PostgreSQL restarts, a Redis failover,
-DLQ replays and purges from other processes, poison-data jobs), then a drain
+DLQ replays and purges from other processes, also 4 s past the window, poison-data jobs), then a drain
 with no faults and the Jepsen total-queue check.  ``python bench/soak.py
 --seeds 20`` is the nightly size, with every fault.
 
@@ -43,14 +43,13 @@ JOBS = 300
 #: seconds of faults: on PostgreSQL two 1 s restarts come on top of the 5 s ledger lock and the failover
 WINDOW = {"sqlite": 12.0, "postgres": 15.0}
 
-#: (fault, ledger or None for both) -> why it is off in this test for now
-OFF: dict[tuple[str, str | None], str] = {
-    ("pg-restart", "postgres"): "a worker gives up a ledger write after about 0.9 s of retries with a 2 s lease "
-                                "(qkit/engine/worker.py _retrying stops when the next back-off step would pass the "
-                                "bound, instead of sleeping up to it), so a 1.3 s restart costs finished runs",
-    ("admin", None): "issue 12 item 3: a DLQ purge racing the bursts leaves orphan_entry errors (Redis DLQ "
-                     "entries of purged jobs)",
-}
+#: seconds the admin processes go on past the window: in a 12 s window on a loaded machine the DLQ
+#: can stay empty until the last seconds (the ledger lock and the restarts stall the bursts), and an
+#: admin action waits for a failed job; the workers still run then, so the actions still race them
+ADMIN_OVERTIME = 4.0
+
+#: (fault, ledger or None for both) -> why it is off in this test for now (none at present)
+OFF: dict[tuple[str, str | None], str] = {}
 
 
 def faults_for(ledger: str) -> frozenset[str]:
@@ -73,7 +72,8 @@ def test_nemesis_soak(seed: int, ledger: str, tmp_path: Path, request: pytest.Fi
     faults = faults_for(ledger)
     pg = request.getfixturevalue("soak_postgres") if ledger == "postgres" else None
     result = soak.run_seed(seed, jobs=JOBS, window=WINDOW[ledger], workdir=tmp_path, faults=faults, postgres=pg,
-                           database_url=pg.database(f"soak_test_{seed}") if pg is not None else None)
+                           database_url=pg.database(f"soak_test_{seed}") if pg is not None else None,
+                           admin_overtime=ADMIN_OVERTIME)
     print(result.line())  # the Jepsen counts, shown with -s or on failure
     detail = (f"{result.line()}\n{result.report['audit_summary']}\nids: {result.report['ids']}\n"
               f"stories: {result.report['stories']}")
@@ -87,7 +87,7 @@ def test_nemesis_soak(seed: int, ledger: str, tmp_path: Path, request: pytest.Fi
     if "admin" in faults:
         assert sum(result.admin_actions.values()) + sum(result.admin_refused.values()) >= 1, detail
         if ledger == "sqlite":  # on PostgreSQL the restarts and the lock often leave the DLQ empty or unreachable
-            assert result.replayed >= 1 and result.purged >= 1, detail
+            assert result.replayed >= 1 and result.admin_actions.get("purge", 0) >= 1, detail
     if "pg-restart" in faults and ledger == "postgres":
         assert result.pg_restarts == 2 and result.pg_down_s >= 1.5, detail
     if "poison" in faults:
