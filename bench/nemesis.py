@@ -409,6 +409,10 @@ class Nemesis(threading.Thread):
                     self.log.db_locks.append(DbLock(self.database_url, DB_LOCK_SECONDS))
                     self.log.db_lock_at.append(now)
                 elif what == "pg" and self.postgres is not None:
+                    # the plan keeps a restart 1 s clear of the lock, but a lock process that started late
+                    # on a loaded machine would be cut by it (the lock is one fault, the restart another)
+                    for lock in self.log.db_locks:
+                        lock.wait()
                     self.log.pg_restarts.append((now, self.postgres.restart("fast", down=PG_DOWN_SECONDS)))
                 elif what == "failover" and self.replica is not None:
                     self.failover(now)
