@@ -216,6 +216,37 @@ def test_a_burst_drops_dlq_entries_that_redis_brought_back_after_a_purge(setup):
     assert report.clean, report.counts
 
 
+def test_a_purge_that_loses_redis_after_its_delete_still_returns_what_it_deleted(setup):
+    """Redis goes away (a failover, a restart) between the purge's ledger delete and its last removal
+    from Redis: the rows are gone, so the purge reports them instead of raising (the soak's purger got
+    BackendUnavailable for rows it had deleted); the entries left behind are dropped by the next burst."""
+    from qkit.errors import BackendUnavailable
+
+    q = setup.connect(backoff_base=0)
+    ids = _dead_jobs(q, 3)
+    real_remove = q.dispatch.remove
+    calls: list[str] = []
+
+    def remove_then_redis_dies(job_ids, scope="dead"):
+        calls.append(scope)
+        if len(calls) == 1:
+            removed = real_remove(job_ids, scope=scope)
+            q.dispatch.push([(j, 0, 0) for j in ids], mode="dead")  # a late dead-letter brings them back
+            return removed
+        raise BackendUnavailable("cannot reach Redis (the test's outage)")
+
+    q.dispatch.remove = remove_then_redis_dies
+    try:
+        assert q.purge_dead() == len(ids)
+    finally:
+        q.dispatch.remove = real_remove
+    assert len(calls) == 2 and q.stats()["failed"] == 0
+    q.work()
+    assert q.dispatch.inventory().dead == 0
+    report = audit(q)
+    assert report.clean, report.counts
+
+
 def test_purge_spares_a_job_replayed_since_it_was_chosen(setup):
     """A purge deletes a job only in the replay epoch it saw it failed in: a job replayed (and
     failed again) after the purge read the DLQ stays, with its history."""

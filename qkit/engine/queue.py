@@ -11,9 +11,10 @@ from qkit.backends import Backend, open_backend
 from qkit.engine.backoff import Backoff
 from qkit.config import DEFAULT_QUEUE, Settings, check_overrides, settings as resolve_settings
 from qkit.engine.dispatch import CLOCK_SLACK, Dispatch, redis_now
-from qkit.errors import BadInput
+from qkit.errors import BackendUnavailable, BadInput
 from qkit.engine.handlers import import_handler_modules
 from qkit.ledger import Ledger, utcnow
+from qkit.logs import log
 from qkit.model import Job, NewJob, WorkSummary, check_job_id, check_name, new_job, new_job_from_item
 
 
@@ -217,7 +218,11 @@ class Queue:
         self.dispatch.remove([job_id for job_id, _ in failed], scope="dead")
         deleted = self.ledger.purge_dead(self.name, failed)
         if deleted:
-            self.dispatch.remove(list(deleted), scope="all")
+            try:
+                self.dispatch.remove(list(deleted), scope="all")
+            except BackendUnavailable:  # the rows are gone: report them; the next burst drops what is left
+                log.warning("queue %s: purged %d job(s); Redis was unreachable for the last clean-up (the next "
+                            "burst drops their DLQ entries)", self.name, len(deleted))
         return len(deleted)
 
     # ------------------------------------------------------------------ work
