@@ -200,7 +200,8 @@ def admin_main(argv: list[str]) -> int:
     client = Client(args.address)
     start_file = Path(args.start_file)
     give_up = time.monotonic() + 120
-    while not start_file.exists() and time.monotonic() < give_up:
+    # the soak writes the file in place: it can exist and still be empty for a moment
+    while not (start_file.exists() and start_file.read_text().strip()) and time.monotonic() < give_up:
         time.sleep(0.05)
     start = float(start_file.read_text())
     until = start + args.seconds
