@@ -5,7 +5,9 @@ disagreeing.  Each burst starts with a one-command check (counts per place
 against counts per status); only when Redis holds fewer active jobs than the
 ledger does it take a full snapshot and push the missing ones back.  Redis
 entries the ledger does not know, or knows as finished, are harmless: a claim
-drops them without running anything; ``qkit audit --repair`` (``repair(q,
+drops them without running anything (DLQ entries, which no claim reaches, are dropped
+by the burst when the DLQ holds more entries than the ledger has failed rows and
+they have no ledger row); ``qkit audit --repair`` (``repair(q,
 drop=True)``, :mod:`qkit.ops.audit`) also takes them out, and after Redis lost a
 queue's data it rebuilds the whole Redis side from the ledger.
 """
