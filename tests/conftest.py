@@ -106,6 +106,16 @@ def postgres_server() -> Iterator[Server]:
     shutil.rmtree(folder, ignore_errors=True)
 
 
+@pytest.fixture(scope="module")
+def own_postgres() -> Iterator[Any]:
+    """A PostgreSQL of one test module alone: its tests (and the soak's nemesis) stop and restart it."""
+    folder = Path(tempfile.mkdtemp(prefix="qkit-pg-own-"))
+    server = start_postgres(folder)
+    yield server
+    server.stop()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def upstash_endpoint(redis_server: Server) -> Iterator[tuple[str, str]]:
     """qkit's local Upstash REST endpoint in front of the TCP redis-server."""

@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
@@ -30,7 +28,7 @@ import qkit
 from conftest import Setup, held_job, run_burst, spawn_burst, wait_for
 from job_handlers import executions
 from qkit.ops.audit import audit, total_queue
-from qkit.dev.servers import pg_bin_dir, start_postgres, start_redis
+from qkit.dev.servers import start_redis
 from qkit.ledger import Outcome, utcnow, worker_runs
 from qkit.engine.storable import ESCAPED, MAX_ERROR_BYTES
 
@@ -140,35 +138,6 @@ def test_a_batch_the_ledger_refuses_is_written_job_by_job(setup: Setup):
 
 
 # --------------------------------------------------------------------------- 2. a PostgreSQL restart
-def _pg_ctl(folder: Path, *args: str) -> None:
-    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    subprocess.run([*as_user, str(pg_bin_dir() / "pg_ctl"), "-D", str(folder / "data"), "-w", *args],
-                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=120)
-
-
-def _start_postgres_again(server) -> None:
-    _pg_ctl(server.folder, "-o", f"-p {server.port} -k {server.folder} -c listen_addresses=127.0.0.1 "
-            "-c fsync=off -c synchronous_commit=off -c max_connections=200",
-            "-l", str(server.folder / "pg.log"), "start")
-
-
-def restart_postgres(server, down_s: float) -> None:
-    """``pg_ctl -m fast stop`` (every session is cut), ``down_s`` seconds down, then started again."""
-    _pg_ctl(server.folder, "-m", "fast", "stop")
-    time.sleep(down_s)
-    _start_postgres_again(server)
-
-
-@pytest.fixture(scope="module")
-def own_postgres() -> Iterator[object]:
-    """A PostgreSQL of this module alone: its tests restart and stop it."""
-    folder = Path(tempfile.mkdtemp(prefix="qkit-pg-live-"))
-    server = start_postgres(folder)
-    yield server
-    server.stop()
-    shutil.rmtree(folder, ignore_errors=True)
-
-
 @pytest.fixture
 def pg_setup(own_postgres, redis_server, tmp_path: Path) -> Iterator[Setup]:
     """redis-server + this module's own PostgreSQL (a fresh database per test)."""
@@ -187,7 +156,7 @@ def test_a_postgres_restart_mid_burst_throws_away_no_finished_outcome(pg_setup: 
     retries its ledger writes, every job completes, the burst exits 0 and closes its run."""
     q, ids, log, out, worker = burst_under_way(pg_setup, tmp_path, 4000, lease=20, sleep=0.0005, max_attempts=1,
                                                after=300)
-    restart_postgres(own_postgres, down_s=1.0)
+    own_postgres.restart(down=1.0)
     assert worker.wait(300) == 0, out.read_text()
     summary = json.loads(out.read_text().strip().splitlines()[-1])
     assert summary["completed"] == 4000 and summary["failed"] == 0, summary
@@ -203,7 +172,7 @@ def test_a_ledger_outage_most_of_a_lease_long_is_ridden_out(pg_setup: Setup, own
     and the burst exits 0 with every job completed once."""
     q, ids, log, out, worker = burst_under_way(pg_setup, tmp_path, 3000, lease=6, sleep=0.001, max_attempts=1,
                                                after=100)
-    restart_postgres(own_postgres, down_s=3.8)
+    own_postgres.restart(down=3.8)
     assert worker.wait(300) == 0, out.read_text()
     assert q.ledger.status_counts(q.name)["completed"] == 3000
     (run,) = runs_of(q)
@@ -218,11 +187,11 @@ def test_a_ledger_down_past_the_lease_bound_exits_1_and_the_next_burst_closes_it
     ``abandoned`` by the next burst once PostgreSQL is back, and no job is lost."""
     q, ids, log, out, worker = burst_under_way(pg_setup, tmp_path, 3000, lease=2, sleep=0.002, max_attempts=3,
                                                after=100)
-    _pg_ctl(own_postgres.folder, "-m", "fast", "stop")
+    own_postgres.halt()
     try:
         assert worker.wait(120) == 1
     finally:
-        _start_postgres_again(own_postgres)
+        own_postgres.resume()
     lines = out.read_text().strip().splitlines()
     # warnings of the retries are logged; the error is the last line, one line naming the ledger
     assert lines[-1].startswith("qkit: ") and "QKIT_DATABASE_URL" in lines[-1] and "gave up" in lines[-1], lines

@@ -14,15 +14,10 @@ issue item whose fix turns it back on (the soak finds them: run
 from __future__ import annotations
 
 import importlib.util
-import shutil
 import sys
-import tempfile
 from pathlib import Path
-from typing import Iterator
 
 import pytest
-
-from qkit.dev.servers import Postgres, start_postgres
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
@@ -56,21 +51,13 @@ def faults_for(ledger: str) -> frozenset[str]:
     return frozenset(f for f in soak.FAULTS if (f, None) not in OFF and (f, ledger) not in OFF)
 
 
-@pytest.fixture(scope="module")
-def soak_postgres() -> Iterator[Postgres]:
-    """A PostgreSQL of this module's own: the nemesis restarts it."""
-    folder = Path(tempfile.mkdtemp(prefix="qkit-soak-pg-"))
-    server = start_postgres(folder)
-    yield server
-    server.stop()
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed,ledger", SEEDS)
 def test_nemesis_soak(seed: int, ledger: str, tmp_path: Path, request: pytest.FixtureRequest):
     faults = faults_for(ledger)
-    pg = request.getfixturevalue("soak_postgres") if ledger == "postgres" else None
+    pg = request.getfixturevalue("own_postgres") if ledger == "postgres" else None
     result = soak.run_seed(seed, jobs=JOBS, window=WINDOW[ledger], workdir=tmp_path, faults=faults, postgres=pg,
                            database_url=pg.database(f"soak_test_{seed}") if pg is not None else None,
                            admin_overtime=ADMIN_OVERTIME)

@@ -292,16 +292,27 @@ class Postgres:
         start (same port and options).  Returns the seconds the server was
         away: the outage its clients saw.
         """
-        if self._pg_ctl is None:
-            raise RuntimeError("this PostgreSQL handle cannot restart its server")
         t0 = time.monotonic()
         if down > 0:
-            self._pg_ctl("-m", mode, "stop")
+            self.halt(mode)
             time.sleep(down)
-            self._pg_ctl("start")
+            self.resume()
         else:
-            self._pg_ctl("-m", mode, "restart")
+            self._ctl("-m", mode, "restart")
         return time.monotonic() - t0
+
+    def halt(self, mode: str = "fast") -> None:
+        """``pg_ctl -m <mode> stop``: every connection is cut and the server stays down until :meth:`resume`."""
+        self._ctl("-m", mode, "stop")
+
+    def resume(self) -> None:
+        """Start the halted server again (same port, options and data)."""
+        self._ctl("start")
+
+    def _ctl(self, *args: str) -> None:
+        if self._pg_ctl is None:
+            raise RuntimeError("this PostgreSQL handle cannot stop or start its server")
+        self._pg_ctl(*args)
 
 
 def start_postgres(folder: Path) -> Postgres:
