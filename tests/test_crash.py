@@ -140,9 +140,12 @@ def test_sigterm_releases_what_it_holds_and_closes_the_run(setup: Setup, tmp_pat
     log, release = tmp_path / "log", tmp_path / "release"
     first = q.enqueue("record", {"log": str(log), "wait_for": str(release)}, priority=5)
     rest = q.enqueue_many([{"type": "record", "payload": {"log": str(log)}} for _ in range(5)])
-    worker = spawn_burst(setup, env={"QKIT_HANDLERS": "job_handlers", "QKIT_LEASE_SECONDS": 30})
+    out = tmp_path / "out"
+    worker = spawn_burst(setup, env={"QKIT_HANDLERS": "job_handlers", "QKIT_LEASE_SECONDS": 30}, log=out)
     wait_for(lambda: read_log(log), what="the first job to start")
     worker.send_signal(signal.SIGTERM)
+    # the burst has taken the signal in (it says so) before the job in hand may finish
+    wait_for(lambda: "SIGTERM received" in out.read_text(), what="the burst to take the signal in")
     release.touch()  # the job in hand finishes
     worker.wait(30)
     assert q.get(first).status == "completed"

@@ -416,6 +416,11 @@ class Worker:
             return
         self._signal = signum
         self._stop_claiming()
+        try:  # one plain write, no logging lock: this runs between two bytecodes of the main thread
+            os.write(2, f"qkit: {signal.Signals(signum).name} received: finishing the job in hand, "
+                        "releasing the rest\n".encode())
+        except OSError:
+            pass
 
     def _wait_for_delayed(self, next_due_ms: int) -> bool:
         """Sleep until the next delayed job is due, if that is within this burst's time budget.
