@@ -90,7 +90,7 @@ def summarise(samples: Iterable[tuple[Stack, float]], top: int) -> dict[str, Any
             continue
         by_area[area(stack)] += w
         fn, path = stack[-1]
-        short = path.split("site-packages/")[-1].split("/work/main/")[-1]
+        short = path.split("site-packages/")[-1].split(f"{ROOT}/")[-1]
         by_fn[f"{fn}  ({short})"] += w
         for name in {f for f, _ in stack}:
             if name in STEPS:
