@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 from qkit.errors import BadInput
 
-STATUSES = ("pending", "processing", "completed", "failed")
+STATUSES = ("pending", "processing", "completed", "failed", "cancelled")
 OUTCOMES = ("completed", "failed", "timeout", "lost")
 NAME_RE = re.compile(r"[a-z0-9_.-]{1,64}")
 PRIORITY_MIN, PRIORITY_MAX = -1_000_000, 1_000_000

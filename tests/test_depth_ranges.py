@@ -84,12 +84,12 @@ def test_v6_adds_the_depth_index_in_place(ledger):
             return set(conn.execute(text("SELECT name FROM sqlite_master WHERE type = 'index' "
                                          "AND tbl_name = 'job_events'")).scalars())
 
-    assert SCHEMA_VERSION == 6 and "ix_events_moves" in indexes()
+    assert SCHEMA_VERSION >= 6 and "ix_events_moves" in indexes()
     with ledger.engine.begin() as conn:  # a v5 ledger, as written before
         conn.execute(text("DROP INDEX ix_events_moves"))
         conn.execute(schema_info.update().values(version=5))
     assert "ix_events_moves" not in indexes()
-    assert ledger.init_schema() == 6 and "ix_events_moves" in indexes()
+    assert ledger.init_schema() == SCHEMA_VERSION and "ix_events_moves" in indexes()
     with ledger.engine.connect() as conn:
         plan = " ".join(str(r) for r in conn.execute(text(
             "EXPLAIN QUERY PLAN SELECT event, count(*) FROM job_events WHERE event IN ('claimed', 'enqueued') "

@@ -38,7 +38,7 @@ from qkit.ledger.hotpath import (CLAIM_JOBS, INSERT_ATTEMPT, INSERT_EVENT, INSER
 from qkit.ledger.reads import Reads
 from qkit.ledger.runs import Runs
 from qkit.ledger.schema import (MAX_TEXT, MIGRATIONS, SCHEMA_VERSION, job_attempts, job_daily, job_events, jobs,
-                                metadata, schema_info, worker_runs)
+                                metadata, queue_controls, schedules, schema_info, worker_runs)
 from qkit.engine.lifecycle import ClaimPlan, Outcome, Runnable, SettlePlan, fingerprint, unstorable
 
 
@@ -62,5 +62,5 @@ class Ledger(HotPath, Reads, Admin, Runs, Events, LedgerBase):
 __all__ = ["CLAIM_JOBS", "INSERT_ATTEMPT", "INSERT_EVENT", "INSERT_JOB", "MAX_TEXT", "MIGRATIONS", "NOT_DUE_SLACK",
            "RENEWAL_EVENT_WAIT_S", "SCHEMA_VERSION", "SELECT_CLAIM", "SELECT_FENCE", "SELECT_OPEN", "SETTLE_ATTEMPT",
            "SETTLE_JOB", "ClaimPlan", "DriverSQL", "EventWriter", "Ledger", "LedgerFailure", "Outcome", "Runnable", "SettlePlan",
-           "fingerprint", "job_attempts", "job_daily", "job_events", "jobs", "metadata", "schema_info", "transient",
+           "fingerprint", "job_attempts", "job_daily", "job_events", "jobs", "metadata", "queue_controls", "schedules", "schema_info", "transient",
            "unstorable", "utcnow", "worker_runs"]

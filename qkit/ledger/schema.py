@@ -12,9 +12,10 @@ from sqlalchemy.engine import Connection
 from qkit.engine import storable
 from qkit.engine.dispatch import redis_now
 
-SCHEMA_VERSION = 6  # v2: job_daily (retention roll-ups, qkit/ops/retention.py); v3: SQLite job ids never reused;
+SCHEMA_VERSION = 7  # v2: job_daily (retention roll-ups, qkit/ops/retention.py); v3: SQLite job ids never reused;
 #                   v4: worker_runs.run_id (qkit/runs/runner.py); v5: a failed job keeps its idempotency key;
-#                   v6: SQLite's job_events index ix_events_moves for the depth chart (qkit/ledger/analysis.py)
+#                   v6: SQLite's job_events index ix_events_moves for the depth chart (qkit/ledger/analysis.py);
+#                   v7: jobs.owner/progress, job_attempts.retry_after_ms, tables schedules and queue_controls
 MAX_TEXT = storable.MAX_ERROR_BYTES  # stored error/traceback text is cut to this many bytes (qkit/engine/storable.py)
 
 
@@ -88,6 +89,10 @@ jobs = Table(
     Column("started_at", UTCDateTime),
     Column("finished_at", UTCDateTime),
     Column("epoch", Integer, nullable=False, default=0),  # bumped by each DLQ replay
+    Column("owner", String(256)),  # v7: the API user (a JWT's ``sub``) who created it; NULL for everyone else
+    Column("progress", Float),  # v7: the handler's last progress report, 0..1 (throttled writes)
+    Column("progress_note", Text),
+    Column("progress_at", UTCDateTime),
     Index("ix_jobs_queue_status", "queue", "status"),
     # every job holds its key, failed ones too, until purged (docs/semantics.md#idempotency)
     Index("uq_jobs_idempotency", "queue", "idempotency_key", unique=True),
@@ -108,6 +113,7 @@ job_attempts = Table(
     Column("error", Text),
     Column("traceback", Text),
     Column("fingerprint", String(200)),
+    Column("retry_after_ms", Float),  # v7: the delay a handler named (qkit.Retry, a 429/503 Retry-After)
     Index("uq_attempts_job", "job_id", "epoch", "attempt", unique=True),
 )
 
@@ -143,6 +149,41 @@ job_events = Table(
     # row; qkit/ledger/analysis.py); PostgreSQL aggregates by hash and its B-tree entries have a size limit
     Index("ix_events_moves", "event", "at", "detail").ddl_if(dialect="sqlite"),
 )
+
+# ---------------------------------------------------------------- workload controls (schema v7)
+#: Recurring jobs (``q.schedule``): each fire time of ``cron`` in ``tz`` becomes one job, enqueued by
+#: whichever burst or ``qkit tick`` runs first after it; ``next_fire_at`` is the first fire time not yet
+#: enqueued (docs/semantics.md#schedules).
+schedules = Table(
+    "schedules", metadata,
+    Column("queue", String(64), primary_key=True),
+    Column("name", String(64), primary_key=True),
+    Column("cron", String(256), nullable=False),
+    Column("tz", String(64), nullable=False, default="UTC"),
+    Column("type", String(64), nullable=False),
+    Column("payload", Json),
+    Column("priority", Integer, nullable=False, default=0),
+    Column("max_attempts", Integer, nullable=False, default=3),
+    Column("catch_up", String(8), nullable=False, default="latest"),  # latest | all | skip
+    Column("next_fire_at", UTCDateTime, nullable=False),
+    Column("last_fire_at", UTCDateTime),
+    Column("last_job_id", BigInteger),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+)
+
+#: A queue's controls that must outlive a Redis restart: ``kind`` ``pause`` (name ``""``) or ``limit``
+#: (name = the job type, value ``{"rate", "per", "concurrency"}``).  Redis holds the working copy the claim
+#: script reads; the ledger's copy is the truth a repair restores it from.
+queue_controls = Table(
+    "queue_controls", metadata,
+    Column("queue", String(64), primary_key=True),
+    Column("kind", String(16), primary_key=True),
+    Column("name", String(64), primary_key=True),
+    Column("value", Json),
+    Column("updated_at", UTCDateTime, nullable=False),
+)
+
 
 # ---------------------------------------------------------------- retention roll-ups (schema v2)
 #: One row per (UTC day of finishing, queue, type) of completed jobs that
@@ -264,6 +305,22 @@ def _migrate_v6(conn: Connection) -> None:
         next(i for i in job_events.indexes if i.name == "ix_events_moves").create(conn, checkfirst=True)
 
 
+_V7_COLUMNS = (("jobs", "owner", "VARCHAR(256)"), ("jobs", "progress", "FLOAT"), ("jobs", "progress_note", "TEXT"),
+               ("jobs", "progress_at", None), ("job_attempts", "retry_after_ms", "FLOAT"))
+
+
+def _migrate_v7(conn: Connection) -> None:
+    """v6 -> v7: the workload controls' columns and tables (owner, progress, Retry-After, schedules, controls)."""
+    from sqlalchemy import inspect as inspect_db
+
+    stamp = "TIMESTAMP WITH TIME ZONE" if conn.dialect.name == "postgresql" else "DATETIME"
+    for table_name, name, sql_type in _V7_COLUMNS:
+        if name not in {c["name"] for c in inspect_db(conn).get_columns(table_name)}:
+            conn.exec_driver_sql(f"ALTER TABLE {table_name} ADD COLUMN {name} {sql_type or stamp}")
+    schedules.create(conn, checkfirst=True)
+    queue_controls.create(conn, checkfirst=True)
+
+
 #: in-place upgrades: version -> function(connection) bringing the schema to it
 MIGRATIONS: dict[int, Any] = {2: _migrate_v2, 3: _migrate_v3, 4: _migrate_worker_run_ids, 5: _migrate_v5,
-                              6: _migrate_v6}
+                              6: _migrate_v6, 7: _migrate_v7}
