@@ -6,7 +6,8 @@ from sqlalchemy import inspect as inspect_db, text
 from conftest import scratch_ledger
 from qkit.ledger import SCHEMA_VERSION, Ledger, schema_info
 
-NEW_COLUMNS = {"jobs": {"owner", "progress", "progress_note", "progress_at"}, "job_attempts": {"retry_after_ms"}}
+NEW_COLUMNS = {"jobs": {"owner", "progress", "progress_note", "progress_at"}, "job_attempts": {"retry_after_ms"},
+               "worker_runs": {"released"}}
 
 
 def test_a_v6_ledger_gains_the_v7_columns_and_tables_in_place(setup, tmp_path):

@@ -15,7 +15,8 @@ from qkit.engine.dispatch import redis_now
 SCHEMA_VERSION = 7  # v2: job_daily (retention roll-ups, qkit/ops/retention.py); v3: SQLite job ids never reused;
 #                   v4: worker_runs.run_id (qkit/runs/runner.py); v5: a failed job keeps its idempotency key;
 #                   v6: SQLite's job_events index ix_events_moves for the depth chart (qkit/ledger/analysis.py);
-#                   v7: jobs.owner/progress, job_attempts.retry_after_ms, tables schedules and queue_controls
+#                   v7: jobs.owner/progress, job_attempts.retry_after_ms, worker_runs.released,
+#                       tables schedules and queue_controls
 MAX_TEXT = storable.MAX_ERROR_BYTES  # stored error/traceback text is cut to this many bytes (qkit/engine/storable.py)
 
 
@@ -128,6 +129,7 @@ worker_runs = Table(
     Column("completed", Integer, nullable=False, default=0),
     Column("retried", Integer, nullable=False, default=0),
     Column("failed", Integer, nullable=False, default=0),
+    Column("released", Integer, nullable=False, default=0),  # v7: claimed, handed back unrun (not retries)
     Column("trigger", String(16), nullable=False),
     Column("params", Json),
     Column("status", String(16), nullable=False, default="running"),  # running|ok|failed|interrupted|abandoned
@@ -306,7 +308,8 @@ def _migrate_v6(conn: Connection) -> None:
 
 
 _V7_COLUMNS = (("jobs", "owner", "VARCHAR(256)"), ("jobs", "progress", "FLOAT"), ("jobs", "progress_note", "TEXT"),
-               ("jobs", "progress_at", None), ("job_attempts", "retry_after_ms", "FLOAT"))
+               ("jobs", "progress_at", None), ("job_attempts", "retry_after_ms", "FLOAT"),
+               ("worker_runs", "released", "INTEGER NOT NULL DEFAULT 0"))
 
 
 def _migrate_v7(conn: Connection) -> None:
