@@ -1,4 +1,5 @@
-"""Any Redis server over TCP or a unix socket, through redis-py (RESP2)."""
+"""Any Redis server over TCP or a unix socket, through redis-py (RESP2); a Redis Cluster through redis-py's
+cluster client (docs/cluster.md)."""
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -24,15 +25,14 @@ class RedisBackend(Backend):
                  check_eviction: bool = True) -> None:
         super().__init__()
         self.url = url or ""
-        # protocol=2 keeps reply shapes identical to Upstash's REST replies (RESP2)
-        self.client = client or redis.Redis.from_url(url, protocol=2, decode_responses=True,
-                                                     socket_timeout=30, socket_connect_timeout=5,
-                                                     health_check_interval=30)
+        self.client = client or _client_for(url)
+        self.cluster = isinstance(self.client, redis.RedisCluster)
         if check_eviction:
             self._warn_if_evicting()
 
     def describe(self) -> str:
-        return redact(self.url) if self.url else self.kind
+        where = redact(self.url) if self.url else self.kind
+        return f"{where} (cluster)" if self.cluster else where
 
     def _unavailable(self, exc: Exception) -> BackendUnavailable:
         return BackendUnavailable(f"cannot reach Redis at {self.variable}={self.describe()}: "
@@ -76,12 +76,40 @@ class RedisBackend(Backend):
     def _warn_if_evicting(self) -> None:
         """Warn once when the server may evict keys: an evicted job is a lost job."""
         try:
-            policy = self.client.config_get("maxmemory-policy").get("maxmemory-policy")
+            if self.cluster:  # one reply per primary: warn about any that may evict
+                reply = self.client.config_get("maxmemory-policy", target_nodes=redis.RedisCluster.PRIMARIES)
+                per_node = reply.values() if all(isinstance(r, dict) for r in reply.values()) else [reply]
+                policies = {r.get("maxmemory-policy") for r in per_node}  # one node answers with its dict alone
+            else:
+                policies = {self.client.config_get("maxmemory-policy").get("maxmemory-policy")}
         except RedisError:
             return  # CONFIG is often disabled on managed servers; nothing to check
-        if policy and policy != "noeviction":
+        for policy in sorted(p for p in policies if p and p != "noeviction"):
             log.warning("Redis at %s has maxmemory-policy=%s: it may evict queued jobs; "
                         "set it to noeviction", self.describe(), policy)
 
     def close(self) -> None:
         self.client.close()
+
+
+#: connection settings of both clients; protocol=2 keeps reply shapes identical to Upstash's REST replies (RESP2)
+_OPTIONS = dict(protocol=2, decode_responses=True, socket_timeout=30, socket_connect_timeout=5)
+
+
+def _client_for(url: str) -> redis.Redis | redis.RedisCluster:
+    """A plain client, or redis-py's cluster client when the server says ``cluster_enabled:1``.
+
+    Every key of a queue shares one hash tag, so each script call goes whole to the shard that owns the
+    queue's slot; the cluster client follows MOVED redirections and a failover's new topology.  The check
+    costs one ``INFO cluster`` per connect; a server that does not answer is left to the first real command,
+    which says so in one line.
+    """
+    plain = redis.Redis.from_url(url, health_check_interval=30, **_OPTIONS)
+    try:
+        enabled = int(plain.info("cluster").get("cluster_enabled", 0)) == 1
+    except (RedisError, ValueError):
+        return plain
+    if not enabled:
+        return plain
+    plain.close()
+    return redis.RedisCluster.from_url(url, **_OPTIONS)
