@@ -253,6 +253,8 @@ class Settings:
     handler_modules: tuple[str, ...] = ()
     #: seconds of waiting worth one priority level (0: strict priority); see qkit/lua/claim.lua
     priority_aging: float = 0.0
+    #: QKIT_UPSTASH_KEY_LOCKING: send scripts to Upstash with ``#!lua flags=allow-key-locking`` (docs/upstash.md)
+    upstash_key_locking: str = "auto"
 
     @property
     def backend_kind(self) -> str:
@@ -310,9 +312,16 @@ def settings(
     modules = tuple(m.strip() for m in os.environ.get("QKIT_HANDLERS", "").split(",") if m.strip())
     aging = priority_aging if priority_aging is not None else _float_env("QKIT_PRIORITY_AGING_SECONDS", 0.0)
     aging = check_priority_aging(aging)
-    return Settings(home=home_path, redis_url=redis_url, upstash_url=upstash_url, upstash_token=upstash_token,
+    key_locking = os.environ.get("QKIT_UPSTASH_KEY_LOCKING", "auto").strip().lower() or "auto"
+    if key_locking not in KEY_LOCKING_CHOICES:
+        raise ConfigError(f"QKIT_UPSTASH_KEY_LOCKING={key_locking!r} must be one of {', '.join(KEY_LOCKING_CHOICES)}")
+    return Settings(upstash_key_locking=key_locking, home=home_path, redis_url=redis_url, upstash_url=upstash_url, upstash_token=upstash_token,
                     database_url=db, backoff_base=float(base), backoff_max=float(cap),
                     lease_seconds=float(lease), handler_modules=modules, priority_aging=aging)
+
+
+#: QKIT_UPSTASH_KEY_LOCKING's values: auto (only for hosts under upstash.io), on, off
+KEY_LOCKING_CHOICES = ("auto", "on", "off")
 
 
 #: the keyword overrides :func:`settings` (and so :func:`qkit.connect`) accepts

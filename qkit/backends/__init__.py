@@ -11,7 +11,8 @@ def open_backend(settings: Settings) -> Backend:
     if kind == "upstash":
         from qkit.backends.upstash import UpstashBackend
 
-        return UpstashBackend(settings.upstash_url or "", settings.upstash_token or "")
+        return UpstashBackend(settings.upstash_url or "", settings.upstash_token or "",
+                              key_locking=settings.upstash_key_locking)
     if kind == "redis":
         from qkit.backends.redis import RedisBackend
 

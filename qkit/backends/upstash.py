@@ -31,7 +31,7 @@ from upstash_redis.errors import UpstashError
 from qkit.backends.base import Backend
 from qkit.config import url_for_messages
 from qkit.errors import BackendUnavailable, ConfigError, QkitError
-from qkit.lua import Script
+from qkit.lua import Script, with_key_locking
 from qkit.text import clip
 
 __all__ = ["UpstashBackend", "UpstashUnauthorized"]
@@ -120,13 +120,27 @@ def _redis_py_callbacks() -> Any:
     return _REDIS_PY_CALLBACKS
 
 
+def uses_key_locking(hostname: str, setting: str) -> bool:
+    """Whether scripts carry ``allow-key-locking``: ``on``/``off``, or ``auto`` = the host is ``*.upstash.io``."""
+    if setting in ("on", "off"):
+        return setting == "on"
+    host = hostname.lower().rstrip(".")
+    return host == "upstash.io" or host.endswith(".upstash.io")
+
+
 class UpstashBackend(Backend):
     """Scripts and pipelines over Upstash's REST API."""
 
     kind = "upstash"
 
-    def __init__(self, url: str, token: str, timeout: float = 10.0) -> None:
-        """Connect lazily to ``url`` with ``token``; ``timeout`` bounds each HTTP request (s)."""
+    def __init__(self, url: str, token: str, timeout: float = 10.0, *, key_locking: str = "auto") -> None:
+        """Connect lazily to ``url`` with ``token``; ``timeout`` bounds each HTTP request (s).
+
+        ``key_locking`` (``QKIT_UPSTASH_KEY_LOCKING``): ``on`` sends every script with Upstash's
+        ``allow-key-locking`` shebang, so it locks only its queue's keys instead of the whole database;
+        ``off`` never; ``auto`` only when the host is Upstash's own (``*.upstash.io``), because stock
+        Redis 7 behind another endpoint refuses the flag (docs/upstash.md).
+        """
         super().__init__()
         url = (url or "").strip().rstrip("/")  # a trailing slash breaks pipelines (P10)
         parts = urlsplit(url)
@@ -144,6 +158,7 @@ class UpstashBackend(Backend):
         if timeout <= 0:
             raise ConfigError("the Upstash request timeout must be positive")
         self._url = url
+        self.key_locking = uses_key_locking(parts.hostname, key_locking)
         self._token = token
         self._timeout = float(timeout)
         self._redis = upstash_redis.Redis(url, token, rest_retries=0, allow_telemetry=False)
@@ -227,6 +242,8 @@ class UpstashBackend(Backend):
         """
         keys = [_arg(k) for k in keys]
         args = [_arg(a) for a in args]
+        if self.key_locking:
+            script = with_key_locking(script)
         try:
             return self._run_script_once(script, keys, args)
         except UpstashUnauthorized:

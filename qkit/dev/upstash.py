@@ -55,8 +55,8 @@ from qkit.api.errors import http_error
 from qkit.config import url_for_messages
 # FaultPlan, EndpointStats and the limits are public here too (tests and bench import them from this module)
 from qkit.dev.upstash_wire import (DEFAULT_MAX_BODY_BYTES, EXECABORT, FAULT_ACTIONS, MAX_REQUEST_SIZE,  # noqa: F401
-                                   ROUTES, WRONGPASS, EndpointStats, FaultPlan, RestError, as_command, encode_reply,
-                                   error_text, parse_body, refusal, reply_item)
+                                   ROUTES, WRONGPASS, EndpointStats, FaultPlan, KeyLocking, RestError, as_command,
+                                   encode_reply, error_text, parse_body, refusal, reply_item)
 
 __all__ = [
     "FAULT_ACTIONS",
@@ -192,7 +192,7 @@ async def _answer(request: Request, route: str) -> Response:
     body = parse_body(await _read_body(request, state.max_body_bytes))
 
     if route == "/":
-        command = as_command(body)
+        command = state.key_locking.translate(as_command(body), stats)
         refused = refusal(command)
         if refused:
             return _json(400, {"error": refused})
@@ -204,7 +204,7 @@ async def _answer(request: Request, route: str) -> Response:
 
     if not isinstance(body, list) or not body:
         raise RestError(400, "ERR the body must be a non-empty JSON array of commands")
-    commands = [as_command(item) for item in body]
+    commands = [state.key_locking.translate(as_command(item), stats) for item in body]
     refusals = [refusal(c) for c in commands]
 
     if route == "/pipeline":
@@ -314,6 +314,7 @@ def create_app(
     app.state.faults = faults if faults is not None else FaultPlan()
     app.state.max_body_bytes = int(max_body_bytes)
     app.state.stats = EndpointStats()
+    app.state.key_locking = KeyLocking()  # Upstash accepts allow-key-locking; the Redis behind it would not
     return app
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import hashlib
 import json
 import threading
 from dataclasses import dataclass, field
@@ -104,11 +105,12 @@ class EndpointStats:
     commands: int = 0          # commands sent on to Redis (MULTI/EXEC wrappers excluded)
     unauthorized: int = 0      # requests answered 401
     latency_sleeps: int = 0    # injected latency sleeps completed
+    key_locking_scripts: int = 0  # EVAL/EVALSHA calls that carried Upstash's allow-key-locking shebang
     by_route: dict[str, int] = field(default_factory=dict)
 
     def reset(self) -> None:
         """Zero every counter."""
-        self.requests = self.commands = self.unauthorized = self.latency_sleeps = 0
+        self.requests = self.commands = self.unauthorized = self.latency_sleeps = self.key_locking_scripts = 0
         self.by_route.clear()
 
 
@@ -181,6 +183,36 @@ def as_command(value: Any) -> list[str]:
         if not isinstance(arg, str):
             raise RestError(400, "ERR command arguments must be JSON strings or numbers")
     return value
+
+
+#: Upstash's shebang (qkit.lua.KEY_LOCKING_SHEBANG without its newline) and what the endpoint sends Redis 7
+#: instead: a bare shebang, which makes Redis apply its strict key checks (undeclared keys fail on a cluster)
+KEY_LOCKING_FLAG_LINE = "#!lua flags=allow-key-locking"
+BARE_SHEBANG = "#!lua"
+
+
+class KeyLocking:
+    """Accept Upstash's ``allow-key-locking`` script flag that Redis 7 refuses.
+
+    ``EVAL`` of a flagged script is sent with a bare ``#!lua`` shebang instead, and the flagged text's SHA1
+    is remembered against the rewritten one, so the client's ``EVALSHA`` of the flagged text finds the
+    script Redis has cached (one command per call, as on Upstash).
+    """
+
+    def __init__(self) -> None:
+        self.shas: dict[str, str] = {}
+
+    def translate(self, command: list[str], stats: "EndpointStats") -> list[str]:
+        name = command[0].upper() if command else ""
+        if name == "EVAL" and len(command) > 1 and command[1].startswith(KEY_LOCKING_FLAG_LINE + "\n"):
+            source = BARE_SHEBANG + command[1][len(KEY_LOCKING_FLAG_LINE):]
+            self.shas[hashlib.sha1(command[1].encode()).hexdigest()] = hashlib.sha1(source.encode()).hexdigest()
+            stats.key_locking_scripts += 1
+            return [command[0], source, *command[2:]]
+        if name == "EVALSHA" and len(command) > 1 and command[1].lower() in self.shas:
+            stats.key_locking_scripts += 1
+            return [command[0], self.shas[command[1].lower()], *command[2:]]
+        return command
 
 
 def refusal(command: Sequence[str]) -> str | None:

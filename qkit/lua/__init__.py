@@ -29,6 +29,17 @@ class Script:
         return cls(name=name, source=source, sha=hashlib.sha1(source.encode()).hexdigest())
 
 
+#: Upstash's shebang for scripts that lock only their KEYS instead of the whole database (docs/upstash.md).
+#: Stock Redis 7 refuses the flag ("Unexpected flag in script shebang"), so only the Upstash backend adds it.
+KEY_LOCKING_SHEBANG = "#!lua flags=allow-key-locking\n"
+
+
+@functools.lru_cache(maxsize=None)
+def with_key_locking(script: Script) -> Script:
+    """``script`` with Upstash's ``allow-key-locking`` shebang first (its own SHA1)."""
+    return Script.from_source(script.name, KEY_LOCKING_SHEBANG + script.source)
+
+
 _INCLUDE = re.compile(r"^-- include (_[a-z_]+)\.lua$", re.MULTILINE)
 
 
