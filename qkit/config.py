@@ -72,8 +72,8 @@ def has_url_password(text: str) -> bool:
 
 
 #: variables whose whole value is a secret
-SECRET_VARIABLES = ("UPSTASH_REDIS_REST_TOKEN", "WORKER_SECRET", "QKIT_API_TOKEN",
-                    "QSTASH_CURRENT_SIGNING_KEY", "QSTASH_NEXT_SIGNING_KEY")
+SECRET_VARIABLES = ("UPSTASH_REDIS_REST_TOKEN", "WORKER_SECRET", "QKIT_API_TOKEN", "QKIT_API_READ_TOKEN",
+                    "QKIT_METRICS_TOKEN", "QSTASH_CURRENT_SIGNING_KEY", "QSTASH_NEXT_SIGNING_KEY")
 #: variables holding a URL whose password is a secret
 SECRET_URL_VARIABLES = ("QKIT_REDIS_URL", "QKIT_DATABASE_URL")
 

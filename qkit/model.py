@@ -21,6 +21,8 @@ PRIORITY_MIN, PRIORITY_MAX = -1_000_000, 1_000_000
 MAX_ATTEMPTS_MIN, MAX_ATTEMPTS_MAX = 1, 100
 MAX_PAYLOAD_BYTES = 256 * 1024
 MAX_KEY_LENGTH = 256
+#: jobs.owner: a signed-in API user's JWT ``sub``
+MAX_OWNER_LENGTH = 256
 MAX_DELAY_SECONDS = 366 * 24 * 3600
 #: deepest nesting of objects and arrays in a payload (the HTTP API parses bodies with the same cap)
 MAX_JSON_DEPTH = 64
@@ -225,10 +227,12 @@ class NewJob:
     key: str | None = None
     #: the payload's compact JSON, computed once by validation and stored as is
     payload_text: str = field(default="{}", repr=False, compare=False)
+    #: the API user (a JWT's ``sub``) creating it; None for everyone else
+    owner: str | None = None
 
 
 def new_job(type: Any, payload: Any, *, priority: Any = 0, max_attempts: Any = 3,
-            delay: Any = 0, key: Any = None) -> NewJob:
+            delay: Any = 0, key: Any = None, owner: Any = None) -> NewJob:
     """Validate one enqueue request; raise BadInput saying what and why."""
     check_name(type, "job type")
     text = check_payload(payload)
@@ -249,8 +253,11 @@ def new_job(type: Any, payload: Any, *, priority: Any = 0, max_attempts: Any = 3
             except UnicodeEncodeError:
                 raise BadInput("key holds text that is not valid Unicode (a lone surrogate); the ledger stores UTF-8") \
                     from None
+    if owner is not None and (not isinstance(owner, str) or not owner or len(owner) > MAX_OWNER_LENGTH
+                              or "\x00" in owner):
+        raise BadInput(f"owner must be a non-empty string of at most {MAX_OWNER_LENGTH} characters without NUL")
     return NewJob(type=type, payload=dict(payload), priority=priority, max_attempts=max_attempts,
-                  delay=float(delay), key=key, payload_text=text)
+                  delay=float(delay), key=key, payload_text=text, owner=owner)
 
 
 def new_job_from_item(item: Any, index: int) -> NewJob:
@@ -295,6 +302,7 @@ class Job:
     started_at: datetime | None = None
     finished_at: datetime | None = None
     epoch: int = 0
+    owner: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (times as ISO 8601 UTC)."""

@@ -448,7 +448,7 @@ def test_database_errors_carry_no_job_data(setup):
     with pytest.raises(DBAPIError) as caught:
         with q.ledger.engine.begin() as conn:  # the same id again (SQLite), or a NUL (PostgreSQL)
             q.ledger.driver.run(conn, INSERT_JOB, [(job_id if q.ledger.dialect == "sqlite" else job_id + 10_000,
-                                                   q.name, "record", payload, 0, 3, now, now, now)])
+                                                   q.name, "record", payload, 0, 3, now, now, now, None)])
     text_ = "".join(traceback.format_exception(caught.value))
     assert SECRET not in text_
     assert "INSERT INTO jobs" in text_  # the statement is still named

@@ -3,34 +3,30 @@
 Needs the ``api`` extra (``pip install 'qkit[api]'``).  The package's modules:
 
 =====================  =================================================================
-:mod:`qkit.api.app`    the routes and :func:`create_app` (assembly, the queue holder)
+:mod:`qkit.api.app`    the core routes, :data:`ROUTE_MODULES` and :func:`create_app` (assembly)
 :mod:`qkit.api.auth`   bearer tokens and QStash signatures
+:mod:`qkit.api.roles`  who calls (:class:`Caller`) and each route's rule (:func:`authorize`)
+:mod:`qkit.api.holder` the served queue, and views of the ledger's other queues
+:mod:`qkit.api.routes_jobs` ``/api/jobs*`` (enqueue, list, one job, cancel)
+:mod:`qkit.api.routes_ops` ``/api/queues``, ``/api/stats``, ``/api/runs``
+:mod:`qkit.api.metrics` ``GET /metrics`` (Prometheus, read from the ledger at scrape time)
 :mod:`qkit.api.bodies` bodies read under caps, strict JSON, field and query checks, burst caps
 :mod:`qkit.api.errors` :class:`ApiError`, the endpoint guard, JSON 404/405, route templates
-:mod:`qkit.api.openapi` the OpenAPI document
+:mod:`qkit.api.openapi` the OpenAPI document (core paths; each route module adds its own)
 :mod:`qkit.api.serve`  ``qkit serve`` (uvicorn, redacting logs)
 =====================  =================================================================
 
-Routes (all JSON):
-
-============================  =============================  ==========================================
-route                         auth                           does
-============================  =============================  ==========================================
-``POST /api/jobs``            ``Bearer $QKIT_API_TOKEN``     enqueue; 201 ``{id, status}``
-``GET /api/jobs``             same                           list, newest first, ``before_id`` paging
-``GET /api/jobs/{id}``        same                           one job with its attempts; 404 if none
-``POST /api/workers``         ``Bearer $WORKER_SECRET`` or   one burst; 200 summary (also when jobs
-                              a QStash ``Upstash-Signature``  failed); 503 only for infrastructure
-``GET /api/health``           none                           backend reachability, nothing else
-``GET /api/openapi.json``     none                           the OpenAPI 3.1 document
-============================  =============================  ==========================================
+The routes and who may call them are listed in docs/http-api.md; the roles
+(``QKIT_API_TOKEN`` admin, ``QKIT_API_READ_TOKEN`` reader, a JWT user verified
+against ``QKIT_API_JWKS_URL``, ``QKIT_METRICS_TOKEN``) are :mod:`qkit.api.roles`.
 
 Security decisions (each one is deliberate and tested in ``tests/test_api.py``):
 
 * **Fail closed.**  A secret that is unset, empty or only whitespace disables
   its routes: they answer 503 whatever the request carries.  ``/api/workers``
   is enabled by ``WORKER_SECRET`` or by QStash signing keys.
-* **When secrets are read.**  ``QKIT_API_TOKEN``, ``WORKER_SECRET``,
+* **When secrets are read.**  ``QKIT_API_TOKEN``, ``QKIT_API_READ_TOKEN``,
+  ``QKIT_METRICS_TOKEN``, ``QKIT_API_JWKS_URL`` (and its issuer/audience), ``WORKER_SECRET``,
   ``QSTASH_CURRENT_SIGNING_KEY``, ``QSTASH_NEXT_SIGNING_KEY`` and
   ``QKIT_API_PUBLIC_URL`` are read from the environment *at request time*
   (never cached in the app); the limits ``QKIT_API_MAX_SECONDS`` and
@@ -68,18 +64,19 @@ from qkit.extras import require
 
 require("the HTTP API (qkit serve)", "starlette", "uvicorn", "jwt")
 
-from qkit.api.app import LIST_ERROR_CHARS, QueueHolder, create_app, list_rows  # noqa: E402
-from qkit.api.auth import (_secret, bearer_token, endpoint_url, require_api_token, token_matches,  # noqa: E402
-                           verify_qstash_signature)
+from qkit.api.app import OPENAPI, ROUTE_MODULES, create_app  # noqa: E402
+from qkit.api.auth import _secret, bearer_token, endpoint_url, token_matches, verify_qstash_signature  # noqa: E402
 from qkit.api.bodies import (MAX_BODY_BYTES, MAX_WORKER_BODY_BYTES, ApiLimits, api_limits, parse_object,  # noqa: E402
                              read_body)
 from qkit.api.errors import UNAVAILABLE, ApiError  # noqa: E402
-from qkit.api.openapi import OPENAPI  # noqa: E402
+from qkit.api.holder import QueueHolder  # noqa: E402
+from qkit.api.roles import Caller, authorize, identify, identify_token  # noqa: E402
+from qkit.api.routes_jobs import LIST_ERROR_CHARS, list_rows  # noqa: E402
 from qkit.api.serve import RedactFilter, serve  # noqa: E402
 
 __all__ = [
     "create_app", "serve", "ApiError", "ApiLimits", "api_limits", "QueueHolder", "list_rows", "OPENAPI",
     "RedactFilter", "bearer_token", "token_matches", "verify_qstash_signature", "endpoint_url",
-    "require_api_token", "read_body", "parse_object", "MAX_BODY_BYTES", "MAX_WORKER_BODY_BYTES",
+    "ROUTE_MODULES", "Caller", "authorize", "identify", "identify_token", "read_body", "parse_object", "MAX_BODY_BYTES", "MAX_WORKER_BODY_BYTES",
     "LIST_ERROR_CHARS", "UNAVAILABLE", "_secret",
 ]

@@ -1,6 +1,7 @@
-"""The API's routes and the app that assembles them for one queue (:func:`create_app`).
+"""The API's core routes, the route groups (:data:`ROUTE_MODULES`) and the app that assembles them for one
+queue (:func:`create_app`).
 
-Each route is a module-level endpoint: it checks who calls (:mod:`qkit.api.auth`),
+Each route is a module-level endpoint: it checks who calls (:mod:`qkit.api.roles`),
 reads what they send (:mod:`qkit.api.bodies`), does the work on a thread (the
 queue is synchronous) and answers JSON; every failure becomes one JSON line
 through :func:`qkit.api.errors.guard`.  The app's state holds the queue
@@ -9,11 +10,10 @@ through :func:`qkit.api.errors.guard`.  The app's state holds the queue
 from __future__ import annotations
 
 import contextlib
+import importlib
 import inspect
 import logging
-import threading
 from typing import Any, AsyncIterator
-from urllib.parse import urlencode
 
 import anyio
 import anyio.to_thread
@@ -26,130 +26,30 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from qkit.accesslog import AccessLog
-from qkit.api.auth import authorize_burst, require_api_token
-from qkit.api.bodies import (JOB_FIELDS, MAX_BODY_BYTES, api_limits, burst_budget, is_id_text, job_body,
-                             list_query, read_body)
-from qkit.api.errors import ApiError, guard, http_error, route_of
-from qkit.api.openapi import OPENAPI
-from qkit.config import DEFAULT_QUEUE, Settings, settings as resolve_settings
+from qkit.api.auth import authorize_burst
+from qkit.api.bodies import api_limits, burst_budget
+from qkit.api.errors import guard, http_error, route_templates
+from qkit.api.holder import QueueHolder, holder as _holder
+from qkit.api.openapi import document
+from qkit.config import DEFAULT_QUEUE, settings as resolve_settings
 from qkit.errors import BadInput
-from qkit.model import check_name, jsonable
-from qkit.text import clip
+from qkit.model import check_name
 
 log = logging.getLogger("qkit.api")
 
-#: list rows carry at most this much of a job's error (the full text is on GET /api/jobs/{id})
-LIST_ERROR_CHARS = 1000
 #: bursts run on their own thread limiter, so long bursts never starve the job routes
 MAX_CONCURRENT_BURSTS = 4
 
-
-class QueueHolder:
-    """Opens the queue on first use (and again after a failed open), once, across threads."""
-
-    def __init__(self, name: str, settings: Settings) -> None:
-        self.name = name
-        self.settings = settings
-        self._queue: Any = None
-        self._lock = threading.Lock()
-
-    def get(self) -> Any:
-        if self._queue is None:
-            with self._lock:
-                if self._queue is None:
-                    from qkit.engine.queue import Queue
-
-                    self._queue = Queue(self.name, self.settings)
-        return self._queue
-
-    def discard(self) -> None:
-        """Forget the queue after a backend failure; the next :meth:`get` opens a new one.
-
-        Not closed here: a burst in another thread may still be using it (and
-        may well succeed); its connections go with the last reference.
-        """
-        with self._lock:
-            self._queue = None
-
-    def close(self) -> None:
-        with self._lock:
-            if self._queue is not None:
-                self._queue.close()
-                self._queue = None
-
-
-def _holder(request: Request) -> QueueHolder:
-    return request.app.state.queue
-
-
-def list_rows(q: Any, *, status: str | None, type: str | None, limit: int,
-              before_id: int | None) -> list[dict[str, Any]]:
-    """Jobs of ``q``, newest first, without payload and result; ``error`` clipped to ``LIST_ERROR_CHARS``."""
-    return [jsonable(r) for r in q.ledger.job_summaries(q.name, status=status, type=type, limit=limit,
-                                                        before_id=before_id, error_chars=LIST_ERROR_CHARS)]
+#: The route groups: each module holds ``ROUTES`` (Starlette routes) and, for JSON routes,
+#: ``OPENAPI_PATHS`` / ``OPENAPI_SCHEMAS``.  A new group of routes is one more line here.
+ROUTE_MODULES = (
+    "qkit.api.routes_jobs",
+    "qkit.api.routes_ops",
+    "qkit.api.metrics",
+)
 
 
 # --------------------------------------------------------------------------- routes
-@guard
-async def enqueue(request: Request) -> Response:
-    """POST /api/jobs"""
-    require_api_token(request)
-    body = job_body(await read_body(request, MAX_BODY_BYTES))
-    holder = _holder(request)
-
-    def run() -> dict[str, Any]:
-        q = holder.get()
-        job_id = q.enqueue(body["type"], body["payload"], **{k: body[k] for k in JOB_FIELDS[2:] if k in body})
-        return {"id": job_id, "status": q.get(job_id).status}
-
-    out = await run_in_threadpool(run)
-    return JSONResponse(out, status_code=201, headers={"Location": f"/api/jobs/{out['id']}"})
-
-
-@guard
-async def list_jobs(request: Request) -> Response:
-    """GET /api/jobs"""
-    require_api_token(request)
-    query = list_query(request.query_params)
-    limit = query["limit"]
-    holder = _holder(request)
-    rows = await run_in_threadpool(lambda: list_rows(holder.get(), status=query["status"], type=query["type"],
-                                                     limit=limit + 1, before_id=query["before_id"]))
-    more = len(rows) > limit
-    rows = rows[:limit]
-    next_before = rows[-1]["id"] if more and rows else None
-    next_link = None
-    if next_before is not None:
-        params = {k: v for k, v in query.items() if v is not None and k != "before_id"}
-        next_link = "/api/jobs?" + urlencode({**params, "before_id": next_before})
-    return JSONResponse({"jobs": rows, "next": next_link, "next_before_id": next_before})
-
-
-async def jobs_route(request: Request) -> Response:
-    """GET (and HEAD) /api/jobs lists; POST /api/jobs enqueues."""
-    return await (enqueue(request) if request.method == "POST" else list_jobs(request))
-
-
-@guard
-async def get_job(request: Request) -> Response:
-    """GET /api/jobs/{id}"""
-    require_api_token(request)
-    raw = request.path_params["id"]
-    if not is_id_text(raw):
-        raise ApiError(404, f"no job {clip(raw, 40)!r}")
-    job_id = int(raw)
-    holder = _holder(request)
-
-    def run() -> dict[str, Any]:
-        q = holder.get()
-        data = q.get(job_id).to_dict()
-        data["attempts_detail"] = [{k: v for k, v in a.items() if k != "traceback"}
-                                   for a in q.ledger.attempts(job_id)]
-        return jsonable(data)
-
-    return JSONResponse(await run_in_threadpool(run))
-
-
 @guard
 async def work(request: Request) -> Response:
     """POST /api/workers"""
@@ -199,14 +99,25 @@ async def openapi(request: Request) -> Response:
     return JSONResponse(OPENAPI)
 
 
-ROUTES = [
-    # one route per path, so a wrong method gets a 405 whose Allow header lists every method
-    Route("/api/jobs", jobs_route, methods=["GET", "POST"]),
-    Route("/api/jobs/{id}", get_job, methods=["GET"]),
+CORE_ROUTES = [
     Route("/api/workers", work, methods=["POST"]),
     Route("/api/health", health, methods=["GET"]),
     Route("/api/openapi.json", openapi, methods=["GET"]),
 ]
+
+
+def route_modules() -> list[Any]:
+    """The modules of :data:`ROUTE_MODULES`, imported."""
+    return [importlib.import_module(name) for name in ROUTE_MODULES]
+
+
+def all_routes() -> list[Any]:
+    """The core routes, then each route module's, in order."""
+    return CORE_ROUTES + [route for module in route_modules() for route in module.ROUTES]
+
+
+#: the OpenAPI document of every route module
+OPENAPI = document(route_modules())
 
 
 # --------------------------------------------------------------------------- the app
@@ -237,7 +148,8 @@ def create_app(queue: str = DEFAULT_QUEUE, **connect_overrides: Any) -> Starlett
         raise BadInput(f"unknown option(s) for create_app: {', '.join(sorted(unknown))}")
     holder = QueueHolder(queue, resolve_settings(**connect_overrides))
     limits = api_limits()
-    app = Starlette(routes=ROUTES, middleware=[Middleware(AccessLog, logger=log, route_of=route_of)],
+    routes = all_routes()
+    app = Starlette(routes=routes, middleware=[Middleware(AccessLog, logger=log, route_of=route_templates(routes))],
                     exception_handlers={HTTPException: http_error}, lifespan=_lifespan)
     app.state.limits = limits
     app.state.queue = holder

@@ -1,8 +1,9 @@
-"""Who may call the API: bearer tokens (``QKIT_API_TOKEN``, ``WORKER_SECRET``) and QStash signatures.
+"""Credentials: bearer tokens (parsed and compared in constant time), ``WORKER_SECRET`` and QStash signatures.
 
 Secrets are read from the environment at request time, never cached; a secret
 that is unset or blank disables its routes (503).  Tokens are compared as raw
-bytes in constant time; see the package docstring for the rules.
+bytes in constant time; see the package docstring for the rules.  Which token
+is which role is :mod:`qkit.api.roles`.
 """
 from __future__ import annotations
 
@@ -86,19 +87,6 @@ def endpoint_url(request: Request) -> str:
     return f"{url}?{request.url.query}" if request.url.query else url
 
 
-def _unauthorized() -> ApiError:
-    return ApiError(401, "missing or invalid credentials", headers={"WWW-Authenticate": 'Bearer realm="qkit"'})
-
-
-def require_api_token(request: Request) -> None:
-    """``/api/jobs*``: ``Bearer $QKIT_API_TOKEN``; 503 when it is not set, 401 when wrong."""
-    expected = _secret("QKIT_API_TOKEN")
-    if expected is None:
-        raise ApiError(503, "QKIT_API_TOKEN is not set on the server: the /api/jobs routes are disabled")
-    if not token_matches(bearer_token(request.scope), expected):
-        raise _unauthorized()
-
-
 async def authorize_burst(request: Request) -> tuple[str, bytes]:
     """``/api/workers``: ``Bearer $WORKER_SECRET`` or a QStash signature; returns (via, raw body).
 
@@ -119,7 +107,7 @@ async def authorize_burst(request: Request) -> tuple[str, bytes]:
         if verify_qstash_signature(request.headers["upstash-signature"], raw, endpoint_url(request), keys):
             via = "qstash"
     if via is None:
-        raise _unauthorized()
+        raise ApiError(401, "missing or invalid credentials", headers={"WWW-Authenticate": 'Bearer realm="qkit"'})
     if raw is None:
         raw = await read_body(request, MAX_WORKER_BODY_BYTES)
     return via, raw
@@ -128,8 +116,8 @@ async def authorize_burst(request: Request) -> tuple[str, bytes]:
 def unset_secrets() -> list[tuple[str, str]]:
     """(variable, routes) for each secret whose routes answer 503 now (warned at ``qkit serve``)."""
     out = []
-    if _secret("QKIT_API_TOKEN") is None:
-        out.append(("QKIT_API_TOKEN", "/api/jobs*"))
+    if not any(_secret(name) for name in ("QKIT_API_TOKEN", "QKIT_API_READ_TOKEN", "QKIT_API_JWKS_URL")):
+        out.append(("QKIT_API_TOKEN", "/api/jobs*, /api/queues, /api/stats, /api/runs, /metrics"))
     if _secret("WORKER_SECRET") is None and not qstash_keys():
         out.append(("WORKER_SECRET", "/api/workers"))
     return out

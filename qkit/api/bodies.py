@@ -174,28 +174,42 @@ def _check_job_fields(body: Mapping[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------- GET /api/jobs, /api/jobs/{id}
-def list_query(params: Any) -> dict[str, Any]:
-    """``status``, ``type``, ``limit``, ``before_id`` of a ``GET /api/jobs`` query (a Starlette QueryParams)."""
-    out: dict[str, Any] = {"status": None, "type": None, "limit": DEFAULT_LIST_LIMIT, "before_id": None}
+def check_query(params: Any, allowed: Sequence[str]) -> None:
+    """422 for a query parameter not in ``allowed`` or given more than once (``params``: Starlette QueryParams)."""
     for name in params.keys():
-        if name not in LIST_PARAMS:
-            raise ApiError(422, f"unknown query parameter {name!r} (allowed: {', '.join(LIST_PARAMS)})",
-                           field=name)
+        if name not in allowed:
+            raise ApiError(422, f"unknown query parameter {name!r} (allowed: {', '.join(allowed)})", field=name)
         if len(params.getlist(name)) > 1:
             raise ApiError(422, f"query parameter {name!r} is given more than once", field=name)
-    if "status" in params:
-        if params["status"] not in STATUSES:
-            raise ApiError(422, f"status must be one of {', '.join(STATUSES)}", field="status")
-        out["status"] = params["status"]
-    if "type" in params:
-        if not NAME_RE.fullmatch(params["type"]):
-            raise ApiError(422, "type must be 1-64 characters of a-z, 0-9, '_', '.', '-'", field="type")
-        out["type"] = params["type"]
-    if "limit" in params:
-        out["limit"] = _id_like(params["limit"], "limit", MAX_LIST_LIMIT)
-    if "before_id" in params:
-        out["before_id"] = _id_like(params["before_id"], "before_id", MAX_ID)
-    return out
+
+
+def name_param(params: Any, name: str) -> str | None:
+    """A queue or type name from the query (None when absent); 422 when it is not a valid name."""
+    if name not in params:
+        return None
+    if not NAME_RE.fullmatch(params[name]):
+        raise ApiError(422, f"{name} must be 1-64 characters of a-z, 0-9, '_', '.', '-'", field=name)
+    return params[name]
+
+
+def id_param(params: Any, name: str, high: int = MAX_ID) -> int | None:
+    """An integer 1..``high`` from the query (None when absent); 422 otherwise."""
+    return _id_like(params[name], name, high) if name in params else None
+
+
+def page_query(params: Any) -> tuple[int, int | None]:
+    """``(limit, before_id)`` of a paged list (``limit`` 1..1000, default 100)."""
+    return id_param(params, "limit", MAX_LIST_LIMIT) or DEFAULT_LIST_LIMIT, id_param(params, "before_id")
+
+
+def list_query(params: Any) -> dict[str, Any]:
+    """``status``, ``type``, ``limit``, ``before_id`` of a ``GET /api/jobs`` query (a Starlette QueryParams)."""
+    check_query(params, LIST_PARAMS)
+    status = params.get("status")
+    if status is not None and status not in STATUSES:
+        raise ApiError(422, f"status must be one of {', '.join(STATUSES)}", field="status")
+    limit, before_id = page_query(params)
+    return {"status": status, "type": name_param(params, "type"), "limit": limit, "before_id": before_id}
 
 
 def _id_like(raw: str, name: str, high: int) -> int:

@@ -7,15 +7,14 @@ with the route *template*, never the raw path (it could carry anything).
 from __future__ import annotations
 
 import logging
-import re
 import traceback
-from typing import Any, Awaitable, Callable, Mapping
+from typing import Any, Awaitable, Callable, Iterable, Mapping
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from qkit.config import redact
-from qkit.errors import BackendUnavailable, BadInput, NotFound, QkitError
+from qkit.errors import BackendUnavailable, BadInput, Conflict, NotFound, QkitError
 from qkit.text import clip
 
 log = logging.getLogger("qkit.api")
@@ -23,8 +22,6 @@ log = logging.getLogger("qkit.api")
 #: error messages echoed to clients are clipped (they may quote the offending value)
 MAX_MESSAGE_CHARS = 500
 UNAVAILABLE = "backend unavailable: Redis or the ledger cannot be reached (details are in the server log)"
-KNOWN_ROUTES = ("/api/jobs", "/api/workers", "/api/health", "/api/openapi.json")
-_JOB_PATH = re.compile(r"/api/jobs/[^/]+")
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 
@@ -47,11 +44,19 @@ class ApiError(Exception):
         return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
-def route_of(path: str) -> str:
-    """The route template of a path; never the raw path (it could carry anything)."""
-    if path in KNOWN_ROUTES:
-        return path
-    return "/api/jobs/{id}" if _JOB_PATH.fullmatch(path) else "<other>"
+def route_of(request: Request) -> str:
+    """The route template of a request (``/api/jobs/{id}``); never the raw path (it could carry anything)."""
+    return getattr(request.scope.get("route"), "path", None) or "<other>"
+
+
+def route_templates(routes: Iterable[Any]) -> Callable[[str], str]:
+    """For the access log: a path's route template among ``routes``, or ``<other>``."""
+    patterns = [(route.path_regex, route.path) for route in routes if hasattr(route, "path_regex")]
+
+    def template(path: str) -> str:
+        return next((name for regex, name in patterns if regex.match(path)), "<other>")
+
+    return template
 
 
 def guard(fn: Endpoint) -> Endpoint:
@@ -70,22 +75,24 @@ def guard(fn: Endpoint) -> Endpoint:
         except ApiError as exc:
             return exc.response()
         except BackendUnavailable as exc:
-            log.error("%s %s: %s", request.method, route_of(request.url.path), exc)
+            log.error("%s %s: %s", request.method, route_of(request), exc)
             holder = getattr(request.app.state, "queue", None)
             if holder is not None:
                 holder.discard()
             return ApiError(503, UNAVAILABLE).response()
         except NotFound as exc:
             return ApiError(404, str(exc)).response()
+        except Conflict as exc:  # valid, but not in the job's current state
+            return ApiError(409, str(exc)).response()
         except BadInput as exc:  # validation the route did not attribute to a field
             return ApiError(422, str(exc)).response()
         except ClientDisconnect:
             return Response(status_code=400)  # nobody is listening; keep the log quiet
         except QkitError as exc:
-            log.error("%s %s: %s: %s", request.method, route_of(request.url.path), type(exc).__name__, exc)
+            log.error("%s %s: %s: %s", request.method, route_of(request), type(exc).__name__, exc)
             return ApiError(500, "server error (details are in the server log)").response()
         except Exception:  # noqa: BLE001 - a bug: one redacted log entry, a generic answer
-            log.error("%s %s failed:\n%s", request.method, route_of(request.url.path), traceback.format_exc())
+            log.error("%s %s failed:\n%s", request.method, route_of(request), traceback.format_exc())
             return ApiError(500, "internal server error").response()
 
     endpoint.__name__ = fn.__name__

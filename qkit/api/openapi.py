@@ -1,22 +1,42 @@
 """The OpenAPI 3.1 document of the API, served at ``GET /api/openapi.json``.
 
-Kept in step with the routes by the schemathesis test in ``tests/test_api.py``
-(every documented answer is checked against what the server returns).
+:data:`BASE` holds the shared components and the core routes (workers,
+health); each route module adds its own paths and schemas (``OPENAPI_PATHS``,
+``OPENAPI_SCHEMAS``) and :func:`document` merges them.  Kept in step with the
+routes by the schemathesis runs in ``tests/test_api.py`` and
+``tests/test_api_routes.py`` (every documented answer is checked against what
+the server returns).
 """
 from __future__ import annotations
 
-from typing import Any
+import copy
+from typing import Any, Iterable
 
 from qkit.api.bodies import DEFAULT_LIST_LIMIT, MAX_ID, MAX_LIST_LIMIT
 from qkit.model import STATUSES
 
 
-def _error_response(description: str) -> dict[str, Any]:
+def error_response(description: str) -> dict[str, Any]:
+    """A documented error answer: one JSON ``Error`` object."""
     schema = {"$ref": "#/components/schemas/Error"}
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
-_JOB_PROPS: dict[str, Any] = {
+def json_response(description: str, schema: str) -> dict[str, Any]:
+    """A documented JSON answer whose body is the component schema ``schema``."""
+    return {"description": description,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}}
+
+
+#: the answers every authenticated route may give
+AUTH_ERRORS: dict[str, Any] = {
+    "401": error_response("Missing or invalid credentials"),
+    "403": error_response("The credentials' role may not do this (a reader's write, a user on an operator route)"),
+    "503": error_response("The route's secrets are unset, or the backend is unavailable"),
+}
+
+
+JOB_PROPS: dict[str, Any] = {
     "id": {"type": "integer"},
     "queue": {"type": "string"},
     "type": {"type": "string"},
@@ -31,16 +51,20 @@ _JOB_PROPS: dict[str, Any] = {
     "updated_at": {"type": ["string", "null"], "format": "date-time"},
     "started_at": {"type": ["string", "null"], "format": "date-time"},
     "finished_at": {"type": ["string", "null"], "format": "date-time"},
+    "owner": {"type": ["string", "null"], "description": "the `sub` of the signed-in user who created the job"},
 }
 
-OPENAPI: dict[str, Any] = {
+BASE: dict[str, Any] = {
     "openapi": "3.1.0",
     "info": {"title": "qkit HTTP API", "version": "1",
              "description": "Enqueue and inspect jobs, and trigger worker bursts (docs/http-api.md)."},
     "components": {
         "securitySchemes": {
-            "apiToken": {"type": "http", "scheme": "bearer", "description": "QKIT_API_TOKEN"},
+            "apiToken": {"type": "http", "scheme": "bearer",
+                         "description": "QKIT_API_TOKEN (everything), QKIT_API_READ_TOKEN (reads), or a user's JWT "
+                                        "verified against QKIT_API_JWKS_URL (their own jobs)"},
             "workerSecret": {"type": "http", "scheme": "bearer", "description": "WORKER_SECRET"},
+            "metricsToken": {"type": "http", "scheme": "bearer", "description": "QKIT_METRICS_TOKEN (GET /metrics only)"},
             "qstashSignature": {"type": "apiKey", "in": "header", "name": "Upstash-Signature",
                                 "description": "A QStash-signed request (when QStash signing keys are set)"},
         },
@@ -60,14 +84,16 @@ OPENAPI: dict[str, Any] = {
             },
             "Created": {"type": "object", "required": ["id", "status"],
                         "properties": {"id": {"type": "integer"},
-                                       "status": {"type": "string", "enum": list(STATUSES)}}},
-            "JobRow": {"type": "object", "required": ["id", "queue", "type", "status"], "properties": _JOB_PROPS},
+                                       "status": {"type": "string", "enum": list(STATUSES)},
+                                       "duplicate": {"type": "boolean", "description": "true on a 200: the "
+                                                     "idempotency key matched this existing job"}}},
+            "JobRow": {"type": "object", "required": ["id", "queue", "type", "status"], "properties": JOB_PROPS},
             "JobList": {"type": "object", "required": ["jobs", "next", "next_before_id"],
                         "properties": {"jobs": {"type": "array", "items": {"$ref": "#/components/schemas/JobRow"}},
                                        "next": {"type": ["string", "null"]},
                                        "next_before_id": {"type": ["integer", "null"]}}},
             "Job": {"type": "object", "required": ["id", "queue", "type", "status", "payload"],
-                    "properties": {**_JOB_PROPS, "payload": {"type": "object"}, "result": {},
+                    "properties": {**JOB_PROPS, "payload": {"type": "object"}, "result": {},
                                    "epoch": {"type": "integer"},
                                    "attempts_detail": {"type": "array", "items": {"type": "object"}}}},
             "BurstRequest": {
@@ -93,59 +119,6 @@ OPENAPI: dict[str, Any] = {
         },
     },
     "paths": {
-        "/api/jobs": {
-            "post": {
-                "operationId": "enqueue", "summary": "Enqueue one job",
-                "security": [{"apiToken": []}],
-                "requestBody": {"required": True, "content": {"application/json": {
-                    "schema": {"$ref": "#/components/schemas/NewJob"}}}},
-                "responses": {
-                    "201": {"description": "Enqueued (or the existing job holding the idempotency key)",
-                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Created"}}}},
-                    "400": _error_response("Body is not a JSON object"),
-                    "401": _error_response("Missing or invalid token"),
-                    "408": _error_response("Body too slow"),
-                    "413": _error_response("Body or payload too large"),
-                    "422": _error_response("A field is invalid (named in `field`)"),
-                    "503": _error_response("QKIT_API_TOKEN unset, or the backend is unavailable"),
-                },
-            },
-            "get": {
-                "operationId": "listJobs", "summary": "List jobs, newest first",
-                "security": [{"apiToken": []}],
-                "parameters": [
-                    {"name": "status", "in": "query", "schema": {"type": "string", "enum": list(STATUSES)}},
-                    {"name": "type", "in": "query", "schema": {"type": "string", "pattern": "^[a-z0-9_.-]{1,64}$"}},
-                    {"name": "limit", "in": "query",
-                     "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIST_LIMIT,
-                                "default": DEFAULT_LIST_LIMIT}},
-                    {"name": "before_id", "in": "query",
-                     "schema": {"type": "integer", "minimum": 1, "maximum": MAX_ID}},
-                ],
-                "responses": {
-                    "200": {"description": "A page of jobs (payload and result omitted); `next` links the next page",
-                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/JobList"}}}},
-                    "401": _error_response("Missing or invalid token"),
-                    "422": _error_response("A query parameter is invalid (named in `field`)"),
-                    "503": _error_response("QKIT_API_TOKEN unset, or the backend is unavailable"),
-                },
-            },
-        },
-        "/api/jobs/{id}": {
-            "get": {
-                "operationId": "getJob", "summary": "One job with its attempts",
-                "security": [{"apiToken": []}],
-                "parameters": [{"name": "id", "in": "path", "required": True,
-                                "schema": {"type": "integer", "minimum": 1}}],
-                "responses": {
-                    "200": {"description": "The job",
-                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Job"}}}},
-                    "401": _error_response("Missing or invalid token"),
-                    "404": _error_response("No such job in this queue"),
-                    "503": _error_response("QKIT_API_TOKEN unset, or the backend is unavailable"),
-                },
-            },
-        },
         "/api/workers": {
             "post": {
                 "operationId": "runBurst", "summary": "Run one worker burst",
@@ -156,13 +129,13 @@ OPENAPI: dict[str, Any] = {
                     "200": {"description": "The burst's summary (also when jobs failed); budgets are clamped "
                                            "to the server's caps and echoed",
                             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/BurstSummary"}}}},
-                    "400": _error_response("Body is not a JSON object"),
-                    "401": _error_response("Missing or invalid secret or signature"),
-                    "408": _error_response("Body too slow"),
-                    "413": _error_response("Body too large"),
-                    "422": _error_response("A field is invalid (named in `field`)"),
-                    "500": _error_response("Server misconfiguration"),
-                    "503": _error_response("WORKER_SECRET unset, or the backend is unavailable"),
+                    "400": error_response("Body is not a JSON object"),
+                    "401": error_response("Missing or invalid secret or signature"),
+                    "408": error_response("Body too slow"),
+                    "413": error_response("Body too large"),
+                    "422": error_response("A field is invalid (named in `field`)"),
+                    "500": error_response("Server misconfiguration"),
+                    "503": error_response("WORKER_SECRET unset, or the backend is unavailable"),
                 },
             },
         },
@@ -179,3 +152,13 @@ OPENAPI: dict[str, Any] = {
         },
     },
 }
+
+
+def document(parts: Iterable[Any]) -> dict[str, Any]:
+    """:data:`BASE` with the paths and schemas of each route module in ``parts`` (in order)."""
+    doc = copy.deepcopy(BASE)
+    for part in parts:
+        for path, operations in getattr(part, "OPENAPI_PATHS", {}).items():
+            doc["paths"].setdefault(path, {}).update(copy.deepcopy(operations))
+        doc["components"]["schemas"].update(copy.deepcopy(getattr(part, "OPENAPI_SCHEMAS", {})))
+    return doc

@@ -52,13 +52,23 @@ class Queue:
 
     # ------------------------------------------------------------------ enqueue
     def enqueue(self, type: str, payload: Mapping[str, Any] | None = None, *, priority: int = 0,
-                max_attempts: int = 3, delay: float = 0, key: str | None = None, **unknown: Any) -> int:
-        """Add one job; returns its id (an existing job's id if ``key`` is already held)."""
+                max_attempts: int = 3, delay: float = 0, key: str | None = None, owner: str | None = None,
+                **unknown: Any) -> int:
+        """Add one job; returns its id (an existing job's id if ``key`` is already held).
+
+        ``owner`` records who created it (the HTTP API's signed-in user).
+        """
+        return self.enqueue_result(type, payload, priority=priority, max_attempts=max_attempts, delay=delay,
+                                   key=key, owner=owner, **unknown)[0]
+
+    def enqueue_result(self, type: str, payload: Mapping[str, Any] | None = None, **options: Any) -> tuple[int, bool]:
+        """Like :meth:`enqueue`, and says whether the job is new: ``(id, False)`` when ``key`` was already
+        held by that existing job, which is left as it was."""
+        unknown = set(options) - {"priority", "max_attempts", "delay", "key", "owner"}
         if unknown:
             raise BadInput(f"unknown option(s) for enqueue: {', '.join(sorted(unknown))}")
-        job = new_job(type, {} if payload is None else payload, priority=priority,
-                      max_attempts=max_attempts, delay=delay, key=key)
-        return self._enqueue([job])[0]
+        job = new_job(type, {} if payload is None else payload, **options)
+        return self._enqueue_results([job])[0]
 
     def enqueue_many(self, items: Iterable[Mapping[str, Any]]) -> list[int]:
         """Add a batch, all or nothing: one bad item refuses the whole batch.
@@ -79,6 +89,10 @@ class Queue:
         return self._enqueue(jobs) if jobs else []
 
     def _enqueue(self, jobs: Sequence[NewJob]) -> list[int]:
+        return [job_id for job_id, _ in self._enqueue_results(jobs)]
+
+    def _enqueue_results(self, jobs: Sequence[NewJob]) -> list[tuple[int, bool]]:
+        """(id, created) per job, in order."""
         if faults.ARMED:
             faults.arm()
         host, t0 = self._host_time()
@@ -92,7 +106,7 @@ class Queue:
             # the ledger row is committed first: if this push is lost, the next burst pushes it again
             self.dispatch.push(created, mode="new")
             self._correct_times(host, t0, [(job_id, delay_ms) for job_id, _, delay_ms in created], created=True)
-        return [job_id for job_id, _ in results]
+        return results
 
     @staticmethod
     def _host_time() -> tuple[datetime | None, float]:

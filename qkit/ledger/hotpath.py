@@ -103,7 +103,7 @@ SELECT_OPEN = ("SELECT job_id, attempt, worker, started_at, epoch FROM job_attem
 FenceRow = namedtuple("FenceRow", "id status attempts epoch")
 SELECT_FENCE = "SELECT id, status, attempts, epoch FROM jobs WHERE id {ids}"
 INSERT_JOB = ("INSERT INTO jobs (id, queue, type, payload, status, priority, attempts, max_attempts, run_at,"
-              " created_at, updated_at, epoch) VALUES (?, ?, ?, {json}, 'pending', ?, 0, ?, ?, ?, ?, 0)")
+              " created_at, updated_at, epoch, owner) VALUES (?, ?, ?, {json}, 'pending', ?, 0, ?, ?, ?, ?, 0, ?)")
 INSERT_EVENT = "INSERT INTO job_events (job_id, at, event, worker, detail) VALUES (?, ?, ?, ?, {json})"
 INSERT_ATTEMPT = "INSERT INTO job_attempts (job_id, epoch, attempt, worker, started_at) VALUES (?, ?, ?, ?, ?)"
 CLAIM_JOBS = ("UPDATE jobs SET status = 'processing', attempts = attempts + 1, started_at = COALESCE(started_at, ?),"
@@ -130,7 +130,7 @@ class HotPath(LedgerBase):
 
         def row(j: NewJob) -> dict[str, Any]:
             return dict(queue=queue, type=j.type, payload=j.payload, status="pending", priority=j.priority,
-                        attempts=0, max_attempts=j.max_attempts, idempotency_key=j.key,
+                        attempts=0, max_attempts=j.max_attempts, idempotency_key=j.key, owner=j.owner,
                         run_at=now + timedelta(seconds=j.delay), created_at=now, updated_at=now, epoch=0)
 
         with self._write(durable=True) as conn:
@@ -140,7 +140,7 @@ class HotPath(LedgerBase):
                 d = self.driver
                 self.driver.run(conn, INSERT_JOB, [
                     (job_id, queue, new[i].type, new[i].payload_text, new[i].priority, new[i].max_attempts,
-                     d.ts(now + timedelta(seconds=new[i].delay)), d.ts(now), d.ts(now))
+                     d.ts(now + timedelta(seconds=new[i].delay)), d.ts(now), d.ts(now), new[i].owner)
                     for i, job_id in zip(plain, ids)])
                 self.statements += 2
                 for i, job_id in zip(plain, ids):

@@ -47,24 +47,27 @@ class Reads(LedgerBase):
         return [dict(r) for r in rows]
 
     def list_jobs(self, queue: str, *, status: str | None = None, type: str | None = None,
-                  limit: int = 100, before_id: int | None = None) -> list[Job]:
-        """Newest first, optionally filtered; ``before_id`` pages backwards."""
-        return [_row_to_job(r) for r in self._list(select(jobs), queue, status, type, limit, before_id)]
+                  limit: int = 100, before_id: int | None = None, owner: str | None = None) -> list[Job]:
+        """Newest first, optionally filtered (``owner``: only that user's jobs); ``before_id`` pages backwards."""
+        return [_row_to_job(r) for r in self._list(select(jobs), queue, status, type, limit, before_id, owner)]
 
     def job_summaries(self, queue: str, *, status: str | None = None, type: str | None = None,
-                      limit: int = 100, before_id: int | None = None, error_chars: int = 1000) -> list[dict[str, Any]]:
+                      limit: int = 100, before_id: int | None = None, error_chars: int = 1000,
+                      owner: str | None = None) -> list[dict[str, Any]]:
         """Like :meth:`list_jobs` but as dicts without payload and result, and with ``error``
         cut to ``error_chars``: a listing of 1,000 jobs of 256 KiB payloads would be 256 MB."""
         columns = [c for c in jobs.c if c.name not in ("payload", "result", "error")]
         query = select(*columns, func.substr(jobs.c.error, 1, error_chars).label("error"))
         try:
-            return [dict(r._mapping) for r in self._list(query, queue, status, type, limit, before_id)]
+            return [dict(r._mapping) for r in self._list(query, queue, status, type, limit, before_id, owner)]
         except SQLAlchemyError as exc:
             raise self._unavailable(exc) from None
 
     def _list(self, query: Any, queue: str, status: str | None, type: str | None, limit: int,
-              before_id: int | None) -> list[Any]:
+              before_id: int | None, owner: str | None = None) -> list[Any]:
         query = query.where(jobs.c.queue == queue)
+        if owner is not None:
+            query = query.where(jobs.c.owner == owner)
         if status:
             query = query.where(jobs.c.status == status)
         if type:
@@ -132,11 +135,13 @@ class Reads(LedgerBase):
 
 
 # ---------------------------------------------------------------- named reads for the ops tools and the CLI
-def queue_runs(ledger: LedgerBase, queue: str, limit: int = 200) -> list[dict[str, Any]]:
-    """The queue's ``worker_runs`` rows, newest first (``qkit runs``)."""
+def queue_runs(ledger: LedgerBase, queue: str, limit: int = 200, before_id: int | None = None) -> list[dict[str, Any]]:
+    """The queue's ``worker_runs`` rows, newest first (``qkit runs``); ``before_id`` pages backwards."""
+    query = select(worker_runs).where(worker_runs.c.queue == queue)
+    if before_id is not None:
+        query = query.where(worker_runs.c.id < before_id)
     with ledger.read_engine.connect() as conn:
-        return [dict(r) for r in conn.execute(select(worker_runs).where(worker_runs.c.queue == queue)
-                                              .order_by(worker_runs.c.id.desc()).limit(limit)).mappings()]
+        return [dict(r) for r in conn.execute(query.order_by(worker_runs.c.id.desc()).limit(limit)).mappings()]
 
 
 def runs_of_workers(ledger: LedgerBase, names: Iterable[str]) -> list[dict[str, Any]]:

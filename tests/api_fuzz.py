@@ -1,0 +1,43 @@
+"""The schemathesis run of the API's OpenAPI document, shared by the API test modules.
+
+:func:`fuzz_test` builds a test that sends generated requests to every
+documented operation of a running ``qkit serve`` and checks each answer: no
+5xx, and status, content type and body all as the document declares.
+schemathesis's negative-data checks are left out: they misjudge requests with
+extra headers.  Each module provides the ``api_schema`` fixture (:func:`schema_of`).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+try:
+    import schemathesis
+    from schemathesis.checks import (content_type_conformance, not_a_server_error, response_schema_conformance,
+                                     status_code_conformance)
+except ImportError:  # the dev extra is not installed
+    schemathesis = None
+
+
+def schema_of(url: str) -> Any:
+    """The OpenAPI document a server serves, loaded for schemathesis."""
+    return schemathesis.openapi.from_url(f"{url}/api/openapi.json")
+
+
+def fuzz_test(token_for: Callable[[Any], str], max_examples: int) -> Callable[..., None]:
+    """A test fuzzing every operation with the bearer ``token_for(case)`` (reads the ``api_schema`` fixture)."""
+    if schemathesis is None:
+        def skipped() -> None:
+            pytest.skip("schemathesis is not installed (pip install -e '.[dev]')")
+        return skipped
+
+    @schemathesis.pytest.from_fixture("api_schema").parametrize()
+    @settings(max_examples=max_examples, deadline=None, suppress_health_check=list(HealthCheck))
+    def fuzzed(case: Any) -> None:
+        case.call_and_validate(headers={"Authorization": f"Bearer {token_for(case)}"}, timeout=60,
+                               checks=[not_a_server_error, status_code_conformance, content_type_conformance,
+                                       response_schema_conformance])
+
+    return fuzzed
