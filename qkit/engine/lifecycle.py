@@ -6,21 +6,32 @@ says (:mod:`qkit.ledger.hotpath`), and dispatch carries the resulting
 (an attempt found lost when its lease was reclaimed) and the settle path (a
 worker reporting how an attempt ended) ask the same function.
 
-=========== ============================== =============== ==========
+=========== ============================== =============== ==========================
 outcome     condition                      ledger status   Redis
-=========== ============================== =============== ==========
+=========== ============================== =============== ==========================
 completed   -                              completed       done
 released    (the attempt does not count)   pending         retry, 0 ms
-failed,     permanent (unknown type)       failed          dead
-timeout,    no attempts left               failed          dead
-lost        attempts left                  pending+run_at  retry, back-off
-=========== ============================== =============== ==========
+failed,     permanent (unknown type,       failed          dead
+timeout,    ``qkit.Permanent``)
+lost        no attempts left               failed          dead
+            attempts left, a delay named   pending+run_at  retry, min(named, cap)
+            (``qkit.Retry``, Retry-After)
+            attempts left                  pending+run_at  retry, back-off
+=========== ============================== =============== ==========================
+
+A handler directs its attempt's outcome by what it raises (:func:`directive`):
+``qkit.Retry(after=s)`` names the delay, ``qkit.Permanent`` ends the job, and an
+``httpx.HTTPStatusError`` with status 429 or 503 and a ``Retry-After`` header
+names the delay as the server gave it (docs/semantics.md#handler-outcomes).
 """
 from __future__ import annotations
 
+import math
 import re
+import sys
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 from qkit.engine.backoff import Backoff
@@ -63,7 +74,8 @@ class Outcome:
     result: Any = None
     error: str | None = None
     traceback: str | None = None
-    permanent: bool = False  # no retry (unknown type)
+    permanent: bool = False  # no retry (unknown type, qkit.Permanent)
+    retry_after: float | None = None  # seconds the handler (or the server it called) asked to wait
 
 
 @dataclass(frozen=True)
@@ -72,7 +84,7 @@ class Decision:
 
     status: str  # the job's ledger status next: 'completed' | 'pending' | 'failed'
     action: str  # the Redis settlement: 'done' | 'retry' | 'dead'
-    reason: str  # 'completed' | 'released' | 'retry' | 'exhausted' | 'permanent'
+    reason: str  # 'completed' | 'released' | 'retry' | 'retry_after' | 'exhausted' | 'permanent'
     delay: float = 0.0  # seconds before the retry is due
 
     @property
@@ -90,13 +102,15 @@ RELEASED = Decision("pending", "retry", "released")
 
 
 def decide(outcome: str, *, job_id: int, epoch: int, attempt: int, max_attempts: int, backoff: Backoff,
-           permanent: bool = False) -> Decision:
+           permanent: bool = False, retry_after: float | None = None) -> Decision:
     """The one rule for retry / dead-letter / permanent failure after attempt ``attempt`` ended.
 
     A failed, timed-out or lost attempt is retried after the back-off while the
-    job has attempts left; a permanent failure (the worker has no handler for
-    the type) and the last attempt go to the dead-letter queue.  A released
-    attempt (the worker stopped before running it) does not count.
+    job has attempts left, or after ``retry_after`` seconds when the handler
+    named a delay (capped by the back-off's cap, ``QKIT_BACKOFF_MAX``); a
+    permanent failure (the worker has no handler for the type, or the handler
+    raised ``qkit.Permanent``) and the last attempt go to the dead-letter queue.
+    A released attempt (the worker stopped before running it) does not count.
     """
     if outcome == "completed":
         return COMPLETED
@@ -108,7 +122,98 @@ def decide(outcome: str, *, job_id: int, epoch: int, attempt: int, max_attempts:
         return Decision("failed", "dead", "permanent")
     if attempt >= max_attempts:
         return Decision("failed", "dead", "exhausted")
+    if retry_after is not None:
+        return Decision("pending", "retry", "retry_after", min(backoff.cap, max(0.0, float(retry_after))))
     return Decision("pending", "retry", "retry", backoff.delay(job_id, epoch, attempt))
+
+
+# ---------------------------------------------------------------- handler-directed outcomes
+class Retry(Exception):
+    """Raised by a handler: retry this job after ``after`` seconds (None: after the usual back-off).
+
+    The attempt counts (the job is still bounded by ``max_attempts``) and the
+    delay is capped by ``QKIT_BACKOFF_MAX``.  ``reason`` is stored with the
+    attempt's error, like an exception's message.
+    """
+
+    def __init__(self, after: float | None = None, reason: str = "") -> None:
+        if after is not None and (isinstance(after, bool) or not isinstance(after, (int, float))
+                                  or not 0 <= after < math.inf):
+            raise ValueError(f"qkit.Retry: after must be a number of seconds >= 0 or None (got {after!r})")
+        self.after = None if after is None else float(after)
+        self.reason = str(reason or "")
+        when = "after the back-off" if self.after is None else f"after {self.after:g} s"
+        super().__init__(f"the handler asked to retry {when}" + (f": {self.reason}" if self.reason else ""))
+
+
+class Permanent(Exception):
+    """Raised by a handler: this job cannot succeed; it goes to the DLQ now, with no more attempts."""
+
+
+#: HTTP statuses whose ``Retry-After`` header names the retry delay
+RETRY_AFTER_STATUSES = (429, 503)
+_SECONDS = re.compile(r"\s*(\d{1,12}(?:\.\d{1,6})?)\s*")
+
+
+def parse_retry_after(value: str | None, now: datetime, date: str | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header: delta-seconds, or an HTTP-date.
+
+    An HTTP-date counts from the response's ``Date`` header when it has one
+    (both are the server's clock, so this host's clock does not matter), else
+    from ``now``.  A date in the past means 0; a value that is neither form, None.
+    """
+    if not value:
+        return None
+    m = _SECONDS.fullmatch(value)
+    if m:
+        return float(m.group(1))
+    try:
+        at = parsedate_to_datetime(value.strip())
+    except (TypeError, ValueError, IndexError):
+        return None
+    if at is None:
+        return None
+    reference = now
+    if date:
+        try:
+            reference = parsedate_to_datetime(date.strip()) or now
+        except (TypeError, ValueError, IndexError):
+            reference = now
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=timezone.utc)
+    if reference.tzinfo is None:
+        reference = reference.replace(tzinfo=timezone.utc)
+    return max(0.0, (at - reference).total_seconds())
+
+
+@dataclass(frozen=True)
+class Directive:
+    """What the exception a handler raised asks of its attempt's outcome."""
+
+    permanent: bool = False
+    retry_after: float | None = None
+
+
+NO_DIRECTIVE = Directive()
+
+
+def directive(exc: BaseException | None, now: datetime) -> Directive:
+    """``qkit.Permanent``: permanent; ``qkit.Retry(after=)``: that delay; an ``httpx.HTTPStatusError``
+    of status 429 or 503 with a ``Retry-After`` header: the header's delay; anything else: none."""
+    if exc is None:
+        return NO_DIRECTIVE
+    if isinstance(exc, Permanent):
+        return Directive(permanent=True)
+    if isinstance(exc, Retry):
+        return Directive(retry_after=exc.after)
+    httpx = sys.modules.get("httpx")  # not imported: no exception of it can have been raised
+    if httpx is not None and isinstance(exc, httpx.HTTPStatusError):
+        response = exc.response
+        if response.status_code in RETRY_AFTER_STATUSES:
+            after = parse_retry_after(response.headers.get("retry-after"), now, response.headers.get("date"))
+            if after is not None:
+                return Directive(retry_after=after)
+    return NO_DIRECTIVE
 
 
 def resend(job_id: int, status: str | None, priority: int) -> Settlement:

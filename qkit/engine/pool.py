@@ -17,7 +17,7 @@ import traceback
 from typing import TYPE_CHECKING, Any, Callable
 
 from qkit.config import redact
-from qkit.engine.lifecycle import Outcome, Runnable
+from qkit.engine.lifecycle import Outcome, Runnable, directive
 from qkit.errors import QkitError
 from qkit.ledger import utcnow
 from qkit.logs import log
@@ -95,7 +95,9 @@ def outcome_of(job: Runnable, result: Any, exc: BaseException | None) -> Outcome
         return Outcome(job, "completed", finished, result=result)
     error = redact(f"{type(exc).__name__}: {exc}")
     tb = redact("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
-    return Outcome(job, "timeout" if isinstance(exc, TimeoutError) else "failed", finished, error=error, traceback=tb)
+    asked = directive(exc, finished)  # qkit.Permanent, qkit.Retry, a 429/503 Retry-After
+    return Outcome(job, "timeout" if isinstance(exc, TimeoutError) else "failed", finished, error=error, traceback=tb,
+                   permanent=asked.permanent, retry_after=asked.retry_after)
 
 
 def run_error(exc: BaseException) -> str:

@@ -107,11 +107,11 @@ INSERT_JOB = ("INSERT INTO jobs (id, queue, type, payload, status, priority, att
 INSERT_EVENT = "INSERT INTO job_events (job_id, at, event, worker, detail) VALUES (?, ?, ?, ?, {json})"
 INSERT_ATTEMPT = "INSERT INTO job_attempts (job_id, epoch, attempt, worker, started_at) VALUES (?, ?, ?, ?, ?)"
 CLAIM_JOBS = ("UPDATE jobs SET status = 'processing', attempts = attempts + 1, started_at = COALESCE(started_at, ?),"
-              " updated_at = ? WHERE id {ids}")
+              " updated_at = ?, progress = NULL, progress_note = NULL, progress_at = NULL WHERE id {ids}")
 SETTLE_JOB = ("UPDATE jobs SET status = ?, result = {json}, error = ?, finished_at = ?,"
               " run_at = COALESCE(?, run_at), updated_at = ? WHERE id = ?")
 SETTLE_ATTEMPT = ("UPDATE job_attempts SET outcome = ?, finished_at = ?, duration_ms = ?, error = ?, traceback = ?,"
-                  " fingerprint = ? WHERE job_id = ? AND epoch = ? AND attempt = ?")
+                  " fingerprint = ?, retry_after_ms = ? WHERE job_id = ? AND epoch = ? AND attempt = ?")
 
 
 class HotPath(LedgerBase):
@@ -409,10 +409,11 @@ class HotPath(LedgerBase):
                     except ValueError as exc:
                         o = unstorable(o, exc)
                 error = storable.text(o.error, pg)
+                asked_ms = None if o.retry_after is None else o.retry_after * 1000  # the delay the handler named
                 attempt_rows.append((o.outcome, finished, duration, error, storable.text(o.traceback, pg),
-                                     fingerprint(error), j.id, j.epoch, j.attempt))
-                verdict = decide(o.outcome, job_id=j.id, epoch=j.epoch, attempt=j.attempt,
-                                 max_attempts=j.max_attempts, backoff=backoff, permanent=o.permanent)
+                                     fingerprint(error), asked_ms, j.id, j.epoch, j.attempt))
+                verdict = decide(o.outcome, job_id=j.id, epoch=j.epoch, attempt=j.attempt, max_attempts=j.max_attempts,
+                                 backoff=backoff, permanent=o.permanent, retry_after=o.retry_after)
                 plan.settlements.append(verdict.settlement(j.id, j.priority))
                 if verdict.status == "completed":
                     job_rows.append(("completed", result, None, finished, None, at, j.id))
@@ -423,15 +424,17 @@ class HotPath(LedgerBase):
                 elif verdict.dead:
                     job_rows.append(("failed", None, error, finished, None, at, j.id))
                     event_rows += [dict(job_id=j.id, at=now, event="failed", worker=worker,
-                                        detail={"attempt": j.attempt, "outcome": o.outcome}),
+                                        detail={"attempt": j.attempt, "outcome": o.outcome, "reason": verdict.reason}),
                                    dict(job_id=j.id, at=now, event="dead", worker=worker, detail=None)]
                     plan.failed += 1
                 else:
                     delay = verdict.delay
                     job_rows.append(("pending", None, error, None, d.ts(now + timedelta(seconds=delay)), at, j.id))
+                    detail = {"attempt": j.attempt, "outcome": o.outcome, "delay_s": round(delay, 3)}
+                    if asked_ms is not None:
+                        detail["retry_after_s"] = round(asked_ms / 1000, 3)
                     event_rows.append(dict(job_id=j.id, at=now, event="retry_scheduled", worker=worker,
-                                           detail={"attempt": j.attempt, "outcome": o.outcome,
-                                                   "delay_s": round(delay, 3)}))
+                                           detail=detail))
                     plan.retried += 1
             d.run(conn, SETTLE_JOB, job_rows)
             d.run(conn, SETTLE_ATTEMPT, attempt_rows)
