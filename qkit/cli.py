@@ -119,6 +119,9 @@ def work(max_jobs: int | None, max_seconds: float | None, concurrency: int, queu
 def _job_human(d: dict) -> str:
     lines = [f"job {d['id']} [{d['queue']}] {d['type']}: {d['status']} "
              f"(attempts {d['attempts']}/{d['max_attempts']}, priority {d['priority']})"]
+    if d.get("progress") is not None:
+        lines.append(f"  progress: {d['progress']:.0%}" + (f" - {d['progress_note']}" if d.get("progress_note") else "")
+                     + f" (at {d['progress_at']})")
     if d.get("error"):
         lines.append(f"  error: {d['error']}")
     if d.get("result") is not None:
@@ -126,7 +129,9 @@ def _job_human(d: dict) -> str:
     for a in d.get("attempts_detail", []):
         lines.append(f"  attempt {a['attempt']} (epoch {a['epoch']}) by {a['worker']}: {a['outcome'] or 'running'}"
                      + (f" in {a['duration_ms']:.1f} ms" if a.get("duration_ms") is not None else "")
-                     + (f" - {a['error']}" if a.get("error") else ""))
+                     + (f" - {a['error']}" if a.get("error") else "")
+                     + (f" (retry asked after {a['retry_after_ms'] / 1000:g} s)" if a.get("retry_after_ms") is not None
+                        else ""))
     return "\n".join(lines)
 
 

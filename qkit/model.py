@@ -303,6 +303,10 @@ class Job:
     finished_at: datetime | None = None
     epoch: int = 0
     owner: str | None = None
+    #: the handler's last progress report (current_job().progress): 0..1, its note and when (throttled writes)
+    progress: float | None = None
+    progress_note: str | None = None
+    progress_at: datetime | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (times as ISO 8601 UTC)."""

@@ -14,7 +14,7 @@ import os
 import socket
 import time
 import traceback as tb_mod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
@@ -44,11 +44,15 @@ class Rerun:
     traceback: str | None = None
     duration_ms: float = 0.0
     exception: BaseException | None = None
+    #: the (fraction, note) reports the handler made with ``current_job().progress`` during the re-run
+    progress: list[tuple[float, str | None]] = field(default_factory=list)
 
     def to_frame(self) -> pd.DataFrame:
-        """One row: job_id, type, attempt, ok, duration_ms, result, error."""
-        return pd.DataFrame([{k: getattr(self, k) for k in
-                              ("job_id", "type", "attempt", "ok", "duration_ms", "result", "error")}])
+        """One row: job_id, type, attempt, ok, duration_ms, result, error, and the last progress report."""
+        last = self.progress[-1] if self.progress else (None, None)
+        return pd.DataFrame([{**{k: getattr(self, k) for k in
+                                 ("job_id", "type", "attempt", "ok", "duration_ms", "result", "error")},
+                              "progress": last[0], "progress_note": last[1]}])
 
 
 def pick_job(q: "Queue", job_id: int = 0, *, demo: bool = True) -> int:
@@ -72,7 +76,8 @@ def pick_job(q: "Queue", job_id: int = 0, *, demo: bool = True) -> int:
 
 
 def report(q: "Queue", job_id: int) -> dict[str, pd.DataFrame]:
-    """The job (one row, payload included), its attempts (with tracebacks) and its events, as DataFrames."""
+    """The job (one row, payload and last progress report included), its attempts (with tracebacks and
+    the retry delay a handler asked for) and its events, as DataFrames."""
     from qkit.analysis import frames
 
     job = q.get(job_id)
@@ -97,8 +102,9 @@ def rerun(q: "Queue", job_id: int, *, attempt: int | None = None, raise_errors: 
                         f"(register it with @qkit.handler or name its module in QKIT_HANDLERS)")
     n = attempt if attempt is not None else max(1, job.attempts)
     host = socket.gethostname().split(".")[0][:24] or "host"
+    reports: list[tuple[float, str | None]] = []
     ctx = JobContext(id=job.id, type=job.type, attempt=n, max_attempts=job.max_attempts, queue=job.queue,
-                     worker=f"debug-{host}-{os.getpid()}")
+                     worker=f"debug-{host}-{os.getpid()}", reporter=lambda f, note: reports.append((f, note)))
     t0 = time.perf_counter()
     try:
         result = run_in_context(ctx, handler.func, dict(job.payload))
@@ -107,5 +113,6 @@ def rerun(q: "Queue", job_id: int, *, attempt: int | None = None, raise_errors: 
             raise
         return Rerun(job.id, job.type, n, ok=False, error=f"{type(exc).__name__}: {exc}",
                      traceback="".join(tb_mod.format_exception(type(exc), exc, exc.__traceback__)),
-                     duration_ms=(time.perf_counter() - t0) * 1000, exception=exc)
-    return Rerun(job.id, job.type, n, ok=True, result=result, duration_ms=(time.perf_counter() - t0) * 1000)
+                     duration_ms=(time.perf_counter() - t0) * 1000, exception=exc, progress=reports)
+    return Rerun(job.id, job.type, n, ok=True, result=result, duration_ms=(time.perf_counter() - t0) * 1000,
+                 progress=reports)

@@ -9,13 +9,15 @@ from __future__ import annotations
 import contextvars
 import importlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from qkit.engine.backoff import unit_hash
 from qkit.errors import ConfigError
 
 DEFAULT_TIMEOUT = 300.0
+#: a progress note longer than this is cut (characters)
+MAX_PROGRESS_NOTE = 500
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,23 @@ class JobContext:
     max_attempts: int
     queue: str
     worker: str
+    #: where progress reports go (the burst's qkit.engine.progress.ProgressBoard); None: nowhere
+    reporter: Callable[[float, str | None], None] | None = field(default=None, repr=False, compare=False)
+
+    def progress(self, fraction: float, note: str | None = None) -> None:
+        """Report how far this attempt is, 0..1, with an optional short note (docs/semantics.md#progress).
+
+        Never waits on the database: the burst writes the latest report at most
+        once per second per job, and the last one when the attempt ends.  It is
+        shown by ``qkit job``, ``Queue.get`` and ``debug_job``.  A note longer than
+        :data:`MAX_PROGRESS_NOTE` characters is cut.
+        """
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
+            raise ValueError(f"progress must be a number from 0 to 1 (got {type(fraction).__name__} {fraction!r:.40})")
+        if note is not None and not isinstance(note, str):
+            raise TypeError(f"a progress note must be a str or None (got {type(note).__name__})")
+        if self.reporter is not None:
+            self.reporter(float(fraction), None if note is None else note[:MAX_PROGRESS_NOTE])
 
 
 _registry: dict[str, Handler] = {}

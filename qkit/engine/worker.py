@@ -23,6 +23,7 @@ from qkit.config import redact
 from qkit.engine import faults
 from qkit.engine.handlers import JobContext, get_handler, run_in_context
 from qkit.engine.lifecycle import Outcome, Runnable, Settlement
+from qkit.engine.progress import ProgressBoard
 from qkit.engine.pool import HandlerPool, SerialRunner, kill_children_of, outcome_of, run_error, timeout_outcome
 from qkit.engine.signals import StopSignals
 from qkit.errors import BackendUnavailable, QkitError
@@ -107,6 +108,7 @@ class Worker:
         self._abandoned: list[tuple[threading.Thread, float]] = []  # (handler thread, job start) of timeouts
         self._leased_at = 0.0  # monotonic start of the last Redis call that granted or renewed every held lease
         self._priority: dict[int, int] = {}  # held job -> priority, to release it in place
+        self._job_progress = ProgressBoard(q.ledger)  # handlers' current_job().progress() reports
 
     # ------------------------------------------------------------------ public
     def run(self) -> WorkSummary:
@@ -134,6 +136,7 @@ class Worker:
         finally:
             self._stop.set()
             pool.close()
+            self._job_progress.close()
             for thread, started in self._abandoned:  # what they started since their timeout
                 kill_children_of(thread, started)
             self.summary.seconds = round(time.monotonic() - t0, 3)
@@ -199,6 +202,7 @@ class Worker:
             s.failed += plan.failed
             s.processed += plan.retried + plan.failed
             outcomes = self._run_batch(pool, plan.runnable)
+            self._job_progress.finish([o.job.id for o in outcomes])
             if faults.ARMED and outcomes:
                 faults.reach("complete.before_ledger")
             settled = self._retrying("recording outcomes in the ledger", lambda again: q.ledger.settle(
@@ -316,7 +320,8 @@ class Worker:
         if not isinstance(job.payload, dict):
             return Outcome(job, "failed", utcnow(), permanent=True,
                            error="InvalidPayload: the stored payload is not a JSON object (written outside qkit?)")
-        ctx = JobContext(job.id, job.type, job.attempt, job.max_attempts, self.q.name, self.worker_id)
+        ctx = JobContext(job.id, job.type, job.attempt, job.max_attempts, self.q.name, self.worker_id,
+                         reporter=self._job_progress.reporter(job))
         job.started_at = utcnow()
         return (lambda: run_in_context(ctx, handler.func, job.payload)), handler.timeout
 

@@ -1,4 +1,5 @@
-"""The background writer of ``lease_renewed`` events: a lease renewer must never wait on the database."""
+"""The background writer of ``lease_renewed`` events (and of handlers' progress, :mod:`qkit.ledger.progress`):
+a lease renewer or a handler must never wait on the database."""
 from __future__ import annotations
 
 import queue as queue_mod
@@ -50,10 +51,12 @@ class Events(LedgerBase):
 
 
 class EventWriter:
-    """A daemon thread writing ``job_events`` rows for callers that must not block on the database.
+    """A daemon thread writing ``job_events`` rows (or the rows of another ``statement``) for callers
+    that must not block on the database.
 
     Rows submitted while a write is pending are written together, in order,
-    in the next transaction.
+    in the next transaction.  A failed write of rows submitted with ``quiet``
+    logs only the exception's type: their values may be job data.
     """
 
     def __init__(self, ledger: LedgerBase) -> None:
@@ -64,13 +67,21 @@ class EventWriter:
         self.thread = threading.Thread(target=self._run, daemon=True, name="qkit-ledger-events")
         self.thread.start()
 
-    def submit(self, rows: list[dict[str, Any]], wait: float) -> bool:
+    def submit(self, rows: list[dict[str, Any]], wait: float, statement: Any = None, quiet: bool = False) -> bool:
         done = threading.Event()
         with self.lock:
             idle = self.busy == 0
             self.busy += 1
-        self.pending.put((rows, done))
+        self.pending.put((rows, done, statement, quiet))
         return done.wait(wait) if idle and wait > 0 else done.is_set()
+
+    def flush(self, timeout: float) -> bool:
+        """Wait (at most ``timeout`` seconds) until every row submitted before this call is written."""
+        done = threading.Event()
+        with self.lock:
+            self.busy += 1
+        self.pending.put(([], done, None, False))
+        return done.wait(timeout)
 
     def _run(self) -> None:
         while True:
@@ -84,20 +95,35 @@ class EventWriter:
                 batch.append(item)
             work = [b for b in batch if b is not None]
             if work:
-                rows = [r for b in work for r in b[0]]
-                try:
-                    with self.ledger._write() as conn:
-                        conn.execute(insert(job_events), rows)
-                    self.ledger.statements += 1
-                except Exception as exc:  # noqa: BLE001 - an event is at most once; the worker goes on
-                    log.warning("could not record %d lease_renewed event(s): %s", len(rows),
-                                redact(str(exc)) or type(exc).__name__)
+                self._write(work)
                 with self.lock:
                     self.busy -= len(work)
-                for _, done in work:
+                for _, done, _, _ in work:
                     done.set()
             if item is None or None in batch:
                 return
+
+    def _write(self, work: list[Any]) -> None:
+        """One transaction: the rows of consecutive items with the same statement go in one executemany."""
+        groups: list[tuple[Any, bool, list[dict[str, Any]]]] = []
+        for rows, _, statement, quiet in work:
+            if not rows:
+                continue
+            if groups and groups[-1][0] is statement:
+                groups[-1][2].extend(rows)
+            else:
+                groups.append((statement, quiet, list(rows)))
+        if not groups:
+            return
+        try:
+            with self.ledger._write() as conn:
+                for statement, _, rows in groups:
+                    conn.execute(insert(job_events) if statement is None else statement, rows)
+            self.ledger.statements += len(groups)
+        except Exception as exc:  # noqa: BLE001 - an event is at most once; the worker goes on
+            n = sum(len(rows) for _, _, rows in groups)
+            detail = type(exc).__name__ if any(q for _, q, _ in groups) else redact(str(exc)) or type(exc).__name__
+            log.warning("could not record %d background row(s) (lease_renewed events, progress): %s", n, detail)
 
     def close(self, timeout: float = 10.0) -> None:
         """Write what is pending (waiting at most ``timeout`` seconds), then stop the thread."""
