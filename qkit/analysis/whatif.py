@@ -32,6 +32,10 @@ The model, and what it assumes:
 * Jittered delays are drawn from a hash of (job id, epoch, attempt), like
   :class:`qkit.engine.backoff.Backoff`, so ``current`` reproduces the recorded delays
   and every replay gives the same numbers.
+* An attempt whose handler named its retry delay (``qkit.Retry(after=)``, a 429/503
+  ``Retry-After``: ``job_attempts.retry_after_ms``) is retried after that delay under
+  every policy, capped by the policy's cap as qkit caps it by ``QKIT_BACKOFF_MAX``:
+  the server said when to come back, whatever the back-off would have said.
 """
 from __future__ import annotations
 
@@ -65,6 +69,8 @@ class Episode:
     success_at: int  # the attempt that completed, 0 if none did
     permanent: bool  # dead-lettered before using its attempts: never retried
     observed_tts_s: float | None  # first attempt start to completion, wall clock
+    #: per recorded attempt, the retry delay its handler named (s), None where it named none
+    retry_after_s: list[float | None] = field(default_factory=list)
 
     @property
     def n(self) -> int:
@@ -95,13 +101,15 @@ def episodes(attempts: pd.DataFrame) -> tuple[list[Episode], int]:
             in_flight += 1  # failed, retry pending
             continue
         durations = [0.0 if pd.isna(d) else float(d) for d in g["duration_ms"]][: success_at or None]
+        named = ([None if pd.isna(v) else float(v) / 1000 for v in g["retry_after_ms"]][: success_at or None]
+                 if "retry_after_ms" in g.columns else [])
         observed = None
         if success_at:
             end = g.iloc[success_at - 1]["finished_at"]
             observed = max(0.0, (end - first["started_at"]).total_seconds())
         out.append(Episode(int(job_id), int(epoch), str(first["type"]), int(first["max_attempts"]), durations,
                            success_at, permanent=bool(dead and len(durations) < int(first["max_attempts"])),
-                           observed_tts_s=observed))
+                           observed_tts_s=observed, retry_after_s=named))
     return out, in_flight
 
 
@@ -185,7 +193,8 @@ def simulate_episode(e: Episode, policy: Policy, rates: _Rates, assume: str = "m
     previous = 0.0
     for k in range(1, max(limit, e.n) + 1):
         previous = policy.delay(e.job_id, e.epoch, k, previous)
-        delays.append(previous)
+        named = e.retry_after_s[k - 1] if k <= len(e.retry_after_s) else None
+        delays.append(previous if named is None else min(policy.cap, named))
     if e.success_at:
         k = e.success_at
         if k > limit:
@@ -298,6 +307,10 @@ def simulate(attempts: pd.DataFrame, policies: Sequence[Any], *, assume: str = "
           "tts_s": (sum(t * w for t, w in o.times) / sum(w for _, w in o.times)) if o.times else float("nan"),
           "modelled": o.modelled} for name, rows in results.items() for e, o in rows])
     notes = [f"{len(eps)} finished episode(s) replayed; {in_flight} still in flight left out."]
+    named = sum(1 for e in eps if any(v is not None for v in e.retry_after_s))
+    if named:
+        notes.append(f"{named} episode(s) had retry delays their handler named (qkit.Retry, a 429/503 Retry-After): "
+                     "each policy waits those delays instead of its back-off, capped by its cap.")
     if assume == "model":
         notes.append("Attempts the record never made use the success rate observed for that attempt number "
                      f"and type (pooled when under {MIN_TRIALS} attempts back it): outcomes are expected values.")

@@ -461,7 +461,7 @@ def attempt_rows(conn: Connection, queue: str, *, since: datetime | None = None,
     """(columns, rows) of the queue's attempts with their job's type, priority, status, epoch, max_attempts."""
     a = job_attempts
     cols = [a.c.id, a.c.job_id, jobs.c.type, jobs.c.priority, a.c.epoch, a.c.attempt, a.c.worker, a.c.started_at,
-            a.c.finished_at, a.c.duration_ms, a.c.outcome, a.c.error, a.c.fingerprint,
+            a.c.finished_at, a.c.duration_ms, a.c.outcome, a.c.error, a.c.fingerprint, a.c.retry_after_ms,
             jobs.c.status.label("job_status"), jobs.c.epoch.label("job_epoch"), jobs.c.max_attempts]
     if traceback:
         cols.append(a.c.traceback)

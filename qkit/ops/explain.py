@@ -180,6 +180,15 @@ def _run_note(exp: Explanation, worker: str, event_at: datetime | None = None) -
     return f"its run ended at {_at(run['finished_at'])} (status {run['status']})"
 
 
+def asked(retry_after_ms: float | None, delay_s: float | None = None) -> str:
+    """How a handler-named retry delay reads: "the handler asked to retry after 2 s" (and its cap)."""
+    if retry_after_ms is None:
+        return ""
+    want = retry_after_ms / 1000
+    capped = delay_s is not None and delay_s < want - 1e-3
+    return f"the handler asked to retry after {want:g} s" + (f" (capped at {delay_s:g} s)" if capped else "")
+
+
 def _history(exp: Explanation) -> list[str]:
     """Sentences about earlier attempts and replays: why it ran more than once."""
     job = exp.job or {}
@@ -210,10 +219,11 @@ def _history(exp: Explanation) -> list[str]:
         elif a["outcome"] in ("failed", "timeout") and a["attempt"] < job.get("attempts", 0):
             delay = next((_detail(e).get("delay_s") for e in exp.events if e["event"] == "retry_scheduled"
                           and _detail(e).get("attempt") == a["attempt"] and e["at"] >= a["started_at"]), None)
+            named = asked(a.get("retry_after_ms"), delay)
             out.append(f"Attempt {a['attempt']} {'timed out' if a['outcome'] == 'timeout' else 'failed'} on "
                        f"{a['worker']} ({_short(a['error'], 100)})"
-                       + ("" if delay is None else " and was retried at once" if not delay
-                          else f" and was retried after a {delay:g} s back-off") + ".")
+                       + (f" and {named}" if named else "" if delay is None else " and was retried at once"
+                          if not delay else f" and was retried after a {delay:g} s back-off") + ".")
     if older:
         epochs = sorted({a["epoch"] for a in older})
         out.append(f"Before that it was replayed from the DLQ {epoch} time(s); earlier epoch(s) "
@@ -251,7 +261,11 @@ def _verdict(q: "Queue", exp: Explanation) -> str:
                          + (" first." if not rank else " after those ahead of it."))
         elif r["delayed"]:
             due = r["delayed"]["due"]
-            why = (f"the retry back-off after attempt {n} ({_short(job['error'], 100)})" if n and last_retry
+            retry = _detail(last_retry) if last_retry else {}
+            named = asked(None if retry.get("retry_after_s") is None else retry["retry_after_s"] * 1000,
+                          retry.get("delay_s"))
+            why = (f"the retry delay {named} after attempt {n} ({_short(job['error'], 100)})" if n and named
+                   else f"the retry back-off after attempt {n} ({_short(job['error'], 100)})" if n and last_retry
                    else "the delay it was enqueued with")
             if due > now:
                 parts.append(f"Job {jid} is pending, delayed until {_at(due)} (in {_dur((due - now).total_seconds())})"
@@ -322,13 +336,17 @@ def _verdict(q: "Queue", exp: Explanation) -> str:
     elif status == "failed":
         final = next((a for a in reversed(exp.attempts) if a["epoch"] == job.get("epoch", 0)), None)
         fp = (final or {}).get("fingerprint") or fingerprint(job["error"])
-        permanent = bool(job["error"] and job["error"].startswith("UnknownJobType"))
+        dead_reason = next((_detail(e).get("reason") for e in reversed(exp.events) if e["event"] == "failed"), None)
+        permanent = dead_reason == "permanent" or bool(job["error"] and job["error"].startswith("UnknownJobType"))
         from qkit.ops.triage import fingerprint_id
 
         parts.append(f"Job {jid} failed and is in the DLQ: attempt {n}/{mx} "
                      + (f"({final['outcome']}) " if final else "")
                      + f"ended it at {_at(job['finished_at'])} with: {_short(job['error'])}."
-                     + (" No handler is registered for its type, so it was not retried." if permanent else "")
+                     + ((" No handler is registered for its type, so it was not retried."
+                         if job["error"].startswith("UnknownJobType") else
+                         f" It was not retried: permanent error: {_short(job['error'], 100)}.")
+                        if permanent else "")
                      + (f" Error fingerprint {fingerprint_id(fp)} ({fp})." if fp else "")
                      + f" Replay it with `qkit dlq replay {jid}`"
                      + (f" (or the whole group: `qkit dlq replay --fingerprint {fingerprint_id(fp)}`)." if fp else "."))
