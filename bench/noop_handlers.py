@@ -21,3 +21,9 @@ def noop(payload: dict) -> None:
 def sleep(payload: dict) -> None:
     """Block ``payload['ms']`` ms without using the CPU (releases the GIL, like network I/O)."""
     time.sleep(float(payload.get("ms", 20)) / 1000.0)
+
+
+@qkit.handler("stamp", timeout=60)
+def stamp(payload: dict) -> dict:
+    """Its start time (wall clock, s since the epoch) as its result: ``bench/latency.py``'s probe."""
+    return {"t": time.time()}

@@ -101,16 +101,20 @@ def enqueue(type: str, payload: str | None, priority: int, max_attempts: int, de
               help="Stop claiming after S seconds.")
 @click.option("--concurrency", type=click.IntRange(1, 256), default=1, show_default=True,
               help="Handler threads (for I/O-bound handlers).")
+@click.option("--forever", is_flag=True, help="Keep running: sleep until work is due (SIGTERM drains and stops).")
+@click.option("--idle-seconds", type=click.FloatRange(0.05, 3600), default=None,
+              help="--forever: longest sleep without a claim [60 s subscribed; 5 s on Upstash, which polls].")
 @queue_option
 @json_option
-def work(max_jobs: int | None, max_seconds: float | None, concurrency: int, queue: str, as_json: bool) -> None:
-    """Run one worker burst; prints a summary."""
+def work(max_jobs: int | None, max_seconds: float | None, concurrency: int, forever: bool,
+         idle_seconds: float | None, queue: str, as_json: bool) -> None:
+    """Run one worker burst (or, with --forever, a long-running worker); prints a summary."""
     from tqdm import tqdm
 
     with _open(queue) as q, tqdm(total=max_jobs, unit="job", desc=f"burst {queue}", disable=None,
                                  file=sys.stderr) as bar:
         summary = q.work(max_jobs=max_jobs, max_seconds=max_seconds, concurrency=concurrency,
-                         trigger="cli", progress=bar)
+                         trigger="cli", progress=bar, forever=forever, idle_seconds=idle_seconds)
     emit(summary.to_dict(), as_json, lambda d: (
         f"worker {d['worker']}: processed {d['processed']} (completed {d['completed']}, retried "
         f"{d['retried']}, failed {d['failed']}, lost {d['lost']}) in {d['seconds']:.2f} s; stopped: {d['stopped_by']}"))

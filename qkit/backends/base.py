@@ -19,6 +19,18 @@ from typing import Any, Sequence
 from qkit.lua import Script, load_script
 
 
+class WakeListener(abc.ABC):
+    """A subscription a sleeping worker blocks on; no command is sent while it waits."""
+
+    @abc.abstractmethod
+    def wait(self, timeout: float, stop: threading.Event) -> bool:
+        """Block until a message arrives (True), ``timeout`` seconds pass or ``stop`` is set (False)."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Unsubscribe and drop the connection."""
+
+
 class Backend(abc.ABC):
     """A Redis-speaking server reachable by scripts and pipelines."""
 
@@ -60,6 +72,11 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def ping(self) -> bool:
         """True when the server answers; raises BackendUnavailable otherwise."""
+
+    def wake_listener(self, channel: str) -> "WakeListener | None":
+        """A subscription to ``channel`` that a sleeping worker waits on, or None where the backend has no
+        push channel (Upstash's REST API): that worker polls instead (docs/semantics.md#long-running-workers)."""
+        return None
 
     def describe(self) -> str:
         """Where this backend points, with any secret redacted."""

@@ -2,12 +2,14 @@
 cluster client (docs/cluster.md)."""
 from __future__ import annotations
 
+import threading
+import time
 from typing import Any, Sequence
 
 import redis
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
-from qkit.backends.base import Backend
+from qkit.backends.base import Backend, WakeListener
 from qkit.config import redact
 from qkit.errors import BackendUnavailable, QkitError
 from qkit.logs import log
@@ -73,6 +75,9 @@ class RedisBackend(Backend):
         self._count(1)
         return True
 
+    def wake_listener(self, channel: str) -> WakeListener:
+        return PubSubListener(self.client, channel)
+
     def _warn_if_evicting(self) -> None:
         """Warn once when the server may evict keys: an evicted job is a lost job."""
         try:
@@ -90,6 +95,50 @@ class RedisBackend(Backend):
 
     def close(self) -> None:
         self.client.close()
+
+
+class PubSubListener(WakeListener):
+    """SUBSCRIBE on a connection of its own, without health-check PINGs: an idle worker sends nothing."""
+
+    #: how often the wait looks at its stop event (a local check; no command is sent)
+    SLICE_S = 0.2
+
+    def __init__(self, client: redis.Redis | redis.RedisCluster, channel: str) -> None:
+        if isinstance(client, redis.RedisCluster):
+            self.client = client  # the cluster client's pubsub opens its own node connection
+        else:
+            pool = client.connection_pool
+            kwargs = {**pool.connection_kwargs, "health_check_interval": 0, "socket_timeout": None}
+            self.client = redis.Redis(connection_pool=redis.ConnectionPool(connection_class=pool.connection_class,
+                                                                           **kwargs))
+        self.pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        try:
+            self.pubsub.subscribe(channel)
+        except RedisError as exc:
+            raise BackendUnavailable(f"cannot subscribe to the queue's wake-up channel: {exc}") from None
+
+    def wait(self, timeout: float, stop: threading.Event) -> bool:
+        deadline = time.monotonic() + max(0.0, timeout)
+        try:
+            while not stop.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                if self.pubsub.get_message(timeout=min(self.SLICE_S, left)) is not None:
+                    while self.pubsub.get_message(timeout=0) is not None:  # one wake-up for what is buffered
+                        pass
+                    return True
+        except RedisError:
+            # the connection broke (a restart?): the worker's next claim finds out and says so
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+        return False
+
+    def close(self) -> None:
+        try:
+            self.pubsub.close()
+        finally:
+            if not isinstance(self.client, redis.RedisCluster):
+                self.client.close()
 
 
 #: connection settings of both clients; protocol=2 keeps reply shapes identical to Upstash's REST replies (RESP2)

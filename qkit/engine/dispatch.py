@@ -177,6 +177,11 @@ class Dispatch:
             added += self._push(batch, mode)
         return added
 
+    def wake_listener(self) -> Any:
+        """A subscription to the wake-ups push.lua publishes (on the channel named like the ready key),
+        or None where the backend has none (Upstash): see :meth:`qkit.backends.base.Backend.wake_listener`."""
+        return self.backend.wake_listener(self.keys[0])
+
     def _push(self, batch: Sequence[tuple[int, int, int]], mode: str) -> int:
         args: list[object] = [mode, _aging_arg(self.aging_s)]
         for job_id, priority, delay_ms in batch:

@@ -249,8 +249,14 @@ class Queue:
 
     def work(self, max_jobs: int | None = None, max_seconds: float | None = None, *,
              concurrency: int = 1, trigger: str = "notebook", progress: Any = None,
-             params: dict[str, Any] | None = None) -> WorkSummary:
-        """Run one burst in this process: claim and run jobs until none is due or a budget is spent."""
+             params: dict[str, Any] | None = None, forever: bool = False,
+             idle_seconds: float | None = None) -> WorkSummary:
+        """Run one burst in this process: claim and run jobs until none is due or a budget is spent.
+
+        ``forever=True`` keeps going when nothing is due: the worker sleeps until an enqueue wakes it (a
+        subscription on TCP Redis and the embedded server: no command while idle) or, on Upstash, polls
+        every ``idle_seconds`` (default 5); SIGTERM/SIGINT drain it as they drain a burst
+        (docs/semantics.md#long-running-workers)."""
         from qkit.engine.worker import Resources, Worker
 
         if max_jobs is not None and (isinstance(max_jobs, bool) or not isinstance(max_jobs, int) or max_jobs < 1):
@@ -260,10 +266,14 @@ class Queue:
             raise BadInput("max_seconds must be a positive number")
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or not 1 <= concurrency <= 256:
             raise BadInput("concurrency must be an integer 1..256")
+        if idle_seconds is not None and (isinstance(idle_seconds, bool) or not isinstance(idle_seconds, (int, float))
+                                         or not 0.05 <= idle_seconds <= 3600):
+            raise BadInput("idle_seconds must be a number of seconds, 0.05..3600")
         import_handler_modules(self.settings.handler_modules)
         worker = Worker(Resources(self.name, self.ledger, self.dispatch, self.backoff, self.settings.lease_seconds,
                                   prepare=self._repair), max_jobs=max_jobs, max_seconds=max_seconds, concurrency=concurrency,
-                        trigger=trigger, progress=progress, params=params)
+                        trigger=trigger, progress=progress, params=params, forever=forever,
+                        idle_seconds=idle_seconds)
         try:
             return worker.run()
         finally:

@@ -40,6 +40,11 @@ if TYPE_CHECKING:
 MAX_BATCH = 1000
 TARGET_BATCH_SECONDS = 0.5
 TRIGGERS = ("papermill", "cli", "http", "notebook")
+#: ``--forever``: longest sleep without a claim when subscribed to wake-ups, and when polling (Upstash:
+#: each poll is one billed command, so an idle worker costs 86400 / 5 = 17,280 commands a day at most)
+IDLE_SECONDS_SUBSCRIBED, IDLE_SECONDS_POLLING = 60.0, 5.0
+#: ``--forever``: an idle worker repeats a burst's start-up drift check (qkit.ops.reconcile) this often at most
+RECHECK_SECONDS = 300.0
 #: back-off of a live worker retrying a ledger or Redis write it could not make (seconds)
 RETRY_FIRST_S, RETRY_MAX_S = 0.05, 1.0
 
@@ -80,7 +85,8 @@ class Worker:
 
     def __init__(self, q: Resources, *, max_jobs: int | None = None, max_seconds: float | None = None,
                  concurrency: int = 1, trigger: str = "notebook", params: dict[str, Any] | None = None,
-                 progress: Any = None, handle_signals: bool = True) -> None:
+                 progress: Any = None, handle_signals: bool = True, forever: bool = False,
+                 idle_seconds: float | None = None) -> None:
         if trigger not in TRIGGERS:
             raise ValueError(f"trigger must be one of {', '.join(TRIGGERS)}")
         if faults.ARMED:
@@ -93,6 +99,10 @@ class Worker:
         self.params = params or {}
         self.progress = progress
         self.handle_signals = handle_signals
+        self.forever = forever
+        self.idle_seconds = idle_seconds  # forever: longest sleep without a claim (None: by backend)
+        self._listener: Any = None
+        self._checked_at = time.monotonic()  # forever: when the drift check last ran
         self.worker_id = new_worker_id()
         self.lease_ms = int(q.lease_seconds * 1000)
         self.summary = WorkSummary(worker=self.worker_id)
@@ -127,6 +137,10 @@ class Worker:
         status, error = "ok", None
         try:
             q.prepare()
+            if self.forever:
+                self._listener = q.dispatch.wake_listener()
+                if self.idle_seconds is None:
+                    self.idle_seconds = IDLE_SECONDS_SUBSCRIBED if self._listener else IDLE_SECONDS_POLLING
             self._loop(pool)
             if self._signal is not None:
                 status = "interrupted"
@@ -135,6 +149,8 @@ class Worker:
             raise
         finally:
             self._stop.set()
+            if self._listener is not None:
+                self._listener.close()
             pool.close()
             self._job_progress.close()
             for thread, started in self._abandoned:  # what they started since their timeout
@@ -427,6 +443,27 @@ class Worker:
         except OSError:
             pass
 
+    def _wait_for_work(self, next_due_ms: int) -> bool:
+        """``--forever``: sleep until a push publishes a wake-up, the next delayed job is due, or
+        ``idle_seconds`` pass.  Subscribed, the sleep sends no command; on Upstash each wake-up costs the one
+        claim call that follows.  Idle, the drift check a burst makes at its start runs again at most once
+        per :data:`RECHECK_SECONDS`.  False once stopped."""
+        if self._signal is not None or self._stop.is_set():
+            return False
+        timeout = float(self.idle_seconds or IDLE_SECONDS_POLLING)
+        if next_due_ms >= 0:
+            timeout = min(timeout, next_due_ms / 1000 + 0.005)  # due by Redis's clock: a hair later
+        if self._listener is not None:
+            woke = self._listener.wait(timeout, self._wake)
+        else:
+            woke = self._wake.wait(timeout)
+        if self._signal is not None:
+            return False
+        if not woke and next_due_ms < 0 and time.monotonic() - self._checked_at >= RECHECK_SECONDS:
+            self.q.prepare()  # idle for a while: the drift check a new burst would make
+            self._checked_at = time.monotonic()
+        return True
+
     def _wait_for_delayed(self, next_due_ms: int) -> bool:
         """Sleep until the next delayed job is due, if that is within this burst's time budget.
 
@@ -434,6 +471,8 @@ class Worker:
         with ``max_seconds`` keeps going for them, at one claim call per wake-up.
         Without a time budget a burst ends as soon as nothing is due, like RQ's.
         """
+        if self.forever:
+            return self._wait_for_work(next_due_ms)
         if next_due_ms < 0 or self.deadline is None or self._signal is not None:
             return False
         wake = time.monotonic() + next_due_ms / 1000 + 0.005  # due by Redis's clock: a hair later

@@ -7,6 +7,9 @@
 --               'dead'   (rebuild of the DLQ: a job found nowhere is put in the DLQ)
 -- ARGV[2] aging priority aging A, seconds per priority level ('0': strict priority)
 -- ARGV[3..]     groups of 3: id, priority, delay_ms (0: ready now)
+-- Publishes the number of jobs added (ready or delayed) on the channel named like KEYS[1] (a channel, not a
+-- key: nothing is stored) when there are any: a `qkit work --forever` worker sleeps subscribed to it, and
+-- wakes to claim them or to learn when the first delayed one falls due.
 -- Returns {added, now_ms}: the number of jobs added and Redis TIME in ms (callers write the
 -- ledger's due times from it: one clock for every writer).  A job already leased is never added, and ZADD NX never
 -- adds one twice to a set, so pushing is idempotent: a late or repeated push cannot let two
@@ -46,5 +49,6 @@ for i = 3, #ARGV, 3 do
     end
   end
 end
+if added > 0 and mode ~= 'dead' then redis.call('PUBLISH', ready, added) end
 save_clock()
 return {added, now}
