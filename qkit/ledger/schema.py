@@ -129,7 +129,7 @@ worker_runs = Table(
     Column("completed", Integer, nullable=False, default=0),
     Column("retried", Integer, nullable=False, default=0),
     Column("failed", Integer, nullable=False, default=0),
-    Column("released", Integer, nullable=False, default=0),  # v7: claimed, handed back unrun (not retries)
+    Column("released", Integer, nullable=False, server_default="0"),  # v7: claimed, handed back unrun (not retries)
     Column("trigger", String(16), nullable=False),
     Column("params", Json),
     Column("status", String(16), nullable=False, default="running"),  # running|ok|failed|interrupted|abandoned
