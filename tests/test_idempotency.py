@@ -61,7 +61,7 @@ def test_a_failed_jobs_key_returns_the_failed_job(setup, tmp_path):
                            json={"type": "record", "payload": {}, "key": key}, timeout=60)
     finally:
         server.stop()
-    assert reply.status_code == 201 and reply.json() == {"id": holder, "status": "failed"}
+    assert reply.status_code == 200 and reply.json() == {"id": holder, "status": "failed", "duplicate": True}
     # nothing was created or changed: one failed job, in Redis's DLQ only; each duplicate recorded
     job = q.get(holder)
     assert count_jobs(q) == 1 and (job.status, job.payload, job.attempts) == ("failed", {"n": 1}, 1)

@@ -10,7 +10,6 @@ through :func:`qkit.api.errors.guard`.  The app's state holds the queue
 from __future__ import annotations
 
 import contextlib
-import importlib
 import inspect
 import logging
 from typing import Any, AsyncIterator
@@ -31,6 +30,7 @@ from qkit.api.bodies import api_limits, burst_budget
 from qkit.api.errors import guard, http_error, route_templates
 from qkit.api.holder import QueueHolder, holder as _holder
 from qkit.api.openapi import document
+from qkit.api import metrics, routes_jobs, routes_ops  # the route groups (ROUTE_MODULES)
 from qkit.config import DEFAULT_QUEUE, settings as resolve_settings
 from qkit.errors import BadInput
 from qkit.model import check_name
@@ -40,13 +40,9 @@ log = logging.getLogger("qkit.api")
 #: bursts run on their own thread limiter, so long bursts never starve the job routes
 MAX_CONCURRENT_BURSTS = 4
 
-#: The route groups: each module holds ``ROUTES`` (Starlette routes) and, for JSON routes,
-#: ``OPENAPI_PATHS`` / ``OPENAPI_SCHEMAS``.  A new group of routes is one more line here.
-ROUTE_MODULES = (
-    "qkit.api.routes_jobs",
-    "qkit.api.routes_ops",
-    "qkit.api.metrics",
-)
+#: The route groups, in order: each module holds ``ROUTES`` (Starlette routes) and, for JSON routes,
+#: ``OPENAPI_PATHS`` / ``OPENAPI_SCHEMAS``.  A new group is its module named in the import above and here.
+ROUTE_MODULES = (routes_jobs, routes_ops, metrics)
 
 
 # --------------------------------------------------------------------------- routes
@@ -106,18 +102,13 @@ CORE_ROUTES = [
 ]
 
 
-def route_modules() -> list[Any]:
-    """The modules of :data:`ROUTE_MODULES`, imported."""
-    return [importlib.import_module(name) for name in ROUTE_MODULES]
-
-
 def all_routes() -> list[Any]:
-    """The core routes, then each route module's, in order."""
-    return CORE_ROUTES + [route for module in route_modules() for route in module.ROUTES]
+    """The core routes, then each route group's, in order."""
+    return CORE_ROUTES + [route for module in ROUTE_MODULES for route in module.ROUTES]
 
 
-#: the OpenAPI document of every route module
-OPENAPI = document(route_modules())
+#: the OpenAPI document of the core routes and every route group
+OPENAPI = document(ROUTE_MODULES)
 
 
 # --------------------------------------------------------------------------- the app

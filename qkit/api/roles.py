@@ -108,8 +108,9 @@ def verify_user_token(token: str, jwks_url: str, *, issuer: str | None = None,
     return sub
 
 
-def _looks_like_jwt(token: bytes) -> bool:
-    return token.isascii() and token.count(b".") == 2
+def _looks_like_jwt(raw: bytes) -> bool:
+    """Three dot-separated ASCII parts: worth verifying (a plain mismatch otherwise)."""
+    return raw.isascii() and len(raw.split(b".")) == 3
 
 
 # --------------------------------------------------------------------------- the decision
