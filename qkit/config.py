@@ -73,7 +73,10 @@ def has_url_password(text: str) -> bool:
 
 #: variables whose whole value is a secret
 SECRET_VARIABLES = ("UPSTASH_REDIS_REST_TOKEN", "WORKER_SECRET", "QKIT_API_TOKEN", "QKIT_API_READ_TOKEN",
-                    "QKIT_METRICS_TOKEN", "QSTASH_CURRENT_SIGNING_KEY", "QSTASH_NEXT_SIGNING_KEY")
+                    "QKIT_METRICS_TOKEN", "QSTASH_CURRENT_SIGNING_KEY", "QSTASH_NEXT_SIGNING_KEY",
+                    # the real HTTP handlers' keys (qkit.engine.http_handlers)
+                    "QKIT_OPENAI_API_KEY", "QKIT_IMAGES_API_KEY", "QKIT_FIRECRAWL_API_KEY", "QKIT_PUBLISH_WEBHOOK_SECRET",
+                    "QKIT_PUBLISH_WEBHOOK_URL")
 #: variables holding a URL whose password is a secret
 SECRET_URL_VARIABLES = ("QKIT_REDIS_URL", "QKIT_DATABASE_URL")
 

@@ -59,7 +59,10 @@ class Upstream:
                     data, ctype = reply.body.encode(), "text/plain; charset=utf-8"
                 else:
                     data, ctype = reply.body or b"", "application/octet-stream"
-                self.send_response(reply.status)
+                self.log_request(reply.status)
+                self.send_response_only(reply.status)  # Date only when the script gives none (a server's clock)
+                if not any(k.lower() == "date" for k in reply.headers):
+                    self.send_header("Date", self.date_time_string())
                 self.send_header("Content-Type", reply.content_type or ctype)
                 self.send_header("Content-Length", str(len(data)))
                 for k, v in reply.headers.items():
@@ -75,7 +78,11 @@ class Upstream:
             def log_message(self, *args: Any) -> None:  # quiet
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(ThreadingHTTPServer):
+            def handle_error(self, request: Any, client_address: Any) -> None:  # a client gave up (a timeout)
+                pass
+
+        self.server = Server(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
