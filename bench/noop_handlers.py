@@ -6,6 +6,7 @@ I/O-bound job (an HTTP call), to show that ``concurrency`` overlaps waits.
 """
 from __future__ import annotations
 
+import asyncio
 import time
 
 import qkit
@@ -27,3 +28,9 @@ def sleep(payload: dict) -> None:
 def stamp(payload: dict) -> dict:
     """Its start time (wall clock, s since the epoch) as its result: ``bench/latency.py``'s probe."""
     return {"t": time.time()}
+
+
+@qkit.handler("asleep", timeout=60)
+async def asleep(payload: dict) -> None:
+    """``sleep`` as a coroutine: ``asyncio.sleep`` on the burst's event loop (async I/O)."""
+    await asyncio.sleep(float(payload.get("ms", 20)) / 1000.0)

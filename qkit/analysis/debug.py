@@ -1,8 +1,9 @@
 """Debug one job: its ledger rows, events and tracebacks, and one in-process re-run.
 
 :func:`rerun` calls the job's registered handler with the job's payload under
-:func:`qkit.engine.handlers.run_in_context` (so ``qkit.current_job()`` answers as in
-a worker), in the calling process and thread, without a lease, a timeout or
+:func:`qkit.engine.handlers.run_to_end` (so ``qkit.current_job()`` answers as in
+a worker), in the calling process and thread (an ``async def`` handler on an
+event loop of its own), without a lease, a timeout or
 any write to the ledger or Redis.  Set a ``breakpoint()`` in the handler, or
 call it with ``raise_errors=True`` and use ``%debug``, to step into it.  By
 default it replays the job's last recorded attempt number, so the simulated
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from qkit.errors import NotFound, QkitError
-from qkit.engine.handlers import JobContext, get_handler, import_handler_modules, run_in_context
+from qkit.engine.handlers import JobContext, get_handler, import_handler_modules, run_to_end
 
 if TYPE_CHECKING:
     from qkit.engine.queue import Queue
@@ -107,7 +108,7 @@ def rerun(q: "Queue", job_id: int, *, attempt: int | None = None, raise_errors: 
                      worker=f"debug-{host}-{os.getpid()}", reporter=lambda f, note: reports.append((f, note)))
     t0 = time.perf_counter()
     try:
-        result = run_in_context(ctx, handler.func, dict(job.payload))
+        result = run_to_end(ctx, handler, dict(job.payload))
     except Exception as exc:  # noqa: BLE001 - reported, or re-raised on request
         if raise_errors:
             raise

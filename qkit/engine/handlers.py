@@ -6,8 +6,11 @@ can choose which code runs.
 """
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import importlib
+import inspect
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -25,6 +28,8 @@ class Handler:
     type: str
     func: Callable[[dict], Any]
     timeout: float
+    #: an ``async def`` handler: runs on the burst's event loop (:mod:`qkit.engine.aio`)
+    is_async: bool = False
 
 
 @dataclass(frozen=True)
@@ -64,7 +69,9 @@ def handler(type: str, timeout: float = DEFAULT_TIMEOUT) -> Callable[[Callable],
     """Register the decorated function as the handler of jobs of ``type``.
 
     ``timeout`` (seconds) bounds one attempt; past it the attempt counts as
-    ``timeout`` and is retried like a failure.
+    ``timeout`` and is retried like a failure.  An ``async def`` handler runs
+    on the burst's event loop and is cancelled at its timeout
+    (docs/semantics.md#async-handlers).
     """
     from qkit.model import check_name
 
@@ -73,7 +80,7 @@ def handler(type: str, timeout: float = DEFAULT_TIMEOUT) -> Callable[[Callable],
         raise ValueError("timeout must be > 0 seconds")
 
     def register(func: Callable) -> Callable:
-        _registry[type] = Handler(type, func, float(timeout))
+        _registry[type] = Handler(type, func, float(timeout), inspect.iscoroutinefunction(func))
         return func
 
     return register
@@ -107,6 +114,46 @@ def run_in_context(ctx: JobContext, func: Callable[[dict], Any], payload: dict) 
         return func(payload)
     finally:
         _current.reset(token)
+
+
+async def run_async_in_context(ctx: JobContext, func: Callable[[dict], Any], payload: dict) -> Any:
+    """Await an ``async def`` handler with ``current_job()`` set inside its own task.
+
+    Each asyncio task runs in a copy of the context it was created in, so the
+    value set here is seen by this coroutine (and what it awaits or hands to
+    ``asyncio.to_thread``) only, never by the other jobs on the same loop."""
+    token = _current.set(ctx)
+    try:
+        return await func(payload)
+    finally:
+        _current.reset(token)
+
+
+def run_to_end(ctx: JobContext, handler: Handler, payload: dict) -> Any:
+    """Run a handler once, here, whatever its kind (``debug_job``'s rerun).
+
+    An async handler gets an event loop of its own; when this thread already
+    runs one (a Jupyter kernel), on a helper thread."""
+    if not handler.is_async:
+        return run_in_context(ctx, handler.func, payload)
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(run_async_in_context(ctx, handler.func, payload))
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["result"] = asyncio.run(run_async_in_context(ctx, handler.func, payload))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, name="qkit-rerun")
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box.get("result")
 
 
 # ---------------------------------------------------------------- simulations

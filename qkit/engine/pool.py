@@ -55,7 +55,8 @@ class HandlerPool:
 
     def __init__(self, size: int) -> None:
         self.tasks: queue_mod.Queue[Any] = queue_mod.Queue()
-        self.slots = [self._spawn() for _ in range(size)]
+        self.size = size
+        self.slots: list[_Slot] = []  # started on the first submit: a queue of async jobs needs none
 
     def _spawn(self) -> _Slot:
         slot = _Slot(self.tasks)
@@ -63,6 +64,8 @@ class HandlerPool:
         return slot
 
     def submit(self, fn: Callable[[], Any]) -> cf.Future:
+        if not self.slots:
+            self.slots = [self._spawn() for _ in range(self.size)]
         future: cf.Future = cf.Future()
         self.tasks.put((future, fn))
         return future

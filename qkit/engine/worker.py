@@ -4,7 +4,8 @@ One loop iteration costs one Redis script call (settle the last batch + claim
 the next, :meth:`qkit.engine.dispatch.Dispatch.claim`) and two ledger transactions
 (record the claim, record the outcomes).  Leases are renewed by a background
 thread while handlers run; handlers run on worker threads (:mod:`qkit.engine.pool`) so a handler that
-hangs past its timeout is abandoned instead of hanging the burst.
+hangs past its timeout is abandoned instead of hanging the burst; ``async def`` handlers run on
+one event loop per burst (:mod:`qkit.engine.aio`).
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from qkit.config import redact
 from qkit.engine import faults
-from qkit.engine.handlers import JobContext, get_handler, run_in_context
+from qkit.engine.aio import AsyncRunner, split_async
+from qkit.engine.handlers import JobContext, get_handler, run_async_in_context, run_in_context
 from qkit.engine.lifecycle import Outcome, Runnable, Settlement
 from qkit.engine.progress import ProgressBoard
 from qkit.engine.pool import HandlerPool, SerialRunner, kill_children_of, outcome_of, run_error, timeout_outcome
@@ -119,6 +121,7 @@ class Worker:
         self._leased_at = 0.0  # monotonic start of the last Redis call that granted or renewed every held lease
         self._priority: dict[int, int] = {}  # held job -> priority, to release it in place
         self._job_progress = ProgressBoard(q.ledger)  # handlers' current_job().progress() reports
+        self._aio = AsyncRunner()  # the event loop of async handlers, made on first use
 
     # ------------------------------------------------------------------ public
     def run(self) -> WorkSummary:
@@ -153,6 +156,7 @@ class Worker:
                 self._listener.close()
             pool.close()
             self._job_progress.close()
+            self._aio.close()
             for thread, started in self._abandoned:  # what they started since their timeout
                 kill_children_of(thread, started)
             self.summary.seconds = round(time.monotonic() - t0, 3)
@@ -339,14 +343,18 @@ class Worker:
         ctx = JobContext(job.id, job.type, job.attempt, job.max_attempts, self.q.name, self.worker_id,
                          reporter=self._job_progress.reporter(job))
         job.started_at = utcnow()
-        return (lambda: run_in_context(ctx, handler.func, job.payload)), handler.timeout
+        run = run_async_in_context if handler.is_async else run_in_context
+        return (lambda: run(ctx, handler.func, job.payload)), handler.timeout
 
     def _run_batch(self, pool: HandlerPool, batch: list[Runnable]) -> list[Outcome]:
         t_batch, started_before = time.monotonic(), self._started
+        async_jobs, batch = split_async(batch)
         if self.concurrency == 1:
             outcomes = self._run_serial(batch)
         else:
             outcomes = self._run_concurrent(pool, batch)
+        if async_jobs:  # after the sync ones: never more than `concurrency` handlers at once
+            outcomes += self._aio.run(self, async_jobs, self.concurrency)
         ran = self._started - started_before
         if ran:
             per_job = max((time.monotonic() - t_batch) / ran * self.concurrency, 1e-6)
