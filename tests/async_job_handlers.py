@@ -81,3 +81,18 @@ async def aio_block_past_timeout(payload: dict) -> None:
     _log(payload, "start")
     time.sleep(float(payload["block"]))
     _log(payload, "done")
+
+
+@qkit.handler("aio_directed", timeout=30)
+async def aio_directed(payload: dict) -> str:
+    """Reports progress, then does what ``payload["do"]`` says on its first attempt: ``retry`` after
+    ``after`` s (qkit.Retry), ``permanent`` (qkit.Permanent), or returns."""
+    job = qkit.current_job()
+    job.progress(0.5, "half way")
+    await asyncio.sleep(0.01)
+    if job.attempt == 1 and payload.get("do") == "retry":
+        raise qkit.Retry(after=float(payload["after"]), reason="upstream said later")
+    if payload.get("do") == "permanent":
+        raise qkit.Permanent("this input can never work")
+    job.progress(1.0, "done")
+    return "ok"

@@ -80,6 +80,27 @@ def test_async_handlers_complete_fail_retry_and_time_out(setup: Setup, tmp_path:
     assert audit(q).clean
 
 
+def test_async_handlers_direct_their_outcomes_and_report_progress(setup: Setup):
+    """qkit.Retry, qkit.Permanent and current_job().progress() work from a coroutine as from a thread."""
+    q = setup.connect(backoff_base=0)
+    retry = q.enqueue("aio_directed", {"do": "retry", "after": 0.3})
+    permanent = q.enqueue("aio_directed", {"do": "permanent"}, max_attempts=5)
+    plain = q.enqueue("aio_directed", {})
+    q.work(concurrency=4, max_seconds=30)
+    rows = attempts(q, [retry])
+    assert [a["outcome"] for a in rows] == ["failed", "completed"] and rows[0]["retry_after_ms"] == 300
+    # the second attempt started no sooner than the delay the handler named after the first ended
+    second_start = rows[1]["finished_at"].timestamp() - rows[1]["duration_ms"] / 1000
+    assert second_start - rows[0]["finished_at"].timestamp() >= 0.3 - 0.01
+    assert q.get(permanent).status == "failed" and outcomes_of(q, permanent) == ["failed"]
+    assert "Permanent" in q.get(permanent).error
+    for job_id in (retry, plain):
+        job = q.get(job_id)
+        assert job.status == "completed" and (job.progress, job.progress_note) == (1.0, "done")
+    assert (q.get(permanent).progress, q.get(permanent).progress_note) == (0.5, "half way")
+    assert audit(q).clean
+
+
 def test_up_to_k_async_handlers_run_at_once(setup: Setup, tmp_path: Path):
     """50 jobs of 0.2 s at concurrency 50 all overlap; at concurrency 4 never more than 4 do."""
     q = setup.connect()
