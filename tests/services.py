@@ -17,7 +17,7 @@ import httpx
 
 from qkit.dev.servers import free_port, start_postgres, stop_process, wait_until
 
-__all__ = ["ApiServer", "Server", "start_api_server", "start_postgres"]
+__all__ = ["ApiServer", "Server", "serve_home", "start_api_server", "start_postgres"]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,3 +62,16 @@ def start_api_server(env: dict[str, str], log_path: Path, *extra_args: str) -> A
         except RuntimeError:  # exited (port taken?) or timed out: try again on another port
             server.stop()
     raise RuntimeError(f"qkit serve did not become healthy:\n{log_path.read_text(errors='replace')[-3000:]}")
+
+
+#: the caller's settings a test server must not inherit
+SCRUBBED = ("QKIT_", "UPSTASH_", "QSTASH_", "WORKER_SECRET")
+
+
+def serve_home(home: Path, log_path: Path, **env_extra: str) -> ApiServer:
+    """``qkit serve`` on ``QKIT_HOME=home`` with ``env_extra`` and none of this process's qkit, Upstash or
+    QStash settings."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(SCRUBBED)}
+    return start_api_server({**env, "QKIT_HOME": str(home), **env_extra}, log_path)

@@ -29,7 +29,7 @@ from sqlalchemy import create_engine, select
 from qkit.api import MAX_BODY_BYTES, UNAVAILABLE, bearer_token, endpoint_url, token_matches, verify_qstash_signature
 from qkit.backends.embedded import EmbeddedServer
 from qkit.model import MAX_PAYLOAD_BYTES
-from api_fuzz import fuzz_test, schema_of
+from api_support import fuzz_test, schema_of
 from services import ApiServer, start_api_server
 
 ROOT = Path(__file__).resolve().parents[1]

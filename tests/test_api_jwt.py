@@ -9,7 +9,6 @@ checks issuer and audience; ``open_server`` has neither configured;
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import threading
 import time
@@ -22,14 +21,13 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
-from qkit.backends.embedded import EmbeddedServer
 from qkit.ports import free_port
-from services import ApiServer, start_api_server
+from api_support import home, running  # noqa: F401 (home: a fixture)
+from services import ApiServer, serve_home
 
 ADMIN = "adm-" + secrets.token_hex(16)
 ISSUER = "https://clerk.example.test"
 AUDIENCE = "qkit-tests"
-SCRUBBED = ("QKIT_", "UPSTASH_", "QSTASH_", "WORKER_SECRET")
 
 RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 EC_KEY = ec.generate_private_key(ec.SECP256R1())
@@ -96,25 +94,14 @@ def jwks_server():
     srv.stop()
 
 
-@pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    path = tmp_path_factory.mktemp("jwt-home")
-    yield path
-    EmbeddedServer(path).stop()
-
-
 def start_server(home: Path, name: str, env_extra: dict[str, str]) -> ApiServer:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(SCRUBBED)}
-    env.update(QKIT_HOME=str(home), QKIT_API_TOKEN=ADMIN, **env_extra)
-    return start_api_server(env, home.parent / f"{name}.log")
+    return serve_home(home, home.parent / f"{name}.log", QKIT_API_TOKEN=ADMIN, **env_extra)
 
 
 @pytest.fixture(scope="module")
 def server(home, jwks_server):
-    srv = start_server(home, "jwt", {"QKIT_API_JWKS_URL": jwks_server.url, "QKIT_API_JWT_ISSUER": ISSUER,
-                                     "QKIT_API_JWT_AUDIENCE": AUDIENCE})
-    yield srv
-    srv.stop()
+    yield from running(home, "jwt", QKIT_API_TOKEN=ADMIN, QKIT_API_JWKS_URL=jwks_server.url,
+                       QKIT_API_JWT_ISSUER=ISSUER, QKIT_API_JWT_AUDIENCE=AUDIENCE)
 
 
 def call(server: ApiServer, method: str, path: str, bearer: str, **kwargs) -> httpx.Response:
@@ -248,9 +235,7 @@ def test_an_unreachable_jwks_is_a_503_for_users_only(home):
 
 
 def test_jwks_alone_opens_the_jobs_routes_to_users_only(home, jwks_server):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(SCRUBBED)}
-    env.update(QKIT_HOME=str(home), QKIT_API_JWKS_URL=jwks_server.url)  # no static token at all
-    srv = start_api_server(env, home.parent / "jwt-only.log")
+    srv = serve_home(home, home.parent / "jwt-only.log", QKIT_API_JWKS_URL=jwks_server.url)  # no static token
     try:
         assert call(srv, "GET", "/api/jobs", alice()).status_code == 200
         assert call(srv, "GET", "/api/jobs", ADMIN).status_code == 401

@@ -7,7 +7,6 @@ and a read token; this process writes the jobs it then asks about through
 """
 from __future__ import annotations
 
-import os
 import secrets
 import time
 from pathlib import Path
@@ -16,36 +15,18 @@ import httpx
 import pytest
 
 import qkit
-from qkit.backends.embedded import EmbeddedServer
 from qkit.model import STATUSES
-from api_fuzz import fuzz_test, schema_of
-from services import ApiServer, start_api_server
+from api_support import fuzz_test, home, running, schema_of  # noqa: F401 (home: a fixture)
+from services import ApiServer, serve_home
 
 ADMIN = "adm-" + secrets.token_hex(16)
 READER = "rdr-" + secrets.token_hex(16)
 WORKER = "wrk-" + secrets.token_hex(16)
-SCRUBBED = ("QKIT_", "UPSTASH_", "QSTASH_", "WORKER_SECRET")
-
-
-def start_server(home: Path, log_path: Path, env_extra: dict[str, str]) -> ApiServer:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(SCRUBBED)}
-    env.update(QKIT_HOME=str(home), **env_extra)
-    return start_api_server(env, log_path)
-
-
-@pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    path = tmp_path_factory.mktemp("routes-home")
-    yield path
-    EmbeddedServer(path).stop()
 
 
 @pytest.fixture(scope="module")
 def server(home):
-    srv = start_server(home, home.parent / "routes.log", {"QKIT_API_TOKEN": ADMIN, "QKIT_API_READ_TOKEN": READER,
-                                                                   "WORKER_SECRET": WORKER})
-    yield srv
-    srv.stop()
+    yield from running(home, "routes", QKIT_API_TOKEN=ADMIN, QKIT_API_READ_TOKEN=READER, WORKER_SECRET=WORKER)
 
 
 def client(server: ApiServer, token: str) -> httpx.Client:
@@ -107,7 +88,7 @@ def test_wrong_tokens_are_401_on_every_new_route(server):
 
 
 def test_a_server_without_tokens_closes_the_new_routes(home):
-    srv = start_server(home, home.parent / "closed-routes.log", {"QKIT_API_TOKEN": " "})
+    srv = serve_home(home, home.parent / "closed-routes.log", QKIT_API_TOKEN=" ")
     try:
         for method, path in (("GET", "/api/queues"), ("GET", "/api/stats"), ("GET", "/api/runs"),
                              ("GET", "/metrics"), ("POST", "/api/jobs/1/cancel"), ("GET", "/api/jobs")):

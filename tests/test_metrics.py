@@ -6,7 +6,6 @@ and its samples compared with what was written (and with the ledger's rows).
 """
 from __future__ import annotations
 
-import os
 import secrets
 import time
 
@@ -15,29 +14,17 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import qkit
-from qkit.backends.embedded import EmbeddedServer
-from services import start_api_server
+from api_support import home, running  # noqa: F401 (home: a fixture)
 
 ADMIN = "adm-" + secrets.token_hex(16)
 READER = "rdr-" + secrets.token_hex(16)
 METRICS = "met-" + secrets.token_hex(16)
-SCRUBBED = ("QKIT_", "UPSTASH_", "QSTASH_", "WORKER_SECRET")
-
-
-@pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    path = tmp_path_factory.mktemp("metrics-home")
-    yield path
-    EmbeddedServer(path).stop()
 
 
 @pytest.fixture(scope="module")
 def server(home):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(SCRUBBED)}
-    env.update(QKIT_HOME=str(home), QKIT_API_TOKEN=ADMIN, QKIT_API_READ_TOKEN=READER, QKIT_METRICS_TOKEN=METRICS)
-    srv = start_api_server(env, home.parent / "metrics.log")
-    yield srv
-    srv.stop()
+    yield from running(home, "metrics", QKIT_API_TOKEN=ADMIN, QKIT_API_READ_TOKEN=READER,
+                       QKIT_METRICS_TOKEN=METRICS)
 
 
 @pytest.fixture(scope="module")

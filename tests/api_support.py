@@ -1,6 +1,7 @@
-"""The schemathesis run of the API's OpenAPI document, shared by the API test modules.
+"""What the API test modules share: a fresh ``QKIT_HOME`` per module, and the schemathesis run.
 
-:func:`fuzz_test` builds a test that sends generated requests to every
+``home`` (import it into a test module) is a fresh ``QKIT_HOME`` whose embedded
+Redis is stopped after the module's servers.  :func:`fuzz_test` builds a test that sends generated requests to every
 documented operation of a running ``qkit serve`` and checks each answer: no
 5xx, and status, content type and body all as the document declares.
 schemathesis's negative-data checks are left out: they misjudge requests with
@@ -8,10 +9,12 @@ extra headers.  Each module provides the ``api_schema`` fixture (:func:`schema_o
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pytest
 from hypothesis import HealthCheck, settings
+
+from qkit.backends.embedded import EmbeddedServer
 
 try:
     import schemathesis
@@ -19,6 +22,25 @@ try:
                                      status_code_conformance)
 except ImportError:  # the dev extra is not installed
     schemathesis = None
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    path = tmp_path_factory.mktemp("api-home")
+    yield path
+    EmbeddedServer(path).stop()  # after the module's servers (they depend on this fixture)
+
+
+def running(home: Any, name: str, **env: str) -> Iterator[Any]:
+    """For a fixture: ``yield from running(home, "name", VAR=value)`` serves ``home`` (log: ``name.log``
+    next to it) for the fixture's scope."""
+    from services import serve_home
+
+    srv = serve_home(home, home.parent / f"{name}.log", **env)
+    try:
+        yield srv
+    finally:
+        srv.stop()
 
 
 def schema_of(url: str) -> Any:
