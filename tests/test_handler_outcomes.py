@@ -269,3 +269,24 @@ def test_backoff_whatif_waits_the_named_delays(q):
     assert tts["cap", job_id] == pytest.approx(ran_ms + 0.4, abs=1e-6)  # capped by the policy's cap
     assert tts["immediate", plain_id] < 0.5
     assert any("named" in note for note in w.notes)
+
+
+def test_retry_after_by_type_frame(setup):
+    from qkit.analysis import frames
+
+    q = setup.connect(backoff_base=0, backoff_max=1)
+    with Upstream() as up:
+        up.script("/limited", Reply(429, "slow down", headers={"Retry-After": "3"}), Reply(200, {"ok": True}))
+        http_id = q.enqueue("outcome_http", {"url": up.url + "/limited"})
+        q.enqueue("outcome_retry", {"after": 0.5, "succeed_at": 2})
+        q.enqueue("outcome_progress", {})  # asked nothing: not counted
+        q.work(max_seconds=30)
+    df = frames.retry_after_by_type(q)
+    rows = {(r.type, r.source): r for r in df.itertuples()}
+    assert set(rows) == {("outcome_http", "Retry-After"), ("outcome_retry", "qkit.Retry")}
+    http = rows["outcome_http", "Retry-After"]
+    assert (http.attempts, http.jobs, http.min_s, http.max_s, http.over_cap) == (1, 1, 3.0, 3.0, 1)
+    own = rows["outcome_retry", "qkit.Retry"]
+    assert (own.attempts, own.jobs, own.mean_s, own.over_cap) == (1, 1, 0.5, 0)
+    assert frames.retry_after_by_type(q, type="outcome_progress").empty
+    assert q.get(http_id).status == "completed"

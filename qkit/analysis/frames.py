@@ -24,6 +24,7 @@ import pandas as pd  # noqa: E402
 from qkit.ledger import analysis as aq  # noqa: E402
 from qkit.ledger import utcnow  # noqa: E402
 from qkit.ledger.analysis import Scope  # noqa: E402
+from qkit.ledger.analysis_outcomes import retry_after_stats  # noqa: E402
 #: the DLQ grouped by error fingerprint and type, defined once in qkit.ops.triage (``qkit dlq list --group``)
 from qkit.ops.triage import dlq_groups  # noqa: E402, F401
 from qkit.utc import as_utc  # noqa: E402 - frames.as_utc for the notebooks
@@ -226,6 +227,19 @@ def _grouped(stats: pd.DataFrame) -> Iterable[tuple[tuple[str, str], pd.DataFram
             g = g.groupby("bucket", as_index=False).agg(n=("n", "sum"), ms_sum=("ms_sum", "sum"))
             out.append(((t, group), g))
     return sorted(out, key=lambda x: x[0])
+
+
+def retry_after_by_type(q: "Queue", **filters: Any) -> pd.DataFrame:
+    """The retry delays handlers asked for (``qkit.Retry(after=)``, a 429/503 ``Retry-After``), by type.
+
+    Columns ``type``, ``source`` (``qkit.Retry`` | ``Retry-After``), ``attempts``, ``jobs``,
+    ``min_s``, ``mean_s``, ``max_s`` (asked) and ``over_cap`` (asked more than the queue's
+    ``QKIT_BACKOFF_MAX``, which is what they waited).  ``filters``: see :func:`scope`.
+    """
+    df = _sql(q, retry_after_stats, scope(q, **filters), q.settings.backoff_max)
+    for col in ("attempts", "jobs", "over_cap"):
+        df[col] = df[col].astype("int64")
+    return df
 
 
 def type_summary(q: "Queue", **filters: Any) -> pd.DataFrame:
