@@ -329,6 +329,7 @@ class WorkSummary:
     failed: int = 0
     lost: int = 0
     fenced: int = 0
+    cancelled: int = 0  # attempts that ended with their job cancelled (its cancel was requested meanwhile)
     seconds: float = 0.0
     stopped_by: str = "empty"
     errors: list[str] = field(default_factory=list)

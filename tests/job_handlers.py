@@ -21,14 +21,18 @@ def _log(payload: dict, what: str) -> None:
         os.fsync(fh.fileno())
 
 
-@qkit.handler("record", timeout=60)
-def record(payload: dict) -> dict:
-    """Logs start and done; may wait for a release file or sleep first."""
-    _log(payload, "start")
+def _wait(payload: dict) -> None:
     if payload.get("wait_for"):
         deadline = time.monotonic() + float(payload.get("wait_max", 60))
         while not Path(payload["wait_for"]).exists() and time.monotonic() < deadline:
             time.sleep(0.01)
+
+
+@qkit.handler("record", timeout=60)
+def record(payload: dict) -> dict:
+    """Logs start and done; may wait for a release file or sleep first."""
+    _log(payload, "start")
+    _wait(payload)
     if payload.get("sleep"):
         time.sleep(float(payload["sleep"]))
     _log(payload, "done")
@@ -51,8 +55,9 @@ def hang(payload: dict) -> None:
 
 @qkit.handler("fail", timeout=60)
 def fail(payload: dict) -> None:
-    """Logs start, then raises: every attempt fails."""
+    """Logs start, then raises (after the release file ``wait_for``, if named): every attempt fails."""
     _log(payload, "start")
+    _wait(payload)
     raise RuntimeError("this job always fails")
 
 

@@ -254,13 +254,16 @@ def test_every_script_call_keeps_its_keys_in_one_slot(cluster, rds, tmp_path, qu
     assert d.push([(1, 0, 0), (2, 5, 0), (3, 0, 60_000)], mode="new") == 3
     claim = d.claim("tok-a", 0, 2)
     assert sorted(claim.claimed) == [1, 2]
-    assert d.renew("tok-a", 1000, claim.claimed) == []
+    assert d.renew("tok-a", 1000, claim.claimed).lost == []
     settled = d.claim("tok-a", 1000, 1, [Settlement(1, "done"), Settlement(2, "dead")])
     assert settled.fenced == []
     assert d.push([(2, 0, 0)], mode="repair") == 1
     assert d.push([(4, 0, 0)], mode="dead") == 1
     assert d.remove([4], scope="dead") == 1
     assert d.remove([2, 3], scope="all") == 2
+    assert d.push([(5, 0, 60_000)], mode="new") == 1 and d.promote(5) is True
+    assert d.cancel(5, "remove") is True and d.cancel(5, "flag") is False
+    assert d.set_paused(True) is True and d.set_paused(False) is True
     d.inventory()
     d.snapshot()
     locate(q, 3)
@@ -444,6 +447,15 @@ def test_workload_through_every_script_on_a_cluster(via, aging, cluster, cluster
         assert all(q.get(j).status == "completed" for j in late)
         _assert_redis_matches_ledger(q)
         assert q.stats()["failed"] == 0
+
+        # cancel (cancel.lua), pause/resume (pause.lua), promote (promote.lua)
+        gone, later = q.enqueue("cl-ok", {"c": 1}), q.enqueue("cl-ok", {"p": 1}, delay=3600)
+        assert q.cancel(gone) is True and q.pause() is True
+        assert q.work().stopped_by == "paused"
+        assert q.resume() is True and q.promote(later) is True
+        _drain(q)
+        assert (q.get(gone).status, q.get(later).status) == ("cancelled", "completed")
+        _assert_redis_matches_ledger(q)
     finally:
         q.close()
         monitor.stop(rds)

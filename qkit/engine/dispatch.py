@@ -31,8 +31,10 @@ class QueueKeys:
     @property
     def all(self) -> list[str]:
         prefix = f"qkit:{{{self.queue}}}:"
-        # "clock" (last) is only used with priority aging: scripts that take six keys ignore it
-        return [prefix + part for part in ("ready", "delayed", "leased", "owners", "dead", "prio", "clock")]
+        # "clock" is only used with priority aging: scripts that take six keys ignore it; "control" holds
+        # the queue's pause flag and the cancel requests of leased jobs (cancel.lua, pause.lua)
+        return [prefix + part for part in ("ready", "delayed", "leased", "owners", "dead", "prio", "clock",
+                                           "control")]
 
 
 @dataclass
@@ -45,6 +47,16 @@ class ClaimResult:
     ready_count: int = 0
     #: members of the queue's keys that were not job ids, removed by the script (never run)
     malformed: int = 0
+    #: the queue is paused: nothing was claimed (settlements were applied)
+    paused: bool = False
+
+
+@dataclass
+class Renewal:
+    """What a lease renewal found: ids no longer held (fenced), and held ids whose cancel was requested."""
+
+    lost: list[int] = field(default_factory=list)
+    cancel: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -56,6 +68,7 @@ class Inventory:
     dead: int
     delayed_due: int
     leases_expired: int
+    paused: bool = False
 
 
 @dataclass
@@ -201,7 +214,8 @@ class Dispatch:
         args: list[object] = [token, int(lease_ms), int(want), len(settlements), _aging_arg(self.aging_s)]
         for s in settlements:
             args += [s.job_id, s.action, int(s.delay_ms), s.priority]
-        now, reclaimed, claimed, fenced, next_due, ready_count, malformed = self.backend.run("claim", self.keys, args)
+        now, reclaimed, claimed, fenced, next_due, ready_count, malformed, paused = self.backend.run(
+            "claim", self.keys, args)
         self.clock.observe(int(now))
         pairs = reclaimed or []
         if malformed:
@@ -216,14 +230,30 @@ class Dispatch:
             next_due_ms=int(next_due),
             ready_count=int(ready_count),
             malformed=int(malformed),
+            paused=bool(int(paused)),
         )
 
-    def renew(self, token: str, lease_ms: int, job_ids: Sequence[int]) -> list[int]:
-        """Extend held leases; return the ids this token no longer holds."""
+    def renew(self, token: str, lease_ms: int, job_ids: Sequence[int]) -> Renewal:
+        """Extend held leases; return the ids this token no longer holds and those whose cancel was requested."""
         if not job_ids:
-            return []
-        lost = self.backend.run("renew", self.keys[2:4], [token, int(lease_ms), *job_ids])
-        return [int(x) for x in lost or []]
+            return Renewal()
+        lost, cancel = self.backend.run("renew", [*self.keys[2:4], self.keys[7]], [token, int(lease_ms), *job_ids])
+        return Renewal([int(x) for x in lost or []], [int(x) for x in cancel or []])
+
+    def cancel(self, job_id: int, mode: str) -> bool:
+        """The Redis half of a cancel (``cancel.lua``): 'remove' a pending job the ledger cancelled from
+        ready/delayed, or 'flag' a leased one whose cancel the ledger recorded.  True if it did."""
+        return bool(int(self.backend.run("cancel", self.keys, [int(job_id), mode])))
+
+    def set_paused(self, paused: bool) -> bool:
+        """Set or clear the queue's pause flag (``pause.lua``); True when that changed it."""
+        return bool(int(self.backend.run("pause", [self.keys[7]], ["1" if paused else "0"])))
+
+    def promote(self, job_id: int) -> bool:
+        """Make a delayed job ready now, on Redis's clock (``promote.lua``); False if it was not delayed."""
+        moved, now_ms = self.backend.run("promote", self.keys, [_aging_arg(self.aging_s), int(job_id)])
+        self.clock.observe(int(now_ms))
+        return bool(int(moved))
 
     def remove(self, job_ids: Sequence[int], scope: str = "dead") -> int:
         """Take ids out of the DLQ (scope 'dead') or out of every place (scope 'all')."""
@@ -235,7 +265,8 @@ class Dispatch:
 
     def inventory(self) -> Inventory:
         """Counts per place, in one command."""
-        inv = Inventory(*(int(x) for x in self.backend.run("inventory", self.keys, ["counts"])))
+        reply = [int(x) for x in self.backend.run("inventory", self.keys, ["counts"])]
+        inv = Inventory(*reply[:7], paused=bool(reply[7]) if len(reply) > 7 else False)
         self.clock.observe(inv.now_ms)
         return inv
 

@@ -60,6 +60,15 @@ class JobContext:
         if self.reporter is not None:
             self.reporter(float(fraction), None if note is None else note[:MAX_PROGRESS_NOTE])
 
+    #: set by the worker when this job's cancel was requested (it learns so at a lease renewal)
+    cancel_event: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
+
+    @property
+    def cancel_requested(self) -> bool:
+        """True once ``q.cancel`` was asked for this job while it runs: a cooperative handler stops early.
+        The job ends ``cancelled`` however the handler returns (docs/semantics.md#cancel-pause-promote)."""
+        return self.cancel_event.is_set()
+
 
 _registry: dict[str, Handler] = {}
 _current: contextvars.ContextVar[JobContext | None] = contextvars.ContextVar("qkit_job", default=None)

@@ -17,6 +17,7 @@ lost        no attempts left               failed          dead
             attempts left, a delay named   pending+run_at  retry, min(named, cap)
             (``qkit.Retry``, Retry-After)
             attempts left                  pending+run_at  retry, back-off
+any         its cancel was requested       cancelled       done
 =========== ============================== =============== ==========================
 
 A handler directs its attempt's outcome by what it raises (:func:`directive`):
@@ -82,9 +83,9 @@ class Outcome:
 class Decision:
     """The life-cycle's verdict on one ended attempt."""
 
-    status: str  # the job's ledger status next: 'completed' | 'pending' | 'failed'
+    status: str  # the job's ledger status next: 'completed' | 'pending' | 'failed' | 'cancelled'
     action: str  # the Redis settlement: 'done' | 'retry' | 'dead'
-    reason: str  # 'completed' | 'released' | 'retry' | 'retry_after' | 'exhausted' | 'permanent'
+    reason: str  # 'completed' | 'released' | 'retry' | 'retry_after' | 'exhausted' | 'permanent' | 'cancelled'
     delay: float = 0.0  # seconds before the retry is due
 
     @property
@@ -99,10 +100,12 @@ class Decision:
 
 COMPLETED = Decision("completed", "done", "completed")
 RELEASED = Decision("pending", "retry", "released")
+CANCELLED = Decision("cancelled", "done", "cancelled")
 
 
 def decide(outcome: str, *, job_id: int, epoch: int, attempt: int, max_attempts: int, backoff: Backoff,
-           permanent: bool = False, retry_after: float | None = None) -> Decision:
+           permanent: bool = False, retry_after: float | None = None,
+           cancelled: bool = False) -> Decision:
     """The one rule for retry / dead-letter / permanent failure after attempt ``attempt`` ended.
 
     A failed, timed-out or lost attempt is retried after the back-off while the
@@ -110,8 +113,14 @@ def decide(outcome: str, *, job_id: int, epoch: int, attempt: int, max_attempts:
     named a delay (capped by the back-off's cap, ``QKIT_BACKOFF_MAX``); a
     permanent failure (the worker has no handler for the type, or the handler
     raised ``qkit.Permanent``) and the last attempt go to the dead-letter queue.
-    A released attempt (the worker stopped before running it) does not count.
+    A released attempt (the worker stopped before running it) does not count.  A job whose cancel
+    was requested while the attempt ran ends ``cancelled``, however the attempt ended
+    (docs/semantics.md#cancel-pause-promote).
     """
+    if cancelled:
+        if outcome not in OUTCOMES:
+            raise ValueError(f"unknown outcome {outcome!r}: one of {', '.join(OUTCOMES)}")
+        return CANCELLED
     if outcome == "completed":
         return COMPLETED
     if outcome == "released":
@@ -238,6 +247,7 @@ class ClaimPlan:
     lost: int = 0
     retried: int = 0
     failed: int = 0
+    cancelled: int = 0
 
 
 @dataclass
@@ -247,6 +257,7 @@ class SettlePlan:
     completed: int = 0
     retried: int = 0
     failed: int = 0
+    cancelled: int = 0
 
     def merge(self, other: "SettlePlan") -> None:
         self.settlements += other.settlements
@@ -254,6 +265,7 @@ class SettlePlan:
         self.completed += other.completed
         self.retried += other.retried
         self.failed += other.failed
+        self.cancelled += other.cancelled
 
 
 def unstorable(o: Outcome, exc: BaseException) -> Outcome:

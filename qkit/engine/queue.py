@@ -15,7 +15,7 @@ from qkit.errors import BackendUnavailable, BadInput
 from qkit.engine.handlers import import_handler_modules
 from qkit.ledger import Ledger, utcnow
 from qkit.logs import log
-from qkit.model import Job, NewJob, WorkSummary, check_job_id, check_name, new_job, new_job_from_item
+from qkit.model import STATUSES, Job, NewJob, WorkSummary, check_job_id, check_name, new_job, new_job_from_item
 
 
 MAX_BATCH_ITEMS = 100_000
@@ -148,11 +148,11 @@ class Queue:
         """Counts per status (pending = due + delayed), success rate, execution time, cost."""
         counts = self.ledger.status_counts(self.name)
         execution = self.ledger.exec_stats(self.name)
-        done = counts["completed"] + counts["failed"]
+        done = counts["completed"] + counts["failed"]  # cancelled jobs are not in the success rate
         out: dict[str, Any] = {
             "queue": self.name,
-            **{k: counts[k] for k in ("pending", "due", "delayed", "processing", "completed", "failed")},
-            "total": sum(counts[k] for k in ("pending", "processing", "completed", "failed")),
+            **{k: counts[k] for k in ("pending", "due", "delayed", "processing", "completed", "failed", "cancelled")},
+            "total": sum(counts[k] for k in STATUSES),
             "success_rate": round(counts["completed"] / done, 6) if done else None,
             "avg_exec_ms": execution["avg_exec_ms"],
             "attempts": execution["attempts"],
@@ -239,13 +239,58 @@ class Queue:
                             "burst drops their DLQ entries)", self.name, len(deleted))
         return len(deleted)
 
+    # ------------------------------------------------------------------ cancel, pause, promote
+    def cancel(self, job_id: int) -> bool:
+        """Cancel a job (docs/semantics.md#cancel-pause-promote).
+
+        Pending or delayed: ``cancelled`` in the ledger, then out of Redis; a worker that claimed it
+        meanwhile finds it cancelled and drops it unrun.  Processing: a cancel request its handler can
+        read as ``qkit.current_job().cancel_requested``; the job ends ``cancelled`` when the attempt
+        ends.  True in both cases; False if the job already is terminal.  NotFound for an unknown id.
+        """
+        job_id = _job_id(job_id)
+        verdict = self.ledger.cancel(self.name, job_id)
+        if verdict == "cancelled":
+            self.dispatch.cancel(job_id, "remove")
+        elif verdict == "requested":
+            self.dispatch.cancel(job_id, "flag")
+        return verdict in ("cancelled", "requested")
+
+    def pause(self) -> bool:
+        """Stop every burst of this queue from claiming (ledger first, then Redis); True if it was running."""
+        changed = self.ledger.set_paused(self.name, True)
+        self.dispatch.set_paused(True)
+        return changed
+
+    def resume(self) -> bool:
+        """Let bursts claim again; True if the queue was paused."""
+        changed = self.ledger.set_paused(self.name, False)
+        self.dispatch.set_paused(False)
+        return changed
+
+    @property
+    def paused(self) -> bool:
+        """Whether the queue is paused (the ledger's record; a burst restores Redis's flag from it)."""
+        return self.ledger.is_paused(self.name)
+
+    def promote(self, job_id: int) -> bool:
+        """Run a delayed job now: due at once on Redis's clock.  False if it is not delayed (not pending,
+        or already due); NotFound for an unknown id."""
+        job_id = _job_id(job_id)
+        if not self.ledger.promote(self.name, job_id):
+            return False
+        self.dispatch.promote(job_id)
+        return True
+
     # ------------------------------------------------------------------ work
-    def _repair(self) -> None:
-        """A burst's first step: put Redis back in line with the ledger, close runs of dead bursts."""
+    def _repair(self) -> dict[str, Any]:
+        """A burst's first step: put Redis back in line with the ledger, close runs of dead bursts.
+        Returns what the drift check found (``paused``: the burst must claim nothing)."""
         from qkit.ops.reconcile import close_abandoned_runs, repair_if_drifted
 
-        repair_if_drifted(self)
+        found = repair_if_drifted(self)
         close_abandoned_runs(self)
+        return found
 
     def work(self, max_jobs: int | None = None, max_seconds: float | None = None, *,
              concurrency: int = 1, trigger: str = "notebook", progress: Any = None,
@@ -279,7 +324,7 @@ class Queue:
         finally:
             # also when the burst died mid-way: the jobs it finished did cost their commands
             with self._tally_lock:
-                self.jobs_finished_here += worker.summary.completed + worker.summary.failed
+                self.jobs_finished_here += worker.summary.completed + worker.summary.failed + worker.summary.cancelled
 
     def close(self) -> None:
         """Release connections (the embedded server keeps running for other processes)."""

@@ -122,6 +122,7 @@ class Worker:
         self._priority: dict[int, int] = {}  # held job -> priority, to release it in place
         self._job_progress = ProgressBoard(q.ledger)  # handlers' current_job().progress() reports
         self._aio = AsyncRunner()  # the event loop of async handlers, made on first use
+        self._cancel_flags: dict[int, threading.Event] = {}  # running job -> its JobContext.cancel_event
 
     # ------------------------------------------------------------------ public
     def run(self) -> WorkSummary:
@@ -139,12 +140,16 @@ class Worker:
         pool = HandlerPool(self.concurrency)
         status, error = "ok", None
         try:
-            q.prepare()
-            if self.forever:
+            prepared = q.prepare()
+            if isinstance(prepared, dict) and prepared.get("paused") and not self.forever:
+                self.summary.stopped_by = "paused"  # the drift check's one command said so: nothing claimed
+            elif self.forever:
                 self._listener = q.dispatch.wake_listener()
                 if self.idle_seconds is None:
                     self.idle_seconds = IDLE_SECONDS_SUBSCRIBED if self._listener else IDLE_SECONDS_POLLING
-            self._loop(pool)
+                self._loop(pool)
+            else:
+                self._loop(pool)
             if self._signal is not None:
                 status = "interrupted"
         except BaseException as exc:
@@ -203,7 +208,10 @@ class Worker:
             to_settle = []
             s.fenced += len(claim.fenced)
             if not claim.claimed and not claim.reclaimed:
-                if self._wait_for_delayed(claim.next_due_ms):
+                if claim.paused and not self.forever:
+                    s.stopped_by = "paused"
+                    break
+                if self._wait_for_delayed(-1 if claim.paused else claim.next_due_ms):  # forever: idle while paused
                     continue
                 s.stopped_by = "empty"
                 break
@@ -238,7 +246,8 @@ class Worker:
             s.completed += settled.completed
             s.retried += settled.retried
             s.failed += settled.failed
-            s.processed += settled.completed + settled.retried + settled.failed
+            s.cancelled += settled.cancelled + plan.cancelled
+            s.processed += settled.completed + settled.retried + settled.failed + settled.cancelled + plan.cancelled
             if self.progress is not None:
                 self.progress.update(settled.completed + settled.retried + settled.failed)
         if to_settle:
@@ -251,6 +260,7 @@ class Worker:
             for job_id in job_ids:
                 self._held.pop(job_id, None)
                 self._priority.pop(job_id, None)
+                self._cancel_flags.pop(job_id, None)
 
     # ------------------------------------------------------------------ retried writes
     def _redis_claim(self, want: int, to_settle: list[Settlement]) -> Any:
@@ -342,6 +352,8 @@ class Worker:
                            error="InvalidPayload: the stored payload is not a JSON object (written outside qkit?)")
         ctx = JobContext(job.id, job.type, job.attempt, job.max_attempts, self.q.name, self.worker_id,
                          reporter=self._job_progress.reporter(job))
+        with self._held_lock:
+            self._cancel_flags[job.id] = ctx.cancel_event
         job.started_at = utcnow()
         run = run_async_in_context if handler.is_async else run_in_context
         return (lambda: run(ctx, handler.func, job.payload)), handler.timeout
@@ -423,8 +435,14 @@ class Worker:
                 continue
             try:
                 started = time.monotonic()
-                lost = set(self.q.dispatch.renew(self.worker_id, self.lease_ms, list(held)))
+                renewal = self.q.dispatch.renew(self.worker_id, self.lease_ms, list(held))
+                lost = set(renewal.lost)
                 self._leased_at = max(self._leased_at, started)
+                with self._held_lock:
+                    for job_id in renewal.cancel:  # its handler may read current_job().cancel_requested
+                        flag = self._cancel_flags.get(job_id)
+                        if flag is not None:
+                            flag.set()
                 for job_id in lost:
                     log.warning("job %s: lease lost (reclaimed by another worker); its outcome will be fenced", job_id)
                 first = [(j, a) for j, a in held.items() if a and j not in lost and (j, a) not in self._renewed]

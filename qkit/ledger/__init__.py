@@ -33,6 +33,7 @@ from __future__ import annotations
 from qkit.ledger.admin import Admin
 from qkit.ledger.engine import LedgerBase, LedgerFailure, transient, utcnow
 from qkit.ledger.events import RENEWAL_EVENT_WAIT_S, EventWriter, Events
+from qkit.ledger.interventions import Interventions
 from qkit.ledger.hotpath import (CLAIM_JOBS, INSERT_ATTEMPT, INSERT_EVENT, INSERT_JOB, NOT_DUE_SLACK, SELECT_CLAIM,
                                  SELECT_FENCE, SELECT_OPEN, SETTLE_ATTEMPT, SETTLE_JOB, DriverSQL, HotPath)
 from qkit.ledger.overview import Overview
@@ -44,7 +45,7 @@ from qkit.ledger.schema import (MAX_TEXT, MIGRATIONS, SCHEMA_VERSION, job_attemp
 from qkit.engine.lifecycle import ClaimPlan, Outcome, Runnable, SettlePlan, fingerprint, unstorable
 
 
-class Ledger(HotPath, Reads, Overview, Admin, Runs, Progress, Events, LedgerBase):
+class Ledger(HotPath, Reads, Overview, Admin, Interventions, Runs, Progress, Events, LedgerBase):
     """The ledger database, through SQLAlchemy 2 (SQLite in WAL mode, or PostgreSQL)."""
 
     def __init__(self, url: str) -> None:

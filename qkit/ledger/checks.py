@@ -17,11 +17,11 @@ RETRIED_OUTCOMES = ("failed", "timeout", "lost")
 
 
 def queue_totals(ledger: LedgerBase, queue: str) -> tuple[int, dict[int, str]]:
-    """(how many jobs the queue has, id -> status of those not completed)."""
+    """(how many jobs the queue has, id -> status of those not completed or cancelled)."""
     with ledger.read_engine.connect() as conn:
         total = int(conn.execute(select(func.count()).select_from(jobs).where(jobs.c.queue == queue)).scalar())
         active = dict(conn.execute(select(jobs.c.id, jobs.c.status).where(
-            jobs.c.queue == queue, jobs.c.status != "completed")).all())
+            jobs.c.queue == queue, jobs.c.status.not_in(("completed", "cancelled")))).all())
     return total, active
 
 
@@ -51,13 +51,15 @@ def invariant_rows(ledger: LedgerBase, queue: str, ids: list[int] | None = None)
             .select_from(j.outerjoin(a, and_(a.c.job_id == j.c.id, a.c.epoch == j.c.epoch)))
         ).group_by(j.c.id, j.c.status, j.c.attempts, j.c.max_attempts).having(or_(
             rows_n != j.c.attempts, j.c.attempts > j.c.max_attempts, completed_n > 1,
-            and_(j.c.status == "completed", completed_n != 1), and_(j.c.status != "completed", completed_n > 0)))
+            and_(j.c.status == "completed", completed_n != 1), and_(j.c.status.not_in(("completed", "cancelled")), completed_n > 0)))
         out["counted"] = conn.execute(counted).all()
         earlier = or_(a.c.epoch < j.c.epoch, a.c.attempt < j.c.attempts)
         last = and_(a.c.epoch == j.c.epoch, a.c.attempt == j.c.attempts)
         agrees = or_(and_(j.c.status == "processing", a.c.outcome.is_(None)),
                      and_(j.c.status == "completed", a.c.outcome == "completed"),
-                     and_(j.c.status.in_(("failed", "pending")), a.c.outcome.in_(lost_like)))
+                     and_(j.c.status.in_(("failed", "pending")), a.c.outcome.in_(lost_like)),
+                     # cancelled while its last attempt ran: that attempt ended however it ended
+                     and_(j.c.status == "cancelled", a.c.outcome.is_not(None)))
         query = scope(select(a.c.job_id, a.c.epoch, a.c.attempt, a.c.outcome, j.c.status, j.c.epoch.label("cur"),
                              j.c.attempts.label("cur_attempts"))
                       .select_from(a.join(j, j.c.id == a.c.job_id))

@@ -18,6 +18,7 @@ from sqlalchemy.engine import Connection
 from qkit.engine import storable
 from qkit.engine.backoff import Backoff
 from qkit.ledger.engine import LedgerBase, dumps, transient, utcnow
+from qkit.ledger.interventions import cancel_requests, clear_cancel_requests
 from qkit.ledger.schema import job_attempts, jobs
 from qkit.engine.lifecycle import (ClaimPlan, Outcome, Runnable, Settlement, SettlePlan, decide, fingerprint, lost_error,
                             resend, unstorable)
@@ -234,10 +235,13 @@ class HotPath(LedgerBase):
             rows = {r[0]: ClaimRow(r[0], r[1], r[2], d.payload_in(r[3]), r[4], r[5], r[6], r[7], d.ts_in(r[8]))
                     for r in d.select_ids(conn, SELECT_CLAIM, ids, lock=True) if r[9] == queue}
             open_attempts = {}
+            cancels: set[int] = set()
             in_flight = [i for i in ids if i in rows and rows[i].status == "processing"]
             if in_flight:
                 open_attempts = {r[0]: OpenAttempt(r[0], r[1], r[2], d.ts_in(r[3]), r[4])
                                  for r in d.select_ids(conn, SELECT_OPEN, in_flight)}
+                cancels = cancel_requests(conn) & set(in_flight)  # a lost attempt of a job being cancelled
+                self.statements += 1
             self.statements += 2
             claim_rows, attempt_rows, event_rows, lost_rows, job_updates = [], [], [], [], []
             for job_id in ids:
@@ -272,7 +276,15 @@ class HotPath(LedgerBase):
                     event_rows.append(dict(job_id=job_id, at=now, event="reclaimed", worker=worker,
                                            detail={"from_worker": holder, "lost_attempt": attempts}))
                     verdict = decide("lost", job_id=job_id, epoch=r.epoch, attempt=attempts,
-                                     max_attempts=r.max_attempts, backoff=backoff)
+                                     max_attempts=r.max_attempts, backoff=backoff, cancelled=job_id in cancels)
+                    if verdict.status == "cancelled":
+                        job_updates.append(dict(b_id=job_id, status="cancelled", run_at=now, error=error,
+                                                finished_at=now, attempts=attempts))
+                        event_rows.append(dict(job_id=job_id, at=now, event="cancelled", worker=worker,
+                                               detail={"attempt": attempts, "outcome": "lost"}))
+                        plan.settlements.append(verdict.settlement(job_id, r.priority))
+                        plan.cancelled += 1
+                        continue
                     if verdict.dead:
                         job_updates.append(dict(b_id=job_id, status="failed", run_at=now, error=error,
                                                 finished_at=now, attempts=attempts))
@@ -307,6 +319,9 @@ class HotPath(LedgerBase):
                     .values(outcome="lost", finished_at=bindparam("finished_at"),
                             duration_ms=bindparam("duration_ms"), error=bindparam("error"),
                             fingerprint=bindparam("fingerprint")), lost_rows)
+                self.statements += 1
+            if cancels:
+                clear_cancel_requests(conn, cancels)
                 self.statements += 1
             if job_updates:
                 conn.execute(update(jobs).where(jobs.c.id == bindparam("b_id")).values(
@@ -375,7 +390,10 @@ class HotPath(LedgerBase):
         with self._write() as conn:
             current = {r[0]: FenceRow(*r) for r in self.driver.select_ids(
                 conn, SELECT_FENCE, [o.job.id for o in outcomes], lock=True)}
-            self.statements += 1
+            # read after the rows are locked: a cancel committed before this point ends its job cancelled
+            cancels = cancel_requests(conn)
+            self.statements += 2
+            ended_cancelled: list[int] = []
             d = self.driver
             at = d.ts(now)
             # rows in the driver's form, built directly: this loop runs once per job
@@ -392,13 +410,20 @@ class HotPath(LedgerBase):
                         continue
                     plan.fenced.append(j.id)
                     continue
+                cancelled = j.id in cancels
                 if o.outcome == "released":
-                    released.append(dict(b_id=j.id, b_epoch=j.epoch, b_attempt=j.attempt))
+                    verdict = decide("released", job_id=j.id, epoch=j.epoch, attempt=j.attempt,
+                                     max_attempts=j.max_attempts, backoff=backoff, cancelled=cancelled)
+                    released.append(dict(b_id=j.id, b_epoch=j.epoch, b_attempt=j.attempt, b_status=verdict.status,
+                                         b_finished=now if cancelled else None))
                     event_rows.append(dict(job_id=j.id, at=now, event="released", worker=worker,
                                            detail={"attempt": j.attempt}))
-                    plan.settlements.append(decide("released", job_id=j.id, epoch=j.epoch, attempt=j.attempt,
-                                                   max_attempts=j.max_attempts, backoff=backoff)
-                                            .settlement(j.id, j.priority))
+                    if cancelled:
+                        event_rows.append(dict(job_id=j.id, at=now, event="cancelled", worker=worker,
+                                               detail={"attempt": j.attempt, "outcome": "released"}))
+                        ended_cancelled.append(j.id)
+                        plan.cancelled += 1
+                    plan.settlements.append(verdict.settlement(j.id, j.priority))
                     continue
                 duration = (o.finished_at - j.started_at).total_seconds() * 1000
                 finished = d.ts(o.finished_at)
@@ -413,9 +438,17 @@ class HotPath(LedgerBase):
                 attempt_rows.append((o.outcome, finished, duration, error, storable.text(o.traceback, pg),
                                      fingerprint(error), asked_ms, j.id, j.epoch, j.attempt))
                 verdict = decide(o.outcome, job_id=j.id, epoch=j.epoch, attempt=j.attempt, max_attempts=j.max_attempts,
-                                 backoff=backoff, permanent=o.permanent, retry_after=o.retry_after)
+                                 backoff=backoff, permanent=o.permanent, retry_after=o.retry_after,
+                                 cancelled=cancelled)
                 plan.settlements.append(verdict.settlement(j.id, j.priority))
-                if verdict.status == "completed":
+                if verdict.status == "cancelled":
+                    # the attempt keeps what happened; the job ends cancelled (its result or error kept)
+                    job_rows.append(("cancelled", result, error, finished, None, at, j.id))
+                    event_rows.append(dict(job_id=j.id, at=now, event="cancelled", worker=worker,
+                                           detail={"attempt": j.attempt, "outcome": o.outcome}))
+                    ended_cancelled.append(j.id)
+                    plan.cancelled += 1
+                elif verdict.status == "completed":
                     job_rows.append(("completed", result, None, finished, None, at, j.id))
                     flag = ',"escaped":"result"' if escaped else ""
                     event_rows.append(dict(job_id=j.id, at=now, event="completed", worker=worker,
@@ -444,8 +477,12 @@ class HotPath(LedgerBase):
                     job_attempts.c.job_id == bindparam("b_id"), job_attempts.c.epoch == bindparam("b_epoch"),
                     job_attempts.c.attempt == bindparam("b_attempt")), released)
                 conn.execute(update(jobs).where(jobs.c.id == bindparam("b_id")).values(
-                    status="pending", attempts=jobs.c.attempts - 1, updated_at=now), released)
+                    status=bindparam("b_status"), attempts=jobs.c.attempts - 1, finished_at=bindparam("b_finished"),
+                    updated_at=now), released)
                 self.statements += 2
+            if ended_cancelled:
+                clear_cancel_requests(conn, ended_cancelled)
+                self.statements += 1
             self._insert_events(conn, event_rows)
         return plan
 

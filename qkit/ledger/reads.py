@@ -10,7 +10,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from qkit.errors import NotFound
 from qkit.ledger.engine import LedgerBase, utcnow
 from qkit.ledger.schema import job_attempts, job_events, jobs, worker_runs
-from qkit.model import Job
+from qkit.model import STATUSES, Job
 
 
 def _row_to_job(row: Any) -> Job:
@@ -84,7 +84,7 @@ class Reads(LedgerBase):
         with self.read_engine.connect() as conn:
             rows = conn.execute(select(jobs.c.status, func.count(), due).where(jobs.c.queue == queue)
                                 .group_by(jobs.c.status)).all()
-        counts = {s: 0 for s in ("pending", "processing", "completed", "failed")}
+        counts = {s: 0 for s in STATUSES}
         due_total = 0
         for status, n, d in rows:
             counts[status] = int(n)

@@ -13,6 +13,8 @@
 -- KEYS[6] prio     hash  id -> priority, for delayed jobs only
 -- KEYS[7] clock    string  last since_us given to a ready job (aging only): keeps since_us strictly
 --                        increasing, so jobs that become due in one call or one µs stay FIFO
+-- KEYS[8] control  hash    'paused' while the queue is paused (pause.lua): nothing is claimed, settlements
+--                        still apply; 'cancel:<id>' flags (cancel.lua, read by renew.lua)
 -- ARGV[1] token     this worker's fence token (unique per burst)
 -- ARGV[2] lease_ms  lease length for claimed jobs
 -- ARGV[3] want      how many jobs to claim (0: settle only)
@@ -21,7 +23,7 @@
 -- ARGV[6..]         n groups of 4: id, action, delay_ms, priority
 --                   action 'done' (completed, or dropped because the ledger says so),
 --                   'retry' (back to ready after delay_ms), 'dead' (to the DLQ)
--- Returns {now_ms, reclaimed, claimed, fenced, next_due_ms, ready_count, malformed}
+-- Returns {now_ms, reclaimed, claimed, fenced, next_due_ms, ready_count, malformed, paused}
 --   reclaimed  {id, old_token} of one expired lease taken over, or {}.  An expired lease is
 --              reclaimed alone, with nothing else claimed in the same call: its worker died
 --              holding a batch, and running each survivor alone keeps a job that kills its
@@ -32,9 +34,12 @@
 --   malformed  how many members that are not job ids (decimal 1..2^63-1, as qkit writes them) were found in
 --              ready, due delayed or expired leased, and removed.  They are never returned,
 --              never leased and never run: only the ledger says what a job is (docs/semantics.md#the-promise; S1 in docs/reliability.md).
+--   paused     1 when the queue is paused (nothing was claimed), else 0
 local ready, delayed, leased, owners, dead, prio = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local token, lease_ms, want, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local aging = tonumber(ARGV[5]) or 0
+local paused = want > 0 and redis.pcall('HEXISTS', KEYS[8], 'paused') == 1  -- an error reply: not paused
+if paused then want = 0 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -179,4 +184,4 @@ local first = redis.call('ZRANGE', delayed, 0, 0, 'WITHSCORES')
 if #first > 0 then
   next_due = math.max(0, tonumber(first[2]) - now)
 end
-return {now, reclaimed, claimed, fenced, next_due, redis.call('ZCARD', ready), malformed}
+return {now, reclaimed, claimed, fenced, next_due, redis.call('ZCARD', ready), malformed, paused and 1 or 0}

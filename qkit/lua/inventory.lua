@@ -1,8 +1,10 @@
 -- inventory.lua: where the jobs of a queue are, read in one atomic snapshot.
 --
--- KEYS[1] ready, KEYS[2] delayed, KEYS[3] leased, KEYS[4] owners, KEYS[5] dead, KEYS[6] prio
+-- KEYS[1] ready, KEYS[2] delayed, KEYS[3] leased, KEYS[4] owners, KEYS[5] dead, KEYS[6] prio,
+-- KEYS[7] clock, KEYS[8] control (hash; 'paused' while the queue is paused)
 -- ARGV[1] 'counts' or 'full'
--- Returns for 'counts': {now_ms, #ready, #delayed, #leased, #dead, #delayed due now, #leases expired}
+-- Returns for 'counts': {now_ms, #ready, #delayed, #leased, #dead, #delayed due now, #leases expired,
+--                        paused (1 or 0)}
 --         for 'full':   {now_ms, ready ids, delayed {id, due_ms, ...},
 --                        leased {id, deadline_ms, owner, ...}, dead ids}
 local t = redis.call('TIME')
@@ -10,7 +12,8 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 if ARGV[1] == 'counts' then
   return {now, redis.call('ZCARD', KEYS[1]), redis.call('ZCARD', KEYS[2]), redis.call('ZCARD', KEYS[3]),
           redis.call('ZCARD', KEYS[5]), redis.call('ZCOUNT', KEYS[2], '-inf', now),
-          redis.call('ZCOUNT', KEYS[3], '-inf', now)}
+          redis.call('ZCOUNT', KEYS[3], '-inf', now),
+          redis.pcall('HEXISTS', KEYS[8], 'paused') == 1 and 1 or 0}
 end
 -- 'full' lists job ids only: a member that is not one (decimal 1..2^63-1, as qkit writes them) was
 -- written by something else; it is left out here, and claim.lua removes it without running anything

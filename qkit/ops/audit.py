@@ -49,11 +49,13 @@ CODES: dict[str, tuple[str, str, str | None]] = {
     "processing_not_leased": ("error", "processing in the ledger, but no lease in Redis",
                               "push it (its claim then records the attempt as lost)"),
     "failed_not_in_dlq": ("error", "failed in the ledger, but not in the Redis DLQ", "dead-letter it"),
-    "terminal_entry": ("error", "completed in the ledger, but still in Redis", "drop the entry"),
+    "terminal_entry": ("error", "completed or cancelled in the ledger, but still in Redis", "drop the entry"),
+    "pause_mismatch": ("error", "the ledger and Redis disagree on whether the queue is paused",
+                       "restore Redis's pause flag from the ledger"),
     "orphan_entry": ("error", "in Redis, but no ledger row in this queue", "drop the entry"),
     "duplicate_entry": ("error", "in more than one place in Redis", "drop and push again from the ledger"),
     # the ledger alone
-    "bad_status": ("error", "status is not one of pending, processing, completed, failed", None),
+    "bad_status": ("error", "status is not one of pending, processing, completed, failed, cancelled", None),
     "bad_outcome": ("error", "an attempt outcome is not completed, failed, timeout, lost (or open)", None),
     "bad_timestamps": ("error", "timestamps out of order (created <= started <= finished)", None),
     "attempts_mismatch": ("error", "jobs.attempts differs from the attempt rows of the current epoch", None),
@@ -196,11 +198,11 @@ def place_findings(job_id: int, status: str | None, places: dict[str, Any], now_
             add("lease_expired", f"job {job_id} is processing, leased to {owner} whose lease expired {expired_for}")
         elif place in ("ready", "delayed"):
             add("awaiting_reclaim", f"job {job_id} is processing and {place}: its claim records the lost attempt")
-    elif status == "completed":
+    elif status in ("completed", "cancelled"):
         if place == "leased" and valid:
-            add("settle_in_flight", f"job {job_id} is completed, still leased to {owner}")
+            add("settle_in_flight", f"job {job_id} is {status}, still leased to {owner}")
         elif place is not None:
-            add("terminal_entry", f"job {job_id} is completed but still {place} in Redis")
+            add("terminal_entry", f"job {job_id} is {status} but still {place} in Redis")
     elif status == "failed":
         if place == "leased" and valid:
             add("settle_in_flight", f"job {job_id} is failed, still leased to {owner}")
@@ -234,6 +236,7 @@ def redis_findings(q: "Queue") -> tuple[list[Finding], int, int]:
     snap = q.dispatch.snapshot()
     total, active = checks.queue_totals(q.ledger, q.name)
     places = _places(snap)
+    pause_finding = _pause_finding(q)
     status = dict(active)
     others = [j for j in places if j not in status]
     if others:
@@ -252,7 +255,17 @@ def redis_findings(q: "Queue") -> tuple[list[Finding], int, int]:
         confirmed = {(f.code, f.job_id) for j in suspects
                      for f in place_findings(j, status2.get(j), places2.get(j, {}), snap2.now_ms)}
         findings = [f for f in findings if f.job_id is None or (f.code, f.job_id) in confirmed]
+    if pause_finding is not None and _pause_finding(q) is not None:  # confirmed by a second look too
+        findings.append(pause_finding)
     return findings, total, len(places)
+
+
+def _pause_finding(q: "Queue") -> Finding | None:
+    redis_paused, ledger_paused = q.dispatch.inventory().paused, q.ledger.is_paused(q.name)
+    if redis_paused == ledger_paused:
+        return None
+    return Finding("pause_mismatch", None, f"queue {q.name!r} is {'paused' if ledger_paused else 'not paused'} in "
+                                           f"the ledger but {'paused' if redis_paused else 'not paused'} in Redis")
 
 
 # ---------------------------------------------------------------- the ledger alone
@@ -272,7 +285,8 @@ def ledger_findings(q: "Queue", job_ids: Iterable[int] | None = None) -> list[Fi
         if r.attempts > r.max_attempts:
             out.append(Finding("attempts_over_max", r.id,
                                f"job {r.id} has attempts={r.attempts} > max_attempts={r.max_attempts}"))
-        if (r.status == "completed") != (r.done == 1) or r.done > 1:
+        if (r.done > 1 or (r.status == "completed" and r.done != 1)
+                or (r.status not in ("completed", "cancelled") and r.done > 0)):
             out.append(Finding("completed_mismatch", r.id, f"job {r.id} is {r.status} with {r.done} completed "
                                                            "attempt(s) in its current epoch"))
     # G4 and the last attempt against the status
@@ -419,7 +433,7 @@ def total_queue(q: "Queue", acknowledged: Iterable[int], executions: Iterable[tu
     for (job_id, attempt), n in runs.items():
         by_job.setdefault(job_id, []).extend([attempt] * n)
     status, outcomes = checks.job_states(q.ledger, q.name, set(acked) | set(by_job) | {int(i) for i in attempted})
-    terminal = ("completed", "failed")
+    terminal = ("completed", "failed", "cancelled")
     lost = [i for i in acked if status.get(i, ("missing", 0))[0] not in terminal]
     unexpected = sorted(j for j in by_job if j not in status)
     duplicated = sorted(j for j, attempts in by_job.items() if len(attempts) > 1 and j in status)

@@ -25,8 +25,15 @@ if TYPE_CHECKING:
 
 
 def repair_if_drifted(q: "Queue") -> dict[str, Any]:
-    """The cheap check at the start of every burst; repairs only when needed."""
+    """The cheap check at the start of every burst; repairs only when needed.
+
+    ``paused`` in the answer: the queue is paused (the ledger's record, put back in Redis if Redis
+    lost it); a paused queue's burst claims nothing, and stops at this one command.
+    """
     inv = q.dispatch.inventory()
+    paused = sync_pause(q, inv.paused)
+    if paused:
+        return {"paused": True}
     counts = q.ledger.status_counts(q.name)
     active_ledger = counts["pending"] + counts["processing"]
     active_redis = inv.ready + inv.delayed + inv.leased
@@ -35,6 +42,16 @@ def repair_if_drifted(q: "Queue") -> dict[str, Any]:
     if inv.dead > counts["failed"]:
         return {"dropped": drop_orphan_dead(q)}
     return {}
+
+
+def sync_pause(q: "Queue", redis_paused: bool) -> bool:
+    """Put the ledger's pause record (the truth) back in Redis if they differ; returns the ledger's."""
+    paused = q.ledger.is_paused(q.name)
+    if paused != redis_paused:
+        q.dispatch.set_paused(paused)
+        log.warning("queue %s: Redis's pause flag said %s, the ledger %s: restored from the ledger",
+                    q.name, "paused" if redis_paused else "running", "paused" if paused else "running")
+    return paused
 
 
 def drop_orphan_dead(q: "Queue") -> int:
@@ -72,6 +89,7 @@ def repair(q: "Queue", *, drop: bool = False) -> dict[str, Any]:
     what was done to it).
     """
     snap = q.dispatch.snapshot()
+    sync_pause(q, q.dispatch.inventory().paused)
     rows = q.ledger.active_rows(q.name)
     now = utcnow()  # Redis's clock, as the snapshot just returned it
     dropped: dict[int, str] = _drop_stale(q, snap, {r[0]: r[1] for r in rows}) if drop else {}
@@ -127,8 +145,8 @@ def _drop_stale(q: "Queue", snap: Any, active: dict[int, str]) -> dict[int, str]
         st = status.get(job_id)
         if st is None:
             why[job_id] = "no ledger row"
-        elif st == "completed":
-            why[job_id] = "completed"
+        elif st in ("completed", "cancelled"):
+            why[job_id] = st
         elif st == "failed" and where != ["dead"]:
             why[job_id] = "failed, not in the DLQ"
         elif len(where) > 1:
