@@ -125,3 +125,36 @@ def test_who_may_scrape(server, written):
                               json={"type": "x", "payload": {}})
         assert reply.status_code == 403 and "/metrics only" in reply.json()["error"], (method, path)
     assert httpx.get(f"{server.url}/metrics?x=1", headers={"Authorization": f"Bearer {METRICS}"}).status_code == 422
+
+
+# --------------------------------------------------------------------------- the same reads on PostgreSQL
+def test_overview_and_scrape_on_each_ledger(setup):
+    """The overview's and the collector's SQL on SQLite and PostgreSQL (a shared database: other tests'
+    queues are there too, so only this test's queue is compared)."""
+    if setup.name == "upstash-sqlite":
+        pytest.skip("the same SQLite ledger as embedded-sqlite")
+    from qkit.api.metrics import scrape as scrape_ledger
+    from qkit.api.routes_ops import queue_rows
+
+    q = setup.connect(backoff_base=0)
+    q.enqueue("web_scraping", {})
+    q.enqueue("ai_text_generation", {"simulate": {"fail_rate": 1.0}}, max_attempts=1)
+    q.work(max_jobs=10)
+    q.enqueue("web_scraping", {})
+    q.enqueue("web_scraping", {}, delay=3600)
+    assert q.name in q.ledger.queue_names()
+    (row,) = [r for r in queue_rows(q.ledger, "default") if r["queue"] == q.name]
+    assert (row["counts"]["pending"], row["counts"]["completed"], row["counts"]["failed"]) == (2, 1, 1)
+    assert (row["depth"], row["delayed"], row["paused"]) == (1, 1, False) and row["oldest_due_age_s"] >= 0
+
+    mine = {}
+    for family in text_string_to_metric_families(scrape_ledger(q.ledger, "default").decode()):
+        for sample in family.samples:
+            if sample.labels.get("queue") == q.name:
+                mine[(sample.name, tuple(sorted((k, v) for k, v in sample.labels.items() if k != "queue")))] = \
+                    sample.value
+    assert mine[("qkit_jobs", labels(type="web_scraping", status="pending"))] == 2
+    assert mine[("qkit_attempts_total", labels(type="ai_text_generation", outcome="failed"))] == 1
+    assert mine[("qkit_job_execution_seconds_count", labels(type="web_scraping"))] == 1
+    assert mine[("qkit_job_execution_seconds_bucket", labels(type="web_scraping", le="+Inf"))] == 1
+    assert (mine[("qkit_queue_depth", ())], mine[("qkit_dlq_size", ())]) == (1, 1)
