@@ -45,10 +45,9 @@ def known_queue(hold: Any, name: str | None) -> Any:
     """The queue ``name`` (the served one when None); NotFound for a name the ledger does not know."""
     if name is None or name == hold.name:
         return hold.get()
-    q = hold.named(name)
-    if name not in q.ledger.queue_names():
+    if name not in hold.get().ledger.queue_names():  # before a view is made: no view for every name asked
         raise NotFound(f"no queue {name!r} in the ledger")
-    return q
+    return hold.named(name)
 
 
 # --------------------------------------------------------------------------- routes
