@@ -112,7 +112,9 @@ def test_429_retry_after_2_retries_no_sooner_than_2_s(q):
     assert len(calls) == 2 and calls[1].at - calls[0].at >= 2.0
     (scheduled,) = events_of(q, job_id, "retry_scheduled")
     assert scheduled["detail"]["delay_s"] == 2.0 and scheduled["detail"]["retry_after_s"] == 2.0
-    assert "asked to retry after 2 s" in explain(q, job_id).verdict
+    exp = explain(q, job_id)
+    assert "asked to retry after 2 s" in exp.verdict
+    assert "(the handler asked to retry after 2 s)" in str(exp)  # the attempt's line in `qkit explain`
 
 
 def test_503_retry_after_is_capped_by_backoff_max(setup):
@@ -290,3 +292,12 @@ def test_retry_after_by_type_frame(setup):
     assert (own.attempts, own.jobs, own.mean_s, own.over_cap) == (1, 1, 0.5, 0)
     assert frames.retry_after_by_type(q, type="outcome_progress").empty
     assert q.get(http_id).status == "completed"
+
+
+def test_explain_a_job_waiting_for_the_delay_its_handler_asked(q):
+    job_id = q.enqueue("outcome_retry", {"after": 120.0}, max_attempts=3)
+    assert q.work().retried == 1  # no time budget: the burst ends with the job delayed
+    verdict = explain(q, job_id).verdict
+    assert "is pending, delayed until" in verdict
+    assert "by the delay asked for after attempt 1: the handler asked to retry after 120 s (Retry: " in verdict
+    assert q.stats()["delayed"] == 1

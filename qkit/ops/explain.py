@@ -264,7 +264,7 @@ def _verdict(q: "Queue", exp: Explanation) -> str:
             retry = _detail(last_retry) if last_retry else {}
             named = asked(None if retry.get("retry_after_s") is None else retry["retry_after_s"] * 1000,
                           retry.get("delay_s"))
-            why = (f"the retry delay {named} after attempt {n} ({_short(job['error'], 100)})" if n and named
+            why = (f"the delay asked for after attempt {n}: {named} ({_short(job['error'], 100)})" if n and named
                    else f"the retry back-off after attempt {n} ({_short(job['error'], 100)})" if n and last_retry
                    else "the delay it was enqueued with")
             if due > now:
@@ -391,7 +391,8 @@ def render(exp: Explanation) -> str:
             lines.append(f"  epoch {a['epoch']} attempt {a['attempt']} by {a['worker']}: {a['outcome'] or 'running'}"
                          f" started {_at(a['started_at'])}"
                          + (f", {a['duration_ms']:.0f} ms" if a.get("duration_ms") is not None else "")
-                         + (f" - {_short(a['error'], 120)}" if a.get("error") else ""))
+                         + (f" - {_short(a['error'], 120)}" if a.get("error") else "")
+                         + (f" ({asked(a['retry_after_ms'])})" if a.get("retry_after_ms") is not None else ""))
     if exp.events:
         lines.append("events:")
         for e in exp.events:
