@@ -24,7 +24,7 @@ from qkit.ledger import utcnow
 from qkit.ledger.reads import runs_of_workers
 from qkit.engine.lifecycle import fingerprint
 from qkit.model import check_job_id, jsonable
-from qkit.text import clip
+from qkit.text import clip, duration as _dur
 
 if TYPE_CHECKING:
     from qkit.engine.queue import Queue
@@ -140,19 +140,6 @@ def explain(q: "Queue", job_id: int) -> Explanation:
 
 
 # ---------------------------------------------------------------- words
-def _dur(seconds: float) -> str:
-    s = abs(seconds)
-    if s < 1:
-        return f"{s * 1000:.0f} ms"
-    if s < 120:
-        return f"{s:.0f} s" if s >= 10 else f"{s:.1f} s"
-    if s < 7200:
-        return f"{s / 60:.0f} min"
-    if s < 172800:
-        return f"{s / 3600:.1f} h"
-    return f"{s / 86400:.1f} days"
-
-
 def _at(value: datetime | None) -> str:
     return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC") if value else "?"
 

@@ -50,8 +50,25 @@ def _dlq_rows(q: "Queue") -> list[dict[str, Any]]:
     return rows
 
 
+def group_rows(q: "Queue") -> list[dict[str, Any]]:
+    """The DLQ grouped by error fingerprint and job type, as dicts (no pandas): the columns of
+    :func:`dlq_groups`, largest group first, then the latest failure."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in _dlq_rows(q):
+        groups.setdefault((r["fingerprint"], r["type"]), []).append(r)
+    out = []
+    for (fp, type_), members in groups.items():
+        times = [m["finished_at"] for m in members if m["finished_at"] is not None]
+        sample = max(members, key=lambda m: (m["finished_at"] or _EARLIEST, m["id"]))
+        out.append({"fingerprint_id": fingerprint_id(fp), "fingerprint": fp, "type": type_, "jobs": len(members),
+                    "first_seen": min(times) if times else None, "last_seen": max(times) if times else None,
+                    "sample_id": sample["id"], "sample_error": sample["error"], "sample_payload": sample["payload"],
+                    "job_ids": [m["id"] for m in members]})
+    return sorted(out, key=lambda g: (-g["jobs"], -(g["last_seen"] or _EARLIEST).timestamp(), g["type"]))
+
+
 def dlq_groups(q: "Queue") -> "pd.DataFrame":
-    """The DLQ grouped by error fingerprint and job type, largest group first.
+    """The DLQ grouped by error fingerprint and job type, largest group first (:func:`group_rows` as a DataFrame).
 
     Columns: ``fingerprint_id``, ``fingerprint``, ``type``, ``jobs``,
     ``first_seen``, ``last_seen`` (UTC, when the group's jobs failed),
@@ -62,21 +79,10 @@ def dlq_groups(q: "Queue") -> "pd.DataFrame":
 
     columns = ["fingerprint_id", "fingerprint", "type", "jobs", "first_seen", "last_seen", "sample_id",
                "sample_error", "sample_payload", "job_ids"]
-    rows = _dlq_rows(q)
+    rows = group_rows(q)
     if not rows:
         return pd.DataFrame(columns=columns)
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for r in rows:
-        groups.setdefault((r["fingerprint"], r["type"]), []).append(r)
-    out = []
-    for (fp, type_), members in groups.items():
-        times = [m["finished_at"] for m in members if m["finished_at"] is not None]
-        sample = max(members, key=lambda m: (m["finished_at"] or _EARLIEST, m["id"]))
-        out.append({"fingerprint_id": fingerprint_id(fp), "fingerprint": fp, "type": type_, "jobs": len(members),
-                    "first_seen": min(times) if times else None, "last_seen": max(times) if times else None,
-                    "sample_id": sample["id"], "sample_error": sample["error"], "sample_payload": sample["payload"],
-                    "job_ids": [m["id"] for m in members]})
-    df = pd.DataFrame(out, columns=columns)
+    df = pd.DataFrame(rows, columns=columns)
     for col in ("first_seen", "last_seen"):
         df[col] = pd.to_datetime(df[col], utc=True)
     return df.sort_values(["jobs", "last_seen", "type"], ascending=[False, False, True]).reset_index(drop=True)

@@ -31,11 +31,8 @@ INDEX = "index.html"
 META = "report.json"
 
 
-def render_html(executed: Path, out: Path) -> int:
-    """Render an executed notebook to standalone HTML (code hidden, figures embedded, with alt text).
-
-    Returns the size of the HTML file in bytes.
-    """
+def notebook_html(executed: Path) -> str:
+    """An executed notebook as standalone HTML (code hidden, figures embedded, with alt text)."""
     import nbformat
     from nbconvert import HTMLExporter
 
@@ -48,6 +45,15 @@ def render_html(executed: Path, out: Path) -> int:
     exporter = HTMLExporter(template_name="classic", exclude_input=True, exclude_input_prompt=True,
                             exclude_output_prompt=True)
     body, _ = exporter.from_notebook_node(nb)
+    return body
+
+
+def render_html(executed: Path, out: Path) -> int:
+    """Render an executed notebook to a standalone HTML file (:func:`notebook_html`); returns its size in bytes.
+
+    The dashboard serves the same rendering (``GET /runs/{id}/notebook``).
+    """
+    body = notebook_html(executed)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(body, encoding="utf-8")
     return out.stat().st_size

@@ -72,3 +72,11 @@ def test_clip():
     assert clip("abcdef", 6) == "abcdef" and clip("abcdefg", 6) == "abcde…" and len(clip("x" * 500, 300)) == 300
     assert clip("a\n  b\tc", 10, one_line=True) == "a b c" and clip("a\nb", 10) == "a\nb"
     assert clip(12345, 3) == "12…"
+
+
+def test_duration_in_words():
+    from qkit.text import duration
+
+    assert [duration(s) for s in (0, 0.000034, 0.0042, 0.0099996, 0.5, 4.25, 15, 180, 5400, 7200 * 2, 86400 * 3)] == [
+        "0 ms", "0.034 ms", "4.2 ms", "10 ms", "500 ms", "4.2 s", "15 s", "3 min", "90 min", "4.0 h", "3.0 days"]
+    assert duration(-15) == "15 s"  # explain says "in 15 s" or "15 s ago" around it
