@@ -31,6 +31,7 @@ says is current (status ``processing``, same attempt and replay epoch).
 from __future__ import annotations
 
 from qkit.ledger.admin import Admin
+from qkit.ledger.dashboard import DashboardReads
 from qkit.ledger.engine import LedgerBase, LedgerFailure, transient, utcnow
 from qkit.ledger.events import RENEWAL_EVENT_WAIT_S, EventWriter, Events
 from qkit.ledger.interventions import Interventions
@@ -45,7 +46,7 @@ from qkit.ledger.schema import (MAX_TEXT, MIGRATIONS, SCHEMA_VERSION, job_attemp
 from qkit.engine.lifecycle import ClaimPlan, Outcome, Runnable, SettlePlan, fingerprint, unstorable
 
 
-class Ledger(HotPath, Reads, Overview, Admin, Interventions, Runs, Progress, Events, LedgerBase):
+class Ledger(HotPath, Reads, Overview, Admin, Interventions, Runs, Progress, Events, DashboardReads, LedgerBase):
     """The ledger database, through SQLAlchemy 2 (SQLite in WAL mode, or PostgreSQL)."""
 
     def __init__(self, url: str) -> None:

@@ -30,28 +30,33 @@ class Overview(LedgerBase):
         except SQLAlchemyError as exc:
             raise self._unavailable(exc) from None
 
-    def queue_overview(self, now: datetime | None = None) -> list[dict[str, Any]]:
+    def queue_overview(self, now: datetime | None = None, *, owner: str | None = None) -> list[dict[str, Any]]:
         """Per queue the ledger knows, by name: ``counts`` per status, ``due`` (the depth: pending and due now),
-        ``delayed``, ``oldest_due_at`` (run_at of the job due the longest, or None) and ``paused``."""
+        ``delayed``, ``oldest_due_at`` (run_at of the job due the longest, or None) and ``paused``.
+
+        ``owner``: only that API user's jobs are counted, and only the queues where they have some.
+        """
         now = now or utcnow()
+        mine = [] if owner is None else [jobs.c.owner == owner]
         out: dict[str, dict[str, Any]] = {}
 
         def row(name: str) -> dict[str, Any]:  # a queue written meanwhile gets its row too
             return out.setdefault(name, {"queue": name, "counts": {s: 0 for s in STATUSES}, "due": 0, "delayed": 0,
                                          "oldest_due_at": None, "paused": False})
 
-        for name in self.queue_names():
+        for name in self.queue_names() if owner is None else ():
             row(name)
         try:
             with self.read_engine.connect() as conn:
-                for queue, status, n in conn.execute(select(jobs.c.queue, jobs.c.status, func.count())
+                for queue, status, n in conn.execute(select(jobs.c.queue, jobs.c.status, func.count()).where(*mine)
                                                      .group_by(jobs.c.queue, jobs.c.status)):
                     row(queue)["counts"][status] = int(n)
                 for queue, n, oldest in conn.execute(select(jobs.c.queue, func.count(), func.min(jobs.c.run_at))
-                                                     .where(_due(now)).group_by(jobs.c.queue)):
+                                                     .where(_due(now), *mine).group_by(jobs.c.queue)):
                     row(queue).update(due=int(n), oldest_due_at=oldest)
                 for (queue,) in conn.execute(select(queue_controls.c.queue).where(queue_controls.c.kind == "pause")):
-                    row(queue)["paused"] = True
+                    if owner is None or queue in out:
+                        row(queue)["paused"] = True
         except SQLAlchemyError as exc:
             raise self._unavailable(exc) from None
         for item in out.values():
