@@ -27,7 +27,7 @@ from qkit.errors import QkitError
 
 #: top-level module -> the extra that installs it
 MODULE_EXTRA = {
-    "starlette": "api", "uvicorn": "api", "jwt": "api",
+    "starlette": "api", "uvicorn": "api", "jwt": "api", "jinja2": "api", "itsdangerous": "api",
     "pandas": "notebooks", "numpy": "notebooks", "matplotlib": "notebooks", "papermill": "notebooks",
     "nbformat": "notebooks", "nbconvert": "notebooks", "ipykernel": "notebooks", "ipywidgets": "notebooks",
     "jupyterlab": "notebooks",

@@ -34,8 +34,8 @@ PROJECT = PYPROJECT["project"]
 EXTRAS = PROJECT["optional-dependencies"]
 
 #: imported by the optional parts only; ``import qkit`` must not pull any of them in
-HEAVY = ("pandas", "numpy", "matplotlib", "starlette", "uvicorn", "jwt", "anyio", "papermill", "nbformat",
-         "nbconvert", "ipykernel", "ipywidgets", "jupyterlab", "psycopg")
+HEAVY = ("pandas", "numpy", "matplotlib", "starlette", "uvicorn", "jwt", "jinja2", "itsdangerous", "anyio", "papermill",
+         "nbformat", "nbconvert", "ipykernel", "ipywidgets", "jupyterlab", "psycopg")
 
 
 def _names(requirements: list[str]) -> set[str]:
@@ -56,7 +56,8 @@ def test_extras_hold_what_they_promise() -> None:
     assert {"notebooks", "api", "postgres", "all", "dev"} <= set(EXTRAS)
     assert _names(EXTRAS["notebooks"]) >= {"jupyterlab", "ipywidgets", "papermill", "pandas", "matplotlib",
                                            "nbformat", "nbconvert", "ipykernel"}
-    assert _names(EXTRAS["api"]) == {"starlette", "uvicorn", "pyjwt"}
+    assert _names(EXTRAS["api"]) == {"starlette", "uvicorn", "pyjwt", "jinja2", "itsdangerous",
+                                     "prometheus-client"}
     assert _names(EXTRAS["postgres"]) == {"psycopg"}
     assert EXTRAS["all"] == ["qkit[notebooks,api,postgres]"]
     assert _names(EXTRAS["dev"]) >= {"pytest", "import-linter", "nbstripout", "playwright"}

@@ -14,11 +14,16 @@ Needs the ``api`` extra (``pip install 'qkit[api]'``).  The package's modules:
 :mod:`qkit.api.errors` :class:`ApiError`, the endpoint guard, JSON 404/405, route templates
 :mod:`qkit.api.openapi` the OpenAPI document (core paths; each route module adds its own)
 :mod:`qkit.api.serve`  ``qkit serve`` (uvicorn, redacting logs)
+``dashboard*``         the HTML dashboard at ``GET /`` (pages, actions, sign-in, views)
 =====================  =================================================================
 
 The routes and who may call them are listed in docs/http-api.md; the roles
 (``QKIT_API_TOKEN`` admin, ``QKIT_API_READ_TOKEN`` reader, a JWT user verified
 against ``QKIT_API_JWKS_URL``, ``QKIT_METRICS_TOKEN``) are :mod:`qkit.api.roles`.
+
+The dashboard (``GET /`` and its pages, docs/http-api.md#dashboard) signs in with
+``QKIT_API_TOKEN`` (admin) or ``QKIT_API_READ_TOKEN`` (read-only) into a signed
+session cookie; its actions are CSRF-checked POSTs (:mod:`qkit.api.dashboard_auth`).
 
 Security decisions (each one is deliberate and tested in ``tests/test_api.py``):
 
@@ -62,7 +67,7 @@ from __future__ import annotations
 
 from qkit.extras import require
 
-require("the HTTP API (qkit serve)", "starlette", "uvicorn", "jwt")
+require("the HTTP API (qkit serve)", "starlette", "uvicorn", "jwt", "jinja2", "itsdangerous")
 
 from qkit.api.app import OPENAPI, ROUTE_MODULES, create_app  # noqa: E402
 from qkit.api.auth import _secret, bearer_token, endpoint_url, token_matches, verify_qstash_signature  # noqa: E402
