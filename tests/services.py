@@ -1,4 +1,5 @@
-"""A real PostgreSQL cluster and real ``qkit serve`` processes for the test suite (redis-server: ``redis_servers.py``).
+"""A real PostgreSQL cluster, real ``qkit serve`` processes and a real browser for the test suite (redis-server:
+``redis_servers.py``).
 
 ``start_postgres`` is :func:`qkit.dev.servers.start_postgres` (shared with
 ``bench/``): a throw-away cluster in a temporary folder, waited for by polling,
@@ -7,17 +8,18 @@ uses that server instead.
 """
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 import httpx
 
 from qkit.dev.servers import free_port, start_postgres, stop_process, wait_until
 
-__all__ = ["ApiServer", "Server", "serve_home", "start_api_server", "start_postgres"]
+__all__ = ["ApiServer", "CHROMIUM", "Server", "chromium", "serve_home", "start_api_server", "start_postgres"]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -75,3 +77,20 @@ def serve_home(home: Path, log_path: Path, **env_extra: str) -> ApiServer:
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(SCRUBBED)}
     return start_api_server({**env, "QKIT_HOME": str(home), **env_extra}, log_path)
+
+
+#: Debian's chromium: Playwright's own browser download cannot work here
+CHROMIUM = "/usr/bin/chromium"
+
+
+@contextlib.contextmanager
+def chromium() -> Iterator[Any]:
+    """A headless Debian chromium driven by Playwright (the browser tests' fixture)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            yield browser
+        finally:
+            browser.close()

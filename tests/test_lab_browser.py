@@ -27,10 +27,10 @@ import pytest
 import qkit
 from qkit.backends.embedded import EmbeddedServer
 from qkit.analysis.notebook_helpers import seeded_batch
+from services import CHROMIUM, chromium
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUT = ROOT / "tests" / "output" / "lab"
-CHROMIUM = "/usr/bin/chromium"
 
 pytestmark = pytest.mark.skipif(not os.access(CHROMIUM, os.X_OK), reason="Debian's chromium is not installed "
                                 "(bash scripts/setup.sh installs it)")
@@ -87,12 +87,8 @@ def lab_server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu"])
+    with chromium() as b:
         yield b
-        b.close()
 
 
 def open_notebook(browser, lab_server, name: str):
