@@ -141,6 +141,16 @@ def test_users_see_read_and_list_only_their_own_jobs(server):
     assert call(server, "GET", f"/api/jobs/{admins}", bob()).status_code == 404
 
 
+def test_users_cancel_only_their_own_jobs(server):
+    mine, theirs = create(server, alice()), create(server, bob())
+    refused = call(server, "POST", f"/api/jobs/{theirs}/cancel", alice())
+    assert refused.status_code == 404 and refused.json()["error"] == f"no job {theirs} in queue 'default'"
+    assert call(server, "GET", f"/api/jobs/{theirs}", ADMIN).json()["status"] == "pending"  # untouched
+    done = call(server, "POST", f"/api/jobs/{mine}/cancel", alice())
+    assert done.status_code == 200 and done.json() == {"id": mine, "status": "cancelled"}
+    assert call(server, "POST", f"/api/jobs/{mine}/cancel", alice()).status_code == 409  # already finished
+
+
 def test_idempotency_keys_do_not_cross_users(server):
     key = "k-" + secrets.token_hex(6)
     first = create(server, alice(), key=key)

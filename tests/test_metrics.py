@@ -30,7 +30,7 @@ def server(home):
 @pytest.fixture(scope="module")
 def written(home):
     """Queue mx-a: 2 web_scraping completed (one slept 300 ms), 1 ai_text_generation failed after 2 attempts,
-    1 web_scraping due, 1 delayed an hour.  Queue mx-b: one job due."""
+    1 web_scraping due, 1 delayed an hour.  Queue mx-b: one job due, paused."""
     q = qkit.connect("mx-a", home=str(home), backoff_base=0)
     q.enqueue("web_scraping", {})
     q.enqueue("web_scraping", {"simulate": {"latency_ms": 300}})
@@ -42,6 +42,7 @@ def written(home):
     q.enqueue("web_scraping", {"i": "later"}, delay=3600)
     b = qkit.connect("mx-b", home=str(home))
     b.enqueue("ai_image_generation", {})
+    b.pause()
     yield q, started
     q.close()
     b.close()
@@ -83,6 +84,7 @@ def test_counts_attempts_and_queue_gauges(server, written):
     assert m["qkit_dlq_size"][labels(queue="mx-a")] == 1
     assert m["qkit_dlq_size"][labels(queue="mx-b")] == 0
     assert m["qkit_queue_paused"][labels(queue="mx-a")] == 0
+    assert m["qkit_queue_paused"][labels(queue="mx-b")] == 1
     age = m["qkit_queue_oldest_due_age_seconds"][labels(queue="mx-a")]
     assert 0 <= age <= time.time() - started + 2
     # read at scrape time: the next scrape sees the job wait longer, and a burst's work at once

@@ -1,4 +1,5 @@
-"""The job routes: ``POST /api/jobs`` (enqueue), ``GET /api/jobs`` (list), ``GET /api/jobs/{id}``.
+"""The job routes: ``POST /api/jobs`` (enqueue), ``GET /api/jobs`` (list), ``GET /api/jobs/{id}``,
+``POST /api/jobs/{id}/cancel``.
 
 Who may do what is :mod:`qkit.api.roles`: admins everything, readers only the
 reads, signed-in users (JWT) create jobs that record them as ``owner`` and
@@ -120,14 +121,43 @@ async def get_job(request: Request) -> Response:
     return JSONResponse(await run_in_threadpool(run))
 
 
+@guard
+async def cancel_job(request: Request) -> Response:
+    """POST /api/jobs/{id}/cancel: 200 ``{id, status}`` (``cancelled``, or ``processing`` with the cancel
+    requested from its handler); 409 for a job already finished."""
+    caller = await authorize(request, write=True)
+    job_id = _path_id(request)
+    hold = holder(request)
+
+    def run() -> dict[str, Any]:
+        q = hold.get()
+        visible_job(q, job_id, caller)
+        done = q.cancel(job_id)
+        status = q.get(job_id).status
+        if not done:
+            raise Conflict(f"job {job_id} is {status}: only a pending or processing job can be cancelled")
+        return {"id": job_id, "status": status}
+
+    return JSONResponse(await run_in_threadpool(run))
+
+
 ROUTES = [
     # one route per path, so a wrong method gets a 405 whose Allow header lists every method
     Route("/api/jobs", jobs_route, methods=["GET", "POST"]),
     Route("/api/jobs/{id}", get_job, methods=["GET"]),
+    Route("/api/jobs/{id}/cancel", cancel_job, methods=["POST"]),
 ]
 
 # --------------------------------------------------------------------------- OpenAPI
 _ID_PARAM = [{"name": "id", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 1}}]
+
+OPENAPI_SCHEMAS: dict[str, Any] = {
+    "Cancelled": {"type": "object", "required": ["id", "status"],
+                  "properties": {"id": {"type": "integer"},
+                                 "status": {"type": "string", "enum": list(STATUSES),
+                                            "description": "the job's status just after: cancelled, or processing "
+                                                           "until its handler returns"}}},
+}
 
 OPENAPI_PATHS: dict[str, Any] = {
     "/api/jobs": {
@@ -175,6 +205,21 @@ OPENAPI_PATHS: dict[str, Any] = {
             "responses": {
                 "200": json_response("The job", "Job"),
                 "404": error_response("No such job in this queue (or another user's)"),
+                **AUTH_ERRORS,
+            },
+        },
+    },
+    "/api/jobs/{id}/cancel": {
+        "post": {
+            "operationId": "cancelJob",
+            "summary": "Cancel a pending or delayed job; ask a running job's handler to stop",
+            "security": [{"apiToken": []}],
+            "parameters": _ID_PARAM,
+            "responses": {
+                "200": json_response("Cancelled (`cancelled`), or the cancel was requested from the running "
+                                     "handler (`processing`)", "Cancelled"),
+                "404": error_response("No such job in this queue (or another user's)"),
+                "409": error_response("The job already finished"),
                 **AUTH_ERRORS,
             },
         },
