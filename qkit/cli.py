@@ -376,6 +376,9 @@ def prune(older_than: str, batch_size: int, dry_run: bool, queue: str, as_json: 
         + (", ".join(d["days"]) or "none")))
 
 
+from qkit import cli_schedules  # noqa: E402,F401 - registers `qkit schedule` and `qkit tick` on the group
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI, turning every error into one line and an exit status."""
     try:
@@ -426,4 +429,7 @@ def entry_point() -> None:
 
 
 if __name__ == "__main__":
-    entry_point()
+    # `python -m qkit.cli`: run the module as imported, the group other modules registered their commands on
+    from qkit.cli import entry_point as _entry_point
+
+    _entry_point()

@@ -13,6 +13,7 @@ from qkit.config import DEFAULT_QUEUE, Settings, check_overrides, settings as re
 from qkit.engine.dispatch import CLOCK_SLACK, Dispatch, redis_now
 from qkit.errors import BackendUnavailable, BadInput
 from qkit.engine.handlers import import_handler_modules
+from qkit.engine.schedules import ScheduleMethods
 from qkit.ledger import Ledger, utcnow
 from qkit.logs import log
 from qkit.model import STATUSES, Job, NewJob, WorkSummary, check_job_id, check_name, new_job, new_job_from_item
@@ -24,7 +25,7 @@ MAX_BATCH_BYTES = 64 * 1024 * 1024  # payload bytes per enqueue_many call: one l
 UPSTASH_USD_PER_100K_COMMANDS = 0.20
 
 
-class Queue:
+class Queue(ScheduleMethods):
     """One named queue: Redis dispatch index + SQL ledger."""
 
     def __init__(self, name: str, settings: Settings, *, backend: Backend | None = None,
@@ -284,12 +285,14 @@ class Queue:
 
     # ------------------------------------------------------------------ work
     def _repair(self) -> dict[str, Any]:
-        """A burst's first step: put Redis back in line with the ledger, close runs of dead bursts.
+        """A burst's first step: put Redis back in line with the ledger, close runs of dead bursts, fire schedules
+        (also on a paused queue: a pause stops claims, not enqueues).
         Returns what the drift check found (``paused``: the burst must claim nothing)."""
         from qkit.ops.reconcile import close_abandoned_runs, repair_if_drifted
 
         found = repair_if_drifted(self)
         close_abandoned_runs(self)
+        self.tick()  # the schedules' due fires (Redis's clock as the drift check just read it)
         return found
 
     def work(self, max_jobs: int | None = None, max_seconds: float | None = None, *,

@@ -41,12 +41,14 @@ from qkit.ledger.overview import Overview
 from qkit.ledger.progress import Progress
 from qkit.ledger.reads import Reads
 from qkit.ledger.runs import Runs
+from qkit.ledger.schedules import Schedules
 from qkit.ledger.schema import (MAX_TEXT, MIGRATIONS, SCHEMA_VERSION, job_attempts, job_daily, job_events, jobs,
                                 metadata, queue_controls, schedules, schema_info, worker_runs)
 from qkit.engine.lifecycle import ClaimPlan, Outcome, Runnable, SettlePlan, fingerprint, unstorable
 
 
-class Ledger(HotPath, Reads, Overview, Admin, Interventions, Runs, Progress, Events, DashboardReads, LedgerBase):
+class Ledger(HotPath, Reads, Overview, Admin, Interventions, Runs, Progress, Events, DashboardReads, Schedules,
+             LedgerBase):
     """The ledger database, through SQLAlchemy 2 (SQLite in WAL mode, or PostgreSQL)."""
 
     def __init__(self, url: str) -> None:

@@ -126,7 +126,12 @@ class HotPath(LedgerBase):
         returns that job's id (created False); the database's unique index
         decides, so concurrent callers agree.
         """
-        now = now or utcnow()
+        with self._write(durable=True) as conn:
+            return self._insert_jobs(conn, queue, new, now or utcnow())
+
+    def _insert_jobs(self, conn: Connection, queue: str, new: Sequence[NewJob],
+                     now: datetime) -> list[tuple[int, bool]]:
+        """:meth:`insert_jobs` inside the caller's transaction (a schedule's fire commits with its jobs)."""
         results: list[tuple[int, bool] | None] = [None] * len(new)
 
         def row(j: NewJob) -> dict[str, Any]:
@@ -134,27 +139,26 @@ class HotPath(LedgerBase):
                         attempts=0, max_attempts=j.max_attempts, idempotency_key=j.key, owner=j.owner,
                         run_at=now + timedelta(seconds=j.delay), created_at=now, updated_at=now, epoch=0)
 
-        with self._write(durable=True) as conn:
-            plain = [i for i, j in enumerate(new) if j.key is None]
-            if plain:
-                ids = self._reserve_ids(conn, len(plain))
-                d = self.driver
-                self.driver.run(conn, INSERT_JOB, [
-                    (job_id, queue, new[i].type, new[i].payload_text, new[i].priority, new[i].max_attempts,
-                     d.ts(now + timedelta(seconds=new[i].delay)), d.ts(now), d.ts(now), new[i].owner)
-                    for i, job_id in zip(plain, ids)])
-                self.statements += 2
-                for i, job_id in zip(plain, ids):
-                    results[i] = (job_id, True)
-            for i, j in enumerate(new):
-                if j.key is not None:
-                    results[i] = self._insert_keyed(conn, queue, row(j), j.key)
-            at = self.driver.ts(now)
-            self.driver.run(conn, INSERT_EVENT, [
-                (r[0], at, "enqueued", None, None) if r[1] else
-                (r[0], at, "deduplicated", None, dumps({"key": new[i].key}))
-                for i, r in enumerate(results) if r is not None])
-            self.statements += 1
+        plain = [i for i, j in enumerate(new) if j.key is None]
+        if plain:
+            ids = self._reserve_ids(conn, len(plain))
+            d = self.driver
+            self.driver.run(conn, INSERT_JOB, [
+                (job_id, queue, new[i].type, new[i].payload_text, new[i].priority, new[i].max_attempts,
+                 d.ts(now + timedelta(seconds=new[i].delay)), d.ts(now), d.ts(now), new[i].owner)
+                for i, job_id in zip(plain, ids)])
+            self.statements += 2
+            for i, job_id in zip(plain, ids):
+                results[i] = (job_id, True)
+        for i, j in enumerate(new):
+            if j.key is not None:
+                results[i] = self._insert_keyed(conn, queue, row(j), j.key)
+        at = self.driver.ts(now)
+        self.driver.run(conn, INSERT_EVENT, [
+            (r[0], at, "enqueued", None, None) if r[1] else
+            (r[0], at, "deduplicated", None, dumps({"key": new[i].key}))
+            for i, r in enumerate(results) if r is not None])
+        self.statements += 1
         return [r for r in results if r is not None]
 
     def _insert_keyed(self, conn: Connection, queue: str, values: dict[str, Any], key: str) -> tuple[int, bool]:
