@@ -11,9 +11,8 @@ import json
 import os
 import subprocess
 import sys
-import time
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 from sqlalchemy import event
@@ -140,7 +139,7 @@ def test_bursts_on_redis_clock_enqueue_every_second_once(setup, tmp_path):
     q = setup.connect()
     first = q.schedule("each-second", "* * * * * *", "web_scraping", {"url": "https://example.org/s"},
                        catch_up="all")["next_fire_at"]
-    wait_for(lambda: q._schedule_now() >= first + timedelta(seconds=3), timeout=30, what="three fire times")
+    wait_for(lambda: q.redis_time() >= first + timedelta(seconds=3), timeout=30, what="three fire times")
     procs = [subprocess.Popen([sys.executable, "-m", "qkit.cli", "work", "--queue", setup.queue, "--json"],
                               env=setup.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(3)]
@@ -159,7 +158,7 @@ def test_a_burst_runs_the_job_its_own_tick_enqueued(setup):
     q = setup.connect()
     fire = q.schedule("soon", "* * * * * *", "web_scraping", {"url": "https://example.org/x"},
                       catch_up="latest")["next_fire_at"]
-    wait_for(lambda: q._schedule_now() >= fire, timeout=30, what="the fire time")
+    wait_for(lambda: q.redis_time() >= fire, timeout=30, what="the fire time")
     summary = q.work()
     assert summary.completed == 1
     job = q.jobs()[0]
@@ -242,7 +241,7 @@ def test_cli_schedule_add_list_tick_rm(setup):
     assert listed.returncode == 0 and "tick-me" in listed.stdout and "Europe/Berlin" in listed.stdout
     assert "https://example.org/cli" not in listed.stdout  # payloads only with --json
     q = setup.connect()
-    wait_for(lambda: q._schedule_now() >= first, timeout=30, what="the fire time")
+    wait_for(lambda: q.redis_time() >= first, timeout=30, what="the fire time")
     ticked = _cli(setup, "tick", "--json")
     assert ticked.returncode == 0, ticked.stderr
     [entry] = json.loads(ticked.stdout)
@@ -253,3 +252,33 @@ def test_cli_schedule_add_list_tick_rm(setup):
     assert removed.returncode == 0 and "removed" in removed.stdout
     again = _cli(setup, "schedule", "rm", "tick-me")
     assert again.returncode == 2 and "no schedule" in again.stderr
+
+
+def test_queue_monitor_lists_schedules_with_their_next_fire_times(tmp_path, monkeypatch):
+    """The notebook's schedule cell under papermill: names, local next fire times, no payload."""
+    pm = pytest.importorskip("papermill")
+    import nbformat
+
+    from conftest import ROOT
+
+    home = tmp_path / "home"
+    for name in ("QKIT_REDIS_URL", "UPSTASH_REDIS_REST_URL", "UPSTASH_REDIS_REST_TOKEN", "QKIT_DATABASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("QKIT_HOME", str(home))
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+    with qkit.connect(queue="sched") as q:
+        q.schedule("nightly", "30 2 * * *", "web_scraping", {"url": "https://secret.example/token=abc"},
+                   tz="Europe/Berlin")
+        q.enqueue("web_scraping", {"url": "https://example.org"})  # the monitor refuses a queue with no jobs
+        nightly = q.schedules()[0]["next_fire_at"]
+    out = tmp_path / "monitor.ipynb"
+    pm.execute_notebook(str(ROOT / "notebooks" / "queue_monitor.ipynb"), str(out), parameters={"queue": "sched"},
+                        kernel_name="python3", cwd=str(ROOT / "notebooks"), progress_bar=False)
+    nb = nbformat.read(out, as_version=4)
+    [cell] = [c for c in nb.cells if c.get("id") == "queue-monitor-schedules"]
+    html = "".join(o.get("data", {}).get("text/html", "") for o in cell.outputs)
+    local = nightly.astimezone(ZoneInfo("Europe/Berlin")).strftime("%Y-%m-%d %H:%M %Z")
+    assert "nightly" in html and local in html and local.endswith(("02:30 CET", "02:30 CEST"))
+    assert f"{nightly:%Y-%m-%d %H:%M:%S}" in html
+    assert "secret.example" not in json.dumps(nbformat.writes(nb))

@@ -10,6 +10,8 @@ not exist (in the spring-forward gap) fires once at the first instant after the
 gap (``30 2 * * *`` in Europe/Berlin fires at 03:00 CEST on the last Sunday of
 March; ``*/30`` loses its 02:00 and 02:30 fires to one at 03:00); a local time
 that happens twice (fall-back) fires twice, once in each offset.
+
+croniter is imported on first use: ``import qkit`` and a burst with no schedule due never load it.
 """
 from __future__ import annotations
 
@@ -17,8 +19,6 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-
-from croniter import CroniterBadDateError, CroniterError, croniter
 
 from qkit.errors import BadInput
 
@@ -47,6 +47,8 @@ def check_cron(expr: Any) -> str:
     expr = " ".join(expr.split())
     if len(expr) > MAX_CRON_LENGTH:
         raise BadInput(f"cron expression is longer than {MAX_CRON_LENGTH} characters")
+    from croniter import CroniterError, croniter
+
     try:
         croniter(expr, datetime(2000, 1, 1, tzinfo=timezone.utc))
     except (CroniterError, ValueError, TypeError, KeyError) as exc:
@@ -74,6 +76,8 @@ def check_catch_up(value: Any) -> str:
 
 def next_after(cron: str, tz: str, t: datetime) -> datetime:
     """The first fire time strictly after ``t`` (aware), in UTC; BadInput if the expression never fires."""
+    from croniter import CroniterBadDateError, croniter
+
     try:
         nxt = croniter(cron, t.astimezone(ZoneInfo(tz))).get_next(datetime)
     except CroniterBadDateError:
@@ -83,6 +87,8 @@ def next_after(cron: str, tz: str, t: datetime) -> datetime:
 
 def latest_fires(cron: str, tz: str, now: datetime, n: int) -> list[datetime]:
     """The ``n`` latest fire times at or before ``now``, oldest first."""
+    from croniter import CroniterBadDateError, croniter
+
     # croniter's get_prev is strictly before its start; fire times are whole seconds
     start = now.replace(microsecond=0) + timedelta(seconds=1)
     it = croniter(cron, start.astimezone(ZoneInfo(tz)))

@@ -55,7 +55,7 @@ class ScheduleMethods:
         check_tz(tz)
         check_catch_up(catch_up)
         job = new_job(type, {} if payload is None else payload, priority=priority, max_attempts=max_attempts)
-        now = now or self._schedule_now()
+        now = now or self.redis_time()
         existing = self.ledger.get_schedule(self.name, name)
         if existing is not None and existing["cron"] == cron and existing["tz"] == tz:
             next_fire = existing["next_fire_at"]
@@ -86,7 +86,7 @@ class ScheduleMethods:
         schedule another process moved on first is left to it (not listed).
         ``now`` is for tests and simulations only (default: Redis's clock).
         """
-        now = now or self._schedule_now()
+        now = now or self.redis_time()
         fired = []
         for row in self.ledger.due_schedules(self.name, now):
             try:
@@ -116,8 +116,8 @@ class ScheduleMethods:
                          f"{plan.next_fire_at:%Y-%m-%d %H:%M:%S} UTC")
         return fired
 
-    def _schedule_now(self) -> datetime:
-        """Redis's clock: as the queue's last script reply saw it, or asked now (one command)."""
+    def redis_time(self) -> datetime:
+        """Redis's clock now: carried on from the queue's last script reply, or asked (one command)."""
         now = self.dispatch.clock.now()
         if now is None:
             self.dispatch.inventory()
