@@ -165,6 +165,35 @@ def test_a_burst_runs_the_job_its_own_tick_enqueued(setup):
     assert job.status == "completed" and job.idempotency_key.startswith("schedule:soon@")
 
 
+def test_a_forever_worker_ticks_every_second_without_a_redis_command_while_idle(setup, tmp_path, request):
+    """`qkit work --forever` enqueues each fire time once and runs it; idle, its ticks send Redis nothing."""
+    import signal
+
+    from conftest import spawn_burst
+    from test_forever import _commands_while
+
+    q = setup.connect()
+    worker = spawn_burst(setup, "--forever", "--idle-seconds", "30", log=tmp_path / "worker.out")
+    try:
+        wait_for(lambda: q.ledger.running_runs(q.name), 60, "the worker's run row")
+        first = q.schedule("each-second", "* * * * * *", "web_scraping", {"url": "https://example.org/f"},
+                           catch_up="all")["next_fire_at"]
+        wait_for(lambda: sum(j.status == "completed" for j in q.jobs()) >= 3, 60, "three fire times run")
+        q.unschedule("each-second")
+        fires = scheduled_jobs(q)["each-second"]
+        assert fires == [first + timedelta(seconds=i) for i in range(len(fires))]
+        wait_for(lambda: all(j.status == "completed" for j in q.jobs()), 30, "the last fire's job")
+        if setup.name != "upstash-sqlite":  # Upstash polls once per --idle-seconds by design
+            assert _commands_while(setup, q, request, 2.5) == 0  # ticking idle: SQL only
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(30)
+        assert worker.returncode is not None
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait(10)
+
+
 def _count_sql(q: qkit.Queue) -> list[str]:
     seen: list[str] = []
     for engine in {q.ledger.engine, q.ledger.read_engine}:

@@ -319,7 +319,7 @@ class Queue(ScheduleMethods):
             raise BadInput("idle_seconds must be a number of seconds, 0.05..3600")
         import_handler_modules(self.settings.handler_modules)
         worker = Worker(Resources(self.name, self.ledger, self.dispatch, self.backoff, self.settings.lease_seconds,
-                                  prepare=self._repair), max_jobs=max_jobs, max_seconds=max_seconds, concurrency=concurrency,
+                                  prepare=self._repair, tick=self.tick), max_jobs=max_jobs, max_seconds=max_seconds, concurrency=concurrency,
                         trigger=trigger, progress=progress, params=params, forever=forever,
                         idle_seconds=idle_seconds)
         try:

@@ -47,6 +47,8 @@ TRIGGERS = ("papermill", "cli", "http", "notebook")
 IDLE_SECONDS_SUBSCRIBED, IDLE_SECONDS_POLLING = 60.0, 5.0
 #: ``--forever``: an idle worker repeats a burst's start-up drift check (qkit.ops.reconcile) this often at most
 RECHECK_SECONDS = 300.0
+#: ``--forever``: the schedules' tick (docs/semantics.md#schedules) runs again this often, busy or idle (one SQL query)
+TICK_SECONDS = 1.0
 #: back-off of a live worker retrying a ledger or Redis write it could not make (seconds)
 RETRY_FIRST_S, RETRY_MAX_S = 0.05, 1.0
 
@@ -80,6 +82,8 @@ class Resources:
     lease_seconds: float
     #: run once before the first claim (the facade's repairs, :mod:`qkit.ops.reconcile`)
     prepare: Callable[[], Any] = lambda: None
+    #: ``--forever``: the schedules' tick, again every :data:`TICK_SECONDS` (``prepare`` ran the first)
+    tick: Callable[[], Any] = lambda: None
 
 
 class Worker:
@@ -105,6 +109,7 @@ class Worker:
         self.idle_seconds = idle_seconds  # forever: longest sleep without a claim (None: by backend)
         self._listener: Any = None
         self._checked_at = time.monotonic()  # forever: when the drift check last ran
+        self._ticked_at = time.monotonic()  # forever: when the schedules' tick last ran
         self.worker_id = new_worker_id()
         self.lease_ms = int(q.lease_seconds * 1000)
         self.summary = WorkSummary(worker=self.worker_id)
@@ -196,6 +201,8 @@ class Worker:
         q, s = self.q, self.summary
         to_settle: list[Settlement] = []
         while True:
+            if self.forever and time.monotonic() - self._ticked_at >= TICK_SECONDS:
+                self._tick()
             want = self._batch_size()
             if want == 0:
                 s.stopped_by = "signal" if self._signal else ("max_jobs" if self.max_jobs is not None
@@ -479,16 +486,35 @@ class Worker:
         timeout = float(self.idle_seconds or IDLE_SECONDS_POLLING)
         if next_due_ms >= 0:
             timeout = min(timeout, next_due_ms / 1000 + 0.005)  # due by Redis's clock: a hair later
-        if self._listener is not None:
-            woke = self._listener.wait(timeout, self._wake)
-        else:
-            woke = self._wake.wait(timeout)
+        deadline = time.monotonic() + timeout
+        while True:  # the schedules' tick every TICK_SECONDS meanwhile: no claim unless it enqueued something
+            wait = max(0.0, min(deadline, self._ticked_at + TICK_SECONDS) - time.monotonic())
+            if self._listener is not None:
+                woke = self._listener.wait(wait, self._wake)
+            else:
+                woke = self._wake.wait(wait)
+            if woke or self._signal is not None or time.monotonic() >= deadline:
+                break
+            if self._tick():
+                woke = True
+                break
         if self._signal is not None:
             return False
         if not woke and next_due_ms < 0 and time.monotonic() - self._checked_at >= RECHECK_SECONDS:
             self.q.prepare()  # idle for a while: the drift check a new burst would make
             self._checked_at = time.monotonic()
         return True
+
+    def _tick(self) -> bool:
+        """``--forever``: enqueue the schedules' due fire times; whether it enqueued any.  A failure is
+        logged and waits for the next tick."""
+        self._ticked_at = time.monotonic()
+        try:
+            return any(fired["job_ids"] for fired in self.q.tick())
+        except Exception as exc:  # noqa: BLE001 - the ledger or Redis away for a moment: the next tick retries
+            log.warning("queue %s: the schedules' tick failed (retried in %.0f s): %s", self.q.name, TICK_SECONDS,
+                        run_error(exc))
+            return False
 
     def _wait_for_delayed(self, next_due_ms: int) -> bool:
         """Sleep until the next delayed job is due, if that is within this burst's time budget.
