@@ -311,3 +311,47 @@ def test_queue_monitor_lists_schedules_with_their_next_fire_times(tmp_path, monk
     assert "nightly" in html and local in html and local.endswith(("02:30 CET", "02:30 CEST"))
     assert f"{nightly:%Y-%m-%d %H:%M:%S}" in html
     assert "secret.example" not in json.dumps(nbformat.writes(nb))
+
+
+def test_http_lists_schedules_to_readers_without_payloads(tmp_path):
+    """GET /api/schedules on a real `qkit serve`: readers see the schedules and next fire times, no payload."""
+    import secrets
+
+    import httpx
+
+    from qkit.backends.embedded import EmbeddedServer
+    from services import start_api_server
+
+    admin, reader = "adm-" + secrets.token_hex(16), "rdr-" + secrets.token_hex(16)
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("QKIT_", "UPSTASH_", "QSTASH_", "WORKER_SECRET"))}
+    env.update(QKIT_HOME=str(home), QKIT_API_TOKEN=admin, QKIT_API_READ_TOKEN=reader)
+    server = start_api_server(env, tmp_path / "serve.log")
+    try:
+        with qkit.connect("sched-http", home=str(home)) as q:
+            q.enqueue("web_scraping", {"url": "https://example.org"})  # the ledger knows the queue
+            q.schedule("nightly", "30 2 * * *", "web_scraping", {"url": "https://secret.example/t=abc"},
+                       tz="Europe/Berlin", catch_up="skip")
+            q.schedule("often", "*/5 * * * *", "ai_text_generation", {"prompt": "p"})
+            expected = {s["name"]: s for s in q.schedules()}
+        get = lambda token, **params: httpx.get(f"{server.url}/api/schedules", params=params,  # noqa: E731
+                                                headers={"Authorization": f"Bearer {token}"}, timeout=60)
+        reply = get(reader, queue="sched-http")
+        assert reply.status_code == 200, reply.text
+        body = reply.json()
+        assert body["queue"] == "sched-http" and "secret.example" not in reply.text
+        assert [s["name"] for s in body["schedules"]] == list(expected)  # soonest next fire first
+        for s in body["schedules"]:
+            want = expected[s["name"]]
+            assert datetime.fromisoformat(s["next_fire_at"]) == want["next_fire_at"]
+            assert (s["cron"], s["tz"], s["catch_up"], s["type"]) == (want["cron"], want["tz"], want["catch_up"],
+                                                                      want["type"])
+            assert "payload" not in s
+        assert get(admin).json() == {"queue": "default", "schedules": []}
+        assert get("nope", queue="sched-http").status_code == 401
+        assert get(reader, queue="no-such-queue").status_code == 404
+        assert get(reader, queue="Bad Name").json()["field"] == "queue"
+        assert get(reader, queue="sched-http", x="1").json()["field"] == "x"
+    finally:
+        server.stop()
+        EmbeddedServer(home).stop()
