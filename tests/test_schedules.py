@@ -320,13 +320,11 @@ def test_http_lists_schedules_to_readers_without_payloads(tmp_path):
     import httpx
 
     from qkit.backends.embedded import EmbeddedServer
-    from services import start_api_server
+    from services import serve_home
 
     admin, reader = "adm-" + secrets.token_hex(16), "rdr-" + secrets.token_hex(16)
     home = tmp_path / "home"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("QKIT_", "UPSTASH_", "QSTASH_", "WORKER_SECRET"))}
-    env.update(QKIT_HOME=str(home), QKIT_API_TOKEN=admin, QKIT_API_READ_TOKEN=reader)
-    server = start_api_server(env, tmp_path / "serve.log")
+    server = serve_home(home, tmp_path / "serve.log", QKIT_API_TOKEN=admin, QKIT_API_READ_TOKEN=reader)
     try:
         with qkit.connect("sched-http", home=str(home)) as q:
             q.enqueue("web_scraping", {"url": "https://example.org"})  # the ledger knows the queue
