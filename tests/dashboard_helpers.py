@@ -2,10 +2,12 @@
 on it, seeding and draining."""
 from __future__ import annotations
 
+import contextlib
 import secrets
 from pathlib import Path
 from typing import Any, Iterator
 
+import httpx
 import pytest
 
 from services import ApiServer, serve_home
@@ -53,3 +55,12 @@ def queue(home: Path) -> Iterator[Any]:
 
     with qkit.connect(home=home, backoff_base=0.0) as q:
         yield q
+
+
+@contextlib.contextmanager
+def sign_in(url: str, token: str) -> Iterator[httpx.Client]:
+    """A client with a session of ``token``."""
+    with httpx.Client(base_url=url, timeout=60) as client:
+        reply = client.post("/login", data={"token": token, "next": "/jobs"})
+        assert reply.status_code == 303 and reply.headers["location"] == "/jobs", reply.text
+        yield client

@@ -7,19 +7,17 @@ check what an action did.  The browser's view is tests/test_dashboard_browser.py
 """
 from __future__ import annotations
 
-import contextlib
 import re
 import secrets
 import stat
 from datetime import datetime, timezone
-from typing import Iterator
 
 import httpx
 import pytest
 
 import qkit
 from qkit.backends.embedded import EmbeddedServer
-from dashboard_helpers import ADMIN, FAIL, READER, drain, queue, seed, server  # noqa: F401 (fixtures)
+from dashboard_helpers import ADMIN, FAIL, READER, drain, queue, seed, server, sign_in  # noqa: F401 (fixtures)
 from services import serve_home
 
 
@@ -33,15 +31,6 @@ def home(tmp_path_factory):
         q.enqueue("web_scraping", {"url": "https://other"})
     yield path
     EmbeddedServer(path).stop()
-
-
-@contextlib.contextmanager
-def sign_in(url: str, token: str) -> Iterator[httpx.Client]:
-    """A client with a session of ``token``."""
-    with httpx.Client(base_url=url, timeout=60) as client:
-        reply = client.post("/login", data={"token": token, "next": "/jobs"})
-        assert reply.status_code == 303 and reply.headers["location"] == "/jobs", reply.text
-        yield client
 
 
 def csrf_of(html: str) -> str:
@@ -307,3 +296,17 @@ def test_the_dashboard_reads_on_sqlite_and_postgresql(q):
     assert q.ledger.job_row(10**15) is None
     runs = q.ledger.run_page(queue=q.name)
     assert runs and q.ledger.run_row(runs[0]["id"])["queue"] == q.name
+
+
+def test_cancel_from_the_job_page(server, queue):
+    job = queue.enqueue("web_scraping", {"later": True}, delay=3600)
+    with sign_in(server.url, ADMIN) as client:
+        page = client.get(f"/jobs/{job}").text
+        assert action_buttons(page) == ["Cancel job"]
+        done = client.post(f"/jobs/{job}/cancel", data={"csrf": csrf_of(page)})
+        assert done.status_code == 303 and done.headers["location"] == f"/jobs/{job}?done=cancelled"
+        after = client.get(done.headers["location"]).text
+        assert "Cancelled." in after and action_buttons(after) == []
+        again = client.post(f"/jobs/{job}/cancel", data={"csrf": csrf_of(page)})
+        assert again.headers["location"] == f"/jobs/{job}?done=not_cancelled"
+    assert queue.get(job).status == "cancelled"

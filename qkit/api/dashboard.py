@@ -301,7 +301,7 @@ async def logout(request: Request) -> Response:
     return secure(response)
 
 
-#: the dashboard's routes: one line of ``qkit.api.app.ROUTE_MODULES`` registers them
+#: the dashboard's routes (``qkit.api.app.ROUTE_MODULES`` names this module)
 ROUTES = [
     Route("/", overview, methods=["GET"]),
     Route("/fragments/queues", overview_fragment, methods=["GET"]),
