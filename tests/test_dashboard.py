@@ -128,6 +128,9 @@ def test_every_page_answers_for_an_admin(server, queue):
         assert client.get("/jobs/abc").status_code == 404
         assert client.get("/jobs?status=sideways").status_code == 422
         assert client.get("/jobs?since=yesterday-ish").status_code == 422
+        assert client.get("/jobs?before=" + "9" * 25).status_code == 422  # not an id: no SQL overflow
+        assert client.get("/jobs/" + "9" * 19).status_code == 404
+        assert client.get("/runs?before=x").status_code == 422
 
 
 def test_overview_counts_every_queue(server, queue):

@@ -7,8 +7,8 @@ sparkline of what finished), the jobs list (filters, paging), a job (payload,
 attempts with tracebacks, events, progress, ``explain``'s verdict), worker runs
 (with their executed notebooks as HTML), schedules and limits.  The DLQ and the
 actions are :mod:`qkit.api.dashboard_actions`; who may see what is
-:mod:`qkit.api.dashboard_auth`.  Every read is one ledger query
-(:mod:`qkit.ledger.dashboard`) on a thread.
+:mod:`qkit.api.dashboard_auth`.  Reads are the ledger's own
+(:mod:`qkit.ledger.dashboard`, :mod:`qkit.ledger.overview`), run on a thread.
 """
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ PAGE_SIZE = 50
 SPARK_MINUTES = 30
 SPARK_CACHE_SECONDS = 20.0
 
+
 def time_param(text: str, what: str) -> datetime | None:
     """'15m', '2h', '7d' (that long ago) or an ISO 8601 time; '' -> None."""
     from qkit.ops.retention import parse_age
@@ -55,6 +56,16 @@ def time_param(text: str, what: str) -> datetime | None:
         return as_utc(text)
     except ValueError:
         raise BadInput(f"{what} {clip(text, 40)!r} is not like 15m, 2h, 7d or 2025-01-31T12:00") from None
+
+
+def id_param(text: str, what: str) -> int | None:
+    """A job or run id from the query string ('' -> None)."""
+    text = text.strip()
+    if not text:
+        return None
+    if not text.isdigit() or len(text) > 18:
+        raise BadInput(f"{what} must be an id")
+    return int(text)
 
 
 def plain(value: Any) -> Any:
@@ -72,7 +83,10 @@ def plain(value: Any) -> Any:
 def finished_bins(request: Request, who: Viewer, now: datetime) -> dict[str, list[tuple[int, int]]]:
     """Per queue, (completed, failed) per minute of the last :data:`SPARK_MINUTES`, oldest first; read from the
     ledger at most every :data:`SPARK_CACHE_SECONDS` (it scans the jobs that finished lately)."""
-    cache = request.app.state.__dict__.setdefault("dashboard_spark", {})
+    state = request.app.state
+    if getattr(state, "dashboard_spark", None) is None:
+        state.dashboard_spark = {}
+    cache = state.dashboard_spark
     hit = cache.get(who.owner)
     if hit is None or time.monotonic() - hit[0] > SPARK_CACHE_SECONDS:
         first = now.replace(second=0, microsecond=0) - timedelta(minutes=SPARK_MINUTES - 1)
@@ -125,16 +139,13 @@ async def jobs_list(request: Request) -> Response:
     job_type = p.get("type", "").strip() or None
     if job_type is not None:
         check_name(job_type, "type")
-    before = p.get("before", "").strip()
-    if before and not before.isdigit():
-        raise BadInput("before must be a job id")
+    before = id_param(p.get("before", ""), "before")
     filters = {"queue": queue_param(request), "status": status, "type": job_type,
                "since": time_param(p.get("since", ""), "since"), "until": time_param(p.get("until", ""), "until")}
 
     def run() -> tuple[list[dict[str, Any]], list[str]]:
         led = ledger(request)
-        rows = led.find_jobs(**filters, owner=who.owner, before_id=int(before) if before else None,
-                             limit=PAGE_SIZE + 1)
+        rows = led.find_jobs(**filters, owner=who.owner, before_id=before, limit=PAGE_SIZE + 1)
         names = led.queue_names() if who.owner is None else [q["queue"] for q in led.queue_overview(owner=who.owner)]
         return rows, names
 
@@ -172,7 +183,7 @@ async def job_page(request: Request) -> Response:
     """GET /jobs/{id}: everything about one job."""
     who = signed_in(request)
     raw = request.path_params["id"]
-    if not raw.isdigit() or len(raw) > 19:
+    if not raw.isdigit() or len(raw) > 18:
         raise NotFound(f"no job {clip(raw, 40)!r}")
     data = await run_in_threadpool(job_data, request, who, int(raw))
     return render(request, "job.html", who, title=f"qkit: job {raw}", **data)
@@ -194,11 +205,9 @@ async def runs_list(request: Request) -> Response:
     """GET /runs?queue=&before=: worker runs, newest first, with links to scheduled runs' notebooks."""
     who = signed_in(request, operator=True)
     queue = queue_param(request)
-    before = request.query_params.get("before", "").strip()
-    if before and not before.isdigit():
-        raise BadInput("before must be a run id")
+    before = id_param(request.query_params.get("before", ""), "before")
     rows = await run_in_threadpool(lambda: ledger(request).run_page(queue=queue, limit=PAGE_SIZE + 1,
-                                                                    before_id=int(before) if before else None))
+                                                                    before_id=before))
     more = len(rows) > PAGE_SIZE
     rows = rows[:PAGE_SIZE]
     for r in rows:
