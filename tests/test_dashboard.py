@@ -313,3 +313,17 @@ def test_cancel_from_the_job_page(server, queue):
         again = client.post(f"/jobs/{job}/cancel", data={"csrf": csrf_of(page)})
         assert again.headers["location"] == f"/jobs/{job}?done=not_cancelled"
     assert queue.get(job).status == "cancelled"
+
+
+def test_the_schedules_page_lists_a_queues_schedules_without_payloads(server, queue):
+    queue.schedule("nightly-report", "30 2 * * *", "scheduled_publish", {"secret_ish": "payload-marker"},
+                   tz="Europe/Berlin")
+    with sign_in(server.url, READER) as client:
+        html = client.get("/schedules").text
+    row = re.search(r"<tr><td>nightly-report</td>(.*?)</tr>", html, re.S)
+    assert row, html[-2000:]
+    cells = re.findall(r"<td>(.*?)</td>", row.group(1))
+    assert cells[:3] == ["30 2 * * *", "Europe/Berlin", "scheduled_publish"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", cells[6])  # next fire, UTC
+    assert "payload-marker" not in html
+    assert queue.unschedule("nightly-report")

@@ -253,7 +253,8 @@ async def run_notebook(request: Request) -> Response:
 
 
 # ---------------------------------------------------------------- schedules and limits
-async def _listing(request: Request, what: str, title: str) -> Response:
+async def _listing(request: Request, what: str, title: str, fields: tuple[str, ...] | None = None) -> Response:
+    """A queue's schedules or limits as a table: ``fields`` (default: every key the rows have)."""
     who = signed_in(request, operator=True)
     name = queue_param(request, request.app.state.queue.name)
 
@@ -263,7 +264,7 @@ async def _listing(request: Request, what: str, title: str) -> Response:
         return None if method is None else [plain(x) for x in method()]
 
     rows = await run_in_threadpool(run)
-    columns = list(dict.fromkeys(k for r in rows or [] for k in r))
+    columns = list(fields or dict.fromkeys(k for r in rows or [] for k in r))
     cells = None if rows is None else [[cell(r.get(c)) for c in columns] for r in rows]
     return render(request, "listing.html", who, title=f"qkit: {title}", heading=title, what=what, queue=name,
                   rows=cells, columns=columns)
@@ -271,8 +272,10 @@ async def _listing(request: Request, what: str, title: str) -> Response:
 
 @page
 async def schedules_page(request: Request) -> Response:
-    """GET /schedules?queue=: the queue's recurring jobs."""
-    return await _listing(request, "schedules", "schedules")
+    """GET /schedules?queue=: the queue's recurring jobs (what ``GET /api/schedules`` shows: no payloads)."""
+    from qkit.api.routes_schedules import FIELDS
+
+    return await _listing(request, "schedules", "schedules", FIELDS)
 
 
 @page
