@@ -327,3 +327,18 @@ def test_the_schedules_page_lists_a_queues_schedules_without_payloads(server, qu
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", cells[6])  # next fire, UTC
     assert "payload-marker" not in html
     assert queue.unschedule("nightly-report")
+
+
+@qkit.handler("dash_progress")
+def _reports_progress(payload: dict) -> dict:
+    qkit.current_job().progress(0.75, "three quarters of " + payload["what"])
+    return {"done": payload["what"]}
+
+
+def test_the_job_page_shows_progress_and_result(server, queue):
+    job = queue.enqueue("dash_progress", {"what": "the files"})
+    drain(queue)  # this process registered the handler: its burst runs it
+    with sign_in(server.url, READER) as client:
+        html = client.get(f"/jobs/{job}").text
+    assert '<progress max="1" value="0.75">' in html and "three quarters of the files" in html
+    assert "<h2>Result</h2>" in html and "&#34;done&#34;: &#34;the files&#34;" in html
