@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict, is_dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 from urllib.parse import urlencode
 
 from starlette.concurrency import run_in_threadpool
@@ -261,7 +261,12 @@ async def _listing(request: Request, what: str, title: str, fields: tuple[str, .
     def run() -> list[dict[str, Any]] | None:
         q = queue_of(request, name)
         method = getattr(q, what, None)  # q.schedules() and q.limits() (SPEC §12), once this qkit has them
-        return None if method is None else [plain(x) for x in method()]
+        if method is None:
+            return None
+        found = method()
+        if isinstance(found, Mapping):  # q.limits(): type -> {rate, per, concurrency}
+            return [{"type": key, **plain(value)} for key, value in found.items()]
+        return [plain(x) for x in found]
 
     rows = await run_in_threadpool(run)
     columns = list(fields or dict.fromkeys(k for r in rows or [] for k in r))
@@ -280,8 +285,8 @@ async def schedules_page(request: Request) -> Response:
 
 @page
 async def limits_page(request: Request) -> Response:
-    """GET /limits?queue=: the queue's rate and concurrency limits."""
-    return await _listing(request, "limits", "limits")
+    """GET /limits?queue=: the queue's rate and concurrency limits, by job type."""
+    return await _listing(request, "limits", "limits", ("type", "rate", "per", "concurrency"))
 
 
 # ---------------------------------------------------------------- signing in and out
