@@ -242,6 +242,9 @@ def test_an_unreachable_jwks_is_a_503_for_users_only(home):
         assert call(srv, "GET", "/api/jobs", "not-a-jwt").status_code == 401
     finally:
         srv.stop()
+    log = (home.parent / "jwt-dark.log").read_text(errors="replace")
+    assert "the JWKS of QKIT_API_JWKS_URL cannot be fetched" in log  # the reason is in the server's log
+    assert "eyJ" not in log  # and no token (a JWT's base64 header starts so)
 
 
 def test_jwks_alone_opens_the_jobs_routes_to_users_only(home, jwks_server):
@@ -252,3 +255,11 @@ def test_jwks_alone_opens_the_jobs_routes_to_users_only(home, jwks_server):
         assert call(srv, "GET", "/api/queues", alice()).status_code == 503  # no operator token is set
     finally:
         srv.stop()
+
+
+def test_logs_hold_no_token(server, home):
+    assert call(server, "GET", "/api/jobs", alice()).status_code == 200
+    assert call(server, "GET", "/api/jobs", token(exp_in=-120)).status_code == 401
+    log = (home.parent / "jwt.log").read_text(errors="replace")
+    assert "GET /api/jobs 401" in log and "GET /api/jobs 200" in log  # the log is real
+    assert "eyJ" not in log and ADMIN not in log

@@ -18,6 +18,7 @@ environment at each request, like every other secret of the API.
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from starlette.requests import Request
 
 from qkit.api.auth import _secret, bearer_token, token_matches
 from qkit.api.errors import ApiError
+
+log = logging.getLogger("qkit.api")
 
 ADMIN, READER, USER, METRICS, NOBODY = "admin", "reader", "user", "metrics", "nobody"
 #: the variable that enables each role
@@ -97,7 +100,8 @@ def verify_user_token(token: str, jwks_url: str, *, issuer: str | None = None,
         claims = jwt.decode(token, key.key, algorithms=JWT_ALGORITHMS, issuer=issuer or None,
                             audience=audience or None, leeway=JWT_LEEWAY_S,
                             options={"require": required, "verify_aud": bool(audience)})
-    except jwt.PyJWKClientConnectionError:
+    except jwt.PyJWKClientConnectionError as exc:
+        log.error("the JWKS of QKIT_API_JWKS_URL cannot be fetched: %s", exc)  # qkit serve's logs redact
         raise ApiError(503, "the JWKS of QKIT_API_JWKS_URL cannot be fetched (details are in the server log)") \
             from None
     except (jwt.PyJWTError, ValueError, TypeError, KeyError):
