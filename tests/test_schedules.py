@@ -194,6 +194,27 @@ def test_a_forever_worker_ticks_every_second_without_a_redis_command_while_idle(
             worker.wait(10)
 
 
+def test_a_tick_killed_after_its_commit_loses_and_doubles_nothing(setup):
+    """SIGKILL between a fire's commit and its push: the job is in the ledger only; the schedule has moved on,
+    so later ticks do not enqueue that fire again, and the next burst's drift check pushes and runs it."""
+    q = setup.connect()
+    fire = q.schedule("crashy", "* * * * * *", "web_scraping", {"url": "https://example.org/c"},
+                      catch_up="latest")["next_fire_at"]
+    wait_for(lambda: q.redis_time() >= fire, timeout=30, what="the fire time")
+    killed = subprocess.run([sys.executable, "-m", "qkit.cli", "tick", "--queue", setup.queue, "--json"],
+                            env=setup.env(QKIT_CRASH_AT="tick.after_ledger"), capture_output=True, text=True,
+                            timeout=120)
+    assert killed.returncode == -9 and "crash point tick.after_ledger" in killed.stderr, killed.stderr
+    [job] = q.jobs()
+    assert job.status == "pending" and job.idempotency_key.startswith("schedule:crashy@")
+    assert set(audit(q).counts) & {"pending_missing", "redis_lost_data"}  # Redis never heard of it
+    q.unschedule("crashy")  # no later fire muddles the count
+    assert q.tick() == []
+    summary = q.work()
+    assert summary.completed == 1 and q.get(job.id).status == "completed" and len(q.jobs()) == 1
+    assert not audit(q).errors
+
+
 def _count_sql(q: qkit.Queue) -> list[str]:
     seen: list[str] = []
     for engine in {q.ledger.engine, q.ledger.read_engine}:

@@ -13,6 +13,7 @@ between the two writes of a step, where a crash is worth testing:
 ``complete.after_ledger`` a completion is committed; Redis still holds the lease
 ``retry.after_ledger``    a retry is committed; Redis still holds the lease
 ``dead.after_ledger``     a dead-lettering is committed; Redis still holds the lease
+``tick.after_ledger``     a schedule's fire and its jobs are committed; they are not pushed to Redis
 =======================  ==========================================================
 
 When the variable is unset, :data:`ARMED` is False and call sites skip the
@@ -28,7 +29,7 @@ import sys
 from qkit.errors import ConfigError
 
 POINTS = ("enqueue.after_ledger", "claim.after_redis", "claim.after_ledger", "complete.before_ledger",
-          "complete.after_ledger", "retry.after_ledger", "dead.after_ledger")
+          "complete.after_ledger", "retry.after_ledger", "dead.after_ledger", "tick.after_ledger")
 
 
 def _parse(raw: str | None) -> tuple[str | None, int]:

@@ -14,6 +14,7 @@ import threading
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Mapping
 
+from qkit.engine import faults
 from qkit.engine.cron import check_catch_up, check_cron, check_tz, due, job_key, next_after
 from qkit.errors import BadInput
 from qkit.logs import log
@@ -86,6 +87,8 @@ class ScheduleMethods:
         schedule another process moved on first is left to it (not listed).
         ``now`` is for tests and simulations only (default: Redis's clock).
         """
+        if faults.ARMED:
+            faults.arm()
         now = now or self.redis_time()
         fired = []
         for row in self.ledger.due_schedules(self.name, now):
@@ -102,6 +105,8 @@ class ScheduleMethods:
                 next_fire_at=plan.next_fire_at, last_fire_at=plan.fires[-1] if plan.fires else None, jobs=jobs)
             if results is None:
                 continue  # another burst or tick fired it first
+            if faults.ARMED:
+                faults.reach("tick.after_ledger")
             created = [(job_id, row["priority"], 0) for job_id, new in results if new]
             with self._tally_lock:
                 self.jobs_enqueued_here += len(created)
