@@ -215,6 +215,26 @@ def test_a_tick_killed_after_its_commit_loses_and_doubles_nothing(setup):
     assert not audit(q).errors
 
 
+def test_a_stored_schedule_that_no_longer_reads_is_skipped_and_the_others_fire(setup, caplog):
+    """A zone gone from tzdata (the row rewritten here, as an upgrade would leave it): one log line per tick,
+    the burst goes on and the queue's other schedules still fire."""
+    from qkit.ledger import schedules as table
+
+    q = setup.connect()
+    for name in ("broken", "fine"):
+        q.schedule(name, "0 * * * *", "web_scraping", {"url": "https://example.org"}, now=CREATED)
+    with q.ledger.engine.begin() as conn:
+        conn.execute(table.update().where(table.c.queue == q.name, table.c.name == "broken")
+                     .values(tz="Gone/Zone", next_fire_at=at("2020-01-01 00:00")))  # due for real bursts too
+    fired = q.tick(now=at("2027-10-30 13:30"))
+    assert [f["name"] for f in fired] == ["fine"]
+    assert "schedule broken cannot fire" in caplog.text and "Gone/Zone" in caplog.text
+    assert list(scheduled_jobs(q)) == ["fine"]
+    caplog.clear()
+    assert q.work().completed == 1  # a burst on Redis's clock ticks past it too
+    assert "schedule broken cannot fire" in caplog.text
+
+
 def _count_sql(q: qkit.Queue) -> list[str]:
     seen: list[str] = []
     for engine in {q.ledger.engine, q.ledger.read_engine}:

@@ -47,12 +47,7 @@ def check_cron(expr: Any) -> str:
     expr = " ".join(expr.split())
     if len(expr) > MAX_CRON_LENGTH:
         raise BadInput(f"cron expression is longer than {MAX_CRON_LENGTH} characters")
-    from croniter import CroniterError, croniter
-
-    try:
-        croniter(expr, datetime(2000, 1, 1, tzinfo=timezone.utc))
-    except (CroniterError, ValueError, TypeError, KeyError) as exc:
-        raise BadInput(f"cron expression {expr!r} is invalid: {_first_line(exc)}") from None
+    _iterate(expr, "UTC", datetime(2000, 1, 1, tzinfo=timezone.utc))
     return expr
 
 
@@ -74,12 +69,25 @@ def check_catch_up(value: Any) -> str:
     return value
 
 
-def next_after(cron: str, tz: str, t: datetime) -> datetime:
-    """The first fire time strictly after ``t`` (aware), in UTC; BadInput if the expression never fires."""
-    from croniter import CroniterBadDateError, croniter
+def _iterate(cron: str, tz: str, start: datetime) -> Any:
+    """croniter over ``cron`` in zone ``tz`` from ``start``; BadInput for a stored definition this
+    installation cannot read (a time zone gone from tzdata, an expression a newer croniter refuses)."""
+    from croniter import CroniterError, croniter
 
     try:
-        nxt = croniter(cron, t.astimezone(ZoneInfo(tz))).get_next(datetime)
+        return croniter(cron, start.astimezone(ZoneInfo(tz)))
+    except (ZoneInfoNotFoundError, OSError):
+        raise BadInput(f"time zone {tz[:64]!r} is unknown to this installation's tzdata") from None
+    except (CroniterError, ValueError, TypeError, KeyError) as exc:
+        raise BadInput(f"cron expression {cron!r} is invalid: {_first_line(exc)}") from None
+
+
+def next_after(cron: str, tz: str, t: datetime) -> datetime:
+    """The first fire time strictly after ``t`` (aware), in UTC; BadInput if the expression never fires."""
+    from croniter import CroniterBadDateError
+
+    try:
+        nxt = _iterate(cron, tz, t).get_next(datetime)
     except CroniterBadDateError:
         raise BadInput(f"cron expression {cron!r} has no fire time after {t:%Y-%m-%d %H:%M:%S} UTC") from None
     return nxt.astimezone(timezone.utc)
@@ -87,11 +95,10 @@ def next_after(cron: str, tz: str, t: datetime) -> datetime:
 
 def latest_fires(cron: str, tz: str, now: datetime, n: int) -> list[datetime]:
     """The ``n`` latest fire times at or before ``now``, oldest first."""
-    from croniter import CroniterBadDateError, croniter
+    from croniter import CroniterBadDateError
 
     # croniter's get_prev is strictly before its start; fire times are whole seconds
-    start = now.replace(microsecond=0) + timedelta(seconds=1)
-    it = croniter(cron, start.astimezone(ZoneInfo(tz)))
+    it = _iterate(cron, tz, now.replace(microsecond=0) + timedelta(seconds=1))
     out = []
     for _ in range(n):
         try:

@@ -211,3 +211,11 @@ def test_bad_catch_up_and_an_expression_that_never_fires_are_refused():
     with pytest.raises(BadInput, match="no fire time"):
         next_after("0 0 30 2 *", "UTC", at("2027-01-01 00:00"))
     assert cron.check_cron("  */5   *  * * * ") == "*/5 * * * *"
+
+
+def test_a_stored_definition_this_installation_cannot_read_is_bad_input_not_a_crash():
+    """A tick skips such a schedule with one logged line (qkit.engine.schedules): it must be BadInput."""
+    with pytest.raises(BadInput, match="tzdata"):
+        due("* * * * *", "Gone/Zone", at("2027-01-01 00:00"), at("2027-01-01 00:05"), "latest")
+    with pytest.raises(BadInput, match="cron expression"):
+        due("99 * * * *", "UTC", at("2027-01-01 00:00"), at("2027-01-01 00:05"), "latest")
