@@ -63,7 +63,7 @@ from servers import Postgres, UpstashEndpoint, start_postgres, start_redis, star
 
 #: the peer harness (bench/peers/README.md): one ``<name>_peer.py`` per peer queue
 PEERS_DIR = BENCH / "peers"
-PEERS = ("huey", "rq", "arq", "saq", "dramatiq", "celery")
+PEERS = ("bullmq", "huey", "rq", "arq", "saq", "dramatiq", "celery")
 HANDLERS_MODULE = "noop_handlers"
 
 
@@ -94,6 +94,11 @@ class Probe:
         mine = own_b - own_a
         d = {k: stats_b.get(k, 0) - stats_a.get(k, 0) - mine.get(k, 0) for k in set(stats_b) | set(stats_a)}
         return dict(sorted(((k, v) for k, v in d.items() if v), key=lambda kv: -kv[1]))
+
+    def cpu_s(self) -> float:
+        """The server's CPU seconds so far (user + system, INFO cpu)."""
+        info = self.client.info("cpu")
+        return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
     def used_memory(self) -> int:
         info = self.client.info("memory")
@@ -272,6 +277,7 @@ def run_once(stack: Stack, n: int, *, queue: str = "bench", job_type: str = "noo
         # ---------------------------------------------------------------- enqueue
         s0 = probe.cmdstats() if probe else None
         m0 = probe.used_memory() if probe else None
+        cpu0 = _cpu_now(stack)
         ep0 = _endpoint_counts(stack)
         c0 = q.backend.counters()
         st0 = q.ledger.statements
@@ -286,6 +292,7 @@ def run_once(stack: Stack, n: int, *, queue: str = "bench", job_type: str = "noo
             k = min(batch, n - start)
             q.enqueue_many([{"type": job_type, "payload": payload} for _ in range(k)])
         enqueue_s = time.perf_counter() - t0
+        cpu1 = _cpu_now(stack)
         if profiler is not None:
             profiler.stop()
             _write_profile(profiler, profile_dir / "enqueue")
@@ -317,6 +324,7 @@ def run_once(stack: Stack, n: int, *, queue: str = "bench", job_type: str = "noo
                                  start_new_session=True)
             usage = _wait_child(p, timeout)
         t_exit = time.time()
+        cpu2 = _cpu_now(stack)
         ep2 = _endpoint_counts(stack)
         s2 = probe.cmdstats() if probe else None
         lines = [ln for ln in out_path.read_text().splitlines() if ln.startswith("{")]
@@ -391,6 +399,12 @@ def run_once(stack: Stack, n: int, *, queue: str = "bench", job_type: str = "noo
             rusage_children_maxrss_mb=round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
             worker_cpu_s=round(usage.ru_utime + usage.ru_stime, 3),
         )
+        # CPU summed over every process of the run: steadier than wall-clock rates on a shared machine
+        cpu = {"enqueue_process": cpu1["self"] - cpu0["self"], "worker": usage.ru_utime + usage.ru_stime,
+               "redis": cpu2["redis"] - cpu0["redis"], "postgres": cpu2["postgres"] - cpu0["postgres"]}
+        cpu = {k: round(v, 3) for k, v in cpu.items()}
+        res.update(cpu_s=cpu, cpu_s_total=round(sum(cpu.values()), 3),
+                   cpu_us_per_job=round(sum(cpu.values()) / n * 1e6, 1))
         phases = w.get("phases_s") or {}
         if phases:
             # where the burst's time went, per job; "other" is the loop itself and anything untimed
@@ -407,6 +421,28 @@ def run_once(stack: Stack, n: int, *, queue: str = "bench", job_type: str = "noo
     finally:
         q.close()
     return res
+
+
+def _cpu_now(stack: Stack) -> dict[str, float]:
+    """CPU seconds so far of this process, the Redis server (INFO cpu) and the stack's own PostgreSQL (its
+    postmaster and children, psutil; backends that exited in between are missed, so that figure is a floor)."""
+    import resource
+
+    import psutil
+
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    pg = 0.0
+    if stack.postgres is not None:
+        for pid_file in Path(stack.postgres.folder).rglob("postmaster.pid"):
+            try:
+                main = psutil.Process(int(pid_file.read_text().split()[0]))
+                for proc in [main, *main.children(recursive=True)]:
+                    times = proc.cpu_times()
+                    pg += times.user + times.system
+            except (psutil.Error, ValueError, OSError):
+                continue
+    return {"self": me.ru_utime + me.ru_stime, "redis": stack.probe.cpu_s() if stack.probe else 0.0,
+            "postgres": pg}
 
 
 def git_state() -> str:
@@ -495,6 +531,10 @@ def peer_ratios(qkit_res: dict[str, Any], peers: dict[str, Any]) -> dict[str, An
             "ratio_e2e_vs_single": round(qkit_res["e2e_jobs_per_s"] / e2e, 2),
             "ratio_drain": round(qkit_res["drain_jobs_per_s"] / drain, 2),
             "ratio_enqueue": round(qkit_res["enqueue_jobs_per_s"] / max(enq_single, enq_bulk or 0), 2),
+            "cpu_s": p.get("cpu_s"),
+            "cpu_us_per_job": round(p["cpu_s"] / n * 1e6, 1) if p.get("cpu_s") else None,
+            "ratio_cpu_per_job": (round(p["cpu_s"] / qkit_res["cpu_s_total"], 2)
+                                  if p.get("cpu_s") and qkit_res.get("cpu_s_total") else None),
             "ratio_redis_server_cmds": (round(qkit_res["redis_server_cmds_per_job"] / p["redis_cmds_per_job"], 4)
                                         if qkit_res.get("redis_server_cmds_per_job") is not None
                                         and p.get("redis_cmds_per_job") else None),

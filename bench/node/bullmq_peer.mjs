@@ -15,7 +15,12 @@ import { performance } from 'node:perf_hooks';
 const now = () => performance.timeOrigin + performance.now();  // ms since the epoch, sub-ms precision
 const [mode, url, ...rest] = process.argv.slice(2);
 const u = new URL(url);
-const connection = { host: u.hostname, port: Number(u.port || 6379), maxRetriesPerRequest: null };
+// redis://[:password@]host:port/db, or unix:///path/to/socket?password=... (qkit's embedded server)
+const connection = u.protocol === 'unix:'
+  ? { path: decodeURIComponent(u.pathname), password: u.searchParams.get('password') || undefined }
+  : { host: u.hostname, port: Number(u.port || 6379), password: decodeURIComponent(u.password) || undefined };
+connection.maxRetriesPerRequest = null;
+connection.retryStrategy = (times) => (times > 20 ? null : 100);  // give up instead of hanging on a bad URL
 
 function quantile(sorted, q) {
   if (!sorted.length) return null;
