@@ -377,6 +377,11 @@ def prune(older_than: str, batch_size: int, dry_run: bool, queue: str, as_json: 
 
 
 from qkit import cli_schedules  # noqa: E402,F401 - registers `qkit schedule` and `qkit tick` on the group
+# cancel, pause, resume, promote (qkit/cli_controls.py)
+from qkit.cli_controls import COMMANDS as _CONTROL_COMMANDS  # noqa: E402
+
+for _command in _CONTROL_COMMANDS:
+    cli.add_command(_command)
 
 
 def main(argv: list[str] | None = None) -> int:

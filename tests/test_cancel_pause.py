@@ -6,6 +6,8 @@ and every scenario ends with the audit (Redis against the ledger, G1-G8) clean.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -15,6 +17,7 @@ import pytest
 import qkit
 from qkit.errors import NotFound
 from qkit.ops.audit import audit
+from qkit.ops.explain import explain
 
 from conftest import Setup, held_job, run_burst, spawn_burst, wait_for
 from job_handlers import read_log
@@ -70,6 +73,7 @@ def test_cancel_pending_and_delayed_jobs_never_run(q: qkit.Queue, setup: Setup, 
     assert (stats["cancelled"], stats["failed"], stats["pending"]) == (2, 0, 1)
     assert q.dead() == [] and stats["success_rate"] is None
     assert q.enqueue("record", {"log": str(log)}, key="k-due") == due
+    assert "before it ever ran" in explain(q, later).verdict
     done = run_burst(setup, env=WORKER_ENV)
     assert done.returncode == 0, done.stderr
     assert [row[1] for row in read_log(log) if row[0] == "start"] == [keep]
@@ -118,10 +122,14 @@ def test_cancel_of_a_processing_job_its_handler_never_reads(q: qkit.Queue, setup
     ledger decides at settle), not completed, and nothing runs it again."""
     held = held_job(setup, q, tmp_path, env={**WORKER_ENV, "QKIT_LEASE_SECONDS": 30})
     assert q.cancel(held.job_id) is True
+    assert "Its cancel was requested at" in explain(q, held.job_id).verdict
     held.release.write_text("go")
     assert held.worker.wait(60) == 0
     job = q.get(held.job_id)
     assert job.status == "cancelled"
+    verdict = explain(q, held.job_id).verdict
+    assert f"Job {held.job_id} was cancelled at" in verdict and "while attempt 1 ran (that attempt ended completed)" \
+        in verdict, verdict
     assert [a["outcome"] for a in q.ledger.attempts(held.job_id)] == ["completed"]
     assert [row[0] for row in read_log(held.log)] == ["start", "done"]
     _clean(q)
@@ -276,3 +284,49 @@ def test_promote_a_delayed_job(q: qkit.Queue) -> None:
     with pytest.raises(NotFound):
         q.promote(987654321)
     _clean(q)
+
+
+# ---------------------------------------------------------------- the command line
+def _cli(setup: Setup, *args: str) -> "subprocess.CompletedProcess[str]":
+    return subprocess.run([sys.executable, "-m", "qkit.cli", *args, "--queue", setup.queue], env=setup.env(),
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_cancel_pause_resume_promote(q: qkit.Queue, setup: Setup) -> None:
+    pending, later, done = q.enqueue("cp-noop"), q.enqueue("cp-noop", delay=3600), q.enqueue("cp-noop")
+    q.cancel(done)
+    out = _cli(setup, "cancel", str(pending))
+    assert out.returncode == 0 and out.stdout.strip() == f"job {pending}: cancelled (it will not run)", out.stderr
+    out = _cli(setup, "cancel", str(pending), "--json")
+    assert (out.returncode, out.stdout) == (2, "")
+    assert out.stderr.strip() == f"qkit: job {pending} is cancelled: only a pending, delayed or running job can be cancelled"
+    out = _cli(setup, "promote", str(later), "--json")
+    assert out.returncode == 0 and json.loads(out.stdout) == {"id": later, "queue": setup.queue, "promoted": True}
+    out = _cli(setup, "promote", str(later))
+    assert out.returncode == 2 and out.stderr.strip() == (
+        f"qkit: job {later} is not delayed (already due): only a delayed job can be promoted")
+    out = _cli(setup, "pause", "--json")
+    assert out.returncode == 0 and json.loads(out.stdout) == {"queue": setup.queue, "paused": True, "changed": True}
+    assert q.paused
+    out = _cli(setup, "pause")
+    assert out.returncode == 0 and out.stdout.strip() == f"queue {setup.queue}: paused (it already was paused)"
+    out = _cli(setup, "resume")
+    assert out.returncode == 0 and out.stdout.strip() == f"queue {setup.queue}: running" and not q.paused
+    assert q.work().completed == 1  # the promoted job; the cancelled one never runs
+    assert (q.get(later).status, q.get(pending).status) == ("completed", "cancelled")
+
+
+@pytest.mark.parametrize("args, needle", [
+    (("cancel", "0"), "0 is not in the range"),
+    (("cancel", "abc"), "'abc' is not a valid integer"),
+    (("cancel", "99999999999"), "no job 99999999999"),
+    (("promote", "-5"), "No such option"),
+    (("promote", "99999999999"), "no job 99999999999"),
+    (("pause", "extra"), "unexpected extra argument"),
+])
+def test_cli_bad_input_is_one_line_exit_2(q: qkit.Queue, setup: Setup, args: tuple, needle: str) -> None:
+    job_id = q.enqueue("cp-noop")
+    out = _cli(setup, *args)
+    assert out.returncode == 2 and out.stdout == ""
+    assert len(out.stderr.strip().splitlines()) == 1 and needle in out.stderr, out.stderr
+    assert q.get(job_id).status == "pending" and not q.paused  # nothing changed

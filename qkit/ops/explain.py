@@ -281,6 +281,11 @@ def _verdict(q: "Queue", exp: Explanation) -> str:
                          "pushes it again" + (f", delayed until {_at(job['run_at'])}." if job["run_at"] and
                                                job["run_at"] > now else "."))
     elif status == "processing":
+        asked_at = next((e["at"] for e in reversed(exp.events) if e["event"] == "cancel_requested"), None)
+        if asked_at is not None:
+            parts.append(f"Its cancel was requested at {_at(asked_at)}: its handler sees "
+                         "current_job().cancel_requested at its worker's next lease renewal, and the job ends "
+                         "cancelled when this attempt ends, however it ends.")
         a_no = open_attempt["attempt"] if open_attempt else n
         holder = open_attempt["worker"] if open_attempt else "?"
         left = mx - a_no
@@ -341,8 +346,20 @@ def _verdict(q: "Queue", exp: Explanation) -> str:
             parts.append(f"Its worker {lease['owner']} still holds the lease and moves it to the DLQ in its next call.")
         elif not r["dead"]:
             parts.append("But Redis has no DLQ entry for it (drift): `qkit audit --repair` dead-letters it.")
+    elif status == "cancelled":
+        last = exp.attempts[-1] if exp.attempts else None
+        parts.append(f"Job {jid} was cancelled at {_at(job['finished_at'])} "
+                     + (f"while attempt {last['attempt']} ran (that attempt ended {last['outcome']}); "
+                        if last and any(e["event"] == "cancel_requested" for e in exp.events)
+                        else "before it ran again; " if n else "before it ever ran; ")
+                     + "it will not run again. Cancelled is final, not a failure: it is not in the DLQ.")
+        if lease and lease["valid"]:
+            parts.append(f"Its worker {lease['owner']} still holds the lease and releases it in its next call.")
+        elif r["places"]:
+            parts.append(f"Redis still holds a stale entry for it ({'+'.join(r['places'])}): a claim drops it "
+                         "without running it, and `qkit audit --repair` removes it.")
     else:
-        parts.append(f"Job {jid} has status {status!r}, which is not one of qkit's four statuses (ledger damage).")
+        parts.append(f"Job {jid} has status {status!r}, which is not one of qkit's five statuses (ledger damage).")
     parts += _history(exp)
     errors = [f for f in exp.findings if f.severity == "error" and not f.code.startswith(("pending_", "processing_"))
               and f.code not in ("failed_not_in_dlq", "terminal_entry", "orphan_entry", "duplicate_entry")]
