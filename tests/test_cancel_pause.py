@@ -50,6 +50,17 @@ def _clean(q: qkit.Queue) -> None:
     assert report.clean, report.summary()
 
 
+def _depth_matches_status(q: qkit.Queue) -> None:
+    """The depth chart, rebuilt from the events, ends where the ledger's counts are."""
+    from qkit import frames
+
+    last = frames.queue_depth(q).iloc[-1]
+    counts = q.stats()
+    assert {s: int(last[s]) for s in ("processing", "completed", "failed", "cancelled")} == \
+        {s: counts[s] for s in ("processing", "completed", "failed", "cancelled")}
+    assert int(last["pending"] + last["delayed"]) == counts["pending"]
+
+
 def _events(q: qkit.Queue, job_id: int) -> list[str]:
     return [e["event"] for e in q.ledger.events(job_id)]
 
@@ -78,6 +89,7 @@ def test_cancel_pending_and_delayed_jobs_never_run(q: qkit.Queue, setup: Setup, 
     assert done.returncode == 0, done.stderr
     assert [row[1] for row in read_log(log) if row[0] == "start"] == [keep]
     assert q.get(keep).status == "completed" and q.stats()["success_rate"] == 1.0
+    _depth_matches_status(q)
     _clean(q)
 
 
@@ -147,6 +159,7 @@ def test_cancel_of_a_failing_processing_job_is_not_retried(q: qkit.Queue, setup:
     assert job.status == "cancelled" and job.attempts == 1 and "fails" in (job.error or "")
     assert [a["outcome"] for a in q.ledger.attempts(job_id)] == ["failed"]
     assert q.dead() == []
+    _depth_matches_status(q)
     _clean(q)
 
 
@@ -170,6 +183,7 @@ def test_cancel_while_the_lease_is_lost_ends_cancelled_at_reclaim(setup: Setup, 
     assert job.status == "cancelled"
     assert [a["outcome"] for a in q.ledger.attempts(held.job_id)] == ["lost"]
     assert [row[0] for row in read_log(held.log)] == ["start"]  # never ran again
+    _depth_matches_status(q)
     _clean(q)
 
 
@@ -330,3 +344,44 @@ def test_cli_bad_input_is_one_line_exit_2(q: qkit.Queue, setup: Setup, args: tup
     assert out.returncode == 2 and out.stdout == ""
     assert len(out.stderr.strip().splitlines()) == 1 and needle in out.stderr, out.stderr
     assert q.get(job_id).status == "pending" and not q.paused  # nothing changed
+
+
+def test_queue_depth_moves_cancelled_jobs_out_of_the_state_they_left(tmp_path: Path) -> None:
+    """The depth chart's SQL: a cancel takes a job out of pending (cancelled while waiting, or after a
+    released or reclaimed attempt, which those events already moved) or out of processing."""
+    from datetime import datetime, timedelta, timezone
+
+    import pandas as pd
+
+    from qkit import frames
+    from qkit.ledger import Ledger, job_events, jobs
+
+    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
+    ledger.init_schema()
+    t = datetime(2025, 1, 1, tzinfo=timezone.utc)
+    with ledger.engine.begin() as conn:
+        conn.execute(jobs.insert(), [dict(id=i, queue="d", type="x", payload={}, status="cancelled", priority=0,
+                                          attempts=0, max_attempts=3, run_at=t, created_at=t, updated_at=t, epoch=0)
+                                     for i in (1, 2, 3, 4)])
+        ev = [(1, 0, "enqueued", None), (1, 1, "cancelled", {"from": "pending"}),
+              (2, 0, "enqueued", None), (2, 1, "claimed", {"attempt": 1}),
+              (2, 3, "cancelled", {"attempt": 1, "outcome": "completed"}),
+              (3, 0, "enqueued", None), (3, 1, "claimed", {"attempt": 1}), (3, 4, "released", {"attempt": 1}),
+              (3, 4, "cancelled", {"attempt": 1, "outcome": "released"}),
+              (4, 0, "enqueued", None), (4, 1, "claimed", {"attempt": 1}), (4, 5, "reclaimed", {"lost_attempt": 1}),
+              (4, 5, "cancelled", {"attempt": 1, "outcome": "lost"})]
+        conn.execute(job_events.insert(), [dict(job_id=j, at=t + timedelta(seconds=s), event=e, worker="w", detail=d)
+                                           for j, s, e, d in ev])
+    try:
+        from types import SimpleNamespace
+
+        depth = frames.queue_depth(SimpleNamespace(name="d", ledger=ledger), freq="1s", now=t + timedelta(seconds=60))
+        at = lambda s: {k: int(v) for k, v in depth.loc[pd.Timestamp(t + timedelta(seconds=s))].items()}  # noqa: E731
+        zero = dict.fromkeys(frames.DEPTH_STATES, 0)
+        assert at(0) == {**zero, "pending": 4}
+        assert at(1) == {**zero, "processing": 3, "cancelled": 1}
+        assert at(3) == {**zero, "processing": 2, "cancelled": 2}
+        assert at(4) == {**zero, "processing": 1, "cancelled": 3}
+        assert at(5) == {**zero, "cancelled": 4}
+    finally:
+        ledger.close()

@@ -135,7 +135,7 @@ def test_queue_depth_ends_at_the_status_counts(q):
     counts = q.ledger.status_counts(q.name)
     last = depth.iloc[-1]
     assert last.to_dict() == {"pending": 0, "delayed": 0, "processing": 0, "completed": counts["completed"],
-                              "failed": counts["failed"]}
+                              "failed": counts["failed"], "cancelled": 0}
     assert (depth >= 0).all().all()
     assert depth[["pending", "delayed", "processing", "completed", "failed"]].sum(axis=1).max() == 61
     binned = frames.queue_depth(q, freq="auto")
@@ -182,14 +182,14 @@ def test_queue_depth_marks_back_off_as_delayed(bare_ledger):
     depth = frames.queue_depth(q, freq="1s", now=t + timedelta(seconds=60))
     assert depth.attrs["freq"] == "1s" and depth.index[0] == pd.Timestamp(t)
     at = lambda s: depth.loc[pd.Timestamp(t + timedelta(seconds=s))].to_dict()  # noqa: E731
-    assert at(0) == {"pending": 2, "delayed": 0, "processing": 0, "completed": 0, "failed": 0}
-    assert at(2) == {"pending": 0, "delayed": 1, "processing": 0, "completed": 0, "failed": 1}
-    assert at(5) == {"pending": 1, "delayed": 0, "processing": 0, "completed": 0, "failed": 1}  # due at 2 + 3 s
-    assert at(7) == {"pending": 0, "delayed": 0, "processing": 0, "completed": 1, "failed": 1}
+    assert at(0) == {"pending": 2, "delayed": 0, "processing": 0, "completed": 0, "failed": 0, "cancelled": 0}
+    assert at(2) == {"pending": 0, "delayed": 1, "processing": 0, "completed": 0, "failed": 1, "cancelled": 0}
+    assert at(5) == {"pending": 1, "delayed": 0, "processing": 0, "completed": 0, "failed": 1, "cancelled": 0}  # due at 2 + 3 s
+    assert at(7) == {"pending": 0, "delayed": 0, "processing": 0, "completed": 1, "failed": 1, "cancelled": 0}
     # a window opens with the state at its start; the other queue's job never counts
     late = frames.queue_depth(q, start=t + timedelta(seconds=3), end=t + timedelta(seconds=10), freq="1s",
                               now=t + timedelta(seconds=60))
-    assert late.iloc[0].to_dict() == {"pending": 0, "delayed": 1, "processing": 0, "completed": 0, "failed": 1}
+    assert late.iloc[0].to_dict() == {"pending": 0, "delayed": 1, "processing": 0, "completed": 0, "failed": 1, "cancelled": 0}
     assert late.index[0] == pd.Timestamp(t + timedelta(seconds=3)) and late.iloc[-1]["completed"] == 1
     assert frames.queue_depth(q, type="x", freq="1s", now=t + timedelta(seconds=60)).equals(depth)
     assert frames.queue_depth(q, type="y").empty
@@ -351,7 +351,8 @@ def test_sql_aggregates_match_the_rows(synthetic):
     depth = frames.queue_depth(q)
     counts = jobs["status"].value_counts()
     assert depth.iloc[-1].to_dict() == {"pending": counts["pending"], "delayed": 0, "processing": 0,
-                                        "completed": counts["completed"], "failed": counts["failed"]}
+                                        "completed": counts["completed"], "failed": counts["failed"],
+                                        "cancelled": 0}
     freq = pd.Timedelta(depth.attrs["freq"])
     finished = ev[ev["event"] == "completed"]["at"]
     for at in depth.index[::7]:

@@ -33,12 +33,12 @@ if TYPE_CHECKING:
     from qkit.engine.queue import Queue
 
 #: states of the queue-depth reconstruction, in plotting order
-DEPTH_STATES = ("pending", "delayed", "processing", "completed", "failed")
+DEPTH_STATES = ("pending", "delayed", "processing", "completed", "failed", "cancelled")
 
 #: event -> the state the job is in after it (events not listed change nothing)
 _EVENT_STATE = {
     "enqueued": "pending", "claimed": "processing", "completed": "completed", "retry_scheduled": "pending",
-    "failed": "failed", "dead": "failed", "replayed": "pending", "released": "pending",
+    "failed": "failed", "dead": "failed", "replayed": "pending", "released": "pending", "cancelled": "cancelled",
 }
 
 #: candidate bin widths for time series, smallest first
@@ -330,6 +330,8 @@ _MOVES = {("enqueued", 0): (None, "pending"), ("claimed", 0): ("pending", "proce
           ("retry_scheduled", 3): ("pending", "delayed"), ("failed", 0): ("processing", "failed"),
           ("failed", 2): ("pending", "failed"), ("reclaimed", 0): ("processing", "pending"),
           ("replayed", 0): ("failed", "pending"), ("released", 0): ("processing", "pending"),
+          # a job cancelled during a retry back-off counts as pending until its back-off would have ended
+          ("cancelled", 0): ("processing", "cancelled"), ("cancelled", 1): ("pending", "cancelled"),
           ("due", 0): ("delayed", "pending")}
 
 
@@ -365,7 +367,7 @@ def queue_depth(q: "Queue", *, start: Any = None, end: Any = None, freq: str | N
 
     Index ``at`` (UTC, bin start); columns ``pending`` (due, waiting),
     ``delayed`` (waiting for a retry back-off), ``processing``,
-    ``completed``, ``failed``: the state at the end of each bin.
+    ``completed``, ``failed``, ``cancelled``: the state at the end of each bin.
     ``start``/``end`` bound the chart's time window (the states at ``start``
     include everything before it); ``freq`` is the bin width (``"auto"``:
     at most 60 bins), kept in ``df.attrs["freq"]``.  ``filters`` choose the

@@ -24,6 +24,7 @@ COLORS = {
     "completed": "#2e7d32", "dlq": "#c62828", "failed": "#c62828", "timeout": "#ef6c00", "lost": "#6a1b9a",
     "pending": "#1565c0", "delayed": "#90caf9", "processing": "#f9a825", "ok": "#2e7d32",
     "interrupted": "#ef6c00", "kernel_died": "#6a1b9a", "error": "#424242", "running": "#1565c0",
+    "cancelled": "#757575",
 }
 PERCENTILE_COLORS = {"p50": "#1565c0", "p90": "#f9a825", "p99": "#c62828"}
 #: colours for job types: none of them green or red, which mean success and failure here
@@ -282,9 +283,11 @@ def queue_depth(depth: pd.DataFrame, *, title: str = "Queue depth over time (reb
     top.set_ylabel("jobs (count)")
     _legend_outside(top)
     top.grid(alpha=0.3)
-    for c in ("completed", "failed"):
-        bottom.step(x, depth[c].to_numpy(), where="post", color=COLORS[c], linewidth=1.8,
-                    label="completed" if c == "completed" else "failed (DLQ)")
+    finished = {"completed": "completed", "failed": "failed (DLQ)"}
+    if "cancelled" in depth and depth["cancelled"].any():
+        finished["cancelled"] = "cancelled"
+    for c, label in finished.items():
+        bottom.step(x, depth[c].to_numpy(), where="post", color=COLORS[c], linewidth=1.8, label=label)
     bottom.set_ylabel("jobs (cumulative)")
     bottom.set_title("finished")
     bottom.set_ylim(0, None)

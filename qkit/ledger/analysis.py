@@ -246,7 +246,8 @@ def created_bounds(conn: Connection, scope: Scope) -> tuple[Any, Any]:
 
 
 #: the events that move a job between the states of the depth chart
-DEPTH_EVENTS = ("enqueued", "claimed", "completed", "retry_scheduled", "failed", "reclaimed", "replayed", "released")
+DEPTH_EVENTS = ("enqueued", "claimed", "completed", "retry_scheduled", "failed", "reclaimed", "replayed", "released",
+                "cancelled")
 
 
 def _counted(rows: Any, *keys: str) -> Any:
@@ -306,8 +307,8 @@ def depth_changes(conn: Connection, scope: Scope, *, origin: float, width: float
     bin -1 (the state the window opens with); nothing after ``end`` (None: no
     bound).  ``variant`` tells the two paths of an event apart: for
     ``retry_scheduled`` 1 = the job waits out a back-off (delay > 0) and 2 =
-    it came from a reclaimed lease; for ``failed`` 2 = a reclaimed lease (the
-    job was no longer processing).  ``due_bin`` (retries only) is the bin
+    it came from a reclaimed lease; for ``failed`` 2 = a reclaimed lease (the job was no longer processing),
+    for ``cancelled`` 1 = not from processing (pending, released, reclaimed).  ``due_bin`` (retries only) is the bin
     where the back-off ends: the job is pending again from then, if the
     variant says it waited (odd) and that bin is not after ``now``'s.
 
@@ -325,7 +326,8 @@ def depth_changes(conn: Connection, scope: Scope, *, origin: float, width: float
         due = case((due_tick < bins.at(start), literal(-1)), else_=due)
     retry = event == "retry_scheduled"
     variant = case((retry, case((delay > 0, 1), else_=0) + case((outcome.is_(None), 2), else_=0)),
-                   (and_(event == "failed", outcome == "lost"), 2), else_=0)
+                   (and_(event == "failed", outcome == "lost"), 2),
+                   (and_(event == "cancelled", func.coalesce(outcome, "lost").in_(("released", "lost"))), 1), else_=0)
     # each mention of a JSON field is one more json_extract per row on SQLite: the due bin is computed for
     # every retry, and the caller keeps those of variant 1 or 3 (a back-off) that end by ``now``/``end``
     due_bin = case((retry, due), else_=None)
@@ -349,7 +351,7 @@ def depth_changes(conn: Connection, scope: Scope, *, origin: float, width: float
 
 
 #: the events whose move depends on their detail (a back-off, a lost lease); the others' moves are their counts
-_DETAILED = ("retry_scheduled", "failed")
+_DETAILED = ("retry_scheduled", "failed", "cancelled")
 _PLAIN = tuple(e for e in DEPTH_EVENTS if e not in _DETAILED)
 #: bins counted one by one in a single UNION ALL (two SELECTs each, ~2 MB of sorter memory per bin while it
 #: runs); more bins: one GROUP BY

@@ -55,12 +55,13 @@ class Interventions(LedgerBase):
         ``'terminal'`` (it already was: nothing changed).  NotFound if the queue has no such job."""
         now = now or utcnow()
         with self._write(durable=True) as conn:
-            status = self._locked_row(conn, queue, job_id).status
+            row = self._locked_row(conn, queue, job_id, jobs.c.run_at)
+            status = row.status
             if status == "pending":
                 conn.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.status == "pending")
                              .values(status="cancelled", finished_at=now, updated_at=now))
                 conn.execute(insert(job_events).values(job_id=job_id, at=now, event="cancelled", worker=None,
-                                                       detail={"from": "pending"}))
+                                                       detail={"from": "delayed" if row.run_at > now else "pending"}))
                 self.statements += 2
                 return "cancelled"
             if status != "processing":
