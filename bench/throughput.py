@@ -241,6 +241,32 @@ def _wait_child(p: subprocess.Popen, timeout: float) -> Any:
     return usage
 
 
+def _merge_workers(outs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One worker's JSON line from several: counts summed, the first start-up and the last end."""
+    if len(outs) == 1:
+        return outs[0]
+    w = dict(outs[0])
+    w["t_end"] = max(o["t_end"] for o in outs)
+    for key in ("t_import", "t_connected", "t_burst"):
+        w[key] = min(o[key] for o in outs)
+    w["summary"] = {k: (sum(o["summary"].get(k) or 0 for o in outs) if isinstance(v, (int, float)) else v)
+                    for k, v in outs[0]["summary"].items()}
+    w["counters"] = {k: sum(o["counters"][k] for o in outs) for k in outs[0]["counters"]}
+    w["ledger_statements"] = sum(o["ledger_statements"] for o in outs)
+    w["sql"] = {k: sum(o["sql"][k] for o in outs) for k in outs[0]["sql"]}
+    w["maxrss_kb_self"] = max(o["maxrss_kb_self"] for o in outs)
+    w["phases_s"] = {}  # per-step timings are one process's: not summed
+    return w
+
+
+def _merge_usage(usages: list[Any]) -> Any:
+    """The rusage fields the report reads, over several children (CPU summed, peak RSS the largest)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(ru_utime=sum(u.ru_utime for u in usages), ru_stime=sum(u.ru_stime for u in usages),
+                           ru_maxrss=max(u.ru_maxrss for u in usages))
+
+
 def _kill_group(pid: int) -> None:
     try:
         os.killpg(pid, signal.SIGKILL)
@@ -256,8 +282,10 @@ def _write_profile(profiler: Any, prefix: Path) -> None:
 
 def run_once(stack: Stack, n: int, *, queue: str = "bench", job_type: str = "noop",
              payload: dict[str, Any] | None = None, concurrency: int = 1, batch: int = 10_000,
-             idle_s: float = 1.0, profile_dir: Path | None = None, timeout: float = 1800.0) -> dict[str, Any]:
-    """Enqueue ``n`` jobs, drain them with one burst worker process, return every figure."""
+             idle_s: float = 1.0, profile_dir: Path | None = None, timeout: float = 1800.0,
+             workers: int = 1) -> dict[str, Any]:
+    """Enqueue ``n`` jobs, drain them with ``workers`` burst worker processes started together, return every
+    figure (the drain ends when the last worker exits)."""
     import resource
 
     payload = {} if payload is None else payload
@@ -270,7 +298,7 @@ def run_once(stack: Stack, n: int, *, queue: str = "bench", job_type: str = "noo
     wrap_timer(enq_phases, q.dispatch, "push", "redis_push")         # one script call per 1,000 jobs
     res: dict[str, Any] = {"system": "qkit", "version": qkit.__version__, "backend": stack.backend,
                            "ledger": stack.ledger, "server": stack.server, "n": n, "job_type": job_type,
-                           "concurrency": concurrency, "batch": batch, "git": git_state(),
+                           "concurrency": concurrency, "workers": workers, "batch": batch, "git": git_state(),
                            "python": sys.version.split()[0],
                            "loadavg_1m": round(os.getloadavg()[0], 2)}
     try:
@@ -316,21 +344,27 @@ def run_once(stack: Stack, n: int, *, queue: str = "bench", job_type: str = "noo
         argv = [sys.executable, str(BENCH / "burst_worker.py"), "--queue", queue, "--concurrency", str(concurrency)]
         if profile_dir is not None:
             argv += ["--profile", str(profile_dir / "worker")]
-        out_path = stack.tmp / f"worker-{queue}.out"
-        err_path = stack.tmp / f"worker-{queue}.err"
-        with open(out_path, "w") as out, open(err_path, "w") as err:
-            t_spawn = time.time()
-            p = subprocess.Popen(argv, cwd=str(ROOT), env=stack.child_env(db), stdout=out, stderr=err,
-                                 start_new_session=True)
-            usage = _wait_child(p, timeout)
+        procs: list[tuple[subprocess.Popen, Path, Path]] = []
+        t_spawn = time.time()
+        for k in range(workers):  # started together; each is one burst on the same queue
+            out_path = stack.tmp / f"worker-{queue}-{k}.out"
+            err_path = stack.tmp / f"worker-{queue}-{k}.err"
+            with open(out_path, "w") as out, open(err_path, "w") as err:
+                procs.append((subprocess.Popen(argv, cwd=str(ROOT), env=stack.child_env(db), stdout=out, stderr=err,
+                                               start_new_session=True), out_path, err_path))
+        usages = [_wait_child(p, timeout) for p, _, _ in procs]
         t_exit = time.time()
         cpu2 = _cpu_now(stack)
         ep2 = _endpoint_counts(stack)
         s2 = probe.cmdstats() if probe else None
-        lines = [ln for ln in out_path.read_text().splitlines() if ln.startswith("{")]
-        if p.returncode != 0 or not lines:
-            raise RuntimeError(f"worker exited {p.returncode}: {err_path.read_text()[-3000:]}")
-        w = json.loads(lines[-1])
+        outs = []
+        for p, out_path, err_path in procs:
+            lines = [ln for ln in out_path.read_text().splitlines() if ln.startswith("{")]
+            if p.returncode != 0 or not lines:
+                raise RuntimeError(f"worker exited {p.returncode}: {err_path.read_text()[-3000:]}")
+            outs.append(json.loads(lines[-1]))
+        w = _merge_workers(outs)
+        usage = _merge_usage(usages)
 
         # ---------------------------------------------------------------- idle
         idle = None
@@ -551,6 +585,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ledger", choices=("sqlite", "postgres"), default="sqlite")
     p.add_argument("--latency-ms", type=float, default=0.0, help="injected latency of the local Upstash endpoint")
     p.add_argument("--concurrency", type=int, default=1, help="handler threads of the worker")
+    p.add_argument("--workers", type=int, default=1, help="burst worker processes started together (default 1)")
     p.add_argument("--vs", default="", help="comma-separated peers from bench-peers: huey,rq,...")
     p.add_argument("--peers-redis", choices=("same", "tcp", "both"), default="same",
                    help="peers run on qkit's Redis server (same), on a fresh TCP redis-server (tcp), or both")
@@ -593,7 +628,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = []
         for i in range(a.repeat):
             runs.append(run_once(stack, a.n, queue=a.queue if a.repeat == 1 else f"{a.queue}-{i + 1}",
-                                 concurrency=a.concurrency, batch=a.batch, idle_s=a.idle_s,
+                                 concurrency=a.concurrency, batch=a.batch, idle_s=a.idle_s, workers=a.workers,
                                  profile_dir=profile_dir if i == 0 else None, timeout=a.timeout))
         res = median_run(runs)
         if stack.backend == "upstash":
