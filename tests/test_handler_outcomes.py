@@ -301,3 +301,47 @@ def test_explain_a_job_waiting_for_the_delay_its_handler_asked(q):
     assert "is pending, delayed until" in verdict
     assert "by the delay asked for after attempt 1: the handler asked to retry after 120 s (Retry: " in verdict
     assert q.stats()["delayed"] == 1
+
+
+LOCK_TAKEN = threading.Event()
+CALLS_MEASURED = threading.Event()
+CALL_SECONDS: list[float] = []
+
+
+@qkit.handler("outcome_progress_locked", timeout=60)
+def outcome_progress_locked(payload: dict) -> dict:
+    assert LOCK_TAKEN.wait(60), "the test never took the lock"
+    for i in range(6):
+        t0 = time.perf_counter()
+        qkit.current_job().progress((i + 1) / 6, f"step {i + 1}")
+        CALL_SECONDS.append(time.perf_counter() - t0)
+        time.sleep(0.3)  # past the throttle: the writer tries (and waits on the lock) meanwhile
+    CALLS_MEASURED.set()
+    return {}
+
+
+def test_progress_never_waits_on_a_locked_ledger(embedded_home, tmp_path):
+    """Another process holds SQLite's write lock while the handler reports: every call returns at once."""
+    import sqlite3
+
+    path = tmp_path / "ledger.sqlite3"
+    q = qkit.connect(f"lock-{time.monotonic_ns()}", home=embedded_home, database_url=f"sqlite:///{path}")
+    LOCK_TAKEN.clear(), CALLS_MEASURED.clear(), CALL_SECONDS.clear()
+    job_id = q.enqueue("outcome_progress_locked", {})
+    burst = threading.Thread(target=q.work, kwargs={"max_seconds": 60})
+    burst.start()
+    holder = sqlite3.connect(path, timeout=30, isolation_level=None)
+    try:
+        wait_for(lambda: q.get(job_id).status == "processing", what="the job running")
+        holder.execute("BEGIN IMMEDIATE")  # the ledger's write lock, as a long transaction elsewhere holds it
+        LOCK_TAKEN.set()
+        assert CALLS_MEASURED.wait(60)
+    finally:
+        LOCK_TAKEN.set()
+        holder.execute("ROLLBACK") if holder.in_transaction else None
+        holder.close()
+        burst.join(60)
+    assert len(CALL_SECONDS) == 6 and max(CALL_SECONDS) < 0.05, CALL_SECONDS
+    job = q.get(job_id)
+    assert (job.status, job.progress, job.progress_note) == ("completed", 1.0, "step 6")
+    q.close()
