@@ -345,3 +345,25 @@ def test_progress_never_waits_on_a_locked_ledger(embedded_home, tmp_path):
     job = q.get(job_id)
     assert (job.status, job.progress, job.progress_note) == ("completed", 1.0, "step 6")
     q.close()
+
+
+@qkit.handler("outcome_late_reporter", timeout=0.5)
+def outcome_late_reporter(payload: dict) -> None:
+    time.sleep(1.5)  # abandoned at 0.5 s; then reports as if nothing happened
+    qkit.current_job().progress(0.9, "late")
+
+
+@qkit.handler("outcome_slow", timeout=30)
+def outcome_slow(payload: dict) -> dict:
+    time.sleep(3)  # keeps the burst alive past the abandoned handler's late report
+    return {}
+
+
+def test_an_abandoned_handlers_late_report_is_ignored(q):
+    late = q.enqueue("outcome_late_reporter", {}, max_attempts=1, priority=1)
+    q.enqueue("outcome_slow", {})
+    summary = q.work(max_seconds=30)
+    assert (summary.completed, summary.failed) == (1, 1)
+    job = q.get(late)
+    assert job.status == "failed" and job.error.startswith("HandlerTimeout")
+    assert job.progress is None and job.progress_note is None  # its attempt had ended when it reported

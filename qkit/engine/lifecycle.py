@@ -63,6 +63,8 @@ class Runnable:
     max_attempts: int
     epoch: int
     started_at: datetime
+    #: its handler passed its timeout and was given up (what it reports from then on is ignored)
+    abandoned: bool = False
 
 
 @dataclass

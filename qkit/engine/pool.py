@@ -113,6 +113,7 @@ def run_error(exc: BaseException) -> str:
 
 
 def timeout_outcome(job: Runnable, timeout: float) -> Outcome:
+    job.abandoned = True  # its handler runs on alone: its progress reports are ignored from now on
     return Outcome(job, "timeout", utcnow(), error=f"HandlerTimeout: handler exceeded its {timeout:g} s timeout")
 
 

@@ -5,8 +5,9 @@ on SQL.  A daemon thread writes what changed at most once per job per
 :data:`INTERVAL_S` through the ledger's background writer
 (:meth:`qkit.ledger.Ledger.record_progress`, one statement per batch of jobs),
 and when an attempt ends the worker hands over its last report at once
-(:meth:`ProgressBoard.finish`), so the final value is always written.  Reports
-made after that (a handler abandoned at its timeout) are ignored.
+(:meth:`ProgressBoard.finish`), so the final value is always written.  A
+handler given up at its timeout runs on alone: what it reports from then on is
+ignored.  Registering a job costs nothing: its entry is made by its first report.
 See docs/semantics.md#progress.
 """
 from __future__ import annotations
@@ -14,12 +15,13 @@ from __future__ import annotations
 import threading
 import time
 from datetime import datetime
-from typing import TYPE_CHECKING, Callable, Iterable
+from functools import partial
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from qkit.ledger import utcnow
 
 if TYPE_CHECKING:
-    from qkit.engine.lifecycle import Runnable
+    from qkit.engine.lifecycle import Outcome, Runnable
     from qkit.ledger import Ledger
 
 #: at most one progress write per job per this many seconds
@@ -46,33 +48,36 @@ class ProgressBoard:
     def __init__(self, ledger: "Ledger", interval: float = INTERVAL_S) -> None:
         self.ledger = ledger
         self.interval = interval
-        self._jobs: dict[int, _Entry] = {}
+        self._jobs: dict[int, _Entry] = {}  # jobs that reported in their running attempt
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
 
     def reporter(self, job: "Runnable") -> Callable[[float, str | None], None]:
-        """What ``current_job().progress`` calls for ``job`` (already validated)."""
-        with self._lock:
-            self._jobs[job.id] = _Entry(job)
-        return lambda fraction, note: self.report(job, fraction, note)
+        """What ``current_job().progress`` calls for ``job`` (already validated).  Costs nothing more
+        per job: a job's entry is made by its first report."""
+        return partial(self.report, job)
 
     def report(self, job: "Runnable", fraction: float, note: str | None) -> None:
         with self._lock:
+            if self._closed or job.abandoned:
+                return  # the burst ended, or the handler was given up at its timeout: a late report changes nothing
             entry = self._jobs.get(job.id)
-            if entry is None or entry.job is not job or self._closed:
-                return  # the attempt ended (or the burst did): a late report changes nothing
+            if entry is None or entry.job is not job:
+                entry = self._jobs[job.id] = _Entry(job)
             entry.fraction, entry.note, entry.at, entry.dirty = fraction, note, utcnow(), True
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, daemon=True, name="qkit-progress")
                 self._thread.start()
             self._lock.notify()
 
-    def finish(self, job_ids: Iterable[int]) -> None:
-        """The attempts of ``job_ids`` ended: write their last unwritten reports now, and forget them."""
+    def finish(self, outcomes: Sequence["Outcome"]) -> None:
+        """These attempts ended: write their last unwritten reports now, and forget them."""
+        if not self._jobs:
+            return  # the usual case: no handler of the batch reported (their reports happened before this)
         with self._lock:
-            if self._jobs:
-                self._write([e for e in (self._jobs.pop(j, None) for j in job_ids) if e is not None and e.dirty])
+            done = [e for e in (self._jobs.pop(o.job.id, None) for o in outcomes) if e is not None]
+            self._write([e for e in done if e.dirty])
 
     def close(self) -> None:
         """The burst ends: write every unwritten report and wait (bounded) until the writer has them."""

@@ -237,7 +237,7 @@ class Worker:
             s.failed += plan.failed
             s.processed += plan.retried + plan.failed
             outcomes = self._run_batch(pool, plan.runnable)
-            self._job_progress.finish([o.job.id for o in outcomes])
+            self._job_progress.finish(outcomes)
             if faults.ARMED and outcomes:
                 faults.reach("complete.before_ledger")
             settled = self._retrying("recording outcomes in the ledger", lambda again: q.ledger.settle(
