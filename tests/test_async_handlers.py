@@ -113,8 +113,9 @@ def test_up_to_k_async_handlers_run_at_once(setup: Setup, tmp_path: Path):
     for job_id in wide:  # current_job() is each coroutine's own, also in a thread it hands work to
         assert q.get(job_id).result == {"seen": job_id, "in_thread": job_id, "attempt": 1}
 
-    narrow = q.enqueue_many([{"type": "aio_record", "payload": {"log": log, "sleep": 0.05}} for _ in range(24)])
-    assert q.work(concurrency=4).completed == 24
+    # several batches, each claimed while the one before runs (aio.overlap): still never more than 4 at once
+    narrow = q.enqueue_many([{"type": "aio_record", "payload": {"log": log, "sleep": 0.02}} for _ in range(80)])
+    assert q.work(concurrency=4).completed == 80
     assert 2 <= max_overlap(attempts(q, narrow)) <= 4
     assert audit(q).clean
 
@@ -138,6 +139,18 @@ def test_a_queue_mixing_sync_and_async_handlers(setup: Setup, tmp_path: Path):
     report = total_queue(q, ids, executions(log))
     assert report.valid, report.summary()
     assert not report.duplicated
+
+
+def test_max_jobs_bounds_async_jobs_as_sync_ones(setup: Setup, tmp_path: Path):
+    q = setup.connect()
+    log = str(tmp_path / "log")
+    ids = q.enqueue_many([{"type": "aio_record", "payload": {"log": log, "sleep": 0.02}} for _ in range(30)])
+    summary = q.work(max_jobs=7, concurrency=4)
+    assert summary.completed == 7 and summary.stopped_by == "max_jobs"
+    assert sorted(q.get(i).status for i in ids).count("completed") == 7
+    assert len(attempts(q, ids)) == 7 and len([e for e in read_log(log) if e[0] == "start"]) == 7
+    assert q.dispatch.inventory().ready == 23
+    assert audit(q).clean
 
 
 def test_sigterm_lets_async_jobs_in_flight_finish_and_releases_the_rest(setup: Setup, tmp_path: Path):

@@ -1,22 +1,29 @@
 """Async handlers: one asyncio event loop per burst, up to ``concurrency`` coroutines at once.
 
 A burst (:mod:`qkit.engine.worker`) hands the ``async def`` jobs of a batch to
-its :class:`AsyncRunner` and waits for their outcomes; the sync jobs of the
-same batch run on threads first (:mod:`qkit.engine.pool`).  On the loop, which
-runs on a thread of its own, a :class:`_Batch` starts the jobs in order, at
-most ``concurrency`` at a time, each in its own task: ``current_job()`` is set
-inside the task (a context variable, so every coroutine sees its own job) and
-an exception ends that job's attempt only.
+its :class:`AsyncRunner`.  On the loop, which runs on a thread of its own, a
+:class:`_Batch` starts the jobs in order, at most ``concurrency`` at a time,
+each in its own task: ``current_job()`` is set inside the task (a context
+variable, so every coroutine sees its own job) and an exception ends that
+job's attempt only.
 
-The burst's own thread watches the deadlines (:meth:`_Batch.watch`), as it
-does for handler threads: at a job's timeout it records the attempt as
-``timeout``, cancels the task and gives its slot to the next job, whether the
-handler then stops or swallows the cancellation (it finishes alone, like an
-abandoned handler thread).  No timer per job on the loop.  Lease renewal stays
-on the burst's renewer thread, so a handler that blocks the loop (a sync call
-inside ``async def``) does not stop it; a loop still blocked a grace period
-after a timeout is abandoned: the batch's jobs not yet started are released
-(no attempt spent) and the next batch gets a new loop.
+A batch of async jobs alone is *overlapped* (:meth:`AsyncRunner.overlap`): it
+starts, and the burst gets the previous batch's outcomes to record while it
+runs, then claims the next batch; the next starts when this one has ended,
+so never more than ``concurrency`` run at once and the ledger's and Redis's
+per-batch work hides behind the handlers' waits.  A batch with sync jobs runs
+them on threads first (:mod:`qkit.engine.pool`), then its async jobs, and
+returns when all have ended, as before.
+
+A watcher thread per batch keeps the deadlines, as the burst's thread does
+for handler threads: at a job's timeout it records the attempt as ``timeout``,
+cancels the task and gives its slot to the next job, whether the handler then
+stops or swallows the cancellation (it finishes alone, like an abandoned
+handler thread).  No timer per job on the loop.  Lease renewal stays on the
+burst's renewer thread, so a handler that blocks the loop (a sync call inside
+``async def``) does not stop it; a loop still blocked a grace period after a
+timeout is abandoned: the batch's jobs not yet started are released (no
+attempt spent) and the next batch gets a new loop.
 docs/semantics.md#async-handlers says it for users.
 """
 from __future__ import annotations
@@ -60,8 +67,8 @@ class _Running:
 
 
 class _Batch:
-    """One batch's async jobs: started on the loop (:meth:`drive`), watched from the burst's thread
-    (:meth:`watch`).  Every job gets exactly one outcome, whichever side records it first."""
+    """One batch's async jobs: started on the loop (:meth:`drive`), their deadlines kept by a watcher
+    thread (:meth:`watch`).  Every job gets exactly one outcome, whichever side records it first."""
 
     def __init__(self, worker: "Worker", jobs: list[Runnable], limit: int) -> None:
         self.worker = worker
@@ -76,6 +83,9 @@ class _Batch:
         self._slots: asyncio.Semaphore | None = None
         self._freed: set[int] = set()
         self._tasks: set[asyncio.Task[None]] = set()  # the loop keeps weak references only
+        self.driver: list[asyncio.Task[None]] = []  # a strong reference to drive()'s task
+        self.started_at = time.monotonic()
+        self.seconds = 0.0  # from start to the last outcome
 
     def _record(self, i: int, outcome: Outcome) -> None:
         """Keep the first outcome of job ``i`` (caller holds :attr:`cond`)."""
@@ -84,6 +94,7 @@ class _Batch:
         self.outcomes[i] = outcome
         self.running.pop(i, None)
         if len(self.outcomes) == len(self.jobs):
+            self.seconds = time.monotonic() - self.started_at
             self.cond.notify_all()
 
     # ------------------------------------------------------------------ on the loop's thread
@@ -154,11 +165,18 @@ class _Batch:
             if i not in self.outcomes and i not in self.running:
                 self._record(i, Outcome(job, "released", utcnow()))
 
-    def watch(self, loop: "_EventLoop") -> list[Outcome]:
-        """Wait for every job's outcome, recording each timeout at its deadline."""
+    def watch(self, loop: "_EventLoop") -> None:
+        """Until every job has its outcome: record each timeout at its deadline (the watcher thread)."""
         with self.cond:
             while len(self.outcomes) < len(self.jobs):
                 now = time.monotonic()
+                if not loop.thread.is_alive():  # cannot happen unless the loop itself broke: end the batch
+                    loop.blocked = True
+                    for i, r in list(self.running.items()):
+                        self._record(i, Outcome(r.job, "failed", utcnow(),
+                                                error="InternalError: the event loop of async handlers stopped"))
+                    self._release_unstarted()
+                    break
                 for i, r in [(i, r) for i, r in self.running.items() if now >= r.deadline]:
                     self._record(i, timeout_outcome(r.job, r.timeout))
                     self.giving_up[i] = now
@@ -173,6 +191,12 @@ class _Batch:
                              *(told + GRACE_S for told in self.giving_up.values())], default=now + GRACE_S)
                 self.wake_at = min(max(first, now + 0.001), now + GRACE_S / 2)
                 self.cond.wait(self.wake_at - now)
+
+    def wait(self) -> list[Outcome]:
+        """The outcomes in batch order, once every job has one."""
+        with self.cond:
+            while len(self.outcomes) < len(self.jobs):
+                self.cond.wait()
         return [self.outcomes[i] for i in range(len(self.jobs))]
 
 
@@ -208,10 +232,10 @@ class _EventLoop:
         except RuntimeError:  # closed: nothing left to tell it
             pass
 
-    def run(self, batch: _Batch) -> list[Outcome]:
-        started: list[asyncio.Task[None]] = []  # a strong reference while the batch runs
-        self.call(lambda: started.append(self.loop.create_task(batch.drive())))
-        return batch.watch(self)
+    def start(self, batch: _Batch) -> None:
+        """Start the batch on the loop, and its watcher thread."""
+        self.call(lambda: batch.driver.append(self.loop.create_task(batch.drive())))
+        threading.Thread(target=batch.watch, args=(self,), daemon=True, name="qkit-aio-watch").start()
 
     def stop(self, wait: bool) -> None:
         self.call(self.loop.stop)
@@ -224,17 +248,42 @@ class AsyncRunner:
 
     def __init__(self) -> None:
         self._loop: _EventLoop | None = None
+        self._batch: _Batch | None = None  # started by overlap(), outcomes not yet handed back
+
+    @property
+    def in_flight(self) -> bool:
+        return self._batch is not None
+
+    def overlap(self, worker: "Worker", jobs: list[Runnable], limit: int) -> tuple[list[Outcome], float | None]:
+        """Start ``jobs`` (async handlers, up to ``limit`` at once) once the batch in flight has ended,
+        and return that batch's outcomes and its seconds per job per slot (None: no batch was in flight)."""
+        done, per_job = [], None
+        if self._batch is not None:
+            batch, self._batch = self._batch, None
+            done = batch.wait()
+            per_job = batch.seconds / len(batch.jobs) * batch.limit
+        if jobs:
+            self._batch = _Batch(worker, jobs, limit)
+            self._event_loop().start(self._batch)
+        return done, per_job
 
     def run(self, worker: "Worker", jobs: list[Runnable], limit: int) -> list[Outcome]:
         """Run ``jobs`` (async handlers) with up to ``limit`` at once; their outcomes in order."""
+        batch = _Batch(worker, jobs, limit)
+        self._event_loop().start(batch)
+        return batch.wait()
+
+    def _event_loop(self) -> _EventLoop:
         if self._loop is not None and self._loop.blocked:
             self._loop.stop(wait=False)  # it stops once its handler lets go
             self._loop = None
         if self._loop is None:
             self._loop = _EventLoop()
-        return self._loop.run(_Batch(worker, jobs, limit))
+        return self._loop
 
     def close(self) -> None:
+        """Stop the loop: what still runs is cancelled (its outcome is not recorded: its lease expires)."""
+        self._batch = None
         if self._loop is not None:
             self._loop.stop(wait=not self._loop.blocked)
             self._loop = None

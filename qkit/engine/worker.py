@@ -190,7 +190,7 @@ class Worker:
         if self._stop.is_set() or (self.deadline is not None and time.monotonic() >= self.deadline):
             return 0
         size = MAX_BATCH if self._avg_job_s <= 0 else int(TARGET_BATCH_SECONDS * self.concurrency / self._avg_job_s)
-        if self._started == 0:
+        if self._started == 0 or self._avg_job_s <= 0:  # (an async batch may still run: aio.overlap)
             size = max(self.concurrency, 8)  # first batch: small, until we know how long jobs take
         size = max(self.concurrency, min(MAX_BATCH, size))
         if self.max_jobs is not None:
@@ -204,7 +204,7 @@ class Worker:
             if self.forever and time.monotonic() - self._ticked_at >= TICK_SECONDS:
                 self._tick()
             want = self._batch_size()
-            if want == 0:
+            if want == 0 and not self._aio.in_flight:
                 s.stopped_by = "signal" if self._signal else ("max_jobs" if self.max_jobs is not None
                                                                and self._started >= self.max_jobs else "max_seconds")
                 break
@@ -214,7 +214,7 @@ class Worker:
             self._forget([x.job_id for x in to_settle])
             to_settle = []
             s.fenced += len(claim.fenced)
-            if not claim.claimed and not claim.reclaimed:
+            if not claim.claimed and not claim.reclaimed and not self._aio.in_flight:
                 if claim.paused and not self.forever:
                     s.stopped_by = "paused"
                     break
@@ -332,6 +332,7 @@ class Worker:
         """Best effort, on giving up: settle in Redis what the ledger settled, and put back the jobs
         held (with a known priority) so that another burst can take them without waiting for
         their leases to expire.  Jobs still open in the ledger get a ``lost`` attempt there."""
+        self._aio.close()  # the async batch in flight first: none of its jobs may run once released
         with self._held_lock:
             held = [j for j in [*self._held, *claim_in_hand] if j in self._priority]
         done = {x.job_id for x in to_settle}
@@ -366,8 +367,15 @@ class Worker:
         return (lambda: run(ctx, handler.func, job.payload)), handler.timeout
 
     def _run_batch(self, pool: HandlerPool, batch: list[Runnable]) -> list[Outcome]:
-        t_batch, started_before = time.monotonic(), self._started
+        """The outcomes of a batch's handlers; of an async-only batch, those of the one before it
+        (:meth:`qkit.engine.aio.AsyncRunner.overlap`: it runs while they are recorded)."""
         async_jobs, batch = split_async(batch)
+        overlap = not batch and self.max_jobs is None  # async jobs only (or none: the batch in flight ends)
+        finished, per_job = self._aio.overlap(self, async_jobs if overlap else [], self.concurrency)
+        self._observe(per_job)
+        if overlap:
+            return finished
+        t_batch, started_before = time.monotonic(), self._started
         if self.concurrency == 1:
             outcomes = self._run_serial(batch)
         else:
@@ -376,9 +384,14 @@ class Worker:
             outcomes += self._aio.run(self, async_jobs, self.concurrency)
         ran = self._started - started_before
         if ran:
-            per_job = max((time.monotonic() - t_batch) / ran * self.concurrency, 1e-6)
+            self._observe((time.monotonic() - t_batch) / ran * self.concurrency)
+        return finished + outcomes
+
+    def _observe(self, per_job: float | None) -> None:
+        """Fold a batch's seconds per job per slot into the estimate that sizes batches."""
+        if per_job is not None:
+            per_job = max(per_job, 1e-6)
             self._avg_job_s = per_job if self._avg_job_s == 0 else 0.5 * self._avg_job_s + 0.5 * per_job
-        return outcomes
 
     def _run_serial(self, batch: list[Runnable]) -> list[Outcome]:
         """One handler thread runs the batch in order; this thread only watches the clock.
