@@ -96,3 +96,15 @@ async def aio_directed(payload: dict) -> str:
         raise qkit.Permanent("this input can never work")
     job.progress(1.0, "done")
     return "ok"
+
+
+@qkit.handler("aio_cancellable", timeout=60)
+async def aio_cancellable(payload: dict) -> dict:
+    """Awaits in small steps until its cancel is requested (or a minute passes)."""
+    _log(payload, "start")
+    job = qkit.current_job()
+    deadline = time.monotonic() + 60
+    while not job.cancel_requested and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    _log(payload, "done")
+    return {"stopped_early": job.cancel_requested}

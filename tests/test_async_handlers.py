@@ -101,6 +101,23 @@ def test_async_handlers_direct_their_outcomes_and_report_progress(setup: Setup):
     assert audit(q).clean
 
 
+def test_an_async_handler_sees_its_cancel_request_and_the_others_run_on(setup: Setup, tmp_path: Path):
+    q = setup.connect(lease_seconds=0.6)  # renewals (which hand over cancel requests) every 0.2 s
+    log = str(tmp_path / "log")
+    target = q.enqueue("aio_cancellable", {"log": log}, priority=5)
+    others = q.enqueue_many([{"type": "aio_record", "payload": {"log": log, "sleep": 0.05}} for _ in range(5)])
+    result = {}
+    burst = threading.Thread(target=lambda: result.update(s=q.work(concurrency=3)))
+    burst.start()
+    wait_for(lambda: ("start", target) in [(e[0], e[1]) for e in read_log(log)], what="the handler to start")
+    assert q.cancel(target) is True
+    burst.join(60)
+    assert q.get(target).status == "cancelled" and q.get(target).attempts == 1
+    assert all(q.get(i).status == "completed" for i in others)
+    assert result["s"].cancelled == 1 and result["s"].completed == 5
+    assert audit(q).clean
+
+
 def test_up_to_k_async_handlers_run_at_once(setup: Setup, tmp_path: Path):
     """50 jobs of 0.2 s at concurrency 50 all overlap; at concurrency 4 never more than 4 do."""
     q = setup.connect()
