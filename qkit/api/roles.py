@@ -118,6 +118,26 @@ def _looks_like_jwt(raw: bytes) -> bool:
 
 
 # --------------------------------------------------------------------------- the decision
+def _static_caller(token: bytes) -> Caller | None:
+    """The role whose static token this is (admin, reader, metrics, compared in constant time), or None."""
+    for role in (ADMIN, READER, METRICS):
+        expected = _secret(ROLE_VARIABLES[role])
+        if expected is not None and token_matches(token, expected):
+            return Caller(role)
+    return None
+
+
+def _jwt_caller(token: bytes) -> Caller:
+    """A user when ``token`` is a JWT the configured JWKS verifies; NOBODY when no JWKS is set or it is no JWT."""
+    jwks_url = os.environ.get(ROLE_VARIABLES[USER], "").strip()
+    if not (jwks_url and _looks_like_jwt(token)):
+        return NOBODY_CALLER
+    sub = verify_user_token(token.decode("ascii"), jwks_url,
+                            issuer=os.environ.get("QKIT_API_JWT_ISSUER", "").strip() or None,
+                            audience=os.environ.get("QKIT_API_JWT_AUDIENCE", "").strip() or None)
+    return Caller(USER, sub)
+
+
 def identify_token(token: bytes | None) -> Caller:
     """Who presents ``token`` (raw bytes of a bearer): static tokens first, then a JWT user.
 
@@ -126,25 +146,18 @@ def identify_token(token: bytes | None) -> Caller:
     """
     if token is None:
         return NOBODY_CALLER
-    for role in (ADMIN, READER, METRICS):
-        expected = _secret(ROLE_VARIABLES[role])
-        if expected is not None and token_matches(token, expected):
-            return Caller(role)
-    jwks_url = os.environ.get(ROLE_VARIABLES[USER], "").strip()
-    if jwks_url and _looks_like_jwt(token):
-        sub = verify_user_token(token.decode("ascii"), jwks_url,
-                                issuer=os.environ.get("QKIT_API_JWT_ISSUER", "").strip() or None,
-                                audience=os.environ.get("QKIT_API_JWT_AUDIENCE", "").strip() or None)
-        return Caller(USER, sub)
-    return NOBODY_CALLER
+    return _static_caller(token) or _jwt_caller(token)
 
 
 async def identify(request: Request) -> Caller:
-    """The :class:`Caller` of a request's ``Authorization: Bearer`` header (NOBODY without one)."""
+    """The :class:`Caller` of a request's ``Authorization: Bearer`` header (NOBODY without one).
+
+    Static tokens are decided on the event loop; only a JWT goes to a thread (its JWKS may need fetching).
+    """
     token = bearer_token(request.scope)
     if token is None:
         return NOBODY_CALLER
-    return await run_in_threadpool(identify_token, token)
+    return _static_caller(token) or await run_in_threadpool(_jwt_caller, token)
 
 
 def unauthorized() -> ApiError:
