@@ -367,3 +367,16 @@ def test_an_abandoned_handlers_late_report_is_ignored(q):
     job = q.get(late)
     assert job.status == "failed" and job.error.startswith("HandlerTimeout")
     assert job.progress is None and job.progress_note is None  # its attempt had ended when it reported
+
+
+def test_debug_job_shows_progress(q):
+    from qkit.analysis import debug
+
+    job_id = q.enqueue("outcome_progress", {"note": "finished here"})
+    q.work()
+    rep = debug.report(q, job_id)
+    row = rep["job"].iloc[0]
+    assert (row["progress"], row["progress_note"]) == (1.0, "finished here")
+    again = debug.rerun(q, job_id)  # the in-process re-run collects the reports, writes nothing
+    assert again.ok and again.progress == [(0.25, "quarter"), (0.75, "three quarters"), (1.0, "finished here")]
+    assert again.to_frame().iloc[0]["progress_note"] == "finished here"
