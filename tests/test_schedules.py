@@ -365,7 +365,9 @@ def test_http_lists_schedules_to_readers_without_payloads(tmp_path):
 
     admin, reader = "adm-" + secrets.token_hex(16), "rdr-" + secrets.token_hex(16)
     home = tmp_path / "home"
-    server = serve_home(home, tmp_path / "serve.log", QKIT_API_TOKEN=admin, QKIT_API_READ_TOKEN=reader)
+    worker_secret = "wrk-" + secrets.token_hex(16)
+    server = serve_home(home, tmp_path / "serve.log", QKIT_API_TOKEN=admin, QKIT_API_READ_TOKEN=reader,
+                        WORKER_SECRET=worker_secret)
     try:
         with qkit.connect("sched-http", home=str(home)) as q:
             q.enqueue("web_scraping", {"url": "https://example.org"})  # the ledger knows the queue
@@ -391,6 +393,17 @@ def test_http_lists_schedules_to_readers_without_payloads(tmp_path):
         assert get(reader, queue="no-such-queue").status_code == 404
         assert get(reader, queue="Bad Name").json()["field"] == "queue"
         assert get(reader, queue="sched-http", x="1").json()["field"] == "x"
+
+        # an HTTP worker call (cron services, QStash) fires what came due, then runs it
+        with qkit.connect(home=str(home)) as served:
+            fire = served.schedule("each-second", "* * * * * *", "web_scraping", {"url": "https://example.org/h"})
+            wait_for(lambda: served.redis_time() >= fire["next_fire_at"], timeout=30, what="the fire time")
+            burst = httpx.post(f"{server.url}/api/workers", headers={"Authorization": f"Bearer {worker_secret}"},
+                               json={"max_jobs": 10}, timeout=120)
+            assert burst.status_code == 200 and burst.json()["completed"] == 1, burst.text
+            [job] = served.jobs()
+            assert job.status == "completed" and job.idempotency_key.startswith("schedule:each-second@")
+            served.unschedule("each-second")
     finally:
         server.stop()
         EmbeddedServer(home).stop()
