@@ -36,6 +36,7 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 
 from qkit.engine.backoff import Backoff
+from qkit.engine.fingerprints import fingerprint  # noqa: F401 - the attempts' error key, kept importable here
 
 #: how an attempt can end; "lost" is decided by a reclaimer, the rest by the worker that ran it
 OUTCOMES = ("completed", "failed", "timeout", "released", "lost")
@@ -275,19 +276,3 @@ def unstorable(o: Outcome, exc: BaseException) -> Outcome:
     return Outcome(o.job, "failed", o.finished_at, permanent=True,
                    error=f"OutcomeNotStored: the ledger refused this job's {o.outcome} outcome "
                          f"({type(exc).__name__}); its handler had finished")
-
-
-_NUMBER = re.compile(r"(?<![A-Za-z_])[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?", re.I)
-_HEX = re.compile(r"\b(?:0x)?[0-9a-f]{8,}\b|\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b", re.I)
-_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
-
-
-def fingerprint(error: str | None) -> str | None:
-    """The error's type plus its message with numbers, ids and quoted values normalised
-    (stored with each attempt; DLQ triage groups by it)."""
-    if not error:
-        return None
-    text_ = _QUOTED.sub("'?'", error.splitlines()[0])
-    text_ = _HEX.sub("<id>", text_)
-    text_ = _NUMBER.sub("<n>", text_)
-    return text_[:200]

@@ -440,7 +440,7 @@ class HotPath(LedgerBase):
                 error = storable.text(o.error, pg)
                 asked_ms = None if o.retry_after is None else o.retry_after * 1000  # the delay the handler named
                 attempt_rows.append((o.outcome, finished, duration, error, storable.text(o.traceback, pg),
-                                     fingerprint(error), asked_ms, j.id, j.epoch, j.attempt))
+                                     fingerprint(error, o.traceback), asked_ms, j.id, j.epoch, j.attempt))
                 verdict = decide(o.outcome, job_id=j.id, epoch=j.epoch, attempt=j.attempt, max_attempts=j.max_attempts,
                                  backoff=backoff, permanent=o.permanent, retry_after=o.retry_after,
                                  cancelled=cancelled)
