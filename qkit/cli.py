@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-from datetime import datetime
-from typing import Any, Callable
 
 import click
 
@@ -19,33 +17,8 @@ from qkit import extras
 from qkit.config import redact
 from qkit.errors import QkitError
 from qkit.ledger import LedgerFailure
-from qkit.model import MAX_ID, parse_json_object, read_json_file
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if hasattr(value, "to_dict"):
-        return value.to_dict()
-    return str(value)
-
-
-def emit(data: Any, as_json: bool, human: Callable[[Any], str] | None = None) -> None:
-    """Print ``data`` as one JSON document, or as the human form."""
-    if as_json:
-        click.echo(json.dumps(data, default=_json_default, ensure_ascii=False))
-    else:
-        click.echo(human(data) if human else json.dumps(data, default=_json_default, indent=2))
-
-
-def _open(queue: str) -> qkit.Queue:
-    return qkit.connect(queue=queue)
-
-
-#: a job id argument: what the ledger's BIGINT holds (a larger id is refused in one line, exit 2)
-JOB_ID = click.IntRange(1, MAX_ID)
-queue_option = click.option("--queue", default="default", show_default=True, help="Queue name.")
-json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+from qkit.cli_common import JOB_ID, _open, emit, job_queue_option, json_option, open_job_queue, queue_option
+from qkit.model import parse_json_object, read_json_file
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -88,10 +61,15 @@ def _parse_payload(text: str | None) -> dict:
 @json_option
 def enqueue(type: str, payload: str | None, priority: int, max_attempts: int, delay: float,
             key: str | None, queue: str, as_json: bool) -> None:
-    """Enqueue one job; prints its id."""
+    """Enqueue one job; prints its id (warns on stderr when no worker knows its type)."""
+    from qkit.ops.handled import unknown_type_warning
+
     body = _parse_payload(payload)
     with _open(queue) as q:
         job_id = q.enqueue(type, body, priority=priority, max_attempts=max_attempts, delay=delay, key=key)
+        warning = unknown_type_warning(q, type)
+    if warning:
+        click.echo(f"qkit: {warning}", err=True)
     emit({"id": job_id}, as_json, lambda d: str(d["id"]))
 
 
@@ -104,20 +82,32 @@ def enqueue(type: str, payload: str | None, priority: int, max_attempts: int, de
 @click.option("--forever", is_flag=True, help="Keep running: sleep until work is due (SIGTERM drains and stops).")
 @click.option("--idle-seconds", type=click.FloatRange(0.05, 3600), default=None,
               help="--forever: longest sleep without a claim [60 s subscribed; 5 s on Upstash, which polls].")
+@click.option("--progress-seconds", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
+              help="When stderr is not a terminal: a progress line this often (on a terminal: a bar).")
 @queue_option
 @json_option
 def work(max_jobs: int | None, max_seconds: float | None, concurrency: int, forever: bool,
-         idle_seconds: float | None, queue: str, as_json: bool) -> None:
+         idle_seconds: float | None, progress_seconds: float, queue: str, as_json: bool) -> None:
     """Run one worker burst (or, with --forever, a long-running worker); prints a summary."""
     from tqdm import tqdm
 
-    with _open(queue) as q, tqdm(total=max_jobs, unit="job", desc=f"burst {queue}", disable=None,
-                                 file=sys.stderr) as bar:
+    from qkit.cli_common import ProgressLines
+
+    bar = (tqdm(total=max_jobs, unit="job", desc=f"burst {queue}", file=sys.stderr) if sys.stderr.isatty()
+           else ProgressLines(f"burst on queue {queue!r}", progress_seconds))
+    with _open(queue) as q, bar:
         summary = q.work(max_jobs=max_jobs, max_seconds=max_seconds, concurrency=concurrency,
                          trigger="cli", progress=bar, forever=forever, idle_seconds=idle_seconds)
-    emit(summary.to_dict(), as_json, lambda d: (
-        f"worker {d['worker']}: processed {d['processed']} (completed {d['completed']}, retried "
-        f"{d['retried']}, failed {d['failed']}, lost {d['lost']}) in {d['seconds']:.2f} s; stopped: {d['stopped_by']}"))
+    emit(summary.to_dict(), as_json, _summary_human)
+
+
+def _summary_human(d: dict) -> str:
+    line = (f"worker {d['worker']}: processed {d['processed']} (completed {d['completed']}, retried {d['retried']}, "
+            f"failed {d['failed']}, lost {d['lost']}" + (f", released unrun {d['released']}" if d["released"] else "")
+            + f") in {d['seconds']:.2f} s; stopped: {d['stopped_by']}")
+    if d.get("waiting_retry"):
+        line += f"\n{d['waiting_retry']} waiting for retry, next due in {d['next_retry_s']:.1f} s"
+    return line
 
 
 def _job_human(d: dict) -> str:
@@ -141,114 +131,14 @@ def _job_human(d: dict) -> str:
 
 @cli.command()
 @click.argument("job_id", type=JOB_ID)
-@queue_option
+@job_queue_option
 @json_option
-def job(job_id: int, queue: str, as_json: bool) -> None:
-    """Show one job with its attempts."""
-    with _open(queue) as q:
+def job(job_id: int, queue: str | None, as_json: bool) -> None:
+    """Show one job with its attempts (in whatever queue holds it)."""
+    with open_job_queue(job_id, queue) as q:
         data = q.get(job_id).to_dict()
         data["attempts_detail"] = [{k: v for k, v in a.items() if k != "traceback"} for a in q.ledger.attempts(job_id)]
     emit(data, as_json, _job_human)
-
-
-@cli.command()
-@queue_option
-@json_option
-def stats(queue: str, as_json: bool) -> None:
-    """Counts per status, success rate and execution time of a queue."""
-    with _open(queue) as q:
-        data = q.stats()
-    emit(data, as_json, _stats_human)
-
-
-def _stats_human(d: dict) -> str:
-    """One ``name: value`` line per figure; nested figures (attempts, cost) indented below their name."""
-    lines = []
-    for k, v in d.items():
-        if isinstance(v, dict):
-            lines.append(f"{k:>13}:")
-            for sk, sv in v.items():
-                if isinstance(sv, list) and all(isinstance(x, dict) for x in sv):  # a small table
-                    lines.append(f"{'':>15}{sk}:")
-                    lines += [f"{'':>17}" + ", ".join(f"{xk} {xv}" for xk, xv in x.items()) for x in sv]
-                else:
-                    lines.append(f"{'':>15}{sk}: {sv}")
-        else:
-            lines.append(f"{k:>13}: {v}")
-    return "\n".join(lines)
-
-
-@cli.group()
-def dlq() -> None:
-    """The dead-letter queue: list, replay, purge."""
-
-
-@dlq.command("list")
-@click.option("--group", is_flag=True, help="Group by error fingerprint and type (counts, first/last seen).")
-@queue_option
-@json_option
-def dlq_list(group: bool, queue: str, as_json: bool) -> None:
-    """Failed jobs with their final error (or, with --group, grouped by error fingerprint)."""
-    if group:
-        _print_dlq_groups(queue, as_json)
-        return
-    with _open(queue) as q:
-        jobs = [j.to_dict() for j in q.dead()]
-    emit(jobs, as_json, lambda rows: "\n".join(
-        f"{r['id']}\t{r['type']}\tattempts {r['attempts']}\t{(r['error'] or '')[:120]}" for r in rows) or "DLQ is empty")
-
-
-@dlq.command("replay")
-@click.argument("job_ids", nargs=-1, type=JOB_ID)
-@click.option("--all", "replay_all", is_flag=True, help="Replay every job in the DLQ.")
-@click.option("--fingerprint", "fingerprint", default=None, metavar="FP",
-              help="Replay every DLQ job of one error fingerprint (its id from `dlq list --group`, or the text).")
-@queue_option
-@json_option
-def dlq_replay(job_ids: tuple[int, ...], replay_all: bool, fingerprint: str | None, queue: str,
-               as_json: bool) -> None:
-    """Put failed jobs back to pending with a fresh attempt budget."""
-    if sum((bool(job_ids), replay_all, fingerprint is not None)) != 1:
-        raise click.UsageError("give job ids or --all or --fingerprint FP (exactly one of them)")
-    with _open(queue) as q:
-        if fingerprint is not None:
-            ids = q.replay_fingerprint(fingerprint)
-        else:
-            ids = q.replay_all() if replay_all else q.replay(list(job_ids))
-    emit({"replayed": ids}, as_json, lambda d: f"replayed {len(d['replayed'])} job(s)")
-
-
-@dlq.command("purge")
-@queue_option
-@json_option
-def dlq_purge(queue: str, as_json: bool) -> None:
-    """Delete every job in the DLQ."""
-    with _open(queue) as q:
-        n = q.purge_dead()
-    emit({"purged": n}, as_json, lambda d: f"purged {d['purged']} job(s)")
-
-
-@cli.command()
-@queue_option
-@json_option
-def runs(queue: str, as_json: bool) -> None:
-    """The worker run history (scheduled, CLI, HTTP and notebook bursts)."""
-    from qkit.ledger.reads import queue_runs
-
-    with _open(queue) as q:
-        rows = queue_runs(q.ledger, queue)
-    emit(rows, as_json, lambda rs: "\n".join(_run_line(r) for r in rs) or "no runs yet")
-
-
-def _run_line(r: dict) -> str:
-    """One run; a scheduled run adds the runner's verdict and its executed notebook (qkit.runs.runner)."""
-    line = (f"{r['id']}\t{r['trigger']}\t{r['status']}\t{r['started_at']:%Y-%m-%d %H:%M:%S}"
-            f"\tprocessed {r['processed']}")
-    params = r.get("params") if isinstance(r.get("params"), dict) else {}
-    runner = params.get("runner") if isinstance(params.get("runner"), dict) else None
-    if runner:
-        line += f"\t{runner.get('status')} (exit {runner.get('exit_code')}) -> {runner.get('output')}"
-    return line
 
 
 @cli.group()
@@ -312,30 +202,15 @@ def lab_command(host: str, port: int, browser: bool, folder: str | None) -> None
     sys.exit(run_lab(host=host, port=port, open_browser=browser, notebooks=folder, say=click.echo))
 
 
-def _print_dlq_groups(queue: str, as_json: bool) -> None:
-    """``qkit dlq list --group``: the DLQ grouped by error fingerprint and type (qkit/ops/triage.py)."""
-    extras.require("qkit dlq list --group", "pandas")
-    from qkit.ops.triage import dlq_groups
-
-    with _open(queue) as q:
-        df = dlq_groups(q)
-    rows = [{k: (v.to_pydatetime() if hasattr(v, "to_pydatetime") else v) for k, v in r.items()}
-            for r in df.to_dict(orient="records")]
-    emit(rows, as_json, lambda rs: "\n".join(
-        [f"{'fingerprint':<10}  {'jobs':>5}  {'type':<20} {'last seen (UTC)':<19}  error"]
-        + [f"{r['fingerprint_id']:<10}  {r['jobs']:>5}  {r['type']:<20} {r['last_seen']:%Y-%m-%d %H:%M:%S}  "
-           f"{r['fingerprint'][:100]}" for r in rs]) if rs else "DLQ is empty")
-
-
 @cli.command()
 @click.argument("job_id", type=JOB_ID)
-@queue_option
+@job_queue_option
 @json_option
-def explain(job_id: int, queue: str, as_json: bool) -> None:
+def explain(job_id: int, queue: str | None, as_json: bool) -> None:
     """Why is this job where it is: ledger row, attempts, events, Redis state, verdict."""
     from qkit.ops.explain import explain as explain_job
 
-    with _open(queue) as q:
+    with open_job_queue(job_id, queue) as q:
         exp = explain_job(q, job_id)
     emit(exp.to_dict(), as_json, lambda _d: str(exp))
 
@@ -382,6 +257,11 @@ from qkit.cli_controls import COMMANDS as _CONTROL_COMMANDS  # noqa: E402
 
 for _command in _CONTROL_COMMANDS:
     cli.add_command(_command)
+from qkit.cli_dlq import dlq  # noqa: E402 - command groups live in their own modules
+from qkit.cli_jobs import COMMANDS as VIEWS  # noqa: E402
+
+for command in [dlq, *VIEWS]:
+    cli.add_command(command)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -330,8 +330,13 @@ class WorkSummary:
     lost: int = 0
     fenced: int = 0
     cancelled: int = 0  # attempts that ended with their job cancelled (its cancel was requested meanwhile)
+    released: int = 0  # claimed but handed back unrun when the burst stopped: not retries, no attempt spent
     seconds: float = 0.0
     stopped_by: str = "empty"
+    #: when the burst ended: jobs waiting for a retry (pending after a failed attempt, not yet due), and
+    #: in how many seconds the next of them is due (None: none waiting)
+    waiting_retry: int = 0
+    next_retry_s: float | None = None
     errors: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:

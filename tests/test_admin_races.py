@@ -70,7 +70,7 @@ def test_purge_racing_replay_keeps_the_acknowledged_replay(setup):
     blocker = q.ledger.engine.connect()
     held = blocker.begin()
     blocker.execute(text("SELECT id FROM jobs WHERE id = :i FOR UPDATE"), {"i": first})
-    purge = subprocess.Popen([sys.executable, "-m", "qkit.cli", "dlq", "purge", "--queue", setup.queue, "--json"],
+    purge = subprocess.Popen([sys.executable, "-m", "qkit.cli", "dlq", "purge", "--yes", "--queue", setup.queue, "--json"],
                              env=setup.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: _lock_waiters(q.ledger.engine, "transactionid") or _lock_waiters(q.ledger.engine, "tuple"),
@@ -99,7 +99,7 @@ def test_concurrent_purge_and_replay_agree_on_every_backend(setup):
     q = setup.connect(backoff_base=0)
     ids = _dead_jobs(q, 600)
     last = max(ids)
-    purge = subprocess.Popen([sys.executable, "-m", "qkit.cli", "dlq", "purge", "--queue", setup.queue, "--json"],
+    purge = subprocess.Popen([sys.executable, "-m", "qkit.cli", "dlq", "purge", "--yes", "--queue", setup.queue, "--json"],
                              env=setup.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     replay = _cli(setup, "dlq", "replay", str(last))
     out, err = purge.communicate(timeout=120)

@@ -261,6 +261,7 @@ class SettlePlan:
     retried: int = 0
     failed: int = 0
     cancelled: int = 0
+    released: int = 0  # handed back unrun (a stopping burst): not an attempt, not a retry
 
     def merge(self, other: "SettlePlan") -> None:
         self.settlements += other.settlements
@@ -269,6 +270,7 @@ class SettlePlan:
         self.retried += other.retried
         self.failed += other.failed
         self.cancelled += other.cancelled
+        self.released += other.released
 
 
 def unstorable(o: Outcome, exc: BaseException) -> Outcome:

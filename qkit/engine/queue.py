@@ -217,8 +217,33 @@ class Queue(ScheduleMethods):
 
         return replay_fingerprint(self, fingerprint, type=type)
 
-    def purge_dead(self) -> int:
-        """Delete every job in the DLQ (ledger rows and Redis entries); returns how many."""
+    def purge_dead(self, job_ids: Sequence[int | tuple[int, int]] | None = None, *, fingerprint: str | None = None,
+                   older_than: Any = None, dry_run: bool = False) -> int:
+        """Delete jobs of the DLQ (ledger rows with their history, and Redis entries); returns how many.
+
+        Every failed job of the queue, or only those among ``job_ids`` (ids, or
+        (id, epoch) pairs as :func:`qkit.ops.triage.purge_selection` gives), whose
+        final error has ``fingerprint`` (its text or short id) and that failed more
+        than ``older_than`` ago (seconds, a timedelta, or text like ``"7d"``), each
+        when given.  ``dry_run``: only count them; nothing changes.
+        """
+        if job_ids is None and fingerprint is None and older_than is None:
+            failed = [(row[0], row[4]) for row in self.ledger.active_rows(self.name) if row[1] == "failed"]
+        else:
+            from qkit.ops.retention import dlq_age
+            from qkit.ops.triage import purge_selection
+
+            pairs = [j if isinstance(j, tuple) else (_job_id(j), None) for j in (job_ids or [])]
+            failed = purge_selection(self, ids=None if job_ids is None else [i for i, _ in pairs],
+                                     fingerprint=fingerprint,
+                                     older_than=None if older_than is None else dlq_age(older_than))
+            seen = {i: epoch for i, epoch in pairs if epoch is not None}
+            failed = [(i, epoch) for i, epoch in failed if seen.get(i, epoch) == epoch]
+        if dry_run:
+            return len(failed)
+        return self._purge(failed)
+
+    def _purge(self, failed: list[tuple[int, int]]) -> int:
         # Redis first: if the ledger delete is then lost, the next burst's drift check puts the
         # still-failed jobs back in Redis's DLQ.  The other order could leave DLQ entries that
         # no ledger row explains, which no burst repairs.
@@ -229,7 +254,8 @@ class Queue(ScheduleMethods):
         # next claim sends the dead-letter: the deleted ids are taken out once more, from every
         # place (a late dead-letter of a lease removed here is fenced; the repair itself re-checks
         # what it dead-lettered, qkit.ops.reconcile.repair), so no entry outlives its row.
-        failed = [(row[0], row[4]) for row in self.ledger.active_rows(self.name) if row[1] == "failed"]
+        if not failed:
+            return 0
         self.dispatch.remove([job_id for job_id, _ in failed], scope="dead")
         deleted = self.ledger.purge_dead(self.name, failed)
         if deleted:

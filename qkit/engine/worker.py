@@ -128,6 +128,7 @@ class Worker:
         self._job_progress = ProgressBoard(q.ledger)  # handlers' current_job().progress() reports
         self._aio = AsyncRunner()  # the event loop of async handlers, made on first use
         self._cancel_flags: dict[int, threading.Event] = {}  # running job -> its JobContext.cancel_event
+        self._delayed_left = False  # the last empty claim saw delayed jobs (retries in back-off, perhaps)
 
     # ------------------------------------------------------------------ public
     def run(self) -> WorkSummary:
@@ -155,6 +156,11 @@ class Worker:
                 self._loop(pool)
             else:
                 self._loop(pool)
+            if self._delayed_left or self.summary.retried:  # one read per burst, only when retries may wait
+                try:
+                    self.summary.waiting_retry, self.summary.next_retry_s = q.ledger.waiting_retries(q.name)
+                except Exception as exc:  # noqa: BLE001 - only for the summary: the burst's work is done
+                    log.debug("could not count the retries left waiting: %s", run_error(exc))
             if self._signal is not None:
                 status = "interrupted"
         except BaseException as exc:
@@ -173,7 +179,7 @@ class Worker:
             s = self.summary
             def close(_again: bool = False) -> None:
                 q.ledger.finish_run(run_id, processed=s.processed, completed=s.completed, retried=s.retried,
-                                    failed=s.failed, status=status, error=error)
+                                    failed=s.failed, released=s.released, status=status, error=error)
             try:
                 # a burst that failed (maybe after retrying a write for a lease period) tries once
                 self._retrying("closing the worker run", close) if status != "failed" else close()
@@ -218,6 +224,7 @@ class Worker:
                 if claim.paused and not self.forever:
                     s.stopped_by = "paused"
                     break
+                self._delayed_left = claim.next_due_ms >= 0 and not claim.paused
                 if self._wait_for_delayed(-1 if claim.paused else claim.next_due_ms):  # forever: idle while paused
                     continue
                 s.stopped_by = "empty"
@@ -254,6 +261,7 @@ class Worker:
             s.retried += settled.retried
             s.failed += settled.failed
             s.cancelled += settled.cancelled + plan.cancelled
+            s.released += settled.released
             s.processed += settled.completed + settled.retried + settled.failed + settled.cancelled + plan.cancelled
             if self.progress is not None:
                 self.progress.update(settled.completed + settled.retried + settled.failed)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Callable, Iterator, Sequence
 
-from sqlalchemy import bindparam, delete, func, insert, select, text, update
+from sqlalchemy import and_, bindparam, delete, func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from qkit.errors import Conflict, NotFound
@@ -89,6 +89,26 @@ class Admin(LedgerBase):
                 deleted += gone
                 self.statements += 3
         return sorted(deleted)
+
+    def dead_candidates(self, queue: str, *, before: datetime | None = None,
+                        ids: Sequence[int] | None = None) -> list[dict[str, Any]]:
+        """The queue's failed jobs a filtered purge chooses from, oldest failure first: ``id``, ``epoch``,
+        ``type``, ``finished_at``, ``error`` (its first 1,000 characters) and the stored ``fingerprint`` of
+        the final attempt; only those that failed before ``before`` and are among ``ids``, when given."""
+        j, a = jobs, job_attempts
+        query = (select(j.c.id, j.c.epoch, j.c.type, j.c.finished_at, func.substr(j.c.error, 1, 1000).label("error"),
+                        a.c.fingerprint)
+                 .select_from(j.outerjoin(a, and_(a.c.job_id == j.c.id, a.c.epoch == j.c.epoch,
+                                                  a.c.attempt == j.c.attempts)))
+                 .where(j.c.queue == queue, j.c.status == "failed").order_by(j.c.finished_at, j.c.id))
+        if before is not None:
+            query = query.where(j.c.finished_at < before)
+        wanted = None if ids is None else sorted({int(i) for i in ids})
+        with self.read_engine.connect() as conn:
+            if wanted is None:
+                return [dict(r) for r in conn.execute(query).mappings()]
+            return [dict(r) for start in range(0, len(wanted), 500)
+                    for r in conn.execute(query.where(j.c.id.in_(wanted[start:start + 500]))).mappings()]
 
     def add_events(self, rows: Sequence[dict[str, Any]]) -> None:
         if rows:

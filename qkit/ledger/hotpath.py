@@ -427,6 +427,8 @@ class HotPath(LedgerBase):
                                                detail={"attempt": j.attempt, "outcome": "released"}))
                         ended_cancelled.append(j.id)
                         plan.cancelled += 1
+                    else:
+                        plan.released += 1
                     plan.settlements.append(verdict.settlement(j.id, j.priority))
                     continue
                 duration = (o.finished_at - j.started_at).total_seconds() * 1000

@@ -1,14 +1,14 @@
 """``worker_runs``: one row per burst (started, finished, abandoned), continued by a scheduled run's burst."""
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import func, insert, select, update
 
 from qkit.engine import storable
 from qkit.ledger.engine import LedgerBase, utcnow
-from qkit.ledger.schema import worker_runs
+from qkit.ledger.schema import jobs, worker_runs
 
 
 class Runs(LedgerBase):
@@ -35,11 +35,23 @@ class Runs(LedgerBase):
                 status="running").returning(worker_runs.c.id)).scalar_one())
 
     def finish_run(self, run_id: int, *, processed: int, completed: int, retried: int, failed: int,
-                   status: str, error: str | None = None) -> None:
+                   status: str, error: str | None = None, released: int = 0) -> None:
         with self._write() as conn:
             conn.execute(update(worker_runs).where(worker_runs.c.id == run_id).values(
                 finished_at=utcnow(), processed=processed, completed=completed, retried=retried, failed=failed,
-                status=status, error=storable.text(error, self.driver.pg)))
+                released=released, status=status, error=storable.text(error, self.driver.pg)))
+
+    def waiting_retries(self, queue: str) -> tuple[int, float | None]:
+        """What a burst leaves waiting: how many of the queue's jobs wait for a retry (pending after an
+        attempt, not yet due) and in how many seconds the next is due (None if none)."""
+        now = utcnow()
+        waiting = (jobs.c.queue == queue) & (jobs.c.status == "pending") & (jobs.c.attempts > 0) & (jobs.c.run_at > now)
+        with self.read_engine.connect() as conn:
+            n, first = conn.execute(select(func.count(), func.min(jobs.c.run_at)).where(waiting)).one()
+        if not n or first is None:
+            return 0, None
+        first = first if first.tzinfo else first.replace(tzinfo=timezone.utc)
+        return int(n), round(max(0.0, (first - now).total_seconds()), 1)
 
     def running_runs(self, queue: str) -> list[tuple[int, str, datetime]]:
         """(id, worker, started_at) of the queue's ``worker_runs`` rows still marked ``running``."""

@@ -330,8 +330,15 @@ def _verdict(q: "Queue", exp: Explanation) -> str:
         fp = (final or {}).get("fingerprint") or fingerprint(job["error"])
         dead_reason = next((_detail(e).get("reason") for e in reversed(exp.events) if e["event"] == "failed"), None)
         permanent = dead_reason == "permanent" or bool(job["error"] and job["error"].startswith("UnknownJobType"))
+        from qkit.ops.handled import has_handler
         from qkit.ops.triage import fingerprint_id
 
+        # never advise a replay that can only fail the same way: no worker knows the type
+        replay = (f" Replay it with `qkit dlq replay {jid}`"
+                  + (f" (or the whole group: `qkit dlq replay --fingerprint {fingerprint_id(fp)}`)." if fp else ".")
+                  if has_handler(q, job["type"]) else
+                  f" No worker has a handler for type {job['type']!r}: register one (`@qkit.handler` in a module "
+                  "QKIT_HANDLERS names, for the workers) before replaying it; a replay now fails the same way.")
         parts.append(f"Job {jid} failed and is in the DLQ: attempt {n}/{mx} "
                      + (f"({final['outcome']}) " if final else "")
                      + f"ended it at {_at(job['finished_at'])} with: {_short(job['error'])}."
@@ -339,9 +346,7 @@ def _verdict(q: "Queue", exp: Explanation) -> str:
                          if job["error"].startswith("UnknownJobType") else
                          f" It was not retried: permanent error: {_short(job['error'], 100)}.")
                         if permanent else "")
-                     + (f" Error fingerprint {fingerprint_id(fp)} ({fp})." if fp else "")
-                     + f" Replay it with `qkit dlq replay {jid}`"
-                     + (f" (or the whole group: `qkit dlq replay --fingerprint {fingerprint_id(fp)}`)." if fp else "."))
+                     + (f" Error fingerprint {fingerprint_id(fp)} ({fp})." if fp else "") + replay)
         if lease and lease["valid"]:
             parts.append(f"Its worker {lease['owner']} still holds the lease and moves it to the DLQ in its next call.")
         elif not r["dead"]:

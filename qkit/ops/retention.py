@@ -64,6 +64,21 @@ def parse_age(value: str | float | timedelta) -> timedelta:
     return age
 
 
+def dlq_age(value: Any) -> timedelta:
+    """``older_than`` of a DLQ purge: seconds (a number), a timedelta, or text like ``"7d"``, ``"12h"``."""
+    if isinstance(value, str):
+        return parse_age(value)
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        raise BadInput(f"older_than must be seconds or an age like 7d or 12h, not {type(value).__name__}")
+    if not 0 <= seconds <= MAX_AGE.total_seconds():  # also NaN
+        raise BadInput(f"older_than must be 0..{MAX_AGE.days} days in seconds, not {value!r}")
+    return timedelta(seconds=seconds)
+
+
 def cutoff_for(age: timedelta, now: datetime | None = None) -> datetime:
     """Midnight UTC of the day ``age`` ago: jobs finished before it are prunable (whole days only)."""
     moment = (now or utcnow()) - age

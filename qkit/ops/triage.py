@@ -7,6 +7,7 @@
   :func:`qkit.engine.lifecycle.fingerprint`); ``fingerprint_id`` is a short stable hash
   of it, easy to type: ``qkit dlq replay --fingerprint 3f2a9c01be``.
 * :func:`replay_fingerprint` — bulk replay of one group.
+* :func:`purge_selection` — what a filtered DLQ purge deletes (fingerprint, age, ids).
 * :func:`starvation` / :func:`starvation_frame` — wait from enqueue to first
   claim per priority (percentiles) and the oldest job waiting per priority:
   the view that shows a low priority starving (``q.stats()["starvation"]``).
@@ -15,8 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any, Sequence
 
 from qkit.errors import BadInput, NotFound
 from qkit.engine.lifecycle import fingerprint as error_fingerprint
@@ -45,8 +46,7 @@ def _dlq_rows(q: "Queue") -> list[dict[str, Any]]:
     rows = reads.dead_with_fingerprints(q.ledger, q.name)
     for r in rows:
         # rows written before fingerprints were stored: the same function on the job's final error
-        r["fingerprint"] = r["fingerprint"] or error_fingerprint(r["error"]) or NO_ERROR
-        r["fingerprint_id"] = fingerprint_id(r["fingerprint"])
+        r["fingerprint"], r["fingerprint_id"] = _keys(r)
     return rows
 
 
@@ -88,6 +88,17 @@ def dlq_groups(q: "Queue") -> "pd.DataFrame":
     return df.sort_values(["jobs", "last_seen", "type"], ascending=[False, False, True]).reset_index(drop=True)
 
 
+def dead_rows(q: "Queue", limit: int | None = None) -> list[dict[str, Any]]:
+    """The DLQ's jobs, newest failure first, each with its ``fingerprint`` and ``fingerprint_id``."""
+    jobs = q.dead(limit)
+    keys = {r["id"]: _keys(r) for r in q.ledger.dead_candidates(q.name, ids=[j.id for j in jobs])} if jobs else {}
+    out = []
+    for job in jobs:
+        fp, fp_id = keys.get(job.id) or _keys({"fingerprint": None, "error": job.error})
+        out.append({**job.to_dict(), "fingerprint": fp, "fingerprint_id": fp_id})
+    return out
+
+
 def fingerprint_job_ids(q: "Queue", fp: str, *, type: str | None = None) -> list[int]:
     """Ids of the DLQ jobs whose final error has fingerprint ``fp`` (the full text or its short id)."""
     fp = (fp or "").strip()
@@ -111,6 +122,27 @@ def replay_fingerprint(q: "Queue", fp: str, *, type: str | None = None) -> list[
     for start in range(0, len(ids), 500):
         done += q.replay(ids[start:start + 500])
     return done
+
+
+def purge_selection(q: "Queue", *, ids: Sequence[int] | None = None, fingerprint: str | None = None,
+                    older_than: timedelta | None = None) -> list[tuple[int, int]]:
+    """(id, epoch) of the DLQ jobs a filtered purge deletes: those among ``ids``, whose final error has
+    ``fingerprint`` (text or short id) and that failed more than ``older_than`` ago, each when given."""
+    fp = None if fingerprint is None else str(fingerprint).strip()
+    if fingerprint is not None and not fp:
+        raise BadInput("a fingerprint (or its short id from `qkit dlq list --group`) is required")
+    before = utcnow() - older_than if older_than is not None else None
+    rows = q.ledger.dead_candidates(q.name, before=before, ids=ids)
+    if fp is not None:
+        rows = [r for r in rows if fp in _keys(r)]
+    return [(int(r["id"]), int(r["epoch"])) for r in rows]
+
+
+def _keys(row: dict[str, Any]) -> tuple[str, str]:
+    """A DLQ row's fingerprint as stored (or, for rows written before fingerprints, computed from its
+    error) and its short id."""
+    fp = row["fingerprint"] or error_fingerprint(row["error"]) or NO_ERROR
+    return fp, fingerprint_id(fp)
 
 
 # ---------------------------------------------------------------- starvation
