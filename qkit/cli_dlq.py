@@ -102,9 +102,10 @@ def dlq_purge(dry_run: bool, yes: bool, fingerprint: str | None, older_than: str
               as_json: bool) -> None:
     """Delete jobs of the DLQ with their attempts and events (all of them, or those the filters pick)."""
     from qkit.ops.retention import parse_age
-    from qkit.ops.triage import purge_selection
+    from qkit.ops.triage import check_fingerprint, purge_selection
 
     age = parse_age(older_than) if older_than is not None else None  # bad input before anything is opened
+    fingerprint = check_fingerprint(fingerprint) if fingerprint is not None else None
     if not (dry_run or yes or sys.stdin.isatty()):
         raise BadInput("dlq purge deletes jobs and their history: pass --yes to confirm (or --dry-run to count); "
                        "it asks on a terminal")

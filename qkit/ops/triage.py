@@ -99,11 +99,17 @@ def dead_rows(q: "Queue", limit: int | None = None) -> list[dict[str, Any]]:
     return out
 
 
-def fingerprint_job_ids(q: "Queue", fp: str, *, type: str | None = None) -> list[int]:
-    """Ids of the DLQ jobs whose final error has fingerprint ``fp`` (the full text or its short id)."""
-    fp = (fp or "").strip()
+def check_fingerprint(fp: Any) -> str:
+    """``fp`` stripped; BadInput when it is empty or not text."""
+    fp = fp.strip() if isinstance(fp, str) else ""
     if not fp:
         raise BadInput("a fingerprint (or its short id from `qkit dlq list --group`) is required")
+    return fp
+
+
+def fingerprint_job_ids(q: "Queue", fp: str, *, type: str | None = None) -> list[int]:
+    """Ids of the DLQ jobs whose final error has fingerprint ``fp`` (the full text or its short id)."""
+    fp = check_fingerprint(fp)
     return [r["id"] for r in _dlq_rows(q)
             if fp in (r["fingerprint"], r["fingerprint_id"]) and (type is None or r["type"] == type)]
 
@@ -128,9 +134,7 @@ def purge_selection(q: "Queue", *, ids: Sequence[int] | None = None, fingerprint
                     older_than: timedelta | None = None) -> list[tuple[int, int]]:
     """(id, epoch) of the DLQ jobs a filtered purge deletes: those among ``ids``, whose final error has
     ``fingerprint`` (text or short id) and that failed more than ``older_than`` ago, each when given."""
-    fp = None if fingerprint is None else str(fingerprint).strip()
-    if fingerprint is not None and not fp:
-        raise BadInput("a fingerprint (or its short id from `qkit dlq list --group`) is required")
+    fp = None if fingerprint is None else check_fingerprint(fingerprint)
     before = utcnow() - older_than if older_than is not None else None
     rows = q.ledger.dead_candidates(q.name, before=before, ids=ids)
     if fp is not None:
