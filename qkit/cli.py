@@ -66,11 +66,16 @@ def enqueue(type: str, payload: str | None, priority: int, max_attempts: int, de
 
     body = _parse_payload(payload)
     with _open(queue) as q:
-        job_id = q.enqueue(type, body, priority=priority, max_attempts=max_attempts, delay=delay, key=key)
+        job_id, created = q.enqueue_result(type, body, priority=priority, max_attempts=max_attempts, delay=delay,
+                                           key=key)
         warning = unknown_type_warning(q, type)
+        status = None if created else q.get(job_id).status
     if warning:
         click.echo(f"qkit: {warning}", err=True)
-    emit({"id": job_id}, as_json, lambda d: str(d["id"]))
+    if not created:  # the id on stdout as ever (scripts read it), what happened on stderr
+        click.echo(f"qkit: duplicate: idempotency key {key!r} is held by job {job_id} ({status}); "
+                   "nothing new was enqueued", err=True)
+    emit({"id": job_id, "duplicate": not created}, as_json, lambda d: str(d["id"]))
 
 
 @cli.command()

@@ -45,6 +45,30 @@ def _job_when(r: dict[str, Any]) -> str:
     return when(r["finished_at"]) if r.get("finished_at") else "-"
 
 
+# ---------------------------------------------------------------- queues
+@click.command("queues")
+@json_option
+def queues_command(as_json: bool) -> None:
+    """Every queue of the ledger: jobs per status, depth (due now), delayed, the oldest due job's wait."""
+    from qkit.config import DEFAULT_QUEUE
+    from qkit.ops.queues import queue_rows
+
+    with _open(DEFAULT_QUEUE) as q:
+        rows = [r for r in queue_rows(q.ledger, DEFAULT_QUEUE) if r["total"] or r["queue"] != DEFAULT_QUEUE]
+    emit(rows, as_json, _queues_human)
+
+
+def _queues_human(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "no queues yet (the ledger holds no job)"
+    statuses = [s for s in STATUSES if any(r["counts"].get(s) for r in rows) or s != "cancelled"]
+    return table([(r["queue"], r["depth"], r["delayed"], *(f"{r['counts'].get(s, 0):,}" for s in statuses[1:]),
+                   f"{r['total']:,}", seconds(r["oldest_due_age_s"]), "paused" if r["paused"] else "")
+                  for r in rows],
+                 ["QUEUE", "DUE", "DELAYED", *(s.upper() for s in statuses[1:]), "TOTAL", "OLDEST DUE WAITS", ""],
+                 right=tuple(range(1, len(statuses) + 4)))
+
+
 # ---------------------------------------------------------------- stats
 @click.command("stats")
 @queue_option
@@ -132,4 +156,4 @@ def _runner(r: dict[str, Any]) -> str:
     return first_line(r.get("error"))
 
 
-COMMANDS = [jobs_command, stats_command, runs_command]
+COMMANDS = [jobs_command, queues_command, stats_command, runs_command]

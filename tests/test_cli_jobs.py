@@ -210,3 +210,35 @@ def test_work_off_a_terminal_prints_progress_lines(setup):
     counts = [int(re.search(r": (\d+) job\(s\) finished", x).group(1)) for x in lines]
     assert counts == sorted(counts) and counts[-1] <= 12
     assert "\r" not in out.stderr  # lines, not a bar rewritten in place
+
+
+# ---------------------------------------------------------------- queues, duplicates
+def test_queues_lists_every_queue_with_a_header(setup):
+    a, b = setup.connect("jobs-qa"), setup.connect("jobs-qb")
+    a.enqueue_many([{"type": "web_scraping", "payload": {}} for _ in range(3)])
+    a.work(max_jobs=1)
+    b.enqueue("web_scraping", {}, delay=3600)
+    out = qkit_cli(setup, "queues")
+    assert out.returncode == 0, out.stderr
+    header, *rows = out.stdout.splitlines()
+    assert header.split()[:6] == ["QUEUE", "DUE", "DELAYED", "PROCESSING", "COMPLETED", "FAILED"]
+    cells = {r.split()[0]: r.split() for r in rows}
+    assert cells["jobs-qa"][1:7] == ["2", "0", "0", "1", "0", "3"]
+    assert cells["jobs-qb"][1:3] == ["0", "1"] and cells["jobs-qb"][-1] == "-"  # nothing due: no wait
+    data = {r["queue"]: r for r in json.loads(qkit_cli(setup, "queues", "--json").stdout)}
+    assert data["jobs-qa"]["counts"]["completed"] == 1 and data["jobs-qa"]["depth"] == 2
+    assert data["jobs-qa"]["oldest_due_age_s"] >= 0 and data["jobs-qb"]["delayed"] == 1
+
+
+def test_an_enqueue_that_matched_an_idempotency_key_says_it_was_a_duplicate(setup):
+    first = qkit_cli(setup, "enqueue", "web_scraping", "--key", "order-77", "--queue", setup.queue)
+    assert first.returncode == 0 and first.stderr == "", first.stderr
+    job_id = int(first.stdout)
+    again = qkit_cli(setup, "enqueue", "web_scraping", "--key", "order-77", "--queue", setup.queue)
+    assert again.returncode == 0 and int(again.stdout) == job_id  # the existing id, as scripts expect
+    one_line(again, 0, f"duplicate: idempotency key 'order-77' is held by job {job_id} (pending)")
+    as_json = qkit_cli(setup, "enqueue", "web_scraping", "--key", "order-77", "--queue", setup.queue, "--json")
+    assert json.loads(as_json.stdout) == {"id": job_id, "duplicate": True}
+    fresh = qkit_cli(setup, "enqueue", "web_scraping", "--key", "order-78", "--queue", setup.queue, "--json")
+    assert json.loads(fresh.stdout)["duplicate"] is False
+    assert len(setup.connect().jobs()) == 2

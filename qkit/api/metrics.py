@@ -39,7 +39,7 @@ from qkit.api.errors import guard
 from qkit.api.holder import holder
 from qkit.api.openapi import AUTH_ERRORS, error_response
 from qkit.api.roles import authorize
-from qkit.api.routes_ops import queue_rows
+from qkit.ops.queues import queue_rows
 
 #: the execution-time histogram's upper bounds, seconds
 BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)

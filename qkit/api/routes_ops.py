@@ -20,25 +20,9 @@ from qkit.api.holder import holder
 from qkit.api.openapi import AUTH_ERRORS, error_response, json_response
 from qkit.api.roles import authorize
 from qkit.errors import NotFound
-from qkit.ledger import utcnow
 from qkit.ledger.reads import queue_runs
+from qkit.ops.queues import queue_rows
 from qkit.model import STATUSES, jsonable
-
-
-def queue_rows(ledger: Any, served: str) -> list[dict[str, Any]]:
-    """Every queue of the ledger (and the served one) with its counts, depth, oldest due job's age, paused flag."""
-    now = utcnow()
-    rows = {r["queue"]: r for r in ledger.queue_overview(now)}
-    out = []
-    for name in sorted(set(rows) | {served}):
-        r = rows.get(name) or {"counts": {s: 0 for s in STATUSES}, "due": 0, "delayed": 0, "oldest_due_at": None,
-                               "paused": False}
-        oldest = r["oldest_due_at"]
-        out.append({"queue": name, "counts": r["counts"], "total": sum(r["counts"].values()),
-                    "depth": r["due"], "delayed": r["delayed"],
-                    "oldest_due_age_s": round(max(0.0, (now - oldest).total_seconds()), 3) if oldest else None,
-                    "paused": r["paused"]})
-    return out
 
 
 def known_queue(hold: Any, name: str | None) -> Any:
