@@ -48,14 +48,19 @@ def schema_of(url: str) -> Any:
     return schemathesis.openapi.from_url(f"{url}/api/openapi.json")
 
 
-def fuzz_test(token_for: Callable[[Any], str], max_examples: int) -> Callable[..., None]:
-    """A test fuzzing every operation with the bearer ``token_for(case)`` (reads the ``api_schema`` fixture)."""
+def fuzz_test(token_for: Callable[[Any], str], max_examples: int, path_regex: str | None = None) -> Callable[..., None]:
+    """A test fuzzing every operation (or those whose path matches ``path_regex``) with the bearer
+    ``token_for(case)`` (reads the ``api_schema`` fixture)."""
     if schemathesis is None:
         def skipped() -> None:
             pytest.skip("schemathesis is not installed (pip install -e '.[dev]')")
         return skipped
 
-    @schemathesis.pytest.from_fixture("api_schema").parametrize()
+    lazy = schemathesis.pytest.from_fixture("api_schema")
+    if path_regex is not None:
+        lazy = lazy.include(path_regex=path_regex)
+
+    @lazy.parametrize()
     @settings(max_examples=max_examples, deadline=None, suppress_health_check=list(HealthCheck))
     def fuzzed(case: Any) -> None:
         case.call_and_validate(headers={"Authorization": f"Bearer {token_for(case)}"}, timeout=60,

@@ -30,7 +30,8 @@ from qkit.api.bodies import api_limits, burst_budget
 from qkit.api.errors import guard, http_error, route_templates
 from qkit.api.holder import QueueHolder, holder as _holder
 from qkit.api.openapi import document
-from qkit.api import dashboard, metrics, routes_jobs, routes_ops, routes_schedules  # the route groups (ROUTE_MODULES)
+from qkit.api import (dashboard, metrics, routes_dlq, routes_jobs, routes_ops,  # the route groups (ROUTE_MODULES)
+                      routes_schedules)
 from qkit.config import DEFAULT_QUEUE, settings as resolve_settings
 from qkit.errors import BadInput
 from qkit.model import check_name
@@ -42,7 +43,7 @@ MAX_CONCURRENT_BURSTS = 4
 
 #: The route groups, in order: each module holds ``ROUTES`` (Starlette routes) and, for JSON routes,
 #: ``OPENAPI_PATHS`` / ``OPENAPI_SCHEMAS``.  A new group is its module named in the import above and here.
-ROUTE_MODULES = (routes_jobs, routes_ops, metrics, routes_schedules, dashboard)
+ROUTE_MODULES = (routes_jobs, routes_ops, routes_dlq, metrics, routes_schedules, dashboard)
 
 
 # --------------------------------------------------------------------------- routes
