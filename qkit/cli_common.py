@@ -13,6 +13,7 @@ import click
 import qkit
 from qkit.config import DEFAULT_QUEUE
 from qkit.model import MAX_ID
+from qkit.text import duration
 
 
 def _json_default(value: Any) -> Any:
@@ -74,16 +75,8 @@ def when(value: Any) -> str:
 
 
 def seconds(value: float | None) -> str:
-    """A duration for people: ``850 ms``, ``12.3 s``, ``4 min 05 s``, ``2 h 03 min``."""
-    if value is None:
-        return "-"
-    if value < 1:
-        return f"{value * 1000:.0f} ms"
-    if value < 60:
-        return f"{value:.1f} s"
-    if value < 3600:
-        return f"{int(value // 60)} min {int(value % 60):02d} s"
-    return f"{int(value // 3600)} h {int(value % 3600 // 60):02d} min"
+    """A duration for people (:func:`qkit.text.duration`); '-' for none."""
+    return "-" if value is None else duration(value)
 
 
 def first_line(text: str | None) -> str:
@@ -106,8 +99,9 @@ def table(rows: Sequence[Sequence[Any]], header: Sequence[str], *, right: Sequen
 
 
 class ProgressLines:
-    """A burst's progress for logs: one line on stderr every ``every`` seconds (where tqdm's bar would
-    be a single line rewritten in place).  The worker calls :meth:`update` with the jobs it finished."""
+    """A burst's progress for logs: one line on stderr every ``every`` seconds while jobs finish, and
+    one every 12 intervals while none does (where tqdm's bar would be a single line rewritten in place).
+    The worker calls :meth:`update` with the jobs it finished."""
 
     def __init__(self, label: str, every: float) -> None:
         import threading
@@ -123,7 +117,12 @@ class ProgressLines:
         self.done += n
 
     def _run(self) -> None:
+        said, quiet = -1, 0
         while not self._stop.wait(self.every):
+            quiet += 1
+            if self.done == said and quiet < 12:  # idle (a long job, a --forever worker): a line a minute or so
+                continue
+            said, quiet = self.done, 0
             elapsed = self._clock() - self._t0
             click.echo(f"qkit: {self.label}: {self.done} job(s) finished in {elapsed:.0f} s "
                        f"({self.done / elapsed if elapsed else 0:.1f}/s)", err=True)

@@ -6,7 +6,6 @@ Redis and SQLite ledger), with the handlers of ``tests/dlq_handlers.py``; the se
 """
 from __future__ import annotations
 
-import os
 import secrets
 from pathlib import Path
 
@@ -17,11 +16,10 @@ import qkit
 from qkit.backends.embedded import EmbeddedServer
 from qkit.ops.audit import audit
 from api_fuzz import fuzz_test, schema_of
-from services import ApiServer, start_api_server
+from test_api_routes import client, one_line_error, start_server
 
 ADMIN = "adm-" + secrets.token_hex(16)
 READER = "rdr-" + secrets.token_hex(16)
-SCRUBBED = ("QKIT_", "UPSTASH_", "QSTASH_", "WORKER_SECRET")
 
 
 @pytest.fixture(scope="module")
@@ -33,15 +31,9 @@ def home(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(home):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(SCRUBBED)}
-    env.update(QKIT_HOME=str(home), QKIT_API_TOKEN=ADMIN, QKIT_API_READ_TOKEN=READER)
-    srv = start_api_server(env, home.parent / "dlq-api.log")
+    srv = start_server(home, home.parent / "dlq-api.log", {"QKIT_API_TOKEN": ADMIN, "QKIT_API_READ_TOKEN": READER})
     yield srv
     srv.stop()
-
-
-def client(server: ApiServer, token: str) -> httpx.Client:
-    return httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {token}"}, timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -71,13 +63,6 @@ def dead(home: Path):
     assert len(q.dead()) == 6
     yield q, ids
     q.close()
-
-
-def one_line_error(reply: httpx.Response, status: int) -> str:
-    assert reply.status_code == status, reply.text
-    body = reply.json()
-    assert set(body) <= {"error", "field"} and "\n" not in body["error"]
-    return body["error"]
 
 
 def groups_of(c: httpx.Client, queue: str) -> dict[str, dict]:

@@ -9,6 +9,7 @@ Needs the ``api`` extra (``pip install 'qkit[api]'``).  The package's modules:
 :mod:`qkit.api.holder` the served queue, and views of the ledger's other queues
 :mod:`qkit.api.routes_jobs` ``/api/jobs*`` (enqueue, list, one job, cancel)
 :mod:`qkit.api.routes_ops` ``/api/queues``, ``/api/stats``, ``/api/runs``
+:mod:`qkit.api.routes_dlq` ``/api/dlq`` (list, groups), ``/api/dlq/replay``, ``/api/dlq/purge``
 :mod:`qkit.api.metrics` ``GET /metrics`` (Prometheus, read from the ledger at scrape time)
 :mod:`qkit.api.bodies` bodies read under caps, strict JSON, field and query checks, burst caps
 :mod:`qkit.api.errors` :class:`ApiError`, the endpoint guard, JSON 404/405, route templates
