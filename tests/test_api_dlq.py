@@ -13,27 +13,17 @@ import httpx
 import pytest
 
 import qkit
-from qkit.backends.embedded import EmbeddedServer
 from qkit.ops.audit import audit
-from api_fuzz import fuzz_test, schema_of
-from test_api_routes import client, one_line_error, start_server
+from api_support import fuzz_test, home, running, schema_of  # noqa: F401 (home: a fixture)
+from test_api_routes import client, one_line_error
 
 ADMIN = "adm-" + secrets.token_hex(16)
 READER = "rdr-" + secrets.token_hex(16)
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    path = tmp_path_factory.mktemp("dlq-home")
-    yield path
-    EmbeddedServer(path).stop()
-
-
-@pytest.fixture(scope="module")
 def server(home):
-    srv = start_server(home, home.parent / "dlq-api.log", {"QKIT_API_TOKEN": ADMIN, "QKIT_API_READ_TOKEN": READER})
-    yield srv
-    srv.stop()
+    yield from running(home, "dlq-api", QKIT_API_TOKEN=ADMIN, QKIT_API_READ_TOKEN=READER)
 
 
 @pytest.fixture(scope="module")
