@@ -16,6 +16,7 @@ def test_a_v6_ledger_gains_the_v7_columns_and_tables_in_place(setup, tmp_path):
         try:
             assert ledger.init_schema() == SCHEMA_VERSION >= 7
             with ledger.engine.begin() as conn:  # a v6 ledger, as written before: no v7 columns or tables
+                conn.execute(text("DROP INDEX ix_jobs_owner"))
                 for table_name, names in NEW_COLUMNS.items():
                     for name in names:
                         conn.execute(text(f"ALTER TABLE {table_name} DROP COLUMN {name}"))
@@ -31,6 +32,7 @@ def test_a_v6_ledger_gains_the_v7_columns_and_tables_in_place(setup, tmp_path):
             for table_name, names in NEW_COLUMNS.items():
                 assert names <= {c["name"] for c in found.get_columns(table_name)}, table_name
             assert {"schedules", "queue_controls"} <= set(found.get_table_names())
+            assert "ix_jobs_owner" in {i["name"] for i in found.get_indexes("jobs")}
             with ledger.engine.connect() as conn:
                 assert conn.execute(text("SELECT type, owner, progress FROM jobs")).all() == [("t", None, None)]
         finally:

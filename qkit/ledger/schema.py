@@ -6,7 +6,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import (JSON, BigInteger, Column, DateTime, Float, Index, Integer, MetaData, String, Table, Text,
-                        TypeDecorator, and_, bindparam, column, func, insert, select, table, update)
+                        TypeDecorator, and_, bindparam, column, func, insert, select, table, text, update)
 from sqlalchemy.engine import Connection
 
 from qkit.engine import storable
@@ -95,6 +95,9 @@ jobs = Table(
     Column("progress_note", Text),
     Column("progress_at", UTCDateTime),
     Index("ix_jobs_queue_status", "queue", "status"),
+    # v7: a JWT user's own jobs, newest first; partial, so jobs without an owner (most) cost no index entry
+    Index("ix_jobs_owner", "queue", "owner", "id", sqlite_where=text("owner IS NOT NULL"),
+          postgresql_where=text("owner IS NOT NULL")),
     # every job holds its key, failed ones too, until purged (docs/semantics.md#idempotency)
     Index("uq_jobs_idempotency", "queue", "idempotency_key", unique=True),
     sqlite_autoincrement=True,  # job ids are never reused (docs/semantics.md#the-promise)
@@ -307,19 +310,28 @@ def _migrate_v6(conn: Connection) -> None:
         next(i for i in job_events.indexes if i.name == "ix_events_moves").create(conn, checkfirst=True)
 
 
-_V7_COLUMNS = (("jobs", "owner", "VARCHAR(256)"), ("jobs", "progress", "FLOAT"), ("jobs", "progress_note", "TEXT"),
-               ("jobs", "progress_at", None), ("job_attempts", "retry_after_ms", "FLOAT"),
-               ("worker_runs", "released", "INTEGER NOT NULL DEFAULT 0"))
+#: v7's new columns: (table, column, statement on SQLite, statement on PostgreSQL if it differs); constant text
+_V7_COLUMNS = (
+    ("jobs", "owner", "ALTER TABLE jobs ADD COLUMN owner VARCHAR(256)", None),
+    ("jobs", "progress", "ALTER TABLE jobs ADD COLUMN progress FLOAT", None),
+    ("jobs", "progress_note", "ALTER TABLE jobs ADD COLUMN progress_note TEXT", None),
+    ("jobs", "progress_at", "ALTER TABLE jobs ADD COLUMN progress_at DATETIME",
+     "ALTER TABLE jobs ADD COLUMN progress_at TIMESTAMP WITH TIME ZONE"),
+    ("job_attempts", "retry_after_ms", "ALTER TABLE job_attempts ADD COLUMN retry_after_ms FLOAT", None),
+    ("worker_runs", "released", "ALTER TABLE worker_runs ADD COLUMN released INTEGER NOT NULL DEFAULT 0", None),
+)
 
 
 def _migrate_v7(conn: Connection) -> None:
-    """v6 -> v7: the workload controls' columns and tables (owner, progress, Retry-After, schedules, controls)."""
+    """v6 -> v7: the workload controls' columns, tables and index (owner, progress, Retry-After, released,
+    schedules, queue controls)."""
     from sqlalchemy import inspect as inspect_db
 
-    stamp = "TIMESTAMP WITH TIME ZONE" if conn.dialect.name == "postgresql" else "DATETIME"
-    for table_name, name, sql_type in _V7_COLUMNS:
+    on_postgres = conn.dialect.name == "postgresql"
+    for table_name, name, sqlite_ddl, postgres_ddl in _V7_COLUMNS:
         if name not in {c["name"] for c in inspect_db(conn).get_columns(table_name)}:
-            conn.exec_driver_sql(f"ALTER TABLE {table_name} ADD COLUMN {name} {sql_type or stamp}")
+            conn.exec_driver_sql(postgres_ddl if on_postgres and postgres_ddl else sqlite_ddl)
+    next(i for i in jobs.indexes if i.name == "ix_jobs_owner").create(conn, checkfirst=True)
     schedules.create(conn, checkfirst=True)
     queue_controls.create(conn, checkfirst=True)
 
