@@ -247,6 +247,19 @@ def test_a_handler_swallowing_its_cancellation_is_given_up(setup: Setup, tmp_pat
     assert audit(q).clean
 
 
+def test_a_burst_runs_async_handlers_from_inside_a_running_event_loop(setup: Setup, tmp_path: Path):
+    """A notebook cell runs inside the kernel's event loop: the burst's own loop runs on its own thread."""
+    q = setup.connect()
+    log = str(tmp_path / "log")
+    ids = q.enqueue_many([{"type": "aio_record", "payload": {"log": log, "sleep": 0.02}} for _ in range(20)])
+
+    async def cell():
+        return q.work(concurrency=10)
+
+    assert asyncio.run(cell()).completed == 20
+    assert all(q.get(i).result["seen"] == i for i in ids)
+
+
 def test_debug_rerun_runs_an_async_handler_also_inside_a_running_loop(setup: Setup, tmp_path: Path):
     from qkit.analysis.debug import rerun
 
