@@ -108,3 +108,14 @@ async def aio_cancellable(payload: dict) -> dict:
         await asyncio.sleep(0.01)
     _log(payload, "done")
     return {"stopped_early": job.cancel_requested}
+
+
+class _Client:
+    """A handler object whose ``__call__`` is a coroutine function."""
+
+    async def __call__(self, payload: dict) -> dict:
+        await asyncio.sleep(0.01)
+        return {"seen": qkit.current_job().id}
+
+
+qkit.handler("aio_callable", timeout=30)(_Client())

@@ -260,6 +260,13 @@ def test_a_burst_runs_async_handlers_from_inside_a_running_event_loop(setup: Set
     assert all(q.get(i).result["seen"] == i for i in ids)
 
 
+def test_an_object_with_an_async_call_method_is_an_async_handler(setup: Setup):
+    q = setup.connect()
+    job_id = q.enqueue("aio_callable", {})
+    assert q.work().completed == 1
+    assert q.get(job_id).result == {"seen": job_id}
+
+
 def test_debug_rerun_runs_an_async_handler_also_inside_a_running_loop(setup: Setup, tmp_path: Path):
     from qkit.analysis.debug import rerun
 

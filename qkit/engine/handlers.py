@@ -89,7 +89,9 @@ def handler(type: str, timeout: float = DEFAULT_TIMEOUT) -> Callable[[Callable],
         raise ValueError("timeout must be > 0 seconds")
 
     def register(func: Callable) -> Callable:
-        _registry[type] = Handler(type, func, float(timeout), inspect.iscoroutinefunction(func))
+        is_async = inspect.iscoroutinefunction(func) or (  # an object with ``async def __call__`` too
+            not inspect.isroutine(func) and inspect.iscoroutinefunction(getattr(func, "__call__", None)))
+        _registry[type] = Handler(type, func, float(timeout), is_async)
         return func
 
     return register
