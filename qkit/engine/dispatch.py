@@ -32,9 +32,10 @@ class QueueKeys:
     def all(self) -> list[str]:
         prefix = f"qkit:{{{self.queue}}}:"
         # "clock" is only used with priority aging: scripts that take six keys ignore it; "control" holds
-        # the queue's pause flag and the cancel requests of leased jobs (cancel.lua, pause.lua)
+        # the queue's pause flag and the cancel requests of leased jobs (cancel.lua, pause.lua); "limits"
+        # and "types" are used by a queue with limits per type (docs/semantics.md#limits-per-type)
         return [prefix + part for part in ("ready", "delayed", "leased", "owners", "dead", "prio", "clock",
-                                           "control")]
+                                           "control", "limits", "types")]
 
 
 @dataclass
@@ -49,6 +50,10 @@ class ClaimResult:
     malformed: int = 0
     #: the queue is paused: nothing was claimed (settlements were applied)
     paused: bool = False
+    #: type -> (jobs passed over, 'rate' or 'concurrency'): held back by the type's limit, still ready
+    held: dict[str, tuple[int, str]] = field(default_factory=dict)
+    #: Redis TIME of the claim in µs: when the attempts it grants start
+    now_us: int = 0
 
 
 @dataclass
@@ -102,12 +107,13 @@ class RedisClock:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._seen: tuple[int, float] | None = None  # (Redis ms, monotonic s when the reply arrived)
+        self._seen: tuple[float, float] | None = None  # (Redis ms, monotonic s when the reply arrived)
         self._last_ms = 0.0  # the latest time now() returned: it never goes back
 
-    def observe(self, redis_ms: int) -> None:
+    def observe(self, redis_ms: float) -> None:
+        """A reply's Redis TIME in ms (a fraction keeps the µs a claim returns)."""
         with self._lock:
-            self._seen = (int(redis_ms), time.monotonic())
+            self._seen = (float(redis_ms), time.monotonic())
         if self is not _PROCESS_CLOCK:
             _PROCESS_CLOCK.observe(redis_ms)
 
@@ -172,15 +178,20 @@ class Dispatch:
         self.aging_s = float(aging_s)
         #: Redis TIME as last returned by a script (due times in the ledger are computed from it)
         self.clock = RedisClock()
+        #: send job types with a push: the queue had limits at the last push (push.lua)
+        self._typed_push = False
 
-    def push(self, jobs: Iterable[tuple[int, int, int]], mode: str = "new") -> int:
-        """Make jobs pending: (id, priority, delay_ms) each.  Returns how many were added.
+    def push(self, jobs: Iterable[tuple[int, int, int] | tuple[int, int, int, str]], mode: str = "new") -> int:
+        """Make jobs pending: (id, priority, delay_ms) or (id, priority, delay_ms, type) each.
 
-        A delay is relative: the script adds it to Redis ``TIME``, so whoever
-        pushes, a job is due on Redis's clock.  Each reply updates :attr:`clock`.
+        Returns how many were added.  A delay is relative: the script adds it
+        to Redis ``TIME``, so whoever pushes, a job is due on Redis's clock.
+        Each reply updates :attr:`clock`.  A job whose type has a limit gets
+        its type recorded for the claim (jobs pushed without one are typed by
+        :meth:`tag_limited`).
         """
         added = 0
-        batch: list[tuple[int, int, int]] = []
+        batch: list[tuple] = []
         for item in jobs:
             batch.append(item)
             if len(batch) == MAX_BATCH:
@@ -195,12 +206,19 @@ class Dispatch:
         or None where the backend has none (Upstash): see :meth:`qkit.backends.base.Backend.wake_listener`."""
         return self.backend.wake_listener(self.keys[0])
 
-    def _push(self, batch: Sequence[tuple[int, int, int]], mode: str) -> int:
-        args: list[object] = [mode, _aging_arg(self.aging_s)]
-        for job_id, priority, delay_ms in batch:
-            args += [job_id, priority, max(0, int(delay_ms))]
-        added, now_ms = self.backend.run("push", self.keys, args)
+    def _push(self, batch: Sequence[tuple], mode: str) -> int:
+        # the types travel only to a queue with limits (push.lua says when it has them)
+        known = all(len(item) == 4 for item in batch)
+        typed = self._typed_push and known
+        args: list[object] = [mode, _aging_arg(self.aging_s), "1" if typed else "0" if known else "-"]
+        for item in batch:
+            args += [item[0], item[1], max(0, int(item[2]))] + ([item[3]] if typed else [])
+        added, now_ms, has_limits = self.backend.run("push", self.keys, args)
         self.clock.observe(int(now_ms))
+        if int(added) == -1:  # refused untyped: the queue has limits now
+            self._typed_push = True
+            return self._push(batch, mode)
+        self._typed_push = bool(int(has_limits))
         return int(added)
 
     def claim(self, token: str, lease_ms: int, want: int,
@@ -214,9 +232,9 @@ class Dispatch:
         args: list[object] = [token, int(lease_ms), int(want), len(settlements), _aging_arg(self.aging_s)]
         for s in settlements:
             args += [s.job_id, s.action, int(s.delay_ms), s.priority]
-        now, reclaimed, claimed, fenced, next_due, ready_count, malformed, paused = self.backend.run(
-            "claim", self.keys, args)
-        self.clock.observe(int(now))
+        (now, reclaimed, claimed, fenced, next_due, ready_count, malformed, paused, held,
+         now_us) = self.backend.run("claim", self.keys, args)
+        self.clock.observe(int(now_us) / 1000)  # to the µs: the attempts it grants start then
         pairs = reclaimed or []
         if malformed:
             # written by something other than qkit: only the ledger says what a job is, so nothing ran
@@ -231,7 +249,40 @@ class Dispatch:
             ready_count=int(ready_count),
             malformed=int(malformed),
             paused=bool(int(paused)),
+            held={held[i]: (int(held[i + 1]), held[i + 2]) for i in range(0, len(held or []), 3)},
+            now_us=int(now_us),
         )
+
+    # ------------------------------------------------------------------ limits per type (the working copy)
+    def set_limits(self, specs: dict[str, str]) -> int:
+        """Make ``specs`` (type -> ``'<rate> <per_ms> <concurrency>'``) the queue's limits, all of them."""
+        args: list[object] = ["replace"]
+        for job_type, spec in sorted(specs.items()):
+            args += [job_type, spec]
+        return int(self.backend.run("limits", self.keys, args))
+
+    def tag_limited(self, job_type: str, job_ids: Sequence[int]) -> int:
+        """Record the type of jobs already in Redis (pushed before their type had a limit)."""
+        tagged = 0
+        ids = list(job_ids)
+        for start in range(0, len(ids), MAX_BATCH):
+            tagged += int(self.backend.run("limits", self.keys, ["tag", job_type, *ids[start:start + MAX_BATCH]]))
+        return tagged
+
+    def recount_limited(self) -> dict[str, int]:
+        """Concurrency in use per limited type := its leases held now; returns it."""
+        flat = self.backend.run("limits", self.keys, ["recount"]) or []
+        return {flat[i]: int(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+    def limited_slots(self) -> dict[str, tuple[int, int]]:
+        """Per limited type, read at one instant: (leases of it held, slots counted in use)."""
+        flat = self.backend.run("limits", self.keys, ["count"]) or []
+        return {flat[i]: (int(flat[i + 1]), int(flat[i + 2])) for i in range(0, len(flat), 3)}
+
+    def read_limits(self) -> dict[str, str]:
+        """The limits hash as Redis holds it (field -> value)."""
+        flat = self.backend.run("limits", self.keys, ["read"]) or []
+        return {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}
 
     def renew(self, token: str, lease_ms: int, job_ids: Sequence[int]) -> Renewal:
         """Extend held leases; return the ids this token no longer holds and those whose cancel was requested."""

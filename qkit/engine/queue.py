@@ -100,13 +100,13 @@ class Queue(ScheduleMethods):
         results = self.ledger.insert_jobs(self.name, jobs, now=host)
         if faults.ARMED:
             faults.reach("enqueue.after_ledger")
-        created = [(job_id, j.priority, int(j.delay * 1000)) for (job_id, new), j in zip(results, jobs) if new]
+        created = [(job_id, j.priority, int(j.delay * 1000), j.type) for (job_id, new), j in zip(results, jobs) if new]
         with self._tally_lock:
             self.jobs_enqueued_here += len(created)
         if created:
             # the ledger row is committed first: if this push is lost, the next burst pushes it again
             self.dispatch.push(created, mode="new")
-            self._correct_times(host, t0, [(job_id, delay_ms) for job_id, _, delay_ms in created], created=True)
+            self._correct_times(host, t0, [(job_id, delay_ms) for job_id, _, delay_ms, _ in created], created=True)
         return results
 
     @staticmethod
@@ -308,6 +308,28 @@ class Queue(ScheduleMethods):
             return False
         self.dispatch.promote(job_id)
         return True
+
+    # ------------------------------------------------------------------ limits per type
+    def limit(self, type: str, *, rate: int | None = None, per: float = 60.0,
+              concurrency: int | None = None) -> dict[str, Any]:
+        """At most ``rate`` attempts of ``type`` start per ``per`` seconds and at most ``concurrency`` run at
+        once, across every worker of this queue, on Redis's clock (docs/semantics.md#limits-per-type).
+        Replaces the type's previous limit; returns the limit as stored."""
+        from qkit.ops.limits import set_limit
+
+        return set_limit(self, type, rate=rate, per=per, concurrency=concurrency)
+
+    def limits(self) -> dict[str, dict[str, Any]]:
+        """type -> ``{"rate", "per", "concurrency"}`` of every limit of this queue."""
+        from qkit.ops.limits import list_limits
+
+        return list_limits(self)
+
+    def unlimit(self, type: str) -> bool:
+        """Lift the limit of ``type``; True if it had one."""
+        from qkit.ops.limits import remove_limit
+
+        return remove_limit(self, type)
 
     # ------------------------------------------------------------------ work
     def _repair(self) -> dict[str, Any]:

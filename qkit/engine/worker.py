@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Callable
 
 from qkit.config import redact
@@ -51,6 +52,8 @@ RECHECK_SECONDS = 300.0
 TICK_SECONDS = 1.0
 #: back-off of a live worker retrying a ledger or Redis write it could not make (seconds)
 RETRY_FIRST_S, RETRY_MAX_S = 0.05, 1.0
+#: first and longest wait (ms) of a burst whose only work is held at a type's concurrency limit
+HELD_POLL_MS = (10, 500)
 
 
 def short_host() -> str:
@@ -129,6 +132,7 @@ class Worker:
         self._aio = AsyncRunner()  # the event loop of async handlers, made on first use
         self._cancel_flags: dict[int, threading.Event] = {}  # running job -> its JobContext.cancel_event
         self._delayed_left = False  # the last empty claim saw delayed jobs (retries in back-off, perhaps)
+        self._poll_ms = HELD_POLL_MS[0]  # next wait for a type held at its concurrency limit
 
     # ------------------------------------------------------------------ public
     def run(self) -> WorkSummary:
@@ -225,15 +229,18 @@ class Worker:
                     s.stopped_by = "paused"
                     break
                 self._delayed_left = claim.next_due_ms >= 0 and not claim.paused
-                if self._wait_for_delayed(-1 if claim.paused else claim.next_due_ms):  # forever: idle while paused
+                if self._wait_for_delayed(-1 if claim.paused else self._held_poll(claim)):  # forever: idle while paused
                     continue
                 s.stopped_by = "empty"
                 break
+            self._poll_ms = HELD_POLL_MS[0]
             with self._held_lock:
                 for job_id in [*claim.reclaimed, *claim.claimed]:
                     self._held[job_id] = 0
+            # an attempt starts when Redis leased it, on Redis's clock (limits per type are kept on it)
             plan = self._retrying("recording the claim in the ledger", lambda again: q.ledger.claim(
-                q.name, self.worker_id, claim.claimed, claim.reclaimed, q.backoff, again=again),
+                q.name, self.worker_id, claim.claimed, claim.reclaimed, q.backoff, again=again,
+                now=datetime.fromtimestamp(claim.now_us / 1e6, timezone.utc)),
                 to_settle, claim_in_hand=[*claim.reclaimed, *claim.claimed])
             self._priority.update((r.id, r.priority) for r in plan.runnable)
             if faults.ARMED:
@@ -536,6 +543,15 @@ class Worker:
             log.warning("queue %s: the schedules' tick failed (retried in %.0f s): %s", self.q.name, TICK_SECONDS,
                         run_error(exc))
             return False
+
+    def _held_poll(self, claim: Any) -> int:
+        """ms until the next claim may find work: a delayed job falls due or a rate limit reopens
+        (the claim says when), or, for a type held at its concurrency limit (no one can say when a
+        slot frees), a poll that backs off from 10 ms to 0.5 s while nothing can be claimed."""
+        if not any(why == "concurrency" for _, why in claim.held.values()):
+            return claim.next_due_ms
+        poll, self._poll_ms = self._poll_ms, min(self._poll_ms * 2, HELD_POLL_MS[1])
+        return poll if claim.next_due_ms < 0 else min(poll, claim.next_due_ms)
 
     def _wait_for_delayed(self, next_due_ms: int) -> bool:
         """Sleep until the next delayed job is due, if that is within this burst's time budget.

@@ -35,6 +35,7 @@ from qkit.ledger.dashboard import DashboardReads
 from qkit.ledger.engine import LedgerBase, LedgerFailure, transient, utcnow
 from qkit.ledger.events import RENEWAL_EVENT_WAIT_S, EventWriter, Events
 from qkit.ledger.interventions import Interventions
+from qkit.ledger.limits import LimitRows
 from qkit.ledger.hotpath import (CLAIM_JOBS, INSERT_ATTEMPT, INSERT_EVENT, INSERT_JOB, NOT_DUE_SLACK, SELECT_CLAIM,
                                  SELECT_FENCE, SELECT_OPEN, SETTLE_ATTEMPT, SETTLE_JOB, DriverSQL, HotPath)
 from qkit.ledger.overview import Overview
@@ -48,7 +49,7 @@ from qkit.engine.lifecycle import ClaimPlan, Outcome, Runnable, SettlePlan, fing
 
 
 class Ledger(HotPath, Reads, Overview, Admin, Interventions, Runs, Progress, Events, DashboardReads, Schedules,
-             LedgerBase):
+             LimitRows, LedgerBase):
     """The ledger database, through SQLAlchemy 2 (SQLite in WAL mode, or PostgreSQL)."""
 
     def __init__(self, url: str) -> None:

@@ -3,7 +3,7 @@
 -- KEYS[1] ready, KEYS[2] delayed, KEYS[3] leased, KEYS[4] owners, KEYS[5] dead, KEYS[6] prio,
 -- KEYS[7] clock, KEYS[8] control  hash: 'paused' (see pause.lua) and 'cancel:<id>' for each leased job
 --                                  whose cancel was requested (the worker reads them with renew.lua)
---   (same layout as claim.lua)
+-- KEYS[9] limits (unused), KEYS[10] types: a removed job's type entry goes   (same layout as claim.lua)
 -- ARGV[1] id
 -- ARGV[2] mode  'remove' (the ledger cancelled a pending job: out of ready and delayed; a lease is left
 --                         to its worker, whose claim finds the row cancelled and drops the job unrun)
@@ -25,6 +25,7 @@ if #stale > 0 then redis.call('HDEL', control, unpack(stale)) end
 if mode == 'remove' then
   local n = redis.call('ZREM', ready, id) + redis.call('ZREM', delayed, id)
   redis.call('HDEL', prio, id)
+  if n > 0 then redis.pcall('HDEL', KEYS[10], id) end  -- (a types key of another type: claim.lua drops it)
   return n > 0 and 1 or 0
 end
 if redis.call('ZSCORE', leased, id) then

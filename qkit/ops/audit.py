@@ -54,6 +54,8 @@ CODES: dict[str, tuple[str, str, str | None]] = {
                        "restore Redis's pause flag from the ledger"),
     "orphan_entry": ("error", "in Redis, but no ledger row in this queue", "drop the entry"),
     "duplicate_entry": ("error", "in more than one place in Redis", "drop and push again from the ledger"),
+    "limits_drift": ("error", "Redis's copy of the limits per type differs from the ledger's",
+                     "restore Redis's copy from the ledger"),
     # the ledger alone
     "bad_status": ("error", "status is not one of pending, processing, completed, failed, cancelled", None),
     "bad_outcome": ("error", "an attempt outcome is not completed, failed, timeout, lost (or open)", None),
@@ -326,6 +328,9 @@ def check(q: "Queue") -> AuditReport:
     at = utcnow()
     found, total, entries = redis_findings(q)
     found += ledger_findings(q)
+    from qkit.ops.limits import drift
+
+    found += [Finding("limits_drift", None, line) for line in drift(q)]
     return AuditReport(queue=q.name, at=at, jobs=total, redis_entries=entries, findings=found)
 
 
@@ -346,6 +351,10 @@ def audit(q: "Queue", repair: bool = False) -> AuditReport:
 
         done = reconcile_repair(q, drop=True)
         repaired = {k: int(done.get(k, 0)) for k in repaired}
+    if any(f.code == "limits_drift" for f in report.errors):
+        from qkit.ops.limits import restore
+
+        repaired["limits_restored"] = restore(q)["limits"]
     from qkit.ops.reconcile import close_abandoned_runs
 
     abandoned = close_abandoned_runs(q)  # worker_runs rows of dead bursts

@@ -114,6 +114,10 @@ def repair(q: "Queue", *, drop: bool = False) -> dict[str, Any]:
     actions: dict[int, str] = {j: f"dropped ({why})" for j, why in dropped.items()}
     actions.update({j: "pushed" for j, _, _ in missing_active})
     actions.update({j: "dead-lettered" for j in missing_dead})
+    if pushed or dead_lettered:  # Redis lost jobs: it may have lost the limits' copy too
+        from qkit.ops.limits import restore
+
+        restore(q)
     if pushed or dead_lettered or dropped:
         log.warning("queue %s: repaired Redis from the ledger (%d pending pushed, %d dead-lettered, %d dropped)",
                     q.name, pushed, dead_lettered, len(dropped))
