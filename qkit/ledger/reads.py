@@ -174,11 +174,11 @@ def dead_with_fingerprints(ledger: LedgerBase, queue: str) -> list[dict[str, Any
 
 
 def claim_waits(ledger: LedgerBase, queue: str, now: datetime, sample: int) -> tuple[list[Any], list[Any]]:
-    """For the starvation view: (priority, created_at, started_at) of the ``sample`` most recently created
+    """For the starvation view: (priority, created_at, started_at, type) of the ``sample`` most recently created
     claimed jobs, and per priority (priority, n, id, run_at) of the job due the longest with how many are due."""
     j = jobs
     with ledger.read_engine.connect() as conn:
-        claimed = conn.execute(select(j.c.priority, j.c.created_at, j.c.started_at)
+        claimed = conn.execute(select(j.c.priority, j.c.created_at, j.c.started_at, j.c.type)
                                .where(j.c.queue == queue, j.c.started_at.is_not(None))
                                .order_by(j.c.id.desc()).limit(sample)).all()
         # per priority: how many are due and waiting, and the one due the longest (a window function:

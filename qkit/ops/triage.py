@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from qkit.errors import BadInput, NotFound
 from qkit.engine.lifecycle import fingerprint as error_fingerprint
+from qkit.engine.limits import peak_overlap, peak_starts
 from qkit.ledger import reads, utcnow
 from qkit.utc import as_utc
 
@@ -176,7 +177,7 @@ def starvation(q: "Queue", *, now: datetime | None = None) -> dict[str, Any]:
     waiting = [(r.priority, r.n) for r in firsts]
     oldest: dict[int, tuple[int, datetime]] = {r.priority: (r.id, as_utc(r.run_at)) for r in firsts}
     waits: dict[int, list[float]] = {}
-    for priority, created, started in claimed:
+    for priority, created, started, _type in claimed:
         waits.setdefault(priority, []).append(max(0.0, (started - created).total_seconds()))
     counts = {p: int(n) for p, n in waiting}
     rows = []
@@ -191,7 +192,8 @@ def starvation(q: "Queue", *, now: datetime | None = None) -> dict[str, Any]:
             "oldest_waiting_id": old[0] if old else None,
             "oldest_waiting_s": _round((now - old[1]).total_seconds()) if old else None,
         })
-    return {"aging_s": q.settings.priority_aging, "sample": WAIT_SAMPLE, "by_priority": rows}
+    return {"aging_s": q.settings.priority_aging, "sample": WAIT_SAMPLE, "by_priority": rows,
+            "by_limited_type": held_by_limits(q, claimed, now)}
 
 
 def _round(value: float | None) -> float | None:
@@ -206,3 +208,53 @@ def starvation_frame(q: "Queue", *, now: datetime | None = None) -> "pd.DataFram
     columns = ["priority", "claimed", "wait_p50_s", "wait_p95_s", "wait_max_s", "waiting", "oldest_waiting_id",
                "oldest_waiting_s"]
     return pd.DataFrame(view["by_priority"], columns=columns)
+
+
+# ---------------------------------------------------------------- time held by limits per type
+#: attempts per limited type read to measure the peaks the view shows (a bounded read)
+SPAN_SAMPLE = 5_000
+
+
+def held_by_limits(q: "Queue", claimed: list[Any], now: datetime) -> list[dict[str, Any]]:
+    """Per limited type (and one row for the unlimited types together, the baseline): the wait from
+    enqueue to first claim over ``claimed`` (rows of priority, created_at, started_at, type), and the
+    peak starts per window and peak attempts at once measured from the latest attempts.
+
+    A job of a limited type waits while its limit holds it, plus what any job waits for a worker:
+    the unlimited row shows the latter, so the difference is the time held by the limit.
+    """
+    from qkit.ops.limits import current_limits
+
+    limits = current_limits(q)
+    if not limits:
+        return []
+    waits: dict[str | None, list[float]] = {}
+    for _priority, created, started, job_type in claimed:
+        key = job_type if job_type in limits else None
+        waits.setdefault(key, []).append(max(0.0, (started - created).total_seconds()))
+    rows = []
+    for job_type in [*sorted(limits), None]:
+        w = sorted(waits.get(job_type, []))
+        row: dict[str, Any] = {"type": job_type if job_type is not None else "(unlimited types)",
+                               "limit": limits[job_type].describe() if job_type is not None else "",
+                               "claimed": len(w), "wait_p50_s": _round(_pct(w, 0.5)), "wait_p95_s": _round(_pct(w, 0.95)),
+                               "wait_max_s": round(w[-1], 3) if w else None,
+                               "wait_total_s": round(sum(w), 3), "peak_starts": None, "peak_running": None}
+        if job_type is not None:
+            spans = q.ledger.attempt_spans(q.name, job_type, SPAN_SAMPLE)
+            lim = limits[job_type]
+            if lim.rate is not None:
+                row["peak_starts"] = peak_starts([s.timestamp() for s, _ in spans], lim.per)
+            row["peak_running"] = peak_overlap([(s.timestamp(), e.timestamp() if e else math.inf)
+                                                for s, e in spans])
+        rows.append(row)
+    return rows
+
+
+def held_frame(q: "Queue", *, now: datetime | None = None) -> "pd.DataFrame":
+    """``q.stats()["starvation"]["by_limited_type"]`` as a DataFrame: time held by limits per type."""
+    import pandas as pd
+
+    columns = ["type", "limit", "claimed", "wait_p50_s", "wait_p95_s", "wait_max_s", "wait_total_s",
+               "peak_starts", "peak_running"]
+    return pd.DataFrame(starvation(q, now=now).get("by_limited_type", []), columns=columns)
