@@ -268,6 +268,11 @@ from qkit.cli_jobs import COMMANDS as VIEWS  # noqa: E402
 for command in [dlq, *VIEWS]:
     cli.add_command(command)
 
+# ------------------------------------------------------------------ limits per type: qkit/cli_limits.py
+from qkit import cli_limits  # noqa: E402 - registered on the group defined above
+
+cli_limits.register(cli, queue_option, json_option, emit, _open)
+
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI, turning every error into one line and an exit status."""
