@@ -267,6 +267,11 @@ def test_every_script_call_keeps_its_keys_in_one_slot(cluster, rds, tmp_path, qu
     d.inventory()
     d.snapshot()
     locate(q, 3)
+    # limits per type (limits.lua): the working copy, the types of queued jobs, the slots in use
+    assert d.set_limits({"cl-ok": "5 1000 1"}) == 1
+    assert d.tag_limited("cl-ok", [3]) == 0
+    assert d.recount_limited() == {"cl-ok": 0}
+    assert d.read_limits()["L:cl-ok"] == "5 1000 1"
     q.close()
 
     assert sorted({name for name, _ in recorder.calls}) == SCRIPT_NAMES, "a script is not covered here"
@@ -389,6 +394,7 @@ def test_workload_through_every_script_on_a_cluster(via, aging, cluster, cluster
         ok = q.enqueue_many([{"type": "cl-ok", "payload": {"i": i}, "priority": i % 3, "key": f"ok-{i}"}
                              for i in range(12)])
         assert q.enqueue_many([{"type": "cl-ok", "payload": {"i": 0}, "key": "ok-0"}]) == [ok[0]]
+        q.limit("cl-flaky", rate=1000, per=1, concurrency=2)  # limits.lua, and typed jobs in push and claim
         flaky = q.enqueue_many([{"type": "cl-flaky", "payload": {}} for _ in range(4)])
         bad = q.enqueue_many([{"type": "cl-bad", "payload": {}, "max_attempts": 2} for _ in range(3)])
         slow = q.enqueue("cl-slow", {"s": LEASE * 1.5})
