@@ -14,5 +14,6 @@ def lim_work(payload: dict) -> None:
 
 @qkit.handler("lim-free", timeout=30)
 def lim_free(payload: dict) -> None:
-    """A type without a limit: nothing to do."""
-    return None
+    """A type without a limit: nothing to do, or ``sleep`` seconds of it."""
+    if payload.get("sleep"):
+        time.sleep(float(payload["sleep"]))
