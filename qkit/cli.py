@@ -268,10 +268,9 @@ from qkit.cli_jobs import COMMANDS as VIEWS  # noqa: E402
 for command in [dlq, *VIEWS]:
     cli.add_command(command)
 
-# ------------------------------------------------------------------ limits per type: qkit/cli_limits.py
-from qkit import cli_limits  # noqa: E402 - registered on the group defined above
+from qkit.cli_limits import limit  # noqa: E402 - limits per type (qkit/cli_limits.py)
 
-cli_limits.register(cli, queue_option, json_option, emit, _open)
+cli.add_command(limit)
 
 
 def main(argv: list[str] | None = None) -> int:

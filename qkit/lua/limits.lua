@@ -3,7 +3,8 @@
 -- queue_controls rows are the truth, docs/semantics.md#limits-per-type).
 --
 -- KEYS[1] ready, KEYS[2] delayed, KEYS[3] leased, KEYS[4] owners, KEYS[5] dead, KEYS[6] prio, KEYS[7] clock,
--- KEYS[8] control (unused), KEYS[9] limits, KEYS[10] types   (same layout as claim.lua; limits' fields are described in _limits.lua)
+-- KEYS[8] control (unused), KEYS[9] limits, KEYS[10] types   (same layout as claim.lua; the limits hash's
+-- fields are described in _limits.lua)
 -- ARGV[1] op:
 --   'replace' ARGV[2..] pairs of type, '<rate> <per_ms> <concurrency>': these are the queue's limits, all
 --             of them (other types' limits and state go; a type whose per changed starts a new window).

@@ -237,7 +237,8 @@ def held_by_limits(q: "Queue", claimed: list[Any], now: datetime) -> list[dict[s
         w = sorted(waits.get(job_type, []))
         row: dict[str, Any] = {"type": job_type if job_type is not None else "(unlimited types)",
                                "limit": limits[job_type].describe() if job_type is not None else "",
-                               "claimed": len(w), "wait_p50_s": _round(_pct(w, 0.5)), "wait_p95_s": _round(_pct(w, 0.95)),
+                               "claimed": len(w), "wait_p50_s": _round(_pct(w, 0.5)),
+                               "wait_p95_s": _round(_pct(w, 0.95)),
                                "wait_max_s": round(w[-1], 3) if w else None,
                                "wait_total_s": round(sum(w), 3), "peak_starts": None, "peak_running": None}
         if job_type is not None:
