@@ -194,6 +194,25 @@ def test_sigterm_lets_async_jobs_in_flight_finish_and_releases_the_rest(setup: S
     assert audit(q).clean
 
 
+def test_a_worker_killed_with_coroutines_in_flight_is_charged_one_lost_attempt_each(setup: Setup, tmp_path: Path):
+    q = setup.connect(lease_seconds=1.0, backoff_base=0)
+    log, release = tmp_path / "log", tmp_path / "release"
+    ids = q.enqueue_many([{"type": "aio_record", "payload": {"log": str(log), "wait_for": str(release)}}
+                          for _ in range(4)])
+    worker = spawn_burst(setup, "--concurrency", "4", env={**AIO_ENV, "QKIT_LEASE_SECONDS": 1.0})
+    wait_for(lambda: len([e for e in read_log(log) if e[0] == "start"]) == 4, what="four coroutines to start")
+    worker.send_signal(signal.SIGKILL)
+    worker.wait(30)
+    wait_for(lambda: q.dispatch.inventory().leases_expired == 4, what="the dead worker's leases to expire")
+    release.touch()
+    summary = q.work(concurrency=4)
+    assert summary.lost == 4 and summary.completed == 4
+    for job_id in ids:
+        assert outcomes_of(q, job_id) == ["lost", "completed"] and q.get(job_id).status == "completed"
+    report = total_queue(q, ids, executions(log))
+    assert report.valid, report.summary()
+
+
 def test_a_handler_blocking_the_loop_does_not_stop_lease_renewal(setup: Setup, tmp_path: Path):
     q = setup.connect(lease_seconds=1.0)
     log = str(tmp_path / "log")
