@@ -108,6 +108,8 @@ BASE: dict[str, Any] = {
                                "processed": {"type": "integer"}, "completed": {"type": "integer"},
                                "retried": {"type": "integer"}, "failed": {"type": "integer"},
                                "lost": {"type": "integer"}, "fenced": {"type": "integer"},
+                               "released": {"type": "integer"}, "waiting_retry": {"type": "integer"},
+                               "next_retry_s": {"type": ["number", "null"]},
                                "seconds": {"type": "number"}, "stopped_by": {"type": "string"},
                                "errors": {"type": "array", "items": {"type": "string"}},
                                "max_jobs": {"type": "integer"}, "max_seconds": {"type": "number"}},

@@ -117,6 +117,7 @@ OPENAPI_SCHEMAS: dict[str, Any] = {
                            "started_at": {"type": "string", "format": "date-time"},
                            "finished_at": {"type": ["string", "null"], "format": "date-time"},
                            "processed": _COUNT, "completed": _COUNT, "retried": _COUNT, "failed": _COUNT,
+                           "released": _COUNT,
                            "trigger": {"type": "string"}, "params": {"type": ["object", "null"]},
                            "status": {"type": "string"}, "error": {"type": ["string", "null"]},
                            "run_id": {"type": ["string", "null"]}}},

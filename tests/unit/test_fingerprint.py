@@ -63,7 +63,8 @@ def test_id_like_tokens_fall_in_one_group():
 
 
 def test_uuids_in_any_case_are_one_token():
-    assert fingerprint(f"KeyError: no row {uuid.uuid4()}") == fingerprint(f"KeyError: no row {str(uuid.uuid4()).upper()}") \
+    upper = str(uuid.uuid4()).upper()
+    assert fingerprint(f"KeyError: no row {uuid.uuid4()}") == fingerprint(f"KeyError: no row {upper}") \
         == "KeyError: no row <*>"
 
 
@@ -136,7 +137,8 @@ def test_only_the_last_traceback_of_a_chain_counts():
 
     error, tb = failure(handler)
     assert "KeyError" in tb
-    assert fingerprint(error, tb) == 'RuntimeError at test_fingerprint.py:handler: raise RuntimeError("lookup failed") from exc'
+    assert fingerprint(error, tb) == \
+        'RuntimeError at test_fingerprint.py:handler: raise RuntimeError("lookup failed") from exc'
 
 
 def test_simulated_handlers_are_the_handlers_own_code():
