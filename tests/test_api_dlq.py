@@ -6,7 +6,6 @@ Redis and SQLite ledger), with the handlers of ``tests/dlq_handlers.py``; the se
 """
 from __future__ import annotations
 
-import secrets
 from pathlib import Path
 
 import httpx
@@ -15,27 +14,13 @@ import pytest
 import qkit
 from qkit.ops.audit import audit
 from api_support import fuzz_test, home, running, schema_of  # noqa: F401 (home: a fixture)
-from test_api_routes import client, one_line_error
-
-ADMIN = "adm-" + secrets.token_hex(16)
-READER = "rdr-" + secrets.token_hex(16)
+# the admin and reader clients (fixtures) and their tokens, served here by this module's own server
+from test_api_routes import ADMIN, READER, admin, one_line_error, reader  # noqa: F401
 
 
 @pytest.fixture(scope="module")
 def server(home):
     yield from running(home, "dlq-api", QKIT_API_TOKEN=ADMIN, QKIT_API_READ_TOKEN=READER)
-
-
-@pytest.fixture(scope="module")
-def admin(server):
-    with client(server, ADMIN) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def reader(server):
-    with client(server, READER) as c:
-        yield c
 
 
 _names = iter(range(1, 1000))
