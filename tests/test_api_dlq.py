@@ -56,7 +56,7 @@ def test_list_jobs_and_groups_for_admins_and_readers(admin, reader, dead):
     groups = groups_of(reader, q.name)
     assert (groups["dlq_order"]["jobs"], groups["dlq_parse"]["jobs"]) == (4, 2)
     assert sorted(groups["dlq_order"]["job_ids"]) == ids["order"] and "sample_payload" not in groups["dlq_order"]
-    assert groups["dlq_order"]["fingerprint"].startswith("ValueError at dlq_handlers.py:charge")
+    assert groups["dlq_order"]["fingerprint"].startswith("ValueError at dlq_handlers.py:dlq_order > charge: raise")
     assert len(admin.get("/api/dlq", params={"queue": q.name, "limit": 2}).json()["jobs"]) == 2
 
 

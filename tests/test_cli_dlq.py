@@ -86,7 +86,7 @@ def test_messages_differing_in_numbers_and_ids_are_one_group(setup, dead):
     assert sorted((g["type"], g["jobs"]) for g in groups) == [("dlq_nobody_knows", 1), ("dlq_order", 5),
                                                                ("dlq_parse", 3)]
     order = next(g for g in groups if g["type"] == "dlq_order")
-    assert order["fingerprint"].startswith("ValueError at dlq_handlers.py:charge: raise ValueError(")
+    assert order["fingerprint"].startswith("ValueError at dlq_handlers.py:dlq_order > charge: raise ValueError(")
     assert sorted(order["job_ids"]) == ids["order"]
     assert rows[0].split()[:3] == [order["fingerprint_id"], "5", "dlq_order"]  # the largest group first
     assert len({j.error for j in q.dead()}) == 9  # every message differs

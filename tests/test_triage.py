@@ -15,21 +15,17 @@ from qkit.ops.triage import dlq_groups, fingerprint_id, replay_fingerprint
 healthy: set[str] = set()  # types whose upstream has recovered
 
 
-def call_upstream(kind: str, n: int, salt: int) -> dict:
-    """The one place both handlers below fail: one cause, so one fingerprint across their types."""
+def call_upstream(payload: dict) -> dict:
+    """The handler of both types below: one cause, so one fingerprint across their types."""
+    kind, n = qkit.current_job().type, payload["n"]
     if kind not in healthy:
+        salt = 7919 if kind == "tr_fetch" else 31
         raise ConnectionError(f"HTTP 503 from upstream for item {n} (request id {n * salt:08x}{n:08x})")
     return {"ok": n}
 
 
-@qkit.handler("tr_fetch", timeout=10)
-def tr_fetch(payload: dict) -> dict:
-    return call_upstream("tr_fetch", payload["n"], 7919)
-
-
-@qkit.handler("tr_sync", timeout=10)
-def tr_sync(payload: dict) -> dict:
-    return call_upstream("tr_sync", payload["n"], 31)
+tr_fetch = qkit.handler("tr_fetch", timeout=10)(call_upstream)
+tr_sync = qkit.handler("tr_sync", timeout=10)(call_upstream)
 
 
 @qkit.handler("tr_parse", timeout=10)
@@ -63,8 +59,8 @@ def test_dlq_groups_by_fingerprint_and_type(dlq):
     assert set(by_type) == {"tr_fetch", "tr_sync", "tr_parse", "tr_nobody_handles_this"}
     assert df["jobs"].tolist() == sorted(df["jobs"].tolist(), reverse=True)  # largest group first
     fetch, sync, parse = by_type["tr_fetch"], by_type["tr_sync"], by_type["tr_parse"]
-    # the exception type and the handler's own innermost frame, whatever the message says: one fingerprint
-    # per cause, shared across the two types that fail in one helper
+    # the exception type and the handler's own frame, whatever the message says: one fingerprint per
+    # cause, shared by the two types one handler runs
     assert fetch["fingerprint"] == sync["fingerprint"] == (
         'ConnectionError at test_triage.py:call_upstream: raise ConnectionError(f"HTTP 503 from upstream for item '
         '{n} (request id {n * salt:08x}{n:08x})")')

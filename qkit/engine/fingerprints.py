@@ -5,11 +5,13 @@ at most 200 characters); ``qkit dlq list --group`` and ``dlq_groups`` group by i
 
 * With a traceback, the key is the exception's type and **the handler's own
   frame**, as Sentry groups by type and stack rather than by message: the
-  innermost frame of the handler's code (below :func:`qkit.engine.handlers.run_in_context`,
-  skipping the standard library, installed packages and qkit itself), named by
-  file, function and its source line, never its line number, so an edit
-  elsewhere in the file keeps the group.  The message is left out: ``order 5
-  failed`` and ``order 6 failed`` raised on one line are one error.
+  handler's entry frame (below :func:`qkit.engine.handlers.run_in_context`) and
+  the innermost frame of the handler's own code (skipping the standard
+  library, installed packages and qkit itself), named by file, function and
+  source line, never the line number, so an edit elsewhere in the file keeps
+  the group; one helper failing under two handlers is two groups.  The
+  message is left out: ``order 5 failed`` and ``order 6 failed`` raised on one
+  line are one error.
 * Without one (lost leases, timeouts, unknown types, rows written before), the
   type plus the first line of the message with its variable parts masked:
   quoted values become ``'?'``; numbers (a unit stays: ``<*>ms``) and id-like
@@ -22,6 +24,7 @@ what is stored, so old and new failures of one error may show as two groups.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import sysconfig
@@ -54,7 +57,7 @@ def fingerprint(error: str | None, traceback: str | None = None) -> str | None:
     etype, message = (m.group(1), head[m.end():]) if m else ("", head)
     frame = handler_frame(traceback) if traceback else None
     if frame is not None and etype:
-        return f"{etype} at {frame}"[:MAX_FINGERPRINT]
+        return _fit(f"{etype} at {frame}")
     masked = mask(message)
     return (f"{etype}{m.group(2)}{masked}" if m else masked)[:MAX_FINGERPRINT]
 
@@ -75,12 +78,14 @@ def _mask_token(m: re.Match[str]) -> str:
 
 
 def handler_frame(traceback: str) -> str | None:
-    """``file:function: source line`` of the handler's own frame in a formatted traceback, or None.
+    """Where a formatted traceback left the handler's code, or None: ``file:function: source line`` of
+    the handler's frame, or ``file:handler > [file:]function: source line`` when the error came out of
+    one of its own helpers.
 
     Only the last traceback block counts (the exception raised, not the ones it
     was raised while handling).  The handler's frames are those after qkit's
-    ``run_in_context``; of them, the innermost that is the handler's own code,
-    or else the handler's entry frame (its code called straight into a library).
+    ``run_in_context``: its entry (the first of them that is its own code) and
+    the innermost of its own code (library frames below it are skipped).
     """
     start = traceback.rfind("Traceback (most recent call last):")
     if start < 0:
@@ -99,9 +104,20 @@ def handler_frame(traceback: str) -> str | None:
             break
     if not frames:
         return None
-    own = [f for f in frames if _is_own(f[0])]
-    file, func, source = own[-1] if own else frames[0]
-    return f"{os.path.basename(file)}:{func}: {source}"
+    own = [f for f in frames if _is_own(f[0])] or frames[:1]
+    (entry_file, entry_func, _), (file, func, source) = own[0], own[-1]
+    if own[0] is own[-1]:
+        return f"{os.path.basename(file)}:{func}: {source}"
+    inner = func if file == entry_file else f"{os.path.basename(file)}:{func}"
+    return f"{os.path.basename(entry_file)}:{entry_func} > {inner}: {source}"
+
+
+def _fit(key: str) -> str:
+    """``key`` within the column's 200 characters; a longer one keeps a hash of its whole text, so two
+    keys that differ only past the cut stay apart."""
+    if len(key) <= MAX_FINGERPRINT:
+        return key
+    return key[:MAX_FINGERPRINT - 10] + "… #" + hashlib.sha1(key.encode("utf-8", "surrogatepass")).hexdigest()[:7]
 
 
 def _same_file(a: str, b: str) -> bool:
