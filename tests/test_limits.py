@@ -18,6 +18,7 @@ from qkit.cli import main
 from qkit.engine.lifecycle import Settlement
 from qkit.engine.limits import peak_overlap, peak_starts
 from qkit.ops.audit import audit
+from qkit.ops.explain import explain
 from qkit.ops.reconcile import repair_if_drifted
 from qkit.ops.triage import held_frame
 
@@ -113,6 +114,9 @@ def test_a_held_job_stays_pending_spends_no_attempt_and_other_types_pass(setup: 
     assert c.claimed == [second]
     # the held job never had an attempt while it waited: the ledger saw only claims Redis granted
     assert q.get(second).attempts == 0 and q.get(second).status == "pending"
+    # qkit explain says why a ready job of a limited type may wait
+    assert "Its type lim-work has a limit (1 at once)" in explain(q, q.enqueue("lim-work", {})).verdict
+    assert "has a limit" not in explain(q, q.enqueue("lim-free", {})).verdict
 
 
 def test_rate_window_on_redis_clock_and_the_claim_says_when_it_reopens(setup: Setup):

@@ -246,6 +246,12 @@ def _verdict(q: "Queue", exp: Explanation) -> str:
             parts.append(f"Job {jid} is pending and ready to run ({ahead}; {count} ready in all), due since "
                          f"{_at(since)} ({_dur((now - since).total_seconds())} ago). The next burst claims it"
                          + (" first." if not rank else " after those ahead of it."))
+            from qkit.ops.limits import current_limits
+
+            limit = current_limits(q).get(job["type"])
+            if limit is not None:  # docs/semantics.md#limits-per-type
+                parts.append(f"Its type {job['type']} has a limit ({limit.describe()}): a claim passes it over, "
+                             "without an attempt, while the type is at that limit.")
         elif r["delayed"]:
             due = r["delayed"]["due"]
             retry = _detail(last_retry) if last_retry else {}
