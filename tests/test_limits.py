@@ -205,6 +205,22 @@ def test_an_enqueuer_that_saw_no_limits_types_its_jobs_once_another_process_sets
     assert not enqueuer.dispatch._typed_push  # the queue has no limits again: types stay home
 
 
+def test_scheduled_jobs_of_a_limited_type_are_held_too(setup: Setup):
+    """A schedule's fire enqueues through its own push: its jobs carry their type like any enqueue's."""
+    from datetime import timedelta
+
+    from qkit.ledger import utcnow
+
+    q = setup.connect(backoff_base=0)
+    q.limit("lim-work", concurrency=1)
+    q.enqueue("lim-work", {})
+    q.schedule("every-minute", "* * * * *", "lim-work", {}, catch_up="all")
+    fired = q.tick(now=utcnow() + timedelta(minutes=3))
+    assert sum(len(f["job_ids"]) for f in fired) >= 2
+    a = q.dispatch.claim("a", 30_000, 10)
+    assert len(a.claimed) == 1 and a.held["lim-work"][1] == "concurrency"
+
+
 def test_a_redis_that_lost_its_copy_gets_it_back_from_the_ledger(setup: Setup):
     q = setup.connect(backoff_base=0)
     q.limit("lim-work", concurrency=1)

@@ -107,7 +107,7 @@ class ScheduleMethods:
                 continue  # another burst or tick fired it first
             if faults.ARMED:
                 faults.reach("tick.after_ledger")
-            created = [(job_id, row["priority"], 0) for job_id, new in results if new]
+            created = [(job_id, row["priority"], 0, row["type"]) for job_id, new in results if new]
             with self._tally_lock:
                 self.jobs_enqueued_here += len(created)
             if created:
