@@ -9,6 +9,7 @@ it started are killed (:func:`kill_children_of`).
 from __future__ import annotations
 
 import concurrent.futures as cf
+import math
 import os
 import queue as queue_mod
 import threading
@@ -176,6 +177,8 @@ class SerialRunner(threading.Thread):
         self.abandoned = False
         self.crash: BaseException | None = None
         self.cond = threading.Condition()
+        #: the deadline the watcher sleeps towards (inf: no job in hand when it last looked)
+        self.watching_until = math.inf
 
     def run(self) -> None:
         try:
@@ -200,8 +203,12 @@ class SerialRunner(threading.Thread):
                     self.outcomes.append(prepared)
                     continue
                 call, timeout = prepared
-                self.current = (job, time.monotonic() + timeout, timeout, time.time())
-                self.cond.notify()
+                deadline = time.monotonic() + timeout
+                self.current = (job, deadline, timeout, time.time())
+                if deadline < self.watching_until:
+                    # only a deadline sooner than the one the watcher sleeps towards wakes it: a
+                    # wake-up per job would cost a thread switch per no-op job (docs/architecture.md)
+                    self.cond.notify()
             result, exc = None, None
             try:
                 result = call()
@@ -218,10 +225,13 @@ class SerialRunner(threading.Thread):
         with self.cond:
             while not self.finished:
                 if self.current is None:
+                    self.watching_until = math.inf
                     self.cond.wait(1.0)
                     continue
                 job, deadline, timeout, started = self.current
                 left = deadline - time.monotonic()
+                # the job in hand when it wakes may be a later one: its deadline is then looked at afresh
+                self.watching_until = deadline
                 if left <= 0:
                     self.abandoned = True
                     self.outcomes.append(timeout_outcome(job, timeout))
