@@ -8,9 +8,10 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Mapping
+from typing import Any
 
 from qkit.errors import BadInput
 
@@ -35,6 +36,8 @@ MAX_ID = 2**63 - 1
 MAX_PAYLOAD_FILE_BYTES = 4 * MAX_PAYLOAD_BYTES
 #: the keys an ``enqueue_many`` item may carry
 ITEM_KEYS = frozenset({"type", "payload", "priority", "max_attempts", "delay", "key"})
+#: values that end a JSON walk: a payload object holding only these is one level deep with nothing to collide
+_LEAF_TYPES = frozenset({str, int, float, bool, type(None)})
 
 
 def compact_json(value: Any) -> str:
@@ -166,11 +169,15 @@ def check_payload(payload: Any) -> str:
     """Return the compact JSON text of a valid payload, or refuse it."""
     if not isinstance(payload, Mapping):
         raise BadInput(f"payload must be a JSON object (got {type(payload).__name__})")
-    if json_depth(payload) > MAX_JSON_DEPTH:
-        raise BadInput(f"payload nests deeper than {MAX_JSON_DEPTH} levels of objects and arrays")
-    _check_keys(payload)
+    # the common payload, a flat dict with text keys, needs neither walk (enqueue_many validates per item)
+    flat = type(payload) is dict and all(type(k) is str for k in payload) and all(
+        type(v) in _LEAF_TYPES for v in payload.values())
+    if not flat:
+        if json_depth(payload) > MAX_JSON_DEPTH:
+            raise BadInput(f"payload nests deeper than {MAX_JSON_DEPTH} levels of objects and arrays")
+        _check_keys(payload)
     try:
-        text = compact_json(dict(payload))
+        text = compact_json(payload if flat else dict(payload))
     except (TypeError, ValueError) as exc:  # ValueError: NaN, an integer past the digit limit
         raise BadInput(f"payload is not JSON-serialisable: {str(exc).split(';')[0]}") from None
     if "\\u0000" in text and _NUL_ESCAPE.search(text):
@@ -264,7 +271,7 @@ def new_job_from_item(item: Any, index: int) -> NewJob:
     """Validate one ``enqueue_many`` item, naming its position on refusal."""
     if not isinstance(item, Mapping):
         raise BadInput(f"item {index}: must be an object with 'type' and 'payload'")
-    unknown = set(item) - ITEM_KEYS
+    unknown = () if ITEM_KEYS.issuperset(item) else set(item) - ITEM_KEYS
     if unknown:
         raise BadInput(f"item {index}: unknown option(s) {', '.join(sorted(map(str, unknown)))}")
     if "type" not in item:

@@ -143,10 +143,11 @@ class HotPath(LedgerBase):
         if plain:
             ids = self._reserve_ids(conn, len(plain))
             d = self.driver
+            at = d.ts(now)  # one text for the batch's times; a delayed job's run_at is its own
             self.driver.run(conn, INSERT_JOB, [
-                (job_id, queue, new[i].type, new[i].payload_text, new[i].priority, new[i].max_attempts,
-                 d.ts(now + timedelta(seconds=new[i].delay)), d.ts(now), d.ts(now), new[i].owner)
-                for i, job_id in zip(plain, ids)])
+                (job_id, queue, j.type, j.payload_text, j.priority, j.max_attempts,
+                 at if not j.delay else d.ts(now + timedelta(seconds=j.delay)), at, at, j.owner)
+                for j, job_id in zip((new[i] for i in plain), ids)])
             self.statements += 2
             for i, job_id in zip(plain, ids):
                 results[i] = (job_id, True)
