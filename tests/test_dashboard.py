@@ -256,19 +256,32 @@ def test_replay_from_the_dlq_page(server, queue):
 
 def test_purge_counts_first_and_refuses_when_the_dlq_changed(server, home):
     with qkit.connect(queue="purgeme", home=home, backoff_base=0.0) as q:
-        q.enqueue_many([{"type": "web_scraping", "payload": {"i": i, **FAIL}, "max_attempts": 1} for i in range(3)])
+        q.enqueue_many([{"type": "web_scraping", "payload": {"i": i, **FAIL}, "max_attempts": 1} for i in range(3)]
+                       + [{"type": "ai_text_generation", "payload": {"i": i, **FAIL}, "max_attempts": 1}
+                          for i in range(2)])
         drain(q)
-        dead = failed_ids(q)
-        assert len(dead) == 3
+        dead = {j.id: j.type for j in q.dead()}
+        assert len(dead) == 5
         with sign_in(server.url, ADMIN) as client:
-            dry = client.get("/dlq/purge?queue=purgeme").text
+            page = client.get("/dlq?queue=purgeme").text
+            groups = dict(re.findall(r'data-fingerprint="([0-9a-f]{10})">\s*<h2><span class="count">(\d+)', page))
+            scraping = next(fp for fp, n in groups.items() if n == "3")
+            dry = client.get(f"/dlq/purge?queue=purgeme&fingerprint={scraping}").text
             assert "would delete <strong>3</strong>" in dry and 'name="expect" value="3"' in dry
             token = csrf_of(dry)
-            stale = client.post("/dlq/purge", data={"csrf": token, "queue": "purgeme", "expect": "2"})
+            form = {"csrf": token, "queue": "purgeme", "fingerprint": scraping}
+            stale = client.post("/dlq/purge", data={**form, "expect": "2"})
             assert stale.status_code == 409 and "changed since the dry run" in stale.text
-            assert failed_ids(q) == dead
-            done = client.post("/dlq/purge", data={"csrf": token, "queue": "purgeme", "expect": "3"})
-            assert done.status_code == 303 and "done=purged" in done.headers["location"]
+            assert len(failed_ids(q)) == 5
+            done = client.post("/dlq/purge", data={**form, "expect": "3"})
+            assert done.status_code == 303 and done.headers["location"] == "/dlq?queue=purgeme&done=purged&n=3"
+            assert {dead[i] for i in failed_ids(q)} == {"ai_text_generation"} and len(failed_ids(q)) == 2
+            old = client.get("/dlq/purge?queue=purgeme&older_than=1d").text
+            assert "would delete <strong>0</strong>" in old and "failed more than 1d ago" in old
+            assert client.get("/dlq/purge?queue=purgeme&older_than=soon").status_code == 422
+            rest = client.get("/dlq/purge?queue=purgeme").text
+            assert "would delete <strong>2</strong>" in rest
+            assert client.post("/dlq/purge", data={"csrf": token, "queue": "purgeme", "expect": "2"}).status_code == 303
         assert failed_ids(q) == []
 
 
@@ -342,3 +355,17 @@ def test_the_job_page_shows_progress_and_result(server, queue):
         html = client.get(f"/jobs/{job}").text
     assert '<progress max="1" value="0.75">' in html and "three quarters of the files" in html
     assert "<h2>Result</h2>" in html and "&#34;done&#34;: &#34;the files&#34;" in html
+
+
+def test_the_limits_page_lists_a_queues_limits(server, queue):
+    queue.limit("web_scraping", rate=10, per=30, concurrency=2)
+    queue.limit("dash_progress", concurrency=1)  # registered above
+    try:
+        with sign_in(server.url, READER) as client:
+            html = client.get("/limits").text
+        rows = {r[0]: r[1:] for r in (re.findall(r"<td>(.*?)</td>", row)
+                                      for row in re.findall(r"<tr>(<td>.*?)</tr>", html, re.S))}
+        assert rows == {"web_scraping": ["10", "30", "2"], "dash_progress": ["–", "60", "1"]}, html[-1500:]
+    finally:
+        queue.unlimit("web_scraping")
+        queue.unlimit("dash_progress")

@@ -9,7 +9,6 @@ the queue's own (:meth:`Queue.replay`, :meth:`Queue.purge_dead`,
 """
 from __future__ import annotations
 
-import inspect
 import re
 from typing import Any
 from urllib.parse import urlencode
@@ -33,18 +32,12 @@ def _back(path: str, **query: Any) -> Response:
     return secure(RedirectResponse(f"{path}?{urlencode(query)}", status_code=303))
 
 
-def purge_filters(q: Any) -> bool:
-    """Whether this qkit's purge takes a fingerprint (``qkit dlq purge --fingerprint``, SPEC §12)."""
-    return "fingerprint" in inspect.signature(q.purge_dead).parameters
-
-
 def dlq_data(request: Request, name: str) -> dict[str, Any]:
     from qkit.ops.triage import group_rows
 
     q = queue_of(request, name)
     groups = group_rows(q)
-    return {"groups": groups, "total": sum(g["jobs"] for g in groups), "group_purge": purge_filters(q),
-            "queues": ledger(request).queue_names()}
+    return {"groups": groups, "total": sum(g["jobs"] for g in groups), "queues": ledger(request).queue_names()}
 
 
 @page
@@ -87,45 +80,42 @@ async def dlq_replay(request: Request) -> Response:
     return _back("/dlq", queue=name, done="replayed", n=len(done))
 
 
-def _purge_ids(request: Request, name: str, fingerprint: str) -> list[int]:
-    """What a purge would delete now (the dry run)."""
-    from qkit.ops.triage import fingerprint_job_ids
+def _purge_pairs(request: Request, name: str, fingerprint: str, older_than: str) -> list[tuple[int, int]]:
+    """(id, epoch) of what a purge would delete now (the dry run): the DLQ, or its jobs of one fingerprint
+    group and/or that failed more than ``older_than`` ago (as ``qkit dlq purge --fingerprint --older-than``)."""
+    from qkit.ops.retention import dlq_age
+    from qkit.ops.triage import purge_selection
 
-    q = queue_of(request, name)
-    if fingerprint:
-        if not purge_filters(q):
-            raise BadInput("this qkit purges the whole DLQ only")
-        return fingerprint_job_ids(q, fingerprint)
-    return [j.id for j in q.dead()]
+    return purge_selection(queue_of(request, name), fingerprint=fingerprint or None,
+                           older_than=dlq_age(older_than) if older_than else None)
 
 
 @page
 async def dlq_purge(request: Request) -> Response:
-    """GET /dlq/purge?queue=&fingerprint=: the dry run (how many would go), with the form that confirms it;
-    POST /dlq/purge: purge, if the DLQ still holds what the dry run counted (``expect``)."""
+    """GET /dlq/purge?queue=&fingerprint=&older_than=: the dry run (which jobs would go), with the form that
+    confirms it; POST /dlq/purge: purge exactly the jobs the dry run counts now, if that is still ``expect``
+    of them (each only in the epoch read: one replayed meanwhile stays)."""
     if request.method != "POST":
         who = signed_in(request, operator=True)
         if not who.can_act:
             raise ApiError(403, "this session may only read")
         name = queue_param(request, request.app.state.queue.name) or ""
         fingerprint = request.query_params.get("fingerprint", "").strip()
-        ids = await run_in_threadpool(_purge_ids, request, name, fingerprint)
+        older_than = request.query_params.get("older_than", "").strip()
+        pairs = await run_in_threadpool(_purge_pairs, request, name, fingerprint, older_than)
         return render(request, "purge.html", who, title="qkit: purge the DLQ?", queue=name, fingerprint=fingerprint,
-                      ids=ids)
+                      older_than=older_than, ids=[i for i, _ in pairs])
     _, form = await action(request)
     name = _form_queue(form, request)
-    fingerprint = form.get("fingerprint", "").strip()
+    fingerprint, older_than = form.get("fingerprint", "").strip(), form.get("older_than", "").strip()
     expect = form.get("expect", "")
 
     def run() -> int:
-        ids = _purge_ids(request, name, fingerprint)
-        if str(len(ids)) != expect:
-            raise Conflict(f"the DLQ changed since the dry run: it now holds {len(ids):,} such job(s), not "
+        pairs = _purge_pairs(request, name, fingerprint, older_than)
+        if str(len(pairs)) != expect:
+            raise Conflict(f"the DLQ changed since the dry run: it now holds {len(pairs):,} such job(s), not "
                            f"{clip(expect, 12)}; look again before purging")
-        if not ids:
-            return 0
-        q = queue_of(request, name)
-        return q.purge_dead(fingerprint=fingerprint) if fingerprint else q.purge_dead()
+        return queue_of(request, name).purge_dead(pairs) if pairs else 0
 
     try:
         n = await run_in_threadpool(run)
