@@ -369,3 +369,18 @@ def test_the_limits_page_lists_a_queues_limits(server, queue):
     finally:
         queue.unlimit("web_scraping")
         queue.unlimit("dash_progress")
+
+
+def test_the_overview_marks_a_paused_queue(server, home):
+    with qkit.connect(queue="other", home=home) as q, sign_in(server.url, READER) as client:
+        def row() -> str:
+            html = client.get("/fragments/queues").text
+            return dict(re.findall(r'<tr data-queue="([^"]+)">(.*?)</tr>', html, re.S))["other"]
+
+        assert "paused" not in row()
+        q.pause()
+        try:
+            assert '<span class="tag paused">paused</span>' in row()
+        finally:
+            q.resume()
+        assert "paused" not in row()
