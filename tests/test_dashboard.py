@@ -295,7 +295,12 @@ def test_the_dashboard_reads_on_sqlite_and_postgresql(q):
     q.enqueue_many([{"type": "web_scraping", "payload": {"i": i}} for i in range(3)])
     q.enqueue_many([{"type": "ai_text_generation", "payload": {"i": i, **FAIL}, "max_attempts": 1} for i in range(2)])
     later = q.enqueue("web_scraping", {"later": True}, delay=3600)
+    owned = q.enqueue("web_scraping", {"mine": True}, delay=3600, owner="user_carol")
     drain(q)
+    carol = [r for r in q.ledger.queue_overview(owner="user_carol") if r["queue"] == q.name]
+    assert [(r["counts"]["pending"], r["delayed"], sum(r["counts"].values())) for r in carol] == [(1, 1, 1)]
+    assert [j["id"] for j in q.ledger.find_jobs(owner="user_carol", queue=q.name)] == [owned]
+    q.cancel(owned)
     minutes = q.ledger.finished_per_minute(since=start)[q.name]
     assert all(re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d", m) for m in minutes)
     assert min(minutes) >= start.strftime("%Y-%m-%d %H:%M")
@@ -303,11 +308,11 @@ def test_the_dashboard_reads_on_sqlite_and_postgresql(q):
     assert q.ledger.finished_per_minute(since=utcnow() + timedelta(minutes=5)).get(q.name) is None
     failed = q.ledger.find_jobs(queue=q.name, status="failed")
     assert len(failed) == 2 and {j["type"] for j in failed} == {"ai_text_generation"}
-    assert [j["id"] for j in q.ledger.find_jobs(queue=q.name, type="web_scraping", limit=2)][0] == later
+    assert [j["id"] for j in q.ledger.find_jobs(queue=q.name, type="web_scraping", limit=2)][:2] == [owned, later]
     assert q.ledger.find_jobs(queue=q.name, until=start) == []
     page = q.ledger.find_jobs(queue=q.name, limit=2)
     rest = q.ledger.find_jobs(queue=q.name, before_id=page[-1]["id"])
-    assert len(page) + len(rest) == 6 and max(j["id"] for j in rest) < min(j["id"] for j in page)
+    assert len(page) + len(rest) == 7 and max(j["id"] for j in rest) < min(j["id"] for j in page)
     assert "payload" not in page[0] and q.ledger.job_row(later)["payload"] == {"later": True}
     assert q.ledger.job_row(10**15) is None
     runs = q.ledger.run_page(queue=q.name)
