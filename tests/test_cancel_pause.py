@@ -40,6 +40,19 @@ def _cooperative(payload: dict) -> dict:
     return {"stopped_early": ctx.cancel_requested}
 
 
+_ran: list[tuple[str, int]] = []  # (queue, id) of the cp-gate jobs whose handler started
+
+
+@qkit.handler("cp-gate", timeout=60)
+def _gate(payload: dict) -> None:
+    """Says it started, then waits for the release file."""
+    _ran.append((qkit.current_job().queue, qkit.current_job().id))
+    Path(payload["started"]).write_text("1")
+    deadline = time.monotonic() + 60
+    while not Path(payload["release"]).exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 @qkit.handler("cp-noop", timeout=10)
 def _noop(payload: dict) -> None:
     return None
@@ -126,6 +139,34 @@ def test_cancel_a_processing_job_cooperatively(setup: Setup, tmp_path: Path) -> 
     assert result["s"].cancelled == 1 and result["s"].completed == 0
     assert q.ledger.cancel_requested(q.name) == []  # the request was carried out
     assert q.cancel(job_id) is False
+    _clean(q)
+
+
+def test_cancel_of_a_claimed_job_whose_handler_has_not_started(setup: Setup, tmp_path: Path) -> None:
+    """A job claimed in the same batch as a running one (processing in the ledger, not started): once its
+    worker learns of the cancel it never starts it; the job ends cancelled without an attempt."""
+    q = setup.connect(backoff_base=0, lease_seconds=0.6)  # renewals every 0.2 s
+    release = tmp_path / "release"
+    first = q.enqueue("cp-gate", {"started": str(tmp_path / "a"), "release": str(release)})
+    second = q.enqueue("cp-gate", {"started": str(tmp_path / "b"), "release": str(release)})
+    result: dict = {}
+    burst = threading.Thread(target=lambda: result.update(s=q.work()))
+    burst.start()
+    wait_for((tmp_path / "a").exists, what="the first handler to start")
+    assert q.get(second).status == "processing"  # claimed with the first one, waiting its turn
+    assert q.cancel(second) is True
+    for _ in range(2):  # two renewals of the batch's leases after the cancel: the worker has the flag
+        deadline = q.dispatch.snapshot().leased[first][0]
+        wait_for(lambda: q.dispatch.snapshot().leased[first][0] > deadline, what="a lease renewal")
+    release.write_text("go")
+    burst.join(60)
+    assert (q.name, second) not in _ran and (q.name, first) in _ran
+    job = q.get(second)
+    assert job.status == "cancelled" and job.attempts == 0 and q.ledger.attempts(second) == []
+    assert _events(q, second)[-1] == "cancelled" and "cancel_requested" in _events(q, second)
+    assert (result["s"].completed, result["s"].cancelled) == (1, 1)
+    assert q.get(first).status == "completed"
+    _depth_matches_status(q)
     _clean(q)
 
 

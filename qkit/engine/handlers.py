@@ -13,7 +13,7 @@ import inspect
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import AbstractSet, Any, Callable, Iterable
 
 from qkit.engine.backoff import unit_hash
 from qkit.errors import ConfigError
@@ -60,14 +60,14 @@ class JobContext:
         if self.reporter is not None:
             self.reporter(float(fraction), None if note is None else note[:MAX_PROGRESS_NOTE])
 
-    #: set by the worker when this job's cancel was requested (it learns so at a lease renewal)
-    cancel_event: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
+    #: the worker's set of held job ids whose cancel was requested (it learns them at lease renewals)
+    cancel_ids: AbstractSet[int] = field(default=frozenset(), repr=False, compare=False)
 
     @property
     def cancel_requested(self) -> bool:
         """True once ``q.cancel`` was asked for this job while it runs: a cooperative handler stops early.
         The job ends ``cancelled`` however the handler returns (docs/semantics.md#cancel-pause-promote)."""
-        return self.cancel_event.is_set()
+        return self.id in self.cancel_ids
 
 
 _registry: dict[str, Handler] = {}

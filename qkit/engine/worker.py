@@ -131,7 +131,7 @@ class Worker:
         self._priority: dict[int, int] = {}  # held job -> priority, to release it in place
         self._job_progress = ProgressBoard(q.ledger)  # handlers' current_job().progress() reports
         self._aio = AsyncRunner()  # the event loop of async handlers, made on first use
-        self._cancel_flags: dict[int, threading.Event] = {}  # running job -> its JobContext.cancel_event
+        self._cancel_ids: set[int] = set()  # held jobs whose cancel was requested (renew.lua tells)
         self._delayed_left = False  # the last empty claim saw delayed jobs (retries in back-off, perhaps)
         self._poll_ms = HELD_POLL_MS[0]  # next wait for a type held at its concurrency limit
 
@@ -287,7 +287,7 @@ class Worker:
             for job_id in job_ids:
                 self._held.pop(job_id, None)
                 self._priority.pop(job_id, None)
-                self._cancel_flags.pop(job_id, None)
+                self._cancel_ids.discard(job_id)
 
     # ------------------------------------------------------------------ retried writes
     def _redis_claim(self, want: int, to_settle: list[Settlement]) -> Any:
@@ -368,6 +368,8 @@ class Worker:
 
     def _prepare(self, job: Runnable) -> tuple[Callable[[], Any], float] | Outcome:
         """What to run for ``job`` (and its timeout), or its outcome when it cannot run."""
+        if job.id in self._cancel_ids:  # cancelled before its handler started: it never runs (ends cancelled)
+            return Outcome(job, "released", utcnow())
         self._started += 1
         with self._held_lock:
             self._held[job.id] = job.attempt
@@ -379,9 +381,7 @@ class Worker:
             return Outcome(job, "failed", utcnow(), permanent=True,
                            error="InvalidPayload: the stored payload is not a JSON object (written outside qkit?)")
         ctx = JobContext(job.id, job.type, job.attempt, job.max_attempts, self.q.name, self.worker_id,
-                         reporter=self._job_progress.reporter(job))
-        with self._held_lock:
-            self._cancel_flags[job.id] = ctx.cancel_event
+                         reporter=self._job_progress.reporter(job), cancel_ids=self._cancel_ids)
         job.started_at = utcnow()
         run = run_async_in_context if handler.is_async else run_in_context
         return (lambda: run(ctx, handler.func, job.payload)), handler.timeout
@@ -478,11 +478,8 @@ class Worker:
                 renewal = self.q.dispatch.renew(self.worker_id, self.lease_ms, list(held))
                 lost = set(renewal.lost)
                 self._leased_at = max(self._leased_at, started)
-                with self._held_lock:
-                    for job_id in renewal.cancel:  # its handler may read current_job().cancel_requested
-                        flag = self._cancel_flags.get(job_id)
-                        if flag is not None:
-                            flag.set()
+                with self._held_lock:  # their handlers read current_job().cancel_requested
+                    self._cancel_ids.update(j for j in renewal.cancel if j in self._held)
                 for job_id in lost:
                     log.warning("job %s: lease lost (reclaimed by another worker); its outcome will be fenced", job_id)
                 first = [(j, a) for j, a in held.items() if a and j not in lost and (j, a) not in self._renewed]
