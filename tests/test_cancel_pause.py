@@ -242,9 +242,11 @@ def test_cancel_racing_a_claim(setup: Setup, tmp_path: Path) -> None:
     or never ran (cancelled, no attempt), nothing ran twice, and the ledger and Redis agree."""
     q = setup.connect(backoff_base=0)
     log = tmp_path / "log"
-    n = 150
-    ids = q.enqueue_many([{"type": "record", "payload": {"log": str(log), "sleep": 0.002}} for _ in range(n)])
-    worker = spawn_burst(setup, env=WORKER_ENV)
+    # ~1.2 s of work in claims of ~0.5 s each (qkit.engine.worker.TARGET_BATCH_SECONDS): cancels from the tail
+    # reach jobs not yet claimed, claimed and waiting in a batch, running, and finished
+    n = 400
+    ids = q.enqueue_many([{"type": "record", "payload": {"log": str(log), "sleep": 0.003}} for _ in range(n)])
+    worker = spawn_burst(setup, env={**WORKER_ENV, "QKIT_LEASE_SECONDS": 1})
     wait_for(lambda: read_log(log), what="the burst to start running jobs")
     answers = {}
     for job_id in reversed(ids):  # from the tail, towards the burst's claims
