@@ -75,7 +75,8 @@ def _depth_matches_status(q: qkit.Queue) -> None:
 
 
 def _events(q: qkit.Queue, job_id: int) -> list[str]:
-    return [e["event"] for e in q.ledger.events(job_id)]
+    """The job's events in order, without ``lease_renewed`` (a background writer adds those late)."""
+    return [e["event"] for e in q.ledger.events(job_id) if e["event"] != "lease_renewed"]
 
 
 # ---------------------------------------------------------------- cancel
