@@ -33,7 +33,7 @@ def emit(data: Any, as_json: bool, human: Callable[[Any], str] | None = None) ->
 
 
 def _open(queue: str | None) -> qkit.Queue:
-    return qkit.connect(queue=queue or DEFAULT_QUEUE)
+    return qkit.connect(queue=DEFAULT_QUEUE if queue is None else queue)  # "" is a bad name, not the default
 
 
 def open_job_queue(job_id: int, queue: str | None) -> qkit.Queue:

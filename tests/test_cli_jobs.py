@@ -78,6 +78,9 @@ def test_jobs_lists_with_a_header_and_filters(setup):
     (["explain", "987654321"], "no job 987654321"),
     (["runs", "--limit", "x"], "limit"),
     (["work", "--progress-seconds", "0"], "progress-seconds"),
+    (["enqueue", "web_scraping", "--queue", ""], "queue name ''"),  # an empty name is no default
+    (["jobs", "--queue", ""], "queue name ''"),
+    (["job", "1", "--queue", ""], "queue name ''"),
 ])
 def test_bad_input_is_one_line_exit_2(setup, args, needle):
     one_line(qkit_cli(setup, *args), 2, needle)
