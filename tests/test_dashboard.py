@@ -286,7 +286,7 @@ def test_purge_counts_first_and_refuses_when_the_dlq_changed(server, home):
 
 
 # --------------------------------------------------------------------------- the ledger's reads, on every backend
-def test_the_dashboard_reads_on_sqlite_and_postgresql(q):
+def test_the_dashboard_reads_on_sqlite_and_postgresql(q, setup):
     from datetime import timedelta
 
     from qkit.ledger import utcnow
@@ -301,6 +301,11 @@ def test_the_dashboard_reads_on_sqlite_and_postgresql(q):
     assert [(r["counts"]["pending"], r["delayed"], sum(r["counts"].values())) for r in carol] == [(1, 1, 1)]
     assert [j["id"] for j in q.ledger.find_jobs(owner="user_carol", queue=q.name)] == [owned]
     q.cancel(owned)
+    idle = setup.connect(q.name + "-idle")  # no job: the ledger knows it by its (empty) burst alone
+    assert idle.work(max_seconds=1).processed == 0
+    listed = {r["queue"]: r for r in q.ledger.queue_overview()}
+    assert sum(listed[idle.name]["counts"].values()) == 0 and not listed[idle.name]["paused"]
+    assert listed[q.name]["counts"]["completed"] == 3 and not listed[q.name]["paused"]
     minutes = q.ledger.finished_per_minute(since=start)[q.name]
     assert all(re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d", m) for m in minutes)
     assert min(minutes) >= start.strftime("%Y-%m-%d %H:%M")
