@@ -58,7 +58,7 @@ def split_async(batch: Iterable[Runnable]) -> tuple[list[Runnable], list[Runnabl
     return aio, rest
 
 
-@dataclass
+@dataclass(slots=True)
 class _Running:
     job: Runnable
     deadline: float  # monotonic
@@ -82,7 +82,9 @@ class _Batch:
         self.giving_up: dict[int, float] = {}  # timed out, not yet cancelled by the loop: when told
         self._slots: asyncio.Semaphore | None = None
         self._freed: set[int] = set()
-        self._tasks: set[asyncio.Task[None]] = set()  # the loop keeps weak references only
+        # the loop keeps weak references to tasks only: running's entry holds each until its outcome is in,
+        # this set those given up at their timeout until they end
+        self._given_up: set[asyncio.Task[None]] = set()
         self.driver: list[asyncio.Task[None]] = []  # a strong reference to drive()'s task
         self.started_at = time.monotonic()
         self.seconds = 0.0  # from start to the last outcome
@@ -121,8 +123,6 @@ class _Batch:
                     call, timeout = prepared
                     deadline = time.monotonic() + timeout
                     task = loop.create_task(self._attempt(i, job, call))
-                    self._tasks.add(task)
-                    task.add_done_callback(self._tasks.discard)
                     self.running[i] = _Running(job, deadline, timeout, task)
                     if deadline < self.wake_at:  # sooner than the watcher will look
                         self.cond.notify_all()
@@ -156,7 +156,10 @@ class _Batch:
         """The burst's thread recorded job ``i`` as timed out: cancel it and give its slot to the next job."""
         with self.cond:
             self.giving_up.pop(i, None)
-        task.cancel()
+        if not task.done():
+            self._given_up.add(task)
+            task.add_done_callback(self._given_up.discard)
+            task.cancel()
         self._free(i)
 
     # ------------------------------------------------------------------ on the burst's thread
