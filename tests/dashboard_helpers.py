@@ -15,6 +15,8 @@ from services import ApiServer, serve_home
 # random per run, so "no token in a page" cannot pass by accident
 ADMIN = "adm-" + secrets.token_hex(16)
 READER = "rd-" + secrets.token_hex(16)
+#: the server's public URL (a TLS proxy in front): forms posted from its pages come with this Origin
+PUBLIC_URL = "https://jobs.example.test/"
 #: a payload whose simulated handler always fails (into the DLQ once its attempts are spent)
 FAIL = {"simulate": {"fail_rate": 1.0}}
 
@@ -42,8 +44,10 @@ def seed(home: Path, *, ok: int, failing: int) -> None:
 
 @pytest.fixture(scope="module")
 def server(home: Path) -> Iterator[ApiServer]:
-    """``qkit serve`` on the module's ``home`` with ``QKIT_API_TOKEN`` (admin) and ``QKIT_API_READ_TOKEN``."""
-    srv = serve_home(home, home.parent / "serve.log", QKIT_API_TOKEN=ADMIN, QKIT_API_READ_TOKEN=READER)
+    """``qkit serve`` on the module's ``home`` with ``QKIT_API_TOKEN`` (admin), ``QKIT_API_READ_TOKEN`` and
+    ``QKIT_API_PUBLIC_URL``."""
+    srv = serve_home(home, home.parent / "serve.log", QKIT_API_TOKEN=ADMIN, QKIT_API_READ_TOKEN=READER,
+                     QKIT_API_PUBLIC_URL=PUBLIC_URL)
     yield srv
     srv.stop()
 

@@ -17,7 +17,7 @@ import pytest
 
 import qkit
 from qkit.backends.embedded import EmbeddedServer
-from dashboard_helpers import ADMIN, FAIL, READER, drain, queue, seed, server, sign_in  # noqa: F401 (fixtures)
+from dashboard_helpers import ADMIN, FAIL, PUBLIC_URL, READER, drain, queue, seed, server, sign_in  # noqa: F401
 from services import serve_home
 
 
@@ -98,6 +98,15 @@ def test_a_session_ends_when_its_token_changes(server, home):
         assert reply.status_code == 303 and reply.headers["location"].startswith("/login")
     finally:
         other.stop()
+
+
+def test_forms_from_the_public_origin_behind_a_proxy_pass_and_lookalikes_do_not(server):
+    with sign_in(server.url, READER) as client:
+        token = csrf_of(client.get("/").text)
+        for origin in ("https://jobs.example.test.evil.example", "http://jobs.example.test", "null"):
+            assert client.post("/logout", data={"csrf": token}, headers={"Origin": origin}).status_code == 403
+        reply = client.post("/logout", data={"csrf": token}, headers={"Origin": PUBLIC_URL.rstrip("/")})
+        assert reply.status_code == 303
 
 
 def test_sign_out_needs_the_csrf_token_and_ends_the_session(server):

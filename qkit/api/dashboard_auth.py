@@ -178,13 +178,25 @@ async def read_form(request: Request) -> dict[str, str]:
         raise ApiError(400, "the form is not valid urlencoded UTF-8") from None
 
 
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}".lower()
+
+
 def same_origin(request: Request) -> bool:
-    """True unless the browser says the request comes from another origin (``Origin``, then ``Referer``)."""
-    origin = request.headers.get("origin") or request.headers.get("referer")
-    if not origin:
+    """True unless the browser says the request comes from another origin (``Origin``, else ``Referer``).
+
+    This server's origin is the one the request arrived on, or that of ``QKIT_API_PUBLIC_URL`` (behind a
+    TLS-terminating proxy the browser's origin is ``https://`` while the request reaching us is not).
+    """
+    sent = request.headers.get("origin") or request.headers.get("referer")
+    if not sent:
         return True
-    parts = urlsplit(origin)
-    return f"{parts.scheme}://{parts.netloc}" == f"{request.url.scheme}://{request.url.netloc}"
+    ours = {_origin(str(request.url))}
+    public = os.environ.get("QKIT_API_PUBLIC_URL", "").strip()
+    if public:
+        ours.add(_origin(public))
+    return _origin(sent) in ours
 
 
 async def check_csrf(request: Request) -> tuple[Viewer, dict[str, str]]:
