@@ -27,6 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
+from qkit.model import STATUSES
 from qkit.runs.reports import render_html  # noqa: F401 - the report renderer, where it used to live
 
 DEFAULTS = {"n_jobs": 200, "fail_rate": 0.3, "latency_ms": 3, "seed": 42, "backoff_base": "0.5"}
@@ -45,10 +46,12 @@ def drain(q: Any, queue: str, *, total: int, deadline: float, runs_dir: Path | N
     with tqdm(total=total, unit="job", desc="draining", file=sys.stdout, leave=True) as bar:
         while True:
             stats = q.ledger.status_counts(queue)
-            bar.n = min(total, stats["completed"] + stats["failed"])
+            bar.n = min(total, stats["completed"] + stats["failed"] + stats["cancelled"])
             bar.refresh()
             if stats["pending"] + stats["processing"] == 0:
                 return records
+            if q.ledger.is_paused(queue):  # its bursts would claim nothing until the deadline
+                raise RuntimeError(f"queue {queue} is paused: resume it first (qkit resume --queue {queue})")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the queue did not drain in time ({stats['pending']} pending, "
                                    f"{stats['processing']} processing)")
@@ -105,7 +108,7 @@ def run(*, queue: str = "default", n_jobs: int = DEFAULTS["n_jobs"], fail_rate: 
         shown = executed.relative_to(root) if executed.is_relative_to(root) else executed
         print(f"  enqueued {len(ids)} jobs (notebooks/enqueue_batch.ipynb -> {shown})")
         counts = q.ledger.status_counts(queue)
-        records = drain(q, queue, total=sum(counts[k] for k in ("pending", "processing", "completed", "failed")),
+        records = drain(q, queue, total=sum(counts[k] for k in STATUSES),
                         deadline=t0 + timeout, runs_dir=runs_dir)
         from qkit.analysis import frames
 

@@ -326,6 +326,17 @@ def test_pause_survives_redis_losing_it(q: qkit.Queue) -> None:
     assert q.work().completed == 1
 
 
+def test_the_main_job_refuses_to_wait_on_a_paused_queue(q: qkit.Queue) -> None:
+    from qkit.mainjob import drain
+
+    q.enqueue("cp-noop")
+    q.pause()
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match=f"queue {q.name} is paused: resume it first"):
+        drain(q, q.name, total=1, deadline=started + 60, say=lambda *_: None)
+    assert time.monotonic() - started < 30 and q.stats()["pending"] == 1
+
+
 # ---------------------------------------------------------------- promote
 def test_promote_a_delayed_job(q: qkit.Queue) -> None:
     later = q.enqueue("cp-noop", delay=3600)

@@ -10,7 +10,8 @@ crash mid-prune loses nothing.  Whole UTC days only: a day is pruned in one
 run, never half.
 
 Never touched: failed jobs (the DLQ is only emptied by ``qkit dlq purge``),
-pending and processing jobs, worker runs.
+pending and processing jobs, cancelled jobs (``job_daily`` has no column to roll
+them up), worker runs.
 
 :func:`daily` gives the analyst one frame per (day, type) over the whole
 history: the roll-ups of pruned days plus the same figures computed live
