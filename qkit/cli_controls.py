@@ -1,31 +1,16 @@
 """``qkit cancel ID``, ``qkit pause|resume [--queue Q]``, ``qkit promote ID``: an operator's interventions
 (docs/semantics.md#cancel-pause-promote).  :mod:`qkit.cli` adds :data:`COMMANDS` to the ``qkit`` group; its
-helpers are imported when a command runs (``python -m qkit.cli`` runs that module as ``__main__``)."""
+helpers come from :mod:`qkit.cli_common`; a job id is found in whatever queue holds it unless ``--queue`` says."""
 from __future__ import annotations
 
 from typing import Any
 
 import click
 
+from qkit.cli_common import JOB_ID, _open, emit, job_queue_option, json_option, open_job_queue, queue_option
 from qkit.errors import Conflict
-from qkit.model import MAX_ID
 
-JOB_ID = click.IntRange(1, MAX_ID)
-queue_option = click.option("--queue", default="default", show_default=True, help="Queue name.")
-json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 COMMANDS: list[click.Command] = []
-
-
-def _open(queue: str) -> Any:
-    from qkit.cli import _open as open_queue
-
-    return open_queue(queue)
-
-
-def emit(data: Any, as_json: bool, human: Any) -> None:
-    from qkit.cli import emit as print_it
-
-    print_it(data, as_json, human)
 
 
 def _command(func: Any) -> click.Command:
@@ -36,11 +21,12 @@ def _command(func: Any) -> click.Command:
 @_command
 @click.command()
 @click.argument("job_id", type=JOB_ID)
-@queue_option
+@job_queue_option
 @json_option
-def cancel(job_id: int, queue: str, as_json: bool) -> None:
+def cancel(job_id: int, queue: str | None, as_json: bool) -> None:
     """Cancel a job: pending or delayed, it never runs; running, its handler is told and it ends cancelled."""
-    with _open(queue) as q:
+    with open_job_queue(job_id, queue) as q:
+        queue = q.name
         was = q.get(job_id).status
         if not q.cancel(job_id):
             raise Conflict(f"job {job_id} is {q.get(job_id).status}: only a pending, delayed or running job can be "
@@ -77,11 +63,12 @@ _pause_command(False)
 @_command
 @click.command()
 @click.argument("job_id", type=JOB_ID)
-@queue_option
+@job_queue_option
 @json_option
-def promote(job_id: int, queue: str, as_json: bool) -> None:
+def promote(job_id: int, queue: str | None, as_json: bool) -> None:
     """Run a delayed job now: it becomes due at once."""
-    with _open(queue) as q:
+    with open_job_queue(job_id, queue) as q:
+        queue = q.name
         if not q.promote(job_id):
             job = q.get(job_id)
             why = "already due" if job.status == "pending" else job.status

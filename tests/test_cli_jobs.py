@@ -98,6 +98,18 @@ def test_job_and_explain_find_the_job_in_whatever_queue_holds_it(setup):
     one_line(qkit_cli(setup, "job", str(job_id), "--queue", "default"), 2, "no job")  # an explicit queue is obeyed
 
 
+def test_cancel_and_promote_find_the_job_in_whatever_queue_holds_it(setup):
+    q = setup.connect("jobs-elsewhere2")
+    later, other = q.enqueue("web_scraping", {}, delay=3600), q.enqueue("web_scraping", {}, delay=3600)
+    promoted = qkit_cli(setup, "promote", str(later), "--json")
+    assert promoted.returncode == 0, promoted.stderr
+    assert json.loads(promoted.stdout)["queue"] == "jobs-elsewhere2"
+    cancelled = qkit_cli(setup, "cancel", str(other), "--json")
+    assert cancelled.returncode == 0 and json.loads(cancelled.stdout)["queue"] == "jobs-elsewhere2", cancelled.stderr
+    assert q.get(other).status == "cancelled"
+    one_line(qkit_cli(setup, "cancel", "987654321"), 2, "no job 987654321")
+
+
 # ---------------------------------------------------------------- runs, stats
 def test_runs_have_a_header_duration_counts_and_trigger(setup):
     q = setup.connect(backoff_base=0)
