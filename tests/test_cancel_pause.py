@@ -229,6 +229,18 @@ def test_cancel_while_the_lease_is_lost_ends_cancelled_at_reclaim(setup: Setup, 
     _clean(q)
 
 
+def test_cancel_of_a_limited_types_job_leaves_no_type_entry(q: qkit.Queue) -> None:
+    q.limit("cp-noop", concurrency=1)
+    gone, kept = q.enqueue("cp-noop"), q.enqueue("cp-noop")
+    types_key = q.dispatch.keys[9]
+    assert q.cancel(gone) is True
+    snap = q.dispatch.snapshot()
+    assert gone not in snap.ready and kept in snap.ready
+    assert [q.backend.pipeline([["HGET", types_key, str(i)]])[0] for i in (gone, kept)] == [None, "cp-noop"]
+    assert q.work().completed == 1 and q.get(kept).status == "completed"
+    _clean(q)
+
+
 def test_cancel_terminal_jobs_returns_false(q: qkit.Queue) -> None:
     ok = q.enqueue("cp-noop")
     q.work()
