@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 from typing import Any, Iterable
 
-from qkit.api.bodies import DEFAULT_LIST_LIMIT, MAX_ID, MAX_LIST_LIMIT
 from qkit.model import STATUSES
 
 

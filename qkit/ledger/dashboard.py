@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from qkit.ledger.engine import LedgerBase, utcnow
+from qkit.ledger.engine import LedgerBase
 from qkit.ledger.schema import jobs, worker_runs
 
 #: the job columns a listing shows (no payload, result or full error: a page of big payloads would be huge)
