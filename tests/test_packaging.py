@@ -175,8 +175,6 @@ def test_core_install_works_a_job_on_a_tcp_redis(core_venv: Venv, redis_server, 
 @pytest.mark.parametrize("args,extra_env,line", [
     (["serve"], {}, "qkit: qkit serve needs the API extra: pip install 'qkit[api]'"),
     (["lab"], {}, "qkit: qkit lab needs the notebooks extra: pip install 'qkit[notebooks]'"),
-    (["dlq", "list", "--group"], {}, "qkit: qkit dlq list --group needs the notebooks extra: "
-                                     "pip install 'qkit[notebooks]'"),
     (["init"], {"QKIT_DATABASE_URL": "postgresql+psycopg://qkit@127.0.0.1:9/qkit"},
      "qkit: a PostgreSQL ledger needs the postgres extra: pip install 'qkit[postgres]'"),
 ])
