@@ -3,7 +3,7 @@
 ``python bench/ledger_floor.py [--n 20000] [--batch 1000] [--ledger sqlite|postgres] [--repeat 3]``
 
 Per batch, the three transactions a job passes through, with the statements of
-``qkit.ledger.hotpath`` sent through the DB-API driver (rows built before the clock
+``qkit.ledger.hotpath`` sent as it sends them (``DriverSQL``, rows built before the clock
 starts): enqueue (insert the jobs and their ``enqueued`` events; on SQLite with
 ``synchronous=FULL``, as an acknowledged enqueue commits), claim (select the rows,
 one UPDATE for the batch, insert the attempts and ``claimed`` events) and settle
@@ -41,58 +41,39 @@ def one_run(url: str, n: int, batch: int) -> dict[str, float]:
     ledger = Ledger(url)
     ledger.init_schema()
     d = DriverSQL(ledger.dialect)
-    raw = ledger.engine.raw_connection()  # the engine's own connection set-up (WAL, busy timeout)
-    cur = raw.cursor()
-    pg = d.pg
     now = datetime.now(timezone.utc)
     at = d.ts(now)
     spent = {"enqueue": 0.0, "claim": 0.0, "settle": 0.0}
-
-    def begin(durable: bool) -> None:
-        if not pg:
-            cur.execute("PRAGMA synchronous=FULL" if durable else "PRAGMA synchronous=NORMAL")
-            cur.execute("BEGIN IMMEDIATE")
-
-    def commit() -> None:
-        raw.commit() if pg else cur.execute("COMMIT")
-
-    first = 1
     for start in range(0, n, batch):
-        ids = list(range(first + start, first + min(n, start + batch)))
+        ids = list(range(1 + start, 1 + min(n, start + batch)))
         jobs = [(i, "floor", "noop", "{}", 0, 3, at, at, at, None) for i in ids]
         events = [(i, at, "enqueued", None, None) for i in ids]
         t0 = time.perf_counter()
-        begin(True)
-        cur.executemany(d.sql(INSERT_JOB), jobs)
-        cur.executemany(d.sql(INSERT_EVENT), events)
-        commit()
+        with ledger.durable_engine.begin() as conn:  # as Ledger.insert_jobs: synchronous=FULL on SQLite
+            d.run(conn, INSERT_JOB, jobs)
+            d.run(conn, INSERT_EVENT, events)
         spent["enqueue"] += time.perf_counter() - t0
 
         attempts = [(i, 0, 1, "w-floor", at) for i in ids]
         claimed = [(i, at, "claimed", "w-floor", '{"attempt":1}') for i in ids]
         t0 = time.perf_counter()
-        begin(False)
-        cur.execute(d.with_ids(SELECT_CLAIM) + (" FOR UPDATE" if pg else ""), (d.ids_arg(ids),))
-        cur.fetchall()
-        cur.execute(d.with_ids(CLAIM_JOBS), (at, at, d.ids_arg(ids)))
-        cur.executemany(d.sql(INSERT_ATTEMPT), attempts)
-        cur.executemany(d.sql(INSERT_EVENT), claimed)
-        commit()
+        with ledger.engine.begin() as conn:
+            d.select_ids(conn, SELECT_CLAIM, ids, lock=True)
+            conn.exec_driver_sql(d.with_ids(CLAIM_JOBS), (at, at, d.ids_arg(ids)))
+            d.run(conn, INSERT_ATTEMPT, attempts)
+            d.run(conn, INSERT_EVENT, claimed)
         spent["claim"] += time.perf_counter() - t0
 
         done = [("completed", None, None, at, None, at, i) for i in ids]
         closed = [("completed", at, 0.01, None, None, None, None, i, 0, 1) for i in ids]
         completed = [(i, at, "completed", "w-floor", '{"attempt":1,"duration_ms":0.010}') for i in ids]
         t0 = time.perf_counter()
-        begin(False)
-        cur.execute(d.with_ids(SELECT_FENCE) + (" FOR UPDATE" if pg else ""), (d.ids_arg(ids),))
-        cur.fetchall()
-        cur.executemany(d.sql(SETTLE_JOB), done)
-        cur.executemany(d.sql(SETTLE_ATTEMPT), closed)
-        cur.executemany(d.sql(INSERT_EVENT), completed)
-        commit()
+        with ledger.engine.begin() as conn:
+            d.select_ids(conn, SELECT_FENCE, ids, lock=True)
+            d.run(conn, SETTLE_JOB, done)
+            d.run(conn, SETTLE_ATTEMPT, closed)
+            d.run(conn, INSERT_EVENT, completed)
         spent["settle"] += time.perf_counter() - t0
-    raw.close()
     ledger.engine.dispose()
     return {k: v / n * 1e6 for k, v in spent.items()}
 
@@ -112,13 +93,15 @@ def main(argv: list[str] | None = None) -> int:
         if a.ledger == "postgres":
             from qkit.dev.servers import start_postgres
 
-            postgres = start_postgres(tmp / "pg")
+            pg_dir = Path(tempfile.mkdtemp(prefix="qkit-floor-pg-"))  # its own folder: start_postgres hands it over
+            postgres = start_postgres(pg_dir)
         for r in range(a.repeat):
             url = postgres.database(f"floor_{r}") if postgres else f"sqlite:///{tmp / f'floor-{r}.sqlite3'}"
             runs.append(one_run(url, a.n, a.batch))
     finally:
         if postgres is not None:
             postgres.stop()
+            shutil.rmtree(pg_dir, ignore_errors=True)
         shutil.rmtree(tmp, ignore_errors=True)
     per = {k: round(statistics.median(r[k] for r in runs), 2) for k in runs[0]}
     total = sum(per.values())

@@ -59,8 +59,15 @@ class DriverSQL:
         return text_
 
     def run(self, conn: Connection, statement: str, rows: Sequence[tuple]) -> None:
-        if rows:
-            conn.exec_driver_sql(self.sql(statement), list(rows) if len(rows) > 1 else rows[0])
+        if not rows:
+            return
+        if self.pg and len(rows) > 1 and statement in PG_ARRAYS:
+            # one statement whose parameters are a column each (psycopg sends a list as an array):
+            # executemany sends a Bind/Execute per row, and its per-row work in the driver cost
+            # more than PostgreSQL's own (bench/README.md#postgresql)
+            conn.exec_driver_sql(PG_ARRAYS[statement], tuple(list(column) for column in zip(*rows)))
+            return
+        conn.exec_driver_sql(self.sql(statement), list(rows) if len(rows) > 1 else rows[0])
 
     def select_ids(self, conn: Connection, statement: str, ids: Sequence[int], *, lock: bool = False) -> list:
         """Rows of ``statement`` (``... WHERE id {ids}``) for the given ids, as plain tuples.
@@ -113,6 +120,37 @@ SETTLE_JOB = ("UPDATE jobs SET status = ?, result = {json}, error = ?, finished_
               " run_at = COALESCE(?, run_at), updated_at = ? WHERE id = ?")
 SETTLE_ATTEMPT = ("UPDATE job_attempts SET outcome = ?, finished_at = ?, duration_ms = ?, error = ?, traceback = ?,"
                   " fingerprint = ?, retry_after_ms = ? WHERE job_id = ? AND epoch = ? AND attempt = ?")
+
+#: PostgreSQL: the same statements for a whole batch, each parameter an array of one column's values,
+#: matched row by row by unnest (the rows of an UPDATE name distinct jobs, or attempts, as they do one by one)
+PG_ARRAYS = {
+    INSERT_JOB: "INSERT INTO jobs (id, queue, type, payload, status, priority, attempts, max_attempts, run_at,"
+                " created_at, updated_at, epoch, owner) SELECT v.id, v.queue, v.type, v.payload::jsonb, 'pending',"
+                " v.priority, 0, v.max_attempts, v.run_at, v.created_at, v.updated_at, 0, v.owner"
+                " FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[], %s::int[], %s::int[],"
+                " %s::timestamptz[], %s::timestamptz[], %s::timestamptz[], %s::text[])"
+                " AS v(id, queue, type, payload, priority, max_attempts, run_at, created_at, updated_at, owner)",
+    INSERT_EVENT: "INSERT INTO job_events (job_id, at, event, worker, detail)"
+                  " SELECT v.job_id, v.at, v.event, v.worker, v.detail::jsonb"
+                  " FROM unnest(%s::bigint[], %s::timestamptz[], %s::text[], %s::text[], %s::text[])"
+                  " AS v(job_id, at, event, worker, detail)",
+    INSERT_ATTEMPT: "INSERT INTO job_attempts (job_id, epoch, attempt, worker, started_at)"
+                    " SELECT * FROM unnest(%s::bigint[], %s::int[], %s::int[], %s::text[], %s::timestamptz[])",
+    SETTLE_JOB: "UPDATE jobs SET status = v.status, result = v.result::jsonb, error = v.error,"
+                " finished_at = v.finished_at, run_at = COALESCE(v.run_at, jobs.run_at), updated_at = v.updated_at"
+                " FROM unnest(%s::text[], %s::text[], %s::text[], %s::timestamptz[], %s::timestamptz[],"
+                " %s::timestamptz[], %s::bigint[]) AS v(status, result, error, finished_at, run_at, updated_at, id)"
+                " WHERE jobs.id = v.id",
+    SETTLE_ATTEMPT: "UPDATE job_attempts SET outcome = v.outcome, finished_at = v.finished_at,"
+                    " duration_ms = v.duration_ms, error = v.error, traceback = v.traceback,"
+                    " fingerprint = v.fingerprint, retry_after_ms = v.retry_after_ms"
+                    " FROM unnest(%s::text[], %s::timestamptz[], %s::float8[], %s::text[], %s::text[], %s::text[],"
+                    " %s::float8[], %s::bigint[], %s::int[], %s::int[])"
+                    " AS v(outcome, finished_at, duration_ms, error, traceback, fingerprint, retry_after_ms,"
+                    " job_id, epoch, attempt)"
+                    " WHERE job_attempts.job_id = v.job_id AND job_attempts.epoch = v.epoch"
+                    " AND job_attempts.attempt = v.attempt",
+}
 
 
 class HotPath(LedgerBase):
