@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -104,7 +105,9 @@ def main() -> None:
     a = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="qkit-latency-") as tmp:
         redis = start_redis(Path(tmp))
-        pg = start_postgres(Path(tmp) / "pg") if a.ledger == "postgres" else None
+        # a folder of its own: PostgreSQL runs as its own user, who cannot enter this 0700 temporary folder
+        pg_dir = Path(tempfile.mkdtemp(prefix="qkit-latency-pg-")) if a.ledger == "postgres" else None
+        pg = start_postgres(pg_dir) if pg_dir else None
         client = redis.client()
         try:
             database_url = pg.url if pg else f"sqlite:///{Path(tmp) / 'home' / 'ledger.sqlite3'}"
@@ -119,6 +122,7 @@ def main() -> None:
             redis.stop()
             if pg:
                 pg.stop()
+                shutil.rmtree(pg_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -207,7 +207,7 @@ class SerialRunner(threading.Thread):
                 self.current = (job, deadline, timeout, time.time())
                 if deadline < self.watching_until:
                     # only a deadline sooner than the one the watcher sleeps towards wakes it: a
-                    # wake-up per job would cost a thread switch per no-op job (docs/architecture.md)
+                    # wake-up per job would cost a thread switch per no-op job (bench/README.md#profiles)
                     self.cond.notify()
             result, exc = None, None
             try:
