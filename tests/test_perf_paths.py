@@ -54,3 +54,39 @@ def test_payload_text_alike_either_way(payload):
 def test_flat_payloads_still_refused(payload, message):
     with pytest.raises(BadInput, match=message):
         check_payload(payload)
+
+
+def test_a_sqlite_writer_begins_soon_after_the_lock_is_freed(tmp_path):
+    """A ledger write waiting for another connection's write lock begins within a few ms of its release.
+    SQLite's own busy handler would still be asleep (steps of up to 100 ms; ~90 ms after a 0.34 s hold)."""
+    import sqlite3
+    import threading
+
+    from qkit.ledger import Ledger
+
+    path = tmp_path / "ledger.sqlite3"
+    ledger = Ledger(f"sqlite:///{path}")
+    ledger.init_schema()
+    lags = []
+    for _ in range(3):
+        holding, released = threading.Event(), []
+
+        def hold() -> None:
+            other = sqlite3.connect(path, isolation_level=None)
+            other.execute("BEGIN IMMEDIATE")
+            holding.set()
+            time.sleep(0.34)
+            other.execute("COMMIT")
+            released.append(time.monotonic())
+            other.close()
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        holding.wait(10)
+        with ledger._write() as conn:
+            begun = time.monotonic()
+            conn.exec_driver_sql("SELECT 1")
+        holder.join()
+        lags.append(begun - released[0])
+    ledger.engine.dispose()
+    assert min(lags) < 0.04, f"began {min(lags) * 1000:.0f} ms after the lock was freed"
