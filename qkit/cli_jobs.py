@@ -109,6 +109,15 @@ def _stats_human(d: dict[str, Any]) -> str:
         n = sum(attempts.values())
         lines.append("attempts       " + ", ".join(f"{k} {v:,} ({_pct(v, n).strip()})"
                                                   for k, v in sorted(attempts.items(), key=lambda kv: -kv[1])))
+    cost = d.get("cost") or {}
+    if cost:
+        per_job = cost.get("commands_per_job")
+        usd = cost.get("upstash_usd_per_100k_jobs")
+        lines += ["", f"cost (this process)  {cost.get('redis_commands', 0):,} Redis commands, "
+                      f"{cost.get('http_requests', 0):,} HTTP requests, {cost.get('ledger_statements', 0):,} ledger "
+                      f"statements; {cost.get('jobs_finished_here', 0):,} jobs finished here",
+                  f"per finished job     {'-' if per_job is None else f'{per_job:g} Redis commands'}; "
+                  f"on Upstash {'-' if usd is None else f'${usd:,.4f}'} per 100k jobs"]
     starving = (d.get("starvation") or {}).get("by_priority") or []
     if starving:
         lines += ["", "wait for the first claim, per priority (the most recent claimed jobs):",

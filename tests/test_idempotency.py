@@ -52,7 +52,7 @@ def test_a_failed_jobs_key_returns_the_failed_job(setup, tmp_path):
     holder = dead_holder(q, key)
     assert q.enqueue("record", {"n": 2}, key=key) == holder
     assert q.enqueue_many([{"type": "record", "payload": {}, "key": key}] * 2) == [holder, holder]
-    assert cli(setup, "enqueue", "record", "--key", key) == {"id": holder}
+    assert cli(setup, "enqueue", "record", "--key", key) == {"id": holder, "duplicate": True}
     token = "tok-" + secrets.token_hex(8)
     server = start_api_server({**setup.env(), "QKIT_API_TOKEN": token}, tmp_path / "serve.log",
                               "--queue", setup.queue)
@@ -79,7 +79,7 @@ def test_replay_keeps_the_key_and_purge_frees_it(setup):
     assert q.get(holder).status == "pending" and q.get(holder).idempotency_key == key
     assert q.work().failed == 1 and q.enqueue("record", {}, key=key) == holder  # failed again: still held
     assert count_jobs(q) == 1
-    assert cli(setup, "dlq", "purge") == {"purged": 1}
+    assert cli(setup, "dlq", "purge", "--yes") == {"purged": 1, "dry_run": False}
     new = q.enqueue("record", {}, key=key)  # purged: the key is free and makes a new job
     assert new > holder and q.get(new).status == "pending" and count_jobs(q) == 1
     assert q.enqueue("record", {}, key=key) == new
