@@ -69,7 +69,7 @@ def area(stack: Stack) -> str:
                          ("/sqlite3/", "DB driver (Python)"), ("/redis/", "redis-py"),
                          ("/httpx/", "HTTP client"), ("/httpcore/", "HTTP client"), ("/upstash_redis/", "HTTP client"),
                          ("/h11/", "HTTP client"), ("/json/", "json"), ("/qkit/ledger/", "qkit ledger (Python)"),
-                         ("/qkit/engine/worker.py", "qkit worker (Python)"), ("/qkit/", "qkit other (Python)"),
+                         ("/qkit/engine/worker.py", "qkit worker (Python)"), ("/qkit/engine/batches.py", "qkit worker (Python)"), ("/qkit/", "qkit other (Python)"),
                          ("/threading.py", "thread sync / waiting"),
                          ("/socket.py", "socket I/O (waiting for Redis/HTTP)"),
                          ("/selectors.py", "socket I/O (waiting for Redis/HTTP)")):

@@ -7,7 +7,7 @@ from sqlalchemy import exists, or_, select
 from qkit.ledger.engine import LedgerBase
 from qkit.ledger.schema import jobs
 
-#: the error a worker records for a job whose type it has no handler for (qkit/engine/worker.py)
+#: the error a worker records for a job whose type it has no handler for (qkit/engine/batches.py)
 UNKNOWN_TYPE_ERROR = "UnknownJobType:"
 
 
