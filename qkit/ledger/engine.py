@@ -21,7 +21,7 @@ from qkit.ledger.schema import MIGRATIONS, SCHEMA_VERSION, metadata, schema_info
 
 if TYPE_CHECKING:
     from qkit.ledger.events import EventWriter
-    from qkit.ledger.hotpath import DriverSQL
+    from qkit.ledger.driver_sql import DriverSQL
 
 #: the database failed mid-statement (disk full, I/O error, connection lost): the CLI words it in one line
 LedgerFailure = OperationalError
