@@ -15,6 +15,7 @@ from redis.exceptions import ResponseError
 
 import qkit
 from qkit.lua import KEY_LOCKING_SHEBANG, load_script
+from qkit.ops.audit import audit
 
 TOKEN = "locking-" + secrets.token_hex(8)
 
@@ -40,16 +41,21 @@ def _workload(q: qkit.Queue) -> None:
     assert q.replay(failing) == [failing]
     q.work(max_seconds=5)
     assert q.get(ids[0]).status == "completed"
-    report = q.audit() if hasattr(q, "audit") else __import__("qkit.ops.audit", fromlist=["audit"]).audit(q)
+    report = audit(q)
     assert report.clean, report.findings
 
 
+def _connect(endpoint, tmp_path, monkeypatch, queue: str, setting: str) -> qkit.Queue:
+    """A queue through the endpoint with ``QKIT_UPSTASH_KEY_LOCKING=setting``, the endpoint's counters zeroed."""
+    monkeypatch.setenv("QKIT_UPSTASH_KEY_LOCKING", setting)
+    endpoint.app.state.stats.reset()
+    return qkit.connect(queue, upstash_url=endpoint.url, upstash_token=TOKEN, home=tmp_path,
+                        database_url=f"sqlite:///{tmp_path / 'ledger.sqlite3'}", backoff_base=0)
+
+
 def test_scripts_carry_the_flag_when_asked_and_run_whole_under_strict_key_checks(endpoint, tmp_path, monkeypatch):
-    monkeypatch.setenv("QKIT_UPSTASH_KEY_LOCKING", "on")
     stats = endpoint.app.state.stats
-    stats.reset()
-    q = qkit.connect("locking.q-1", upstash_url=endpoint.url, upstash_token=TOKEN, home=tmp_path,
-                     database_url=f"sqlite:///{tmp_path / 'ledger.sqlite3'}", backoff_base=0)
+    q = _connect(endpoint, tmp_path, monkeypatch, "locking.q-1", "on")
     try:
         assert q.backend.key_locking
         _workload(q)
@@ -64,11 +70,8 @@ def test_scripts_carry_the_flag_when_asked_and_run_whole_under_strict_key_checks
 
 
 def test_auto_sends_no_flag_to_an_endpoint_that_is_not_upstash_io(endpoint, tmp_path, monkeypatch):
-    monkeypatch.setenv("QKIT_UPSTASH_KEY_LOCKING", "auto")
     stats = endpoint.app.state.stats
-    stats.reset()
-    q = qkit.connect("locking.q-2", upstash_url=endpoint.url, upstash_token=TOKEN, home=tmp_path,
-                     database_url=f"sqlite:///{tmp_path / 'ledger.sqlite3'}", backoff_base=0)
+    q = _connect(endpoint, tmp_path, monkeypatch, "locking.q-2", "auto")
     try:
         assert not q.backend.key_locking
         _workload(q)
