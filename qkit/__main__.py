@@ -1,4 +1,4 @@
-"""``python -m qkit ...`` is ``qkit ...`` (SPEC §12)."""
+"""``python -m qkit ...`` is ``qkit ...`` (docs/semantics.md#interfaces)."""
 from qkit.cli import entry_point
 
 if __name__ == "__main__":

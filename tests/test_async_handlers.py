@@ -1,4 +1,4 @@
-"""``async def`` handlers (SPEC §12, issue 16): one event loop per burst, up to ``concurrency`` at once.
+"""``async def`` handlers (issue 16; docs/semantics.md#async-handlers): one event loop per burst, up to ``concurrency`` at once.
 
 Handlers are in ``tests/async_job_handlers.py`` (and the sync ``record`` of
 ``tests/job_handlers.py`` for mixed queues); they log every start and end.

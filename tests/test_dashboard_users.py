@@ -1,4 +1,4 @@
-"""The dashboard for JWT users (SPEC §12 per-user jobs): a user signs in with their JWT and sees, reads and cancels
+"""The dashboard for JWT users (per-user jobs, docs/http-api.md): a user signs in with their JWT and sees, reads and cancels
 only their own jobs; the operator's pages are closed to them.
 
 Against a real ``qkit serve`` on loopback with ``QKIT_API_JWKS_URL`` pointing at a local JWKS server; tokens are

@@ -1,4 +1,4 @@
-"""Limits per job type (issue 16, SPEC §12 ``q.limit``; docs/semantics.md#limits-per-type).
+"""Limits per job type (issue 16, ``q.limit``; docs/semantics.md#limits-per-type).
 
 The limit is kept by the claim script on Redis's clock, across every worker and
 backend; a job held back stays ready (pending), spends no attempt and does not

@@ -260,7 +260,7 @@ async def _listing(request: Request, what: str, title: str, fields: tuple[str, .
 
     def run() -> list[dict[str, Any]] | None:
         q = queue_of(request, name)
-        method = getattr(q, what, None)  # q.schedules() and q.limits() (SPEC §12), once this qkit has them
+        method = getattr(q, what, None)  # q.schedules() and q.limits() (docs/semantics.md)
         if method is None:
             return None
         found = method()

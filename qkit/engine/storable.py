@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-#: stored error and traceback text is capped at this many UTF-8 bytes (SPEC §12: 64 KiB)
+#: stored error and traceback text is capped at this many UTF-8 bytes (64 KiB; docs/semantics.md#bad-input-and-caps)
 MAX_ERROR_BYTES = 64 * 1024
 #: a stored result's JSON text is capped at this many UTF-8 bytes (the payload cap)
 MAX_RESULT_BYTES = 256 * 1024
