@@ -146,3 +146,11 @@ def test_a_primary_that_may_evict_is_named_on_connect(cluster, caplog):
                    for r in caplog.records), [r.getMessage() for r in caplog.records]
     finally:
         client.config_set("maxmemory-policy", "noeviction")
+
+
+def test_cluster_nodes_get_ports_their_bus_can_follow():
+    """redis-server refuses a cluster node above port 55535 (its bus is port + 10000): CI once drew one."""
+    from qkit.dev.servers import HIGHEST_CLUSTER_PORT, free_cluster_port
+
+    ports = [free_cluster_port() for _ in range(200)]
+    assert max(ports) <= HIGHEST_CLUSTER_PORT and len(set(ports)) > 100

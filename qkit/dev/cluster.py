@@ -20,7 +20,7 @@ from pathlib import Path
 
 from redis.crc import key_slot
 
-from qkit.dev.servers import RedisServer, start_redis, wait_until
+from qkit.dev.servers import RedisServer, free_cluster_port, start_redis, wait_until
 
 
 @dataclass
@@ -99,6 +99,21 @@ class RedisClusterServers:
             node.stop()
 
 
+def _start_node(directory: Path, attempts: int = 20) -> RedisServer:
+    """A cluster-enabled redis-server on a free port low enough for its bus port (a free port from the
+    kernel may be above 55535, which redis-server refuses in cluster mode)."""
+    last: Exception | None = None
+    for _ in range(attempts):
+        port = free_cluster_port()
+        try:
+            return start_redis(directory, port=port, extra_args=[
+                "--cluster-enabled", "yes", "--cluster-config-file", str(directory / f"nodes-{port}.conf"),
+                "--cluster-node-timeout", "2000"])
+        except RuntimeError as exc:  # taken between the probe and the bind: try another
+            last = exc
+    raise RuntimeError(f"no port for a cluster node after {attempts} tries: {last}")
+
+
 def start_redis_cluster(folder: Path, *, masters: int = 3, replicas: int = 1,
                         timeout: float = 60.0) -> RedisClusterServers:
     """Start and join a cluster of ``masters`` shards with ``replicas`` replicas each, on free ports."""
@@ -107,10 +122,7 @@ def start_redis_cluster(folder: Path, *, masters: int = 3, replicas: int = 1,
     nodes: list[RedisServer] = []
     try:
         for _ in range(masters * (1 + replicas)):
-            directory = folder / f"node-{len(nodes)}"
-            nodes.append(start_redis(directory, extra_args=[
-                "--cluster-enabled", "yes", "--cluster-config-file", str(directory / "nodes.conf"),
-                "--cluster-node-timeout", "2000"]))
+            nodes.append(_start_node(folder / f"node-{len(nodes)}"))
         subprocess.run([cli, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in nodes),
                         "--cluster-replicas", str(replicas), "--cluster-yes"],
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=timeout)

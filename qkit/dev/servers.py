@@ -16,7 +16,9 @@ from __future__ import annotations
 import glob
 import os
 import pwd
+import random
 import shutil
+import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -186,6 +188,26 @@ def _launch_redis(directory: Path, port: int | None, extra: Sequence[str], timeo
     raise RuntimeError(f"redis-server did not start in {directory}:\n{last_error}")
 
 
+#: a cluster node's bus listens on its port + 10000, so redis-server refuses a cluster node above 55535
+BUS_OFFSET, HIGHEST_CLUSTER_PORT = 10000, 55535
+
+
+def free_cluster_port(attempts: int = 200) -> int:
+    """A port at most 55535 that, with its cluster bus port (+10000), can be bound on 127.0.0.1 now (a free
+    port from the kernel may be above 55535)."""
+    for _ in range(attempts):
+        port = random.randint(20000, HIGHEST_CLUSTER_PORT)
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as a, \
+                    socket.socket(socket.AF_INET, socket.SOCK_STREAM) as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + BUS_OFFSET))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free port pair for a cluster node")
+
+
 def start_redis(folder: Path, *, cluster: bool = False, port: int | None = None, extra_args: Sequence[str] = (),
                 timeout: float = 10.0) -> RedisServer:
     """Start a redis-server with its data in a new directory under ``folder``; ready when returned.
@@ -205,7 +227,16 @@ def start_redis(folder: Path, *, cluster: bool = False, port: int | None = None,
     extra = list(extra_args)
     if cluster:
         extra = ["--cluster-enabled", "yes", "--cluster-config-file", str(directory / "nodes.conf"), *extra]
-    server = _launch_redis(directory, port, extra, timeout)
+        for _ in range(9 if port is None else 0):  # a port low enough for the cluster bus (see free_cluster_port)
+            try:
+                server = _launch_redis(directory, free_cluster_port(), extra, timeout)
+                break
+            except RuntimeError:  # taken between the probe and the bind: another
+                continue
+        else:
+            server = _launch_redis(directory, port if port is not None else free_cluster_port(), extra, timeout)
+    else:
+        server = _launch_redis(directory, port, extra, timeout)
     if not cluster:
         return server
     client = server.client()
