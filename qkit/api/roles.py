@@ -22,12 +22,14 @@ import logging
 import os
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 import jwt
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from qkit.api.auth import _secret, bearer_token, token_matches
+from qkit.api.bodies import check_query, name_param
 from qkit.api.errors import ApiError
 
 log = logging.getLogger("qkit.api")
@@ -200,3 +202,12 @@ async def authorize(request: Request, *, write: bool = False, operator: bool = F
     """
     require_enabled(route_roles(operator=operator, metrics=metrics))
     return check(await identify(request), write=write, operator=operator, metrics=metrics)
+
+
+async def operator_query(request: Request, allowed: tuple[str, ...]) -> tuple[Any, str | None]:
+    """An operator route's preamble: the caller may read operator data, the query names only ``allowed``;
+    returns the query and its ``queue`` (None when absent)."""
+    await authorize(request, operator=True)
+    params = request.query_params
+    check_query(params, allowed)
+    return params, name_param(params, "queue") if "queue" in allowed else None

@@ -15,12 +15,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from qkit.api.bodies import (DEFAULT_LIST_LIMIT, MAX_ID, MAX_LIST_LIMIT, check_query, id_param, name_param,
-                             parse_object, read_body)
+from qkit.api.bodies import DEFAULT_LIST_LIMIT, MAX_ID, MAX_LIST_LIMIT, id_param, parse_object, read_body
 from qkit.api.errors import ApiError, guard
 from qkit.api.holder import holder
 from qkit.api.openapi import AUTH_ERRORS, error_response, json_response
-from qkit.api.roles import authorize
+from qkit.api.roles import authorize, operator_query
 from qkit.api.routes_ops import known_queue
 from qkit.errors import BadInput
 from qkit.model import NAME_RE, jsonable
@@ -94,10 +93,7 @@ def _older_than(value: Any) -> Any:
 @guard
 async def dlq_list(request: Request) -> Response:
     """GET /api/dlq?queue=Q[&group=1][&limit=N]"""
-    await authorize(request, operator=True)
-    params = request.query_params
-    check_query(params, ("queue", "group", "limit"))
-    name = name_param(params, "queue")
+    params, name = await operator_query(request, ("queue", "group", "limit"))
     if "group" in params and params["group"] not in _FLAGS:
         raise ApiError(422, "group must be 1, 0, true or false", field="group")
     group = _FLAGS.get(params.get("group", "0"), False)

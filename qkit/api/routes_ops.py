@@ -14,11 +14,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from qkit.api.bodies import DEFAULT_LIST_LIMIT, MAX_ID, MAX_LIST_LIMIT, check_query, name_param, page_query
+from qkit.api.bodies import DEFAULT_LIST_LIMIT, MAX_ID, MAX_LIST_LIMIT, page_query
 from qkit.api.errors import guard
 from qkit.api.holder import holder
 from qkit.api.openapi import AUTH_ERRORS, error_response, json_response
-from qkit.api.roles import authorize
+from qkit.api.roles import operator_query
 from qkit.errors import NotFound
 from qkit.ledger.reads import queue_runs
 from qkit.ops.queues import queue_rows
@@ -38,8 +38,7 @@ def known_queue(hold: Any, name: str | None) -> Any:
 @guard
 async def queues(request: Request) -> Response:
     """GET /api/queues"""
-    await authorize(request, operator=True)
-    check_query(request.query_params, ())
+    await operator_query(request, ())
     hold = holder(request)
     rows = await run_in_threadpool(lambda: queue_rows(hold.get().ledger, hold.name))
     return JSONResponse({"queues": rows})
@@ -48,9 +47,7 @@ async def queues(request: Request) -> Response:
 @guard
 async def stats(request: Request) -> Response:
     """GET /api/stats?queue=Q"""
-    await authorize(request, operator=True)
-    check_query(request.query_params, ("queue",))
-    name = name_param(request.query_params, "queue")
+    _, name = await operator_query(request, ("queue",))
     hold = holder(request)
     return JSONResponse(await run_in_threadpool(lambda: jsonable(known_queue(hold, name).stats())))
 
@@ -58,10 +55,7 @@ async def stats(request: Request) -> Response:
 @guard
 async def runs(request: Request) -> Response:
     """GET /api/runs?queue=Q&limit=N&before_id=I"""
-    await authorize(request, operator=True)
-    params = request.query_params
-    check_query(params, ("queue", "limit", "before_id"))
-    name = name_param(params, "queue")
+    params, name = await operator_query(request, ("queue", "limit", "before_id"))
     limit, before_id = page_query(params)
     hold = holder(request)
 

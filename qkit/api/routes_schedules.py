@@ -13,11 +13,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from qkit.api.bodies import check_query, name_param
 from qkit.api.errors import guard
 from qkit.api.holder import holder
 from qkit.api.openapi import AUTH_ERRORS, error_response, json_response
-from qkit.api.roles import authorize
+from qkit.api.roles import operator_query
 from qkit.api.routes_ops import known_queue
 from qkit.model import jsonable
 
@@ -29,9 +28,7 @@ FIELDS = ("name", "cron", "tz", "type", "priority", "max_attempts", "catch_up", 
 @guard
 async def schedules(request: Request) -> Response:
     """GET /api/schedules?queue=Q"""
-    await authorize(request, operator=True)
-    check_query(request.query_params, ("queue",))
-    name = name_param(request.query_params, "queue")
+    _, name = await operator_query(request, ("queue",))
     hold = holder(request)
 
     def run() -> dict[str, Any]:
