@@ -236,6 +236,14 @@ def setup(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Setup]:
         q.close()
 
 
+def embedded_sqlite_setup(embedded_home: Path, tmp_path: Path, queue: str) -> Setup:
+    """A setup on the session's embedded server with a fresh SQLite ledger under ``tmp_path`` (the CLI tests)."""
+    url = f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
+    return Setup(name="embedded-sqlite", queue=queue, home=embedded_home,
+                 overrides={"home": embedded_home, "database_url": url},
+                 env_vars={"QKIT_HOME": str(embedded_home), "QKIT_DATABASE_URL": url})
+
+
 @pytest.fixture
 def q(setup: Setup) -> qkit.Queue:
     """A queue with back-off off (base 0) unless a test asks otherwise."""

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import Setup
+from conftest import Setup, embedded_sqlite_setup
 
 
 def qkit_cli(setup: Setup | None, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -21,10 +21,7 @@ def qkit_cli(setup: Setup | None, *args: str, env: dict | None = None) -> subpro
 @pytest.fixture
 def setup(embedded_home, tmp_path):
     """The CLI runs against the embedded server with a fresh SQLite ledger."""
-    url = f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
-    yield Setup(name="embedded-sqlite", queue="clitest", home=embedded_home,
-                overrides={"home": embedded_home, "database_url": url},
-                env_vars={"QKIT_HOME": str(embedded_home), "QKIT_DATABASE_URL": url})
+    yield embedded_sqlite_setup(embedded_home, tmp_path, "clitest")
 
 
 def test_round_trip(setup):

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from conftest import Setup
+from conftest import Setup, embedded_sqlite_setup
 from qkit.errors import BadInput
 from qkit.ops.audit import audit
 from qkit.ops.triage import group_rows
@@ -28,10 +28,7 @@ def qkit_cli(setup: Setup, *args: str, **env: str) -> subprocess.CompletedProces
 
 @pytest.fixture
 def setup(embedded_home, tmp_path):
-    url = f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
-    yield Setup(name="embedded-sqlite", queue="dlqcli", home=embedded_home,
-                overrides={"home": embedded_home, "database_url": url},
-                env_vars={"QKIT_HOME": str(embedded_home), "QKIT_DATABASE_URL": url})
+    yield embedded_sqlite_setup(embedded_home, tmp_path, "dlqcli")
 
 
 @pytest.fixture

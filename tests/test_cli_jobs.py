@@ -15,7 +15,7 @@ import sys
 import pytest
 from sqlalchemy import select
 
-from conftest import Setup, spawn_burst, wait_for
+from conftest import Setup, embedded_sqlite_setup, spawn_burst, wait_for
 from qkit.ledger import worker_runs
 
 
@@ -29,10 +29,7 @@ def qkit_cli(setup: Setup | None, *args: str, env: dict | None = None, **extra: 
 
 @pytest.fixture
 def setup(embedded_home, tmp_path):
-    url = f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
-    yield Setup(name="embedded-sqlite", queue="jobscli", home=embedded_home,
-                overrides={"home": embedded_home, "database_url": url},
-                env_vars={"QKIT_HOME": str(embedded_home), "QKIT_DATABASE_URL": url})
+    yield embedded_sqlite_setup(embedded_home, tmp_path, "jobscli")
 
 
 def one_line(out: subprocess.CompletedProcess, code: int, needle: str) -> None:
