@@ -1,6 +1,6 @@
 """The hot path's statements as driver text, and :class:`DriverSQL`, which sends them straight to the
 DB-API cursor in the dialect's parameter style (a batch is one ``executemany`` on SQLite, one statement of
-per-column arrays on PostgreSQL).  :mod:`qkit.ledger.hotpath` runs them; docs/architecture.md#the-ledger.
+one jsonb array of rows on PostgreSQL).  :mod:`qkit.ledger.hotpath` runs them; docs/architecture.md#the-ledger.
 """
 from __future__ import annotations
 
@@ -42,11 +42,11 @@ class DriverSQL:
     def run(self, conn: Connection, statement: str, rows: Sequence[tuple]) -> None:
         if not rows:
             return
-        if self.pg and len(rows) > 1 and statement in PG_ARRAYS:
-            # one statement whose parameters are a column each (psycopg sends a list as an array):
-            # executemany sends a Bind/Execute per row, and its per-row work in the driver cost
-            # more than PostgreSQL's own (bench/README.md#postgresql)
-            conn.exec_driver_sql(PG_ARRAYS[statement], tuple(list(column) for column in zip(*rows)))
+        if self.pg and len(rows) > 1 and statement in PG_BATCHES:
+            # the whole batch as one jsonb parameter, an array of rows that PostgreSQL takes apart:
+            # executemany sends a Bind/Execute per row, and psycopg dumps a list parameter element by
+            # element in Python; json.dumps is C (bench/README.md#postgresql)
+            conn.exec_driver_sql(PG_BATCHES[statement], (json.dumps(rows, default=_iso),))
             return
         conn.exec_driver_sql(self.sql(statement), list(rows) if len(rows) > 1 else rows[0])
 
@@ -61,10 +61,13 @@ class DriverSQL:
 
     def with_ids(self, statement: str) -> str:
         """``statement`` with ``{ids}`` taking a whole id list as one parameter."""
-        return self.sql(statement.replace("{ids}", "= ANY(?)" if self.pg else "IN (SELECT value FROM json_each(?))"))
+        return self.sql(statement.replace("{ids}", "= ANY(?::bigint[])" if self.pg
+                                          else "IN (SELECT value FROM json_each(?))"))
 
     def ids_arg(self, ids: Sequence[int]) -> Any:
-        return list(ids) if self.pg else json.dumps(list(ids))
+        """The id list as one text parameter: a PostgreSQL array literal, or a JSON array for SQLite."""
+        text_ = ",".join(map(str, ids))
+        return "{" + text_ + "}" if self.pg else "[" + text_ + "]"
 
     def json_in(self, value: Any) -> Any:
         return json.loads(value) if isinstance(value, str) else value
@@ -102,33 +105,43 @@ SETTLE_JOB = ("UPDATE jobs SET status = ?, result = {json}, error = ?, finished_
 SETTLE_ATTEMPT = ("UPDATE job_attempts SET outcome = ?, finished_at = ?, duration_ms = ?, error = ?, traceback = ?,"
                   " fingerprint = ?, retry_after_ms = ? WHERE job_id = ? AND epoch = ? AND attempt = ?")
 
-#: PostgreSQL: the same statements for a whole batch, each parameter an array of one column's values,
-#: matched row by row by unnest (the rows of an UPDATE name distinct jobs, or attempts, as they do one by one)
-PG_ARRAYS = {
+
+def _iso(value: datetime) -> str:
+    """json.dumps' fallback for the times in a PostgreSQL batch (the only values JSON has no form for)."""
+    return value.isoformat()
+
+
+def _rows_of(jsonb_columns: str) -> str:
+    """``(SELECT ... FROM jsonb_array_elements(%s::jsonb))``: the rows of a batch sent as one jsonb array of
+    arrays; ``jsonb_columns`` lists ``name type`` in the order of the statement's ``?`` placeholders."""
+    columns = [c.split() for c in jsonb_columns.split(",")]
+    picks = ", ".join(f"(e->>{i})::{kind} AS {name}" for i, (name, kind) in enumerate(columns))
+    return f"(SELECT {picks} FROM jsonb_array_elements(%s::jsonb) AS e)"
+
+
+#: PostgreSQL: the same statements for a whole batch in one parameter, rows matched by their ids (the rows of
+#: an UPDATE name distinct jobs, or attempts, as they do one by one)
+PG_BATCHES = {
     INSERT_JOB: "INSERT INTO jobs (id, queue, type, payload, status, priority, attempts, max_attempts, run_at,"
                 " created_at, updated_at, epoch, owner) SELECT v.id, v.queue, v.type, v.payload::jsonb, 'pending',"
-                " v.priority, 0, v.max_attempts, v.run_at, v.created_at, v.updated_at, 0, v.owner"
-                " FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[], %s::int[], %s::int[],"
-                " %s::timestamptz[], %s::timestamptz[], %s::timestamptz[], %s::text[])"
-                " AS v(id, queue, type, payload, priority, max_attempts, run_at, created_at, updated_at, owner)",
+                " v.priority, 0, v.max_attempts, v.run_at, v.created_at, v.updated_at, 0, v.owner FROM "
+                + _rows_of("id bigint, queue text, type text, payload text, priority int, max_attempts int,"
+                           " run_at timestamptz, created_at timestamptz, updated_at timestamptz, owner text") + " AS v",
     INSERT_EVENT: "INSERT INTO job_events (job_id, at, event, worker, detail)"
-                  " SELECT v.job_id, v.at, v.event, v.worker, v.detail::jsonb"
-                  " FROM unnest(%s::bigint[], %s::timestamptz[], %s::text[], %s::text[], %s::text[])"
-                  " AS v(job_id, at, event, worker, detail)",
-    INSERT_ATTEMPT: "INSERT INTO job_attempts (job_id, epoch, attempt, worker, started_at)"
-                    " SELECT * FROM unnest(%s::bigint[], %s::int[], %s::int[], %s::text[], %s::timestamptz[])",
+                  " SELECT v.job_id, v.at, v.event, v.worker, v.detail::jsonb FROM "
+                  + _rows_of("job_id bigint, at timestamptz, event text, worker text, detail text") + " AS v",
+    INSERT_ATTEMPT: "INSERT INTO job_attempts (job_id, epoch, attempt, worker, started_at) SELECT * FROM "
+                    + _rows_of("job_id bigint, epoch int, attempt int, worker text, started_at timestamptz") + " AS v",
     SETTLE_JOB: "UPDATE jobs SET status = v.status, result = v.result::jsonb, error = v.error,"
                 " finished_at = v.finished_at, run_at = COALESCE(v.run_at, jobs.run_at), updated_at = v.updated_at"
-                " FROM unnest(%s::text[], %s::text[], %s::text[], %s::timestamptz[], %s::timestamptz[],"
-                " %s::timestamptz[], %s::bigint[]) AS v(status, result, error, finished_at, run_at, updated_at, id)"
+                " FROM " + _rows_of("status text, result text, error text, finished_at timestamptz,"
+                                    " run_at timestamptz, updated_at timestamptz, id bigint") + " AS v"
                 " WHERE jobs.id = v.id",
     SETTLE_ATTEMPT: "UPDATE job_attempts SET outcome = v.outcome, finished_at = v.finished_at,"
                     " duration_ms = v.duration_ms, error = v.error, traceback = v.traceback,"
-                    " fingerprint = v.fingerprint, retry_after_ms = v.retry_after_ms"
-                    " FROM unnest(%s::text[], %s::timestamptz[], %s::float8[], %s::text[], %s::text[], %s::text[],"
-                    " %s::float8[], %s::bigint[], %s::int[], %s::int[])"
-                    " AS v(outcome, finished_at, duration_ms, error, traceback, fingerprint, retry_after_ms,"
-                    " job_id, epoch, attempt)"
-                    " WHERE job_attempts.job_id = v.job_id AND job_attempts.epoch = v.epoch"
+                    " fingerprint = v.fingerprint, retry_after_ms = v.retry_after_ms FROM "
+                    + _rows_of("outcome text, finished_at timestamptz, duration_ms float8, error text, traceback text,"
+                               " fingerprint text, retry_after_ms float8, job_id bigint, epoch int, attempt int")
+                    + " AS v WHERE job_attempts.job_id = v.job_id AND job_attempts.epoch = v.epoch"
                     " AND job_attempts.attempt = v.attempt",
 }
