@@ -2,7 +2,10 @@
 //
 //   node bullmq_peer.mjs throughput <redis_url> <n> <concurrency>
 //     adds n no-op jobs with addBulk in chunks of 1,000, then drains them with one Worker at
-//     <concurrency>; prints one JSON line: enqueue_s, drain_s, e2e_jobs_per_s, cpu_s (this process).
+//     <concurrency> in a fresh Node process (forked, its start-up timed, as qkit's and the Python peers'
+//     workers are); then adds n more and drains them with a Worker in this process (no start-up: the
+//     "warm" figures).  One JSON line: enqueue_s, drain_s, worker_startup_s, e2e_jobs_per_s, cpu_s (both
+//     processes, the first round), and the warm round's enqueue_warm_s, drain_warm_s, e2e_warm_jobs_per_s.
 //   node bullmq_peer.mjs latency <redis_url> <rate> <seconds> <concurrency>
 //     a Worker in a child process; this process adds one job every 1/rate s (each add awaited) with
 //     its wall-clock time; the handler notes when it starts.  One JSON line: the delays add -> start in
@@ -27,31 +30,61 @@ function quantile(sorted, q) {
   return sorted[Math.min(sorted.length - 1, Math.floor(q * sorted.length))];
 }
 
-async function throughput(n, concurrency) {
-  const name = `bench-tp-${process.pid}`;
-  const queue = new Queue(name, { connection });
-  const cpu0 = process.cpuUsage();
-  const t0 = now();
+async function addAll(queue, n) {
   for (let i = 0; i < n; i += 1000) {
     const chunk = [];
     for (let j = i; j < Math.min(n, i + 1000); j++) chunk.push({ name: 'noop', data: { i: j } });
     await queue.addBulk(chunk);
   }
-  const t1 = now();
+}
+
+function drainHere(name, n, concurrency) {  // resolves once n jobs completed; returns the Worker
   let done = 0;
   let finish;
   const finished = new Promise((resolve) => { finish = resolve; });
   const worker = new Worker(name, async () => {}, { connection, concurrency });
   worker.on('completed', () => { if (++done === n) finish(); });
-  await finished;
-  const t2 = now();
+  return finished.then(() => worker);
+}
+
+async function drainWorker(name, n, concurrency) {  // the forked drain process
+  const cpu0 = process.cpuUsage();
+  process.send({ started: now() });
+  const worker = await drainHere(name, n, concurrency);
+  const t = now();
   await worker.close();
   const cpu = process.cpuUsage(cpu0);
+  process.send({ done: t, cpu_s: (cpu.user + cpu.system) / 1e6 });
+  process.exit(0);
+}
+
+async function throughput(n, concurrency) {
+  const name = `bench-tp-${process.pid}`;
+  const queue = new Queue(name, { connection });
+  const cpu0 = process.cpuUsage();
+  const t0 = now();
+  await addAll(queue, n);
+  const t1 = now();
+  const child = fork(new URL(import.meta.url).pathname, ['drain-worker', url, name, String(n), String(concurrency)]);
+  const started = await new Promise((resolve) => child.once('message', (m) => resolve(m.started)));
+  const { done, cpu_s: childCpu } = await new Promise((resolve) => child.once('message', resolve));
+  const cpu = process.cpuUsage(cpu0);
+  // the warm round: a Worker in this process, created after the adds (no start-up)
+  await queue.obliterate({ force: true });
+  const t3 = now();
+  await addAll(queue, n);
+  const t4 = now();
+  const worker = await drainHere(name, n, concurrency);
+  const t5 = now();
+  await worker.close();
   await queue.obliterate({ force: true });
   await queue.close();
-  const enqueue_s = (t1 - t0) / 1000, drain_s = (t2 - t1) / 1000;
+  const enqueue_s = (t1 - t0) / 1000, drain_s = (done - t1) / 1000;
+  const enqueue_warm_s = (t4 - t3) / 1000, drain_warm_s = (t5 - t4) / 1000;
   console.log(JSON.stringify({ system: 'bullmq', n, concurrency, enqueue_s, drain_s,
-    e2e_jobs_per_s: n / (enqueue_s + drain_s), cpu_s: (cpu.user + cpu.system) / 1e6 }));
+    worker_startup_s: (started - t1) / 1000, e2e_jobs_per_s: n / (enqueue_s + drain_s),
+    cpu_s: (cpu.user + cpu.system) / 1e6 + childCpu, enqueue_warm_s, drain_warm_s,
+    e2e_warm_jobs_per_s: n / (enqueue_warm_s + drain_warm_s) }));
 }
 
 async function latencyWorker(name, concurrency) {
@@ -94,5 +127,6 @@ async function latency(rate, seconds, concurrency) {
 if (mode === 'throughput') await throughput(Number(rest[0]), Number(rest[1] || 50));
 else if (mode === 'latency') await latency(Number(rest[0]), Number(rest[1]), Number(rest[2] || 1));
 else if (mode === 'latency-worker') await latencyWorker(rest[0], Number(rest[1]));
+else if (mode === 'drain-worker') await drainWorker(rest[0], Number(rest[1]), Number(rest[2]));
 else { console.error(`unknown mode ${mode}`); process.exit(2); }
-if (mode !== 'latency-worker') process.exit(0);
+if (mode !== 'latency-worker' && mode !== 'drain-worker') process.exit(0);
