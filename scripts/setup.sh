@@ -11,6 +11,7 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   export DEBIAN_FRONTEND=noninteractive
   need_apt=()
   [ -x /usr/bin/redis-server ] || need_apt+=(redis-server)
+  [ -x /usr/bin/strace ] || need_apt+=(strace)  # bench/syscalls.py
   [ -x /usr/bin/chromium ] || need_apt+=(chromium)  # tests/test_lab_browser.py (Playwright cannot download one)
   if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then need_apt+=(postgresql); fi
   id postgres >/dev/null 2>&1 || need_apt+=(postgresql)

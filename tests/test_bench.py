@@ -6,6 +6,7 @@ every job, and prints valid JSON with the expected keys.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -79,3 +80,16 @@ def test_scaling_prints_a_markdown_table() -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = [line for line in proc.stdout.splitlines() if line.startswith("|")]
     assert len(table) == 4 and "e2e jobs/s" in table[0]
+
+
+def test_syscalls_counts_a_job_minus_an_empty_run() -> None:
+    if not shutil.which("strace"):
+        pytest.skip("strace is not installed (scripts/setup.sh installs it)")
+    proc = _run("syscalls.py", "--n", "400")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (res,) = _json_lines(proc)
+    for side in ("enqueue", "worker"):
+        counts = res[f"{side}_syscalls_per_job"]
+        # jobs cost writes to the SQLite ledger's WAL: the difference of the two runs sees them
+        assert counts["total"] > 0 and counts["by_call"], res
+        assert counts["by_call"].get("pwrite64", 0) > 0, res
