@@ -41,7 +41,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from qkit.backends.redis import RedisBackend
+from qkit.backends.redis import RedisBackend, client_options
 from qkit.config import embedded_idle_seconds, make_private, private_home
 from qkit.ports import free_port
 from qkit.errors import BackendUnavailable
@@ -96,8 +96,7 @@ class EmbeddedServer:
 
     # ---------------------------------------------------------------- client
     def _client_for(self, info: dict, password: str, *, probe: bool = False) -> redis.Redis:
-        common: dict = dict(password=password, protocol=2, decode_responses=True, socket_timeout=30,
-                            socket_connect_timeout=5)
+        common: dict = dict(client_options(), password=password)
         if probe:
             # "is a server there?" must answer at once; redis-py's default retries take seconds
             common["retry"] = Retry(NoBackoff(), 0)
