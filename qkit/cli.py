@@ -94,12 +94,14 @@ def enqueue(type: str, payload: str | None, priority: int, max_attempts: int, de
 def work(max_jobs: int | None, max_seconds: float | None, concurrency: int, forever: bool,
          idle_seconds: float | None, progress_seconds: float, queue: str, as_json: bool) -> None:
     """Run one worker burst (or, with --forever, a long-running worker); prints a summary."""
-    from tqdm import tqdm
+    if sys.stderr.isatty():
+        from tqdm import tqdm  # a bar on a terminal only: tqdm's import is a worker's start-up time
 
-    from qkit.cli_common import ProgressLines
+        bar = tqdm(total=max_jobs, unit="job", desc=f"burst {queue}", file=sys.stderr)
+    else:
+        from qkit.cli_common import ProgressLines
 
-    bar = (tqdm(total=max_jobs, unit="job", desc=f"burst {queue}", file=sys.stderr) if sys.stderr.isatty()
-           else ProgressLines(f"burst on queue {queue!r}", progress_seconds))
+        bar = ProgressLines(f"burst on queue {queue!r}", progress_seconds)
     with _open(queue) as q, bar:
         summary = q.work(max_jobs=max_jobs, max_seconds=max_seconds, concurrency=concurrency,
                          trigger="cli", progress=bar, forever=forever, idle_seconds=idle_seconds)
