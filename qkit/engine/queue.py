@@ -97,16 +97,23 @@ class Queue(ScheduleMethods):
         if faults.ARMED:
             faults.arm()
         host, t0 = self._host_time()
-        results = self.ledger.insert_jobs(self.name, jobs, now=host)
-        if faults.ARMED:
-            faults.reach("enqueue.after_ledger")
-        created = [(job_id, j.priority, int(j.delay * 1000), j.type) for (job_id, new), j in zip(results, jobs) if new]
-        with self._tally_lock:
-            self.jobs_enqueued_here += len(created)
-        if created:
-            # the ledger row is committed first: if this push is lost, the next burst pushes it again
-            self.dispatch.push(created, mode="new")
-            self._correct_times(host, t0, [(job_id, delay_ms) for job_id, _, delay_ms, _ in created], created=True)
+        # committed without waiting for the disk; synced below, after the push, before the caller hears of it:
+        # a worker may start the job while the disk flushes (docs/semantics.md#the-promise)
+        results = self.ledger.insert_jobs(self.name, jobs, now=host, synced=False)
+        try:
+            if faults.ARMED:
+                faults.reach("enqueue.after_ledger")
+            created = [(job_id, j.priority, int(j.delay * 1000), j.type)
+                       for (job_id, new), j in zip(results, jobs) if new]
+            with self._tally_lock:
+                self.jobs_enqueued_here += len(created)
+            if created:
+                # the ledger row is committed first: if this push is lost, the next burst pushes it again
+                self.dispatch.push(created, mode="new")
+                self._correct_times(host, t0, [(job_id, delay_ms) for job_id, _, delay_ms, _ in created],
+                                    created=True)
+        finally:
+            self.ledger.sync()
         return results
 
     @staticmethod

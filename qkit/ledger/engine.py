@@ -62,6 +62,13 @@ class LedgerBase:
         #: they commit with synchronous=FULL, so an acknowledged enqueue survives a power loss
         #: (docs/semantics.md#the-promise); the worker's own writes keep NORMAL (a lost outcome is re-run, never lost)
         self.durable_engine = self.engine.execution_options(qkit_durable=True)
+        #: SQLite's write-ahead log, which :meth:`sync` flushes to disk (None on PostgreSQL or in memory)
+        self.wal_path: str | None = None
+        if self.dialect == "sqlite":
+            from sqlalchemy.engine import make_url
+
+            database = make_url(url).database
+            self.wal_path = f"{database}-wal" if database and database != ":memory:" else None
         self.statements = 0  # SQL statements sent, for cost figures
         self._writer: EventWriter | None = None  # background writer of lease_renewed events
         self._writer_lock = threading.Lock()
@@ -114,6 +121,26 @@ class LedgerBase:
             return (self.durable_engine if durable else self.engine).begin()
         except OperationalError as exc:
             raise self._unavailable(exc) from None
+
+    def sync(self) -> None:
+        """Flush SQLite's write-ahead log to disk: after it, every transaction committed so far survives a
+        power loss, as a ``synchronous=FULL`` commit does at its end (SQLite's FULL is this same fsync of
+        the log).  An enqueue commits without waiting for the disk, pushes its jobs to Redis, then calls
+        this before it returns: the disk's flush and the worker's wake-up overlap, and nothing is
+        acknowledged before it is on disk (docs/semantics.md#the-promise).  PostgreSQL's commit is
+        durable by itself: nothing to do."""
+        if self.wal_path is None:
+            return
+        import os
+
+        try:
+            fd = os.open(self.wal_path, os.O_RDONLY)  # opened each time: SQLite may delete and recreate it
+        except FileNotFoundError:
+            return  # checkpointed and removed by the last connection's close: the database file holds it, synced
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def _unavailable(self, exc: Exception) -> BackendUnavailable:
         first = str(getattr(exc, "orig", exc)).strip().splitlines()

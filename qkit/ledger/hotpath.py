@@ -35,14 +35,17 @@ class HotPath(LedgerBase):
     """Enqueue, claim and settle: the statements every job passes through."""
 
     # ------------------------------------------------------------------ enqueue
-    def insert_jobs(self, queue: str, new: Sequence[NewJob], now: datetime | None = None) -> list[tuple[int, bool]]:
+    def insert_jobs(self, queue: str, new: Sequence[NewJob], now: datetime | None = None, *,
+                    synced: bool = True) -> list[tuple[int, bool]]:
         """Insert jobs as ``pending``; returns (id, created) per item, in order.
 
         An idempotency key held by any job of the queue, failed ones included,
         returns that job's id (created False); the database's unique index
-        decides, so concurrent callers agree.
+        decides, so concurrent callers agree.  With ``synced=False`` a SQLite
+        commit does not wait for the disk: the caller calls :meth:`sync` before
+        it acknowledges anything.
         """
-        with self._write(durable=True) as conn:
+        with self._write(durable=synced) as conn:
             return self._insert_jobs(conn, queue, new, now or utcnow())
 
     def _insert_jobs(self, conn: Connection, queue: str, new: Sequence[NewJob],
