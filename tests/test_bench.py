@@ -93,3 +93,11 @@ def test_syscalls_counts_a_job_minus_an_empty_run() -> None:
         # jobs cost writes to the SQLite ledger's WAL: the difference of the two runs sees them
         assert counts["total"] > 0 and counts["by_call"], res
         assert counts["by_call"].get("pwrite64", 0) > 0, res
+
+
+def test_python_calls_counts_calls_per_job() -> None:
+    proc = _run("python_calls.py", "--n", "300", "--top", "5")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (res,) = _json_lines(proc)
+    for side in ("enqueue", "burst"):
+        assert res[side]["calls_per_job"] > 1 and len(res[side]["most_called_per_job"]) == 5, res
