@@ -29,6 +29,7 @@ import upstash_redis
 from upstash_redis.errors import UpstashError
 
 from qkit.backends.base import Backend
+from qkit.backends.redis import client_options
 from qkit.config import url_for_messages
 from qkit.errors import BackendUnavailable, ConfigError, QkitError
 from qkit.lua import Script, with_key_locking
@@ -116,7 +117,7 @@ def _redis_py_callbacks() -> Any:
     """
     global _REDIS_PY_CALLBACKS
     if _REDIS_PY_CALLBACKS is None:
-        _REDIS_PY_CALLBACKS = redis.Redis(protocol=2, decode_responses=True).response_callbacks
+        _REDIS_PY_CALLBACKS = redis.Redis(**client_options()).response_callbacks  # the redis backend's settings
     return _REDIS_PY_CALLBACKS
 
 
