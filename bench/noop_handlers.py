@@ -26,8 +26,9 @@ def sleep(payload: dict) -> None:
 
 @qkit.handler("stamp", timeout=60)
 def stamp(payload: dict) -> dict:
-    """Its start time (wall clock, s since the epoch) as its result: ``bench/latency.py``'s probe."""
-    return {"t": time.time()}
+    """Its start time as its result (``bench/latency.py``'s probe): ``t`` on the wall clock (s since the epoch),
+    ``ns`` on ``perf_counter_ns`` (CLOCK_MONOTONIC on Linux, comparable across processes: ``--trace``)."""
+    return {"t": time.time(), "ns": time.perf_counter_ns()}
 
 
 @qkit.handler("asleep", timeout=60)
