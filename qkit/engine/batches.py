@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from qkit.engine.aio import split_async
 from qkit.engine.handlers import JobContext, get_handler, run_async_in_context, run_in_context
 from qkit.engine.lifecycle import Outcome, Runnable
-from qkit.engine.pool import HandlerPool, SerialRunner, kill_children_of, outcome_of, timeout_outcome
+from qkit.engine.pool import HandlerPool, kill_children_of, outcome_of, timeout_outcome
 from qkit.ledger import utcnow
 
 if TYPE_CHECKING:
@@ -59,7 +59,7 @@ class BatchRunner:
             return finished
         t_batch, started_before = time.monotonic(), self._started
         if self.concurrency == 1:
-            outcomes = self._run_serial(batch)
+            outcomes = self._run_serial(pool, batch)
         else:
             outcomes = self._run_concurrent(pool, batch)
         if async_jobs:  # after the sync ones: never more than `concurrency` handlers at once
@@ -75,16 +75,16 @@ class BatchRunner:
             per_job = max(per_job, 1e-6)
             self._avg_job_s = per_job if self._avg_job_s == 0 else 0.5 * self._avg_job_s + 0.5 * per_job
 
-    def _run_serial(self: "Worker", batch: list[Runnable]) -> list[Outcome]:
-        """One handler thread runs the batch in order; this thread only watches the clock.
+    def _run_serial(self: "Worker", pool: HandlerPool, batch: list[Runnable]) -> list[Outcome]:
+        """The burst's handler thread runs the batch in order; this thread only watches the clock.
 
-        Handing each job to a thread would cost more than a no-op job; a runner
-        per batch keeps timeouts enforceable at a cost paid once per batch.
+        Handing each job to a thread would cost more than a no-op job; a batch at a
+        time keeps timeouts enforceable at a cost paid once per batch.
         """
         outcomes: list[Outcome] = []
         while len(outcomes) < len(batch):
-            runner = SerialRunner(self, batch[len(outcomes):])
-            runner.start()
+            runner = pool.runner(self)  # a new one after a timeout abandoned the last
+            runner.give(batch[len(outcomes):])
             outcomes += runner.watch()
         return outcomes
 

@@ -1,7 +1,7 @@
 """Running handlers: the handler threads, their timeouts, and the processes an abandoned handler started.
 
 A burst (:mod:`qkit.engine.worker`) runs a batch either on a :class:`HandlerPool`
-(concurrent handlers) or on a :class:`SerialRunner` (one thread, in order).
+(concurrent handlers) or on its :class:`SerialRunner` (one thread kept for the burst, in order).
 Either way a handler that passes its timeout is abandoned, not awaited: its
 thread finishes alone, its outcome is recorded as a timeout, and the processes
 it started are killed (:func:`kill_children_of`).
@@ -58,6 +58,7 @@ class HandlerPool:
         self.tasks: queue_mod.Queue[Any] = queue_mod.Queue()
         self.size = size
         self.slots: list[_Slot] = []  # started on the first submit: a queue of async jobs needs none
+        self._runner: SerialRunner | None = None
 
     def _spawn(self) -> _Slot:
         slot = _Slot(self.tasks)
@@ -79,9 +80,18 @@ class HandlerPool:
             self.slots.remove(slot)
             self.slots.append(self._spawn())
 
+    def runner(self, worker: "Worker") -> "SerialRunner":
+        """The thread that runs batches in order (concurrency 1), kept from batch to batch; a new one
+        after it was abandoned to a handler past its timeout."""
+        if self._runner is None or not self._runner.usable:
+            self._runner = SerialRunner(worker)
+        return self._runner
+
     def close(self) -> None:
         for _ in self.slots:
             self.tasks.put(None)
+        if self._runner is not None:
+            self._runner.close()
 
 
 def outcome_of(job: Runnable, result: Any, exc: BaseException | None) -> Outcome:
@@ -161,34 +171,67 @@ def kill_children_of(thread: threading.Thread, since: float) -> int:
 
 
 class SerialRunner(threading.Thread):
-    """Runs a batch's jobs in order on one thread, watched by the burst's thread.
+    """Runs batches' jobs in order on one thread, watched by the burst's thread.
 
-    When the running handler passes its timeout, :meth:`watch` records a
-    timeout and abandons this thread; the rest of the batch goes to a new runner.
+    The thread is kept for the whole burst (a ``--forever`` worker's life): the burst hands it each batch
+    (:meth:`give`) and watches it (:meth:`watch`).  A thread started per batch cost about 0.1 ms per
+    wake-up, and milliseconds under load (bench/README.md#latency-latencypy).  When the running handler
+    passes its timeout, :meth:`watch` records a timeout and abandons this thread: it finishes that handler
+    alone and ends; the rest of the batch goes to a new runner.  A runner whose batch crashed ends too.
     """
 
-    def __init__(self, worker: "Worker", jobs: list[Runnable]) -> None:
+    def __init__(self, worker: "Worker") -> None:
         super().__init__(daemon=True, name="qkit-handler")
         self.worker = worker
-        self.jobs = jobs
+        self.jobs: list[Runnable] = []
         self.outcomes: list[Outcome] = []
         self.current: tuple[Runnable, float, float, float] | None = None  # job, deadline, timeout, started
-        self.finished = False
+        self.finished = True  # True: no batch in hand
         self.abandoned = False
+        self.closed = False
         self.crash: BaseException | None = None
         self.cond = threading.Condition()
         #: the deadline the watcher sleeps towards (inf: no job in hand when it last looked)
         self.watching_until = math.inf
 
+    @property
+    def usable(self) -> bool:
+        """Whether it may take another batch (not abandoned to a hung handler, not crashed, not closed)."""
+        return not (self.abandoned or self.closed or self.crash is not None)
+
+    def give(self, jobs: list[Runnable]) -> None:
+        """Hand over a batch (the previous one has been watched to its end)."""
+        with self.cond:
+            self.jobs, self.outcomes, self.current = jobs, [], None
+            self.finished = False
+            self.watching_until = math.inf
+            self.cond.notify_all()
+        if self.ident is None:
+            self.start()
+
+    def close(self) -> None:
+        """The burst is over: the thread ends once idle (an abandoned one when its handler returns)."""
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+
     def run(self) -> None:
-        try:
-            self._run_jobs()
-        except BaseException as exc:  # noqa: BLE001 - a bug around a handler call; reported by watch()
-            self.crash = exc
-        finally:  # whatever happens, the watcher must not wait forever
+        while True:
             with self.cond:
-                self.finished = True
-                self.cond.notify()
+                while self.finished and not self.closed:
+                    self.cond.wait()
+                if self.finished:
+                    return  # closed while idle
+            try:
+                self._run_jobs()
+            except BaseException as exc:  # noqa: BLE001 - a bug around a handler call; reported by watch()
+                self.crash = exc
+            finally:  # whatever happens, the watcher must not wait forever
+                with self.cond:
+                    self.finished = True
+                    self.cond.notify_all()
+            if self.abandoned or self.crash is not None:
+                return
 
     def _run_jobs(self) -> None:
         for job in self.jobs:
