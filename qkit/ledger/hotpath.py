@@ -17,7 +17,7 @@ from qkit.engine import storable
 from qkit.engine.backoff import Backoff
 from qkit.ledger.driver_sql import (CLAIM_JOBS, INSERT_ATTEMPT, INSERT_EVENT, INSERT_JOB,  # noqa: F401 (re-exported)
                                     SELECT_CLAIM, SELECT_FENCE, SELECT_OPEN, SETTLE_ATTEMPT, SETTLE_JOB, ClaimRow,
-                                    DriverSQL, FenceRow, OpenAttempt)
+                                    DriverSQL, OpenAttempt)
 from qkit.ledger.engine import LedgerBase, dumps, transient, utcnow
 from qkit.ledger.interventions import cancel_requests, clear_cancel_requests
 from qkit.ledger.schema import job_attempts, jobs
@@ -155,87 +155,93 @@ class HotPath(LedgerBase):
             return plan
         with self._write() as conn:
             d = self.driver
+            # the rows as the driver returns them (SELECT_CLAIM's columns, in ClaimRow's order, then the queue);
             # another queue's id written into this queue's keys is no job of this queue: dropped, never run
-            rows = {r[0]: ClaimRow(r[0], r[1], r[2], d.payload_in(r[3]), r[4], r[5], r[6], r[7], d.ts_in(r[8]))
-                    for r in d.select_ids(conn, SELECT_CLAIM, ids, lock=True) if r[9] == queue}
+            rows = {r[0]: r for r in d.select_ids(conn, SELECT_CLAIM, ids, lock=True) if r[9] == queue}
             open_attempts = {}
             cancels: set[int] = set()
-            in_flight = [i for i in ids if i in rows and rows[i].status == "processing"]
+            in_flight = [i for i in ids if i in rows and rows[i][1] == "processing"]
             if in_flight:
                 open_attempts = {r[0]: OpenAttempt(r[0], r[1], r[2], d.ts_in(r[3]), r[4])
                                  for r in d.select_ids(conn, SELECT_OPEN, in_flight)}
                 cancels = cancel_requests(conn) & set(in_flight)  # a lost attempt of a job being cancelled
                 self.statements += 1
             self.statements += 2
-            claim_rows, attempt_rows, event_rows, lost_rows, job_updates = [], [], [], [], []
+            at = d.ts(now)
+            # rows in the driver's form, built directly: this loop runs once per job
+            claim_ids: list[int] = []
+            attempt_rows: list[tuple] = []
+            event_rows: list[tuple] = []
+            lost_rows: list[dict[str, Any]] = []
+            job_updates: list[dict[str, Any]] = []
+            runnable, settlements = plan.runnable, plan.settlements
             for job_id in ids:
-                r = rows.get(job_id)
-                if r is None or r.status not in ("pending", "processing"):
+                raw = rows.get(job_id)
+                if raw is None or raw[1] not in ("pending", "processing"):
                     # finished already (its settle never reached Redis): drop it, or put it back in the DLQ
-                    plan.settlements.append(resend(job_id, r and r.status, r.priority if r else 0))
+                    settlements.append(resend(job_id, raw and raw[1], raw[4] if raw else 0))
                     continue
-                attempts = r.attempts
-                if r.status == "pending" and r.attempts > 0 and r.run_at > now + NOT_DUE_SLACK:
-                    # a retry whose Redis settle never arrived (its lease expired instead): not due
-                    # before run_at (docs/semantics.md#order), so it goes back to wait, without an attempt
-                    wait_ms = int((r.run_at - now).total_seconds() * 1000)
-                    plan.settlements.append(Settlement(job_id, "retry", wait_ms, r.priority))
-                    continue
-                previous = open_attempts.get(job_id)
-                if again and r.status == "processing" and previous is not None and previous.worker == worker:
-                    plan.runnable.append(Runnable(id=job_id, type=r.type, payload=r.payload, priority=r.priority,
-                                                  attempt=previous.attempt, max_attempts=r.max_attempts,
-                                                  epoch=r.epoch, started_at=previous.started_at))
-                    continue
-                if r.status == "processing":
-                    # the previous holder's lease expired: that attempt was lost
-                    plan.lost += 1
-                    holder = previous.worker if previous else (reclaimed.get(job_id) or "unknown")
-                    error = lost_error(holder)
-                    if previous is not None:
-                        duration = (now - previous.started_at).total_seconds() * 1000
-                        lost_rows.append(dict(b_job=job_id, b_epoch=previous.epoch, b_attempt=previous.attempt,
-                                              finished_at=now, duration_ms=duration, error=error,
-                                              fingerprint=fingerprint(error)))
-                    event_rows.append(dict(job_id=job_id, at=now, event="reclaimed", worker=worker,
-                                           detail={"from_worker": holder, "lost_attempt": attempts}))
-                    verdict = decide("lost", job_id=job_id, epoch=r.epoch, attempt=attempts,
-                                     max_attempts=r.max_attempts, backoff=backoff, cancelled=job_id in cancels)
-                    if verdict.status == "cancelled":
-                        job_updates.append(dict(b_id=job_id, status="cancelled", run_at=now, error=error,
-                                                finished_at=now, attempts=attempts))
-                        event_rows.append(dict(job_id=job_id, at=now, event="cancelled", worker=worker,
-                                               detail={"attempt": attempts, "outcome": "lost"}))
-                        plan.settlements.append(verdict.settlement(job_id, r.priority))
-                        plan.cancelled += 1
+                _, status, type_, payload, priority, attempts, max_attempts, epoch, run_at, _ = raw
+                payload = d.payload_in(payload)
+                if attempts or status == "processing":  # not the first attempt of a pending job: the rare cases
+                    r = ClaimRow(job_id, status, type_, payload, priority, attempts, max_attempts, epoch,
+                                 d.ts_in(run_at))
+                    if r.status == "pending" and r.run_at > now + NOT_DUE_SLACK:
+                        # a retry whose Redis settle never arrived (its lease expired instead): not due
+                        # before run_at (docs/semantics.md#order), so it goes back to wait, without an attempt
+                        wait_ms = int((r.run_at - now).total_seconds() * 1000)
+                        settlements.append(Settlement(job_id, "retry", wait_ms, r.priority))
                         continue
-                    if verdict.dead:
-                        job_updates.append(dict(b_id=job_id, status="failed", run_at=now, error=error,
-                                                finished_at=now, attempts=attempts))
-                        event_rows += [dict(job_id=job_id, at=now, event="failed", worker=worker,
-                                            detail={"attempt": attempts, "outcome": "lost"}),
-                                       dict(job_id=job_id, at=now, event="dead", worker=worker, detail=None)]
-                        plan.settlements.append(verdict.settlement(job_id, r.priority))
-                        plan.failed += 1
+                    previous = open_attempts.get(job_id)
+                    if again and r.status == "processing" and previous is not None and previous.worker == worker:
+                        runnable.append(Runnable(job_id, r.type, r.payload, r.priority, previous.attempt,
+                                                 r.max_attempts, r.epoch, previous.started_at))
                         continue
-                    if verdict.delay > 0:
-                        job_updates.append(dict(b_id=job_id, status="pending",
-                                                run_at=now + timedelta(seconds=verdict.delay),
-                                                error=error, finished_at=None, attempts=attempts))
-                        event_rows.append(dict(job_id=job_id, at=now, event="retry_scheduled", worker=worker,
-                                               detail={"attempt": attempts, "delay_s": round(verdict.delay, 3)}))
-                        plan.settlements.append(verdict.settlement(job_id, r.priority))
-                        plan.retried += 1
-                        continue
-                    # a retry due at once: this worker holds the lease, so it runs the next attempt now
+                    if r.status == "processing":
+                        # the previous holder's lease expired: that attempt was lost
+                        plan.lost += 1
+                        holder = previous.worker if previous else (reclaimed.get(job_id) or "unknown")
+                        error = lost_error(holder)
+                        if previous is not None:
+                            duration = (now - previous.started_at).total_seconds() * 1000
+                            lost_rows.append(dict(b_job=job_id, b_epoch=previous.epoch, b_attempt=previous.attempt,
+                                                  finished_at=now, duration_ms=duration, error=error,
+                                                  fingerprint=fingerprint(error)))
+                        event_rows.append(_event(job_id, at, "reclaimed", worker,
+                                                 {"from_worker": holder, "lost_attempt": attempts}))
+                        verdict = decide("lost", job_id=job_id, epoch=r.epoch, attempt=attempts,
+                                         max_attempts=r.max_attempts, backoff=backoff, cancelled=job_id in cancels)
+                        if verdict.status == "cancelled":
+                            job_updates.append(dict(b_id=job_id, status="cancelled", run_at=now, error=error,
+                                                    finished_at=now, attempts=attempts))
+                            event_rows.append(_event(job_id, at, "cancelled", worker,
+                                                     {"attempt": attempts, "outcome": "lost"}))
+                            settlements.append(verdict.settlement(job_id, r.priority))
+                            plan.cancelled += 1
+                            continue
+                        if verdict.dead:
+                            job_updates.append(dict(b_id=job_id, status="failed", run_at=now, error=error,
+                                                    finished_at=now, attempts=attempts))
+                            event_rows += [_event(job_id, at, "failed", worker, {"attempt": attempts, "outcome": "lost"}),
+                                           _event(job_id, at, "dead", worker, None)]
+                            settlements.append(verdict.settlement(job_id, r.priority))
+                            plan.failed += 1
+                            continue
+                        if verdict.delay > 0:
+                            job_updates.append(dict(b_id=job_id, status="pending",
+                                                    run_at=now + timedelta(seconds=verdict.delay),
+                                                    error=error, finished_at=None, attempts=attempts))
+                            event_rows.append(_event(job_id, at, "retry_scheduled", worker,
+                                                     {"attempt": attempts, "delay_s": round(verdict.delay, 3)}))
+                            settlements.append(verdict.settlement(job_id, r.priority))
+                            plan.retried += 1
+                            continue
+                        # a retry due at once: this worker holds the lease, so it runs the next attempt now
                 attempt = attempts + 1
-                claim_rows.append(dict(b_id=job_id, attempts=attempt, now=now))
-                attempt_rows.append(dict(job_id=job_id, epoch=r.epoch, attempt=attempt, worker=worker, started_at=now))
-                event_rows.append(dict(job_id=job_id, at=now, event="claimed", worker=worker,
-                                       detail=f'{{"attempt":{attempt}}}'))
-                plan.runnable.append(Runnable(id=job_id, type=r.type, payload=r.payload, priority=r.priority,
-                                              attempt=attempt, max_attempts=r.max_attempts, epoch=r.epoch,
-                                              started_at=now))
+                claim_ids.append(job_id)
+                attempt_rows.append((job_id, epoch, attempt, worker, at))
+                event_rows.append((job_id, at, "claimed", worker, f'{{"attempt":{attempt}}}'))
+                runnable.append(Runnable(job_id, type_, payload, priority, attempt, max_attempts, epoch, now))
             if lost_rows:
                 conn.execute(update(job_attempts).where(
                     job_attempts.c.job_id == bindparam("b_job"), job_attempts.c.epoch == bindparam("b_epoch"),
@@ -253,13 +259,10 @@ class HotPath(LedgerBase):
                     finished_at=bindparam("finished_at"), attempts=bindparam("attempts"), updated_at=now),
                     job_updates)
                 self.statements += 1
-            if claim_rows:
+            if claim_ids:
                 # one statement for the whole batch: every claimed row gets its next attempt
-                at = self.driver.ts(now)
-                conn.exec_driver_sql(self.driver.with_ids(CLAIM_JOBS),
-                                     (at, at, self.driver.ids_arg([r["b_id"] for r in claim_rows])))
-                self.driver.run(conn, INSERT_ATTEMPT, [(a["job_id"], a["epoch"], a["attempt"], worker, at)
-                                                       for a in attempt_rows])
+                conn.exec_driver_sql(d.with_ids(CLAIM_JOBS), (at, at, d.ids_arg(claim_ids)))
+                d.run(conn, INSERT_ATTEMPT, attempt_rows)
                 self.statements += 2
             self._insert_events(conn, event_rows)
         return plan
@@ -312,88 +315,92 @@ class HotPath(LedgerBase):
             return plan
         pg = self.driver.pg
         with self._write() as conn:
-            current = {r[0]: FenceRow(*r) for r in self.driver.select_ids(
-                conn, SELECT_FENCE, [o.job.id for o in outcomes], lock=True)}
+            d = self.driver
+            # (id, status, attempts, epoch) as the driver returns them (FenceRow's order)
+            current = {r[0]: r for r in d.select_ids(conn, SELECT_FENCE, [o.job.id for o in outcomes], lock=True)}
             # read after the rows are locked: a cancel committed before this point ends its job cancelled
             cancels = cancel_requests(conn)
             self.statements += 2
             ended_cancelled: list[int] = []
-            d = self.driver
             at = d.ts(now)
             # rows in the driver's form, built directly: this loop runs once per job
             job_rows: list[tuple] = []
             attempt_rows: list[tuple] = []
-            event_rows: list[dict[str, Any]] = []
+            event_rows: list[tuple] = []
             released: list[dict[str, Any]] = []
+            settlements = plan.settlements
             for o in outcomes:
                 j = o.job
-                r = current.get(j.id)
-                if r is None or r.status != "processing" or r.attempts != j.attempt or r.epoch != j.epoch:
-                    if again and r is not None and r.attempts == j.attempt and r.epoch == j.epoch:
-                        plan.settlements.append(resend(j.id, r.status, j.priority))
+                job_id, attempt, epoch = j.id, j.attempt, j.epoch
+                r = current.get(job_id)
+                if r is None or r[1] != "processing" or r[2] != attempt or r[3] != epoch:
+                    if again and r is not None and r[2] == attempt and r[3] == epoch:
+                        settlements.append(resend(job_id, r[1], j.priority))
                         continue
-                    plan.fenced.append(j.id)
+                    plan.fenced.append(job_id)
                     continue
-                cancelled = j.id in cancels
+                cancelled = job_id in cancels
                 if o.outcome == "released":
-                    verdict = decide("released", job_id=j.id, epoch=j.epoch, attempt=j.attempt,
+                    verdict = decide("released", job_id=job_id, epoch=epoch, attempt=attempt,
                                      max_attempts=j.max_attempts, backoff=backoff, cancelled=cancelled)
-                    released.append(dict(b_id=j.id, b_epoch=j.epoch, b_attempt=j.attempt, b_status=verdict.status,
+                    released.append(dict(b_id=job_id, b_epoch=epoch, b_attempt=attempt, b_status=verdict.status,
                                          b_finished=now if cancelled else None))
-                    event_rows.append(dict(job_id=j.id, at=now, event="released", worker=worker,
-                                           detail={"attempt": j.attempt}))
+                    event_rows.append(_event(job_id, at, "released", worker, {"attempt": attempt}))
                     if cancelled:
-                        event_rows.append(dict(job_id=j.id, at=now, event="cancelled", worker=worker,
-                                               detail={"attempt": j.attempt, "outcome": "released"}))
-                        ended_cancelled.append(j.id)
+                        event_rows.append(_event(job_id, at, "cancelled", worker,
+                                                 {"attempt": attempt, "outcome": "released"}))
+                        ended_cancelled.append(job_id)
                         plan.cancelled += 1
                     else:
                         plan.released += 1
-                    plan.settlements.append(verdict.settlement(j.id, j.priority))
+                    settlements.append(verdict.settlement(job_id, j.priority))
                     continue
                 duration = (o.finished_at - j.started_at).total_seconds() * 1000
                 finished = d.ts(o.finished_at)
                 result, escaped = None, False
-                if o.outcome == "completed":
+                if o.outcome == "completed" and o.result is not None:
                     try:
                         result, escaped = storable.result_json(o.result, pg)
                     except ValueError as exc:
                         o = unstorable(o, exc)
-                error = storable.text(o.error, pg)
+                if o.error is None and o.traceback is None:  # a completed attempt: no text to check
+                    error = tb = key = None
+                else:
+                    error, tb = storable.text(o.error, pg), storable.text(o.traceback, pg)
+                    key = fingerprint(error, o.traceback)
                 asked_ms = None if o.retry_after is None else o.retry_after * 1000  # the delay the handler named
-                attempt_rows.append((o.outcome, finished, duration, error, storable.text(o.traceback, pg),
-                                     fingerprint(error, o.traceback), asked_ms, j.id, j.epoch, j.attempt))
-                verdict = decide(o.outcome, job_id=j.id, epoch=j.epoch, attempt=j.attempt, max_attempts=j.max_attempts,
+                attempt_rows.append((o.outcome, finished, duration, error, tb, key, asked_ms,
+                                     job_id, epoch, attempt))
+                verdict = decide(o.outcome, job_id=job_id, epoch=epoch, attempt=attempt, max_attempts=j.max_attempts,
                                  backoff=backoff, permanent=o.permanent, retry_after=o.retry_after,
                                  cancelled=cancelled)
-                plan.settlements.append(verdict.settlement(j.id, j.priority))
+                settlements.append(verdict.settlement(job_id, j.priority))
                 if verdict.status == "cancelled":
                     # the attempt keeps what happened; the job ends cancelled (its result or error kept)
-                    job_rows.append(("cancelled", result, error, finished, None, at, j.id))
-                    event_rows.append(dict(job_id=j.id, at=now, event="cancelled", worker=worker,
-                                           detail={"attempt": j.attempt, "outcome": o.outcome}))
-                    ended_cancelled.append(j.id)
+                    job_rows.append(("cancelled", result, error, finished, None, at, job_id))
+                    event_rows.append(_event(job_id, at, "cancelled", worker,
+                                             {"attempt": attempt, "outcome": o.outcome}))
+                    ended_cancelled.append(job_id)
                     plan.cancelled += 1
                 elif verdict.status == "completed":
-                    job_rows.append(("completed", result, None, finished, None, at, j.id))
+                    job_rows.append(("completed", result, None, finished, None, at, job_id))
                     flag = ',"escaped":"result"' if escaped else ""
-                    event_rows.append(dict(job_id=j.id, at=now, event="completed", worker=worker,
-                                           detail=f'{{"attempt":{j.attempt},"duration_ms":{duration:.3f}{flag}}}'))
+                    event_rows.append((job_id, at, "completed", worker,
+                                       f'{{"attempt":{attempt},"duration_ms":{duration:.3f}{flag}}}'))
                     plan.completed += 1
                 elif verdict.dead:
-                    job_rows.append(("failed", None, error, finished, None, at, j.id))
-                    event_rows += [dict(job_id=j.id, at=now, event="failed", worker=worker,
-                                        detail={"attempt": j.attempt, "outcome": o.outcome, "reason": verdict.reason}),
-                                   dict(job_id=j.id, at=now, event="dead", worker=worker, detail=None)]
+                    job_rows.append(("failed", None, error, finished, None, at, job_id))
+                    event_rows += [_event(job_id, at, "failed", worker,
+                                          {"attempt": attempt, "outcome": o.outcome, "reason": verdict.reason}),
+                                   _event(job_id, at, "dead", worker, None)]
                     plan.failed += 1
                 else:
                     delay = verdict.delay
-                    job_rows.append(("pending", None, error, None, d.ts(now + timedelta(seconds=delay)), at, j.id))
-                    detail = {"attempt": j.attempt, "outcome": o.outcome, "delay_s": round(delay, 3)}
+                    job_rows.append(("pending", None, error, None, d.ts(now + timedelta(seconds=delay)), at, job_id))
+                    detail = {"attempt": attempt, "outcome": o.outcome, "delay_s": round(delay, 3)}
                     if asked_ms is not None:
                         detail["retry_after_s"] = round(asked_ms / 1000, 3)
-                    event_rows.append(dict(job_id=j.id, at=now, event="retry_scheduled", worker=worker,
-                                           detail=detail))
+                    event_rows.append(_event(job_id, at, "retry_scheduled", worker, detail))
                     plan.retried += 1
             d.run(conn, SETTLE_JOB, job_rows)
             d.run(conn, SETTLE_ATTEMPT, attempt_rows)
@@ -412,10 +419,13 @@ class HotPath(LedgerBase):
             self._insert_events(conn, event_rows)
         return plan
 
-    def _insert_events(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
+    def _insert_events(self, conn: Connection, rows: Sequence[tuple]) -> None:
+        """Insert event rows in the driver's form (:func:`_event`)."""
         if rows:
-            d = self.driver
-            d.run(conn, INSERT_EVENT, [(e["job_id"], d.ts(e["at"]), e["event"], e["worker"],
-                                        e["detail"] if e["detail"] is None or isinstance(e["detail"], str)
-                                        else dumps(e["detail"])) for e in rows])
+            self.driver.run(conn, INSERT_EVENT, rows)
             self.statements += 1
+
+
+def _event(job_id: int, at: Any, event: str, worker: str | None, detail: dict[str, Any] | None) -> tuple:
+    """One ``job_events`` row in the driver's form: ``at`` as :meth:`DriverSQL.ts` gives it, the detail as JSON."""
+    return (job_id, at, event, worker, None if detail is None else dumps(detail))
