@@ -38,11 +38,16 @@ MAX_PAYLOAD_FILE_BYTES = 4 * MAX_PAYLOAD_BYTES
 ITEM_KEYS = frozenset({"type", "payload", "priority", "max_attempts", "delay", "key"})
 #: values that end a JSON walk: a payload object holding only these is one level deep with nothing to collide
 _LEAF_TYPES = frozenset({str, int, float, bool, type(None)})
+_STR_TYPE = frozenset({str})
+
+
+#: one encoder for every call: ``json.dumps`` with options builds a new one each time (half its cost for a small value)
+_COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 
 
 def compact_json(value: Any) -> str:
     """The canonical text of a JSON value: compact, UTF-8, no NaN."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return _COMPACT(value)
 
 
 def jsonable(value: Any) -> Any:
@@ -170,8 +175,8 @@ def check_payload(payload: Any) -> str:
     if not isinstance(payload, Mapping):
         raise BadInput(f"payload must be a JSON object (got {type(payload).__name__})")
     # the common payload, a flat dict with text keys, needs neither walk (enqueue_many validates per item)
-    flat = type(payload) is dict and all(type(k) is str for k in payload) and all(
-        type(v) in _LEAF_TYPES for v in payload.values())
+    flat = (type(payload) is dict and _STR_TYPE.issuperset(map(type, payload))
+            and _LEAF_TYPES.issuperset(map(type, payload.values())))
     if not flat:
         if json_depth(payload) > MAX_JSON_DEPTH:
             raise BadInput(f"payload nests deeper than {MAX_JSON_DEPTH} levels of objects and arrays")
@@ -263,8 +268,8 @@ def new_job(type: Any, payload: Any, *, priority: Any = 0, max_attempts: Any = 3
     if owner is not None and (not isinstance(owner, str) or not owner or len(owner) > MAX_OWNER_LENGTH
                               or "\x00" in owner):
         raise BadInput(f"owner must be a non-empty string of at most {MAX_OWNER_LENGTH} characters without NUL")
-    return NewJob(type=type, payload=dict(payload), priority=priority, max_attempts=max_attempts,
-                  delay=float(delay), key=key, payload_text=text, owner=owner)
+    # positional (type, payload, priority, max_attempts, delay, key, payload_text, owner): once per enqueued job
+    return NewJob(type, dict(payload), priority, max_attempts, float(delay), key, text, owner)
 
 
 def new_job_from_item(item: Any, index: int) -> NewJob:

@@ -211,8 +211,12 @@ class Dispatch:
         known = all(len(item) == 4 for item in batch)
         typed = self._typed_push and known
         args: list[object] = [mode, _aging_arg(self.aging_s), "1" if typed else "0" if known else "-"]
-        for item in batch:
-            args += [item[0], item[1], max(0, int(item[2]))] + ([item[3]] if typed else [])
+        if typed:
+            for item in batch:
+                args += (item[0], item[1], max(0, int(item[2])), item[3])
+        else:
+            for item in batch:
+                args += (item[0], item[1], max(0, int(item[2])))
         added, now_ms, has_limits = self.backend.run("push", self.keys, args)
         self.clock.observe(int(now_ms))
         if int(added) == -1:  # refused untyped: the queue has limits now

@@ -6,7 +6,7 @@ import time
 from datetime import datetime, timedelta
 from typing import Any, Iterable, Mapping, Sequence
 
-from qkit.engine import faults
+from qkit.engine import faults, gcpause
 from qkit.backends import Backend, open_backend
 from qkit.engine.backoff import Backoff
 from qkit.config import DEFAULT_QUEUE, Settings, check_overrides, settings as resolve_settings
@@ -78,16 +78,17 @@ class Queue(ScheduleMethods):
         """
         if isinstance(items, (str, bytes, Mapping)):
             raise BadInput("enqueue_many takes a list of job objects")
-        jobs: list[NewJob] = []
-        total = 0
-        for i, item in enumerate(items):
-            if i == MAX_BATCH_ITEMS:  # refuse before validating the rest of a huge batch
-                raise BadInput(f"a batch holds at most {MAX_BATCH_ITEMS} jobs")
-            jobs.append(new_job_from_item(item, i))
-            total += len(jobs[-1].payload_text.encode())
-            if total > MAX_BATCH_BYTES:
-                raise BadInput(f"a batch holds at most {MAX_BATCH_BYTES} bytes of payload (item {i} passes it)")
-        return self._enqueue(jobs) if jobs else []
+        with gcpause.frozen():  # what existed before the batch is not scanned while its items are built
+            jobs: list[NewJob] = []
+            total = 0
+            for i, item in enumerate(items):
+                if i == MAX_BATCH_ITEMS:  # refuse before validating the rest of a huge batch
+                    raise BadInput(f"a batch holds at most {MAX_BATCH_ITEMS} jobs")
+                jobs.append(new_job_from_item(item, i))
+                total += len(jobs[-1].payload_text.encode())
+                if total > MAX_BATCH_BYTES:
+                    raise BadInput(f"a batch holds at most {MAX_BATCH_BYTES} bytes of payload (item {i} passes it)")
+            return self._enqueue(jobs) if jobs else []
 
     def _enqueue(self, jobs: Sequence[NewJob]) -> list[int]:
         return [job_id for job_id, _ in self._enqueue_results(jobs)]
@@ -110,7 +111,7 @@ class Queue(ScheduleMethods):
             if created:
                 # the ledger row is committed first: if this push is lost, the next burst pushes it again
                 self.dispatch.push(created, mode="new")
-                self._correct_times(host, t0, [(job_id, delay_ms) for job_id, _, delay_ms, _ in created],
+                self._correct_times(host, t0, ((job_id, delay_ms) for job_id, _, delay_ms, _ in created),
                                     created=True)
         finally:
             self.ledger.sync()
@@ -126,7 +127,7 @@ class Queue(ScheduleMethods):
         t0 = time.monotonic()
         return (None if redis_now() else utcnow()), t0
 
-    def _correct_times(self, host: datetime | None, t0: float, jobs: Sequence[tuple[int, int]], *,
+    def _correct_times(self, host: datetime | None, t0: float, jobs: Iterable[tuple[int, int]], *,
                        created: bool) -> None:
         """After a process's first script reply: re-write times taken from a host clock that is off.
 

@@ -20,6 +20,8 @@ MAX_RESULT_BYTES = 256 * 1024
 ESCAPED = " [qkit: unstorable characters escaped]"
 TRUNCATED = "…[truncated]"
 _MARK_BYTES = len((ESCAPED + TRUNCATED).encode())
+#: ``json.dumps(value, separators=(",", ":"), ensure_ascii=False)`` without building an encoder per call
+_DUMPS = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 def _escape(value: str, pg: bool) -> str:
@@ -73,12 +75,12 @@ def result_json(value: Any, pg: bool) -> tuple[str | None, bool]:
     """
     if value is None:
         return None, False
-    dumped = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    dumped = _DUMPS(value)
     escaped = False
     if not dumped.isascii() or (pg and "\\u0000" in dumped):
         if _needs_escape(dumped, pg) or (pg and "\\u0000" in dumped):
             value, escaped = _clean(value, pg), True
-            dumped = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+            dumped = _DUMPS(value)
     if len(dumped) > MAX_RESULT_BYTES // 4 and len(dumped.encode("utf-8")) > MAX_RESULT_BYTES:
         raise ValueError(f"the stored result would be over {MAX_RESULT_BYTES} bytes")
     return dumped, escaped

@@ -9,7 +9,6 @@ burst; ``async def`` handlers run on one event loop per burst (:mod:`qkit.engine
 """
 from __future__ import annotations
 
-import gc
 import os
 import re
 import signal
@@ -22,7 +21,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Callable
 
 from qkit.config import redact
-from qkit.engine import faults
+from qkit.engine import faults, gcpause
 from qkit.engine.aio import AsyncRunner
 from qkit.engine.batches import BatchRunner
 from qkit.engine.lifecycle import Settlement
@@ -151,7 +150,7 @@ class Worker(BatchRunner):
         status, error = "ok", None
         # what exists before the burst (modules, the engines' metadata) is not scanned by the cyclic GC
         # while it runs: about a sixth of a no-op job's CPU (bench/README.md#profiles); unfrozen at its end
-        gc.freeze()
+        gcpause.hold()
         try:
             prepared = q.prepare()
             if isinstance(prepared, dict) and prepared.get("paused") and not self.forever:
@@ -174,7 +173,7 @@ class Worker(BatchRunner):
             status, error = "failed", run_error(exc)
             raise
         finally:
-            gc.unfreeze()
+            gcpause.release()
             self._stop.set()
             if self._listener is not None:
                 self._listener.close()

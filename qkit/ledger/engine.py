@@ -257,5 +257,9 @@ def _first_line_only(ctx: Any) -> None:
         wrapped.args = (f"({type(orig).__module__}.{type(orig).__name__}) {lines[0]}",)
 
 
+#: ``json.dumps`` with these options, without building an encoder per call
+_DUMPS = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
 def dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return _DUMPS(value)

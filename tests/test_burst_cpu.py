@@ -1,0 +1,114 @@
+"""The CPU cuts of the burst and enqueue paths keep behaviour: the collector held and handed back,
+payloads and times read and written as before, the claim's rare paths (retries not due, lost attempts)."""
+from __future__ import annotations
+
+import gc
+import json
+import threading
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from qkit.engine import gcpause
+from qkit.ledger.driver_sql import DriverSQL
+
+
+class Cycle:
+    def __init__(self) -> None:
+        self.me = self
+
+
+def _collected(make) -> bool:
+    """Whether a reference cycle made by ``make`` before a collection is freed by it."""
+    import weakref
+
+    ref = weakref.ref(make())
+    gc.collect()
+    return ref() is None
+
+
+def test_frozen_keeps_old_garbage_until_the_last_holder_releases():
+    assert gc.get_freeze_count() == 0
+    old = Cycle()
+    ref = __import__("weakref").ref(old)
+    del old  # garbage now, but it existed when the first loop started
+    gcpause.hold()
+    try:
+        gcpause.hold()  # a second loop (another burst of the process) starts while the first runs
+        gcpause.release()
+        gc.collect()
+        assert ref() is not None, "the first holder still holds: what existed before it is not collected"
+        assert gc.get_freeze_count() > 0
+        assert _collected(Cycle), "garbage made while held is collected as usual"
+    finally:
+        gcpause.release()
+    assert gc.get_freeze_count() == 0
+    gc.collect()
+    assert ref() is None, "handed back at the last release: the old cycle is collected"
+
+
+def test_frozen_releases_when_the_block_raises():
+    with pytest.raises(RuntimeError):
+        with gcpause.frozen():
+            assert gc.get_freeze_count() > 0
+            raise RuntimeError("boom")
+    assert gc.get_freeze_count() == 0
+
+
+def test_holders_of_several_threads_unfreeze_once_all_are_done():
+    inside, leave = threading.Barrier(3), threading.Event()
+
+    def loop() -> None:
+        with gcpause.frozen():
+            inside.wait(10)
+            leave.wait(10)
+
+    threads = [threading.Thread(target=loop) for _ in range(2)]
+    for t in threads:
+        t.start()
+    inside.wait(10)
+    assert gc.get_freeze_count() > 0
+    leave.set()
+    for t in threads:
+        t.join(10)
+    assert gc.get_freeze_count() == 0
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('{}', {}),
+    ('{"a":1,"b":[1,2,{"c":null}],"d":"é\\u00e9"}', {"a": 1, "b": [1, 2, {"c": None}], "d": "éé"}),
+    (' {"a": 1} ', {"a": 1}),  # written by hand, with spaces: json.loads reads it
+    ('{"a":1}  \n', {"a": 1}),
+    ('{"a":NaN}', {"a": float("nan")}),
+])
+def test_payload_in_reads_what_json_loads_reads(text, expected):
+    got = DriverSQL("sqlite").payload_in(text)
+    assert json.dumps(got, sort_keys=True) == json.dumps(expected, sort_keys=True)
+    assert json.dumps(got, sort_keys=True) == json.dumps(json.loads(text), sort_keys=True)
+
+
+@pytest.mark.parametrize("text", ['{"a":1}{"b":2}', '{"a":1} x', '{"a":', "not json", "", '{"a":1,}'])
+def test_payload_in_refuses_what_json_loads_refuses(text):
+    with pytest.raises(ValueError):
+        json.loads(text)
+    assert DriverSQL("sqlite").payload_in(text) is None
+
+
+def test_payload_in_gives_each_row_its_own_object():
+    d = DriverSQL("sqlite")
+    a, b = d.payload_in('{"x":[]}'), d.payload_in('{"x":[]}')
+    a["x"].append(1)
+    assert b == {"x": []}
+
+
+@pytest.mark.parametrize("value", [
+    datetime(2026, 11, 30, 23, 59, 59, 999999, tzinfo=timezone.utc),
+    datetime(2026, 1, 2, 3, 4, 5, 0, tzinfo=timezone.utc),  # no microseconds: still written with six digits
+    datetime(2026, 1, 2, 3, 4, 5, 7, tzinfo=timezone(timedelta(hours=-5))),
+    datetime(999, 1, 2, 3, 4, 5, 6, tzinfo=timezone.utc),
+])
+def test_ts_writes_sqlalchemy_text_of_the_utc_time(value):
+    text = DriverSQL("sqlite").ts(value)
+    utc = value.astimezone(timezone.utc).replace(tzinfo=None)
+    assert text == utc.isoformat(sep=" ", timespec="microseconds")
+    assert datetime.fromisoformat(text) == utc
