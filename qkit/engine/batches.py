@@ -43,7 +43,7 @@ class BatchRunner:
             return Outcome(job, "failed", utcnow(), permanent=True,
                            error="InvalidPayload: the stored payload is not a JSON object (written outside qkit?)")
         ctx = JobContext(job.id, job.type, job.attempt, job.max_attempts, self.q.name, self.worker_id,
-                         reporter=self._job_progress.reporter(job), cancel_ids=self._cancel_ids)
+                         self._job_progress.reporter(job), self._cancel_ids)  # (reporter, cancel_ids)
         job.started_at = utcnow()
         run = run_async_in_context if handler.is_async else run_in_context
         return (lambda: run(ctx, handler.func, job.payload)), handler.timeout

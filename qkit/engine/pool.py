@@ -106,7 +106,7 @@ def outcome_of(job: Runnable, result: Any, exc: BaseException | None) -> Outcome
         if size > MAX_PAYLOAD_BYTES:
             return Outcome(job, "failed", finished,
                            error=f"BadResult: result is {size} bytes of JSON; the limit is {MAX_PAYLOAD_BYTES}")
-        return Outcome(job, "completed", finished, result=result)
+        return Outcome(job, "completed", finished, result)
     error = redact(f"{type(exc).__name__}: {exc}")
     tb = redact("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
     asked = directive(exc, finished)  # qkit.Permanent, qkit.Retry, a 429/503 Retry-After
