@@ -172,7 +172,7 @@ def json_depth(value: Any) -> int:
 
 def check_payload(payload: Any) -> str:
     """Return the compact JSON text of a valid payload, or refuse it."""
-    if not isinstance(payload, Mapping):
+    if type(payload) is not dict and not isinstance(payload, Mapping):  # (a dict skips the ABC's check)
         raise BadInput(f"payload must be a JSON object (got {type(payload).__name__})")
     # the common payload, a flat dict with text keys, needs neither walk (enqueue_many validates per item)
     flat = (type(payload) is dict and _STR_TYPE.issuperset(map(type, payload))
@@ -274,7 +274,7 @@ def new_job(type: Any, payload: Any, *, priority: Any = 0, max_attempts: Any = 3
 
 def new_job_from_item(item: Any, index: int) -> NewJob:
     """Validate one ``enqueue_many`` item, naming its position on refusal."""
-    if not isinstance(item, Mapping):
+    if type(item) is not dict and not isinstance(item, Mapping):  # (a dict skips the ABC's check)
         raise BadInput(f"item {index}: must be an object with 'type' and 'payload'")
     unknown = () if ITEM_KEYS.issuperset(item) else set(item) - ITEM_KEYS
     if unknown:

@@ -144,3 +144,16 @@ def test_a_new_sqlite_ledger_gets_large_pages_and_an_existing_one_keeps_its_own(
     ids = old.insert_jobs("q", [new_job("t", {"a": 1})])
     assert [created for _, created in ids] == [True]
     assert _page_size(old) == 4096
+
+
+def test_ts_of_times_in_sequence_across_seconds_days_and_years():
+    d = DriverSQL("sqlite")
+    start = datetime(2026, 12, 31, 23, 59, 58, 999990, tzinfo=timezone.utc)
+    steps = [timedelta(microseconds=3), timedelta(milliseconds=700), timedelta(seconds=60), timedelta(days=1),
+             timedelta(days=-400), timedelta(0), timedelta(microseconds=-5)]
+    value = start
+    for i in range(200):
+        value = value + steps[i % len(steps)]
+        fresh = datetime(value.year, value.month, value.day, value.hour, value.minute, value.second,
+                         value.microsecond, tzinfo=timezone.utc)  # a new object: not the one-value cache
+        assert d.ts(fresh) == value.replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds"), value

@@ -25,6 +25,7 @@ class DriverSQL:
     def __init__(self, dialect: str) -> None:
         self.pg = dialect == "postgresql"
         self._last_ts: tuple[Any, Any] = (None, None)
+        self._last_second: tuple[Any, str] = (None, "")  # (second, minute, hour, day, month, year), its text
 
     def sql(self, statement: str) -> str:
         if self.pg:
@@ -37,8 +38,12 @@ class DriverSQL:
             return value
         if value is self._last_ts[0]:  # a batch stamps many rows with the same time
             return self._last_ts[1]
-        if value.tzinfo is timezone.utc:  # qkit's own times (utcnow): the text without its "+00:00"
-            text_ = value.isoformat(" ", "microseconds")[:-6]
+        if value.tzinfo is timezone.utc:  # qkit's own times (utcnow): their second's text is kept
+            second = self._last_second
+            key = (value.second, value.minute, value.hour, value.day, value.month, value.year)
+            if key != second[0]:  # (a settle writes a finished_at per job, mostly within one second)
+                second = self._last_second = (key, value.isoformat(" ", "seconds")[:-6])
+            text_ = "%s.%06d" % (second[1], value.microsecond)
         else:
             text_ = value.astimezone(timezone.utc).replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
         self._last_ts = (value, text_)
