@@ -129,12 +129,12 @@ def test_a_full_disk_under_the_ledger_is_one_line_naming_it(env, tmp_path: Path)
     db = tmp_path / "small.sqlite3"
     small = {**env, "QKIT_DATABASE_URL": f"sqlite:///{db}"}
     assert cli(small, "enqueue", "t").returncode == 0  # the schema exists: only the job's write fails
-    size = db.stat().st_size
     payload = tmp_path / "p.json"
     payload.write_text(json.dumps({"blob": "x" * 200_000}))
 
-    def full() -> None:  # writes past the file's current size fail with EFBIG, like a full disk
-        resource.setrlimit(resource.RLIMIT_FSIZE, (size + 4096, size + 4096))
+    def full() -> None:  # writes past 64 KiB of a file fail with EFBIG, like a full disk: the job's WAL
+        # frames need ~200 KB (the database file itself may be larger: a new ledger's pages are 16 KiB)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
 
     line = one_line(cli(small, "enqueue", "t", "--payload", f"@{payload}", preexec_fn=full), 1)
     assert "ledger" in line and "QKIT_DATABASE_URL" in line
