@@ -78,17 +78,20 @@ def run_qkit(redis_url: str, database_url: str, home: Path, rate: float, seconds
             time.sleep(0.05)
         idle = idle_commands(client, 3.0)
         sent: dict[int, tuple[float, float]] = {}
-        sent_ns: dict[int, tuple[int, int, int, int]] = {}
+        sent_ns: dict[int, dict[str, int]] = {}
         n = int(rate * seconds)
         start = time.monotonic()
         for i in range(n):
             wait = start + i / rate - time.monotonic()
             if wait > 0:
                 time.sleep(wait)
+            waits = stamps.pop("lock_waits_ms", [])
+            stamps.clear()
+            stamps["lock_waits_ms"] = waits
             t0, n0 = time.time(), time.perf_counter_ns()
             job_id = q.enqueue("stamp", {})
             sent[job_id] = (t0, time.time())
-            sent_ns[job_id] = (n0, stamps.get("insert_start", 0), stamps.get("insert", 0), time.perf_counter_ns())
+            sent_ns[job_id] = {**stamps, "call": n0, "return": time.perf_counter_ns()}
         deadline = time.monotonic() + 120
         while True:
             done = {j.id: j for j in q.jobs(status="completed", limit=n + 10)}

@@ -5,7 +5,7 @@ changes) and appends one JSON line per wake-up that claimed something to ``QKIT_
 ``perf_counter_ns`` (CLOCK_MONOTONIC on Linux: the same clock in every process, so the producer's stamps
 compare) when the wake-up message was taken, when the claim script returned, when the ledger's claim
 committed, when the handler thread began, and, per job, when the handler began (the ``stamp`` handler
-returns it).  The producer stamps its call, its ledger insert's commit and its return.  :func:`summarise`
+returns it).  The producer stamps its call, its ledger insert, its push, its fsync and its return.  :func:`summarise`
 turns both into the per-step quantiles the bench prints.  The wrappers cost a few µs per wake-up.
 """
 from __future__ import annotations
@@ -45,7 +45,7 @@ def _count_lock_waits(waits: list, phase=lambda: "") -> None:
 def install_worker_probes(path: str) -> None:
     """Wrap the wake-up path of this (worker) process; one line per claiming wake-up goes to ``path``."""
     from qkit.backends.redis import PubSubListener
-    from qkit.engine import batches, pool
+    from qkit.engine import pool
     from qkit.engine.dispatch import Dispatch
     from qkit.ledger import Ledger
 
@@ -83,23 +83,12 @@ def install_worker_probes(path: str) -> None:
             rec["wake"] = _NS()
         return woke
 
-    claim = Dispatch.claim
-
-    def traced_claim(self, *a, **k):  # type: ignore[no-untyped-def]
-        t = _NS()
-        result = claim(self, *a, **k)
-        if result.claimed and "wake" in rec and "claim" not in rec:
-            rec.update(claim_start=t, claim=_NS(), ids=list(result.claimed))
-        return result
-
-    ledger_claim = Ledger.claim
-
-    def traced_ledger_claim(self, *a, **k):  # type: ignore[no-untyped-def]
-        t = _NS()
-        plan = ledger_claim(self, *a, **k)
-        if "claim" in rec and "ledger" not in rec:
-            rec.update(ledger_start=t, ledger=_NS())
-        return plan
+    PubSubListener.wait = traced_wait
+    # each step stamped once per wake-up, after the one before it (later claims and settles are not this job's)
+    _stamp(Dispatch, "claim", rec, "claim", after="wake",
+           keep=lambda result: rec.update(ids=list(result.claimed)) if result.claimed else False)
+    _stamp(Ledger, "claim", rec, "ledger", after="claim")
+    _stamp(Ledger, "settle", rec, "settle", after="ledger")
 
     def stamp_thread(run):  # type: ignore[no-untyped-def]
         def traced(self, *a, **k):  # type: ignore[no-untyped-def]
@@ -108,25 +97,24 @@ def install_worker_probes(path: str) -> None:
             return run(self, *a, **k)
         return traced
 
-    # today's handler thread (a runner per batch) or a kept one, whichever this qkit has
-    for cls_name in ("SerialRunner", "HandlerThread"):
-        cls = getattr(pool, cls_name, None) or getattr(batches, cls_name, None)
-        if cls is not None and hasattr(cls, "_run_jobs"):
-            cls._run_jobs = stamp_thread(cls._run_jobs)
+    # the handler thread's batch loop, whether started per batch or kept for the burst
+    pool.SerialRunner._run_jobs = stamp_thread(pool.SerialRunner._run_jobs)
 
-    settle = Ledger.settle
 
-    def traced_settle(self, *a, **k):  # type: ignore[no-untyped-def]
+def _stamp(cls: type, name: str, rec: dict, key: str, after: str | None = None,
+           keep=lambda result: True) -> None:  # type: ignore[no-untyped-def]
+    """Wrap ``cls.name``: its start and end go into ``rec`` as ``key_start`` and ``key`` (once: the first
+    call after ``after`` was stamped, whose result ``keep`` accepts)."""
+    method = getattr(cls, name)
+
+    def traced(self, *a, **k):  # type: ignore[no-untyped-def]
         t = _NS()
-        plan = settle(self, *a, **k)
-        if "ledger" in rec and "settle" not in rec:
-            rec.update(settle_start=t, settle=_NS())
-        return plan
+        result = method(self, *a, **k)
+        if key not in rec and (after is None or after in rec) and keep(result) is not False:
+            rec[f"{key}_start"], rec[key] = t, _NS()
+        return result
 
-    PubSubListener.wait = traced_wait
-    Dispatch.claim = traced_claim
-    Ledger.claim = traced_ledger_claim
-    Ledger.settle = traced_settle
+    setattr(cls, name, traced)
 
 
 def worker_main() -> None:
@@ -140,30 +128,33 @@ def worker_main() -> None:
 
 
 def install_producer_probes(stamps: dict) -> None:
-    """Stamp the end of the ledger insert (its commit, with the fsync) of each enqueue in this process."""
+    """Stamp each enqueue's steps in this process: its ledger insert (the commit, not waiting for the disk
+    on SQLite), its push to Redis, its fsync of the write-ahead log (``Ledger.sync``, before it returns)."""
+    from qkit.engine.dispatch import Dispatch
     from qkit.ledger import Ledger
 
-    insert = Ledger.insert_jobs
-
-    def traced(self, *a, **k):  # type: ignore[no-untyped-def]
-        t = _NS()
-        results = insert(self, *a, **k)
-        stamps["insert_start"], stamps["insert"] = t, _NS()
-        return results
-
-    Ledger.insert_jobs = traced
+    _stamp(Ledger, "insert_jobs", stamps, "insert")
+    _stamp(Dispatch, "push", stamps, "push")
+    if hasattr(Ledger, "sync"):
+        _stamp(Ledger, "sync", stamps, "sync")
     stamps["lock_waits_ms"] = []
     _count_lock_waits(stamps["lock_waits_ms"])
 
 
-def summarise(path: str, sent: dict[int, tuple[int, int, int, int]], handler_ns: dict[int, int],
-              producer_waits: list[float]) -> dict:
-    """Per-step quantiles (ms).  ``sent``: job -> (call, insert start, insert committed, return) in ns."""
-    ms = lambda a, b: (b - a) / 1e6  # noqa: E731
-    steps: dict[str, list[float]] = {k: [] for k in (
-        "call_to_insert", "insert_incl_commit", "insert_to_return_push", "return_to_wake", "wake_to_claim_start",
-        "claim_script", "claim_to_ledger_start", "ledger_claim", "ledger_to_thread", "thread_to_handler",
-        "handler_to_settle_start", "ledger_settle", "wake_to_handler")}
+def summarise(path: str, sent: dict[int, dict], handler_ns: dict[int, int], producer_waits: list) -> dict:
+    """Per-step quantiles (ms) of the jobs that had a wake-up of their own.  ``sent``: job -> the producer's
+    stamps (ns): ``call``, ``insert_start``/``insert``, ``push_start``/``push``, ``sync_start``/``sync``, ``return``."""
+    pairs = {  # step: (from, to), a stamp of the producer's (p.), the worker's (w.) or the handler's start (h)
+        "call_to_insert": ("p.call", "p.insert_start"), "insert_commit": ("p.insert_start", "p.insert"),
+        "push_script": ("p.push_start", "p.push"), "sync_fsync": ("p.sync_start", "p.sync"),
+        "enqueue_call": ("p.call", "p.return"),
+        "push_reply_to_wake": ("p.push", "w.wake"), "wake_to_claim_start": ("w.wake", "w.claim_start"),
+        "claim_script": ("w.claim_start", "w.claim"), "claim_to_ledger_start": ("w.claim", "w.ledger_start"),
+        "ledger_claim": ("w.ledger_start", "w.ledger"), "ledger_to_thread": ("w.ledger", "w.thread"),
+        "thread_to_handler": ("w.thread", "h"), "wake_to_handler": ("w.wake", "h"),
+        "return_to_handler": ("p.return", "h"), "handler_to_settle_start": ("h", "w.settle_start"),
+        "ledger_settle": ("w.settle_start", "w.settle")}
+    steps: dict[str, list[float]] = {k: [] for k in pairs}
     gcs = 0
     worker_waits: list = []
     with open(path) as fh:
@@ -174,24 +165,12 @@ def summarise(path: str, sent: dict[int, tuple[int, int, int, int]], handler_ns:
             if len(r["ids"]) != 1 or r["ids"][0] not in sent or r["ids"][0] not in handler_ns:
                 continue  # a batch of several: its first job's own path is not the others'
             job = r["ids"][0]
-            call, ins0, ins1, ret = sent[job]
-            h = handler_ns[job]
-            steps["call_to_insert"].append(ms(call, ins0))
-            steps["insert_incl_commit"].append(ms(ins0, ins1))
-            steps["insert_to_return_push"].append(ms(ins1, ret))
-            steps["return_to_wake"].append(ms(ret, r["wake"]))
-            steps["wake_to_claim_start"].append(ms(r["wake"], r["claim_start"]))
-            steps["claim_script"].append(ms(r["claim_start"], r["claim"]))
-            steps["claim_to_ledger_start"].append(ms(r["claim"], r["ledger_start"]))
-            steps["ledger_claim"].append(ms(r["ledger_start"], r["ledger"]))
-            if "thread" in r:
-                steps["ledger_to_thread"].append(ms(r["ledger"], r["thread"]))
-                steps["thread_to_handler"].append(ms(r["thread"], h))
-            if "settle" in r:
-                steps["handler_to_settle_start"].append(ms(h, r["settle_start"]))
-                steps["ledger_settle"].append(ms(r["settle_start"], r["settle"]))
-            steps["wake_to_handler"].append(ms(r["wake"], h))
-    out = {k: _q(v) for k, v in steps.items()}
+            at = {**{f"p.{k}": v for k, v in sent[job].items()}, **{f"w.{k}": v for k, v in r.items()},
+                  "h": handler_ns[job]}
+            for step, (a, b) in pairs.items():
+                if isinstance(at.get(a), int) and isinstance(at.get(b), int):
+                    steps[step].append((at[b] - at[a]) / 1e6)
+    out: dict = {k: _q(v) for k, v in steps.items()}
     out["single_job_wakeups"] = len(steps["wake_to_handler"])
     out["gc_collections"] = gcs
     # sleeps of BEGIN IMMEDIATE waiting for the other process's lock: how many, their total and longest step
