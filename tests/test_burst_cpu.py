@@ -157,3 +157,34 @@ def test_ts_of_times_in_sequence_across_seconds_days_and_years():
         fresh = datetime(value.year, value.month, value.day, value.hour, value.minute, value.second,
                          value.microsecond, tzinfo=timezone.utc)  # a new object: not the one-value cache
         assert d.ts(fresh) == value.replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds"), value
+
+
+def test_a_lazy_context_is_built_once_on_the_first_ask_from_any_thread():
+    from qkit.engine.handlers import JobContext, LazyContext, current_job, run_in_context
+
+    made: list[object] = []
+
+    def reporter_of(job):
+        made.append(job)
+        return lambda fraction, note: None
+
+    lazy = LazyContext(7, "t", 2, 5, "q", "w-1", reporter_of, "the job", frozenset({7}))
+    assert made == []  # nothing built until a handler asks
+    seen: list[JobContext | None] = []
+
+    def handler(payload):
+        threads = [threading.Thread(target=lambda: seen.append(lazy.get())) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        return current_job(), current_job()
+
+    first, second = run_in_context(lazy, handler, {})
+    assert first is second and all(s is first for s in seen) and made == ["the job"]
+    assert (first.id, first.type, first.attempt, first.max_attempts, first.queue, first.worker) == (
+        7, "t", 2, 5, "q", "w-1")
+    assert first.cancel_requested
+    assert current_job() is None  # outside the handler again
+    plain = JobContext(1, "t", 1, 3, "q", "w")
+    assert run_in_context(plain, lambda p: current_job(), {}) is plain

@@ -12,7 +12,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from qkit.engine.aio import split_async
-from qkit.engine.handlers import JobContext, get_handler, run_async_in_context, run_in_context
+from qkit.engine.handlers import LazyContext, get_handler, run_async_in_context, run_in_context
 from qkit.engine.lifecycle import Outcome, Runnable
 from qkit.engine.pool import HandlerPool, kill_children_of, outcome_of, timeout_outcome
 from qkit.ledger import utcnow
@@ -42,8 +42,8 @@ class BatchRunner:
         if not isinstance(job.payload, dict):
             return Outcome(job, "failed", utcnow(), permanent=True,
                            error="InvalidPayload: the stored payload is not a JSON object (written outside qkit?)")
-        ctx = JobContext(job.id, job.type, job.attempt, job.max_attempts, self.q.name, self.worker_id,
-                         self._job_progress.reporter(job), self._cancel_ids)  # (reporter, cancel_ids)
+        ctx = LazyContext(job.id, job.type, job.attempt, job.max_attempts, self.q.name, self.worker_id,
+                          self._job_progress.reporter, job, self._cancel_ids)
         job.started_at = utcnow()
         run = run_async_in_context if handler.is_async else run_in_context
         return (lambda: run(ctx, handler.func, job.payload)), handler.timeout
