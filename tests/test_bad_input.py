@@ -133,7 +133,7 @@ def test_a_full_disk_under_the_ledger_is_one_line_naming_it(env, tmp_path: Path)
     payload.write_text(json.dumps({"blob": "x" * 200_000}))
 
     def full() -> None:  # writes past 64 KiB of a file fail with EFBIG, like a full disk: the job's WAL
-        # frames need ~200 KB (the database file itself may be larger: a new ledger's pages are 16 KiB)
+        # frames need ~200 KB, whatever the database file's own size (its page size)
         resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
 
     line = one_line(cli(small, "enqueue", "t", "--payload", f"@{payload}", preexec_fn=full), 1)

@@ -11,7 +11,6 @@ import pytest
 
 from qkit.engine import gcpause
 from qkit.ledger.driver_sql import DriverSQL
-from qkit.model import new_job
 
 
 class Cycle:
@@ -113,38 +112,6 @@ def test_ts_writes_sqlalchemy_text_of_the_utc_time(value):
     utc = value.astimezone(timezone.utc).replace(tzinfo=None)
     assert text == utc.isoformat(sep=" ", timespec="microseconds")
     assert datetime.fromisoformat(text) == utc
-
-
-def _page_size(ledger) -> int:
-    with ledger.engine.connect() as conn:
-        return conn.exec_driver_sql("PRAGMA page_size").scalar()
-
-
-def test_a_new_sqlite_ledger_gets_large_pages_and_an_existing_one_keeps_its_own(tmp_path):
-    import sqlite3
-
-    from qkit.ledger import Ledger
-    from qkit.ledger.engine import PAGE_SIZE
-
-    new = Ledger(f"sqlite:///{tmp_path / 'new.sqlite3'}")
-    new.init_schema()
-    assert _page_size(new) == PAGE_SIZE == 16384
-    with new.engine.connect() as conn:
-        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
-
-    old_path = tmp_path / "old.sqlite3"
-    raw = sqlite3.connect(old_path)
-    raw.execute("PRAGMA page_size=4096")
-    raw.execute("CREATE TABLE t (x)")  # a database made before: its pages are 4096 bytes
-    raw.commit()
-    raw.close()
-    old = Ledger(f"sqlite:///{old_path}")
-    old.init_schema()
-    assert _page_size(old) == 4096
-    ids = old.insert_jobs("q", [new_job("t", {"a": 1})])
-    assert [created for _, created in ids] == [True]
-    assert _page_size(old) == 4096
-
 
 def test_ts_of_times_in_sequence_across_seconds_days_and_years():
     d = DriverSQL("sqlite")

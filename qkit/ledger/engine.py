@@ -26,10 +26,6 @@ if TYPE_CHECKING:
 #: the database failed mid-statement (disk full, I/O error, connection lost): the CLI words it in one line
 LedgerFailure = OperationalError
 
-#: page size of a new SQLite ledger (bytes); SQLite's default is 4096
-PAGE_SIZE = 16384
-_PAGE_SIZE_PRAGMA = "PRAGMA page_size=" + str(PAGE_SIZE)
-
 _SYNC_PRAGMAS = {"FULL": "PRAGMA synchronous=FULL", "NORMAL": "PRAGMA synchronous=NORMAL"}
 
 
@@ -95,10 +91,8 @@ class LedgerBase:
         def _on_connect(dbapi_conn: Any, record: Any) -> None:
             dbapi_conn.isolation_level = None  # qkit emits BEGIN itself, below
             cur = dbapi_conn.cursor()
-            # a new database only (an existing one keeps its pages): the hot path's batches touch runs of
-            # consecutive rows, and 16 KiB pages cut SQLite's CPU per job by ~6% (bench/README.md#profiles);
-            # the WAL is checkpointed at 1000 pages as before (SQLite's wal_autocheckpoint): ~16 MiB, was ~4 MiB
-            cur.execute(_PAGE_SIZE_PRAGMA)
+            # SQLite's default 4 KiB pages: 16 KiB saved ~1.5 us of CPU per job in a burst but cost a single
+            # enqueue ~40 us of CPU and ~0.07 ms more (bigger WAL frames to write and fsync; bench/README.md#profiles)
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA busy_timeout=60000")
