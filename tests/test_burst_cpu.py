@@ -155,3 +155,20 @@ def test_a_lazy_context_is_built_once_on_the_first_ask_from_any_thread():
     assert current_job() is None  # outside the handler again
     plain = JobContext(1, "t", 1, 3, "q", "w")
     assert run_in_context(plain, lambda p: current_job(), {}) is plain
+
+
+def test_a_second_holder_does_not_freeze_the_garbage_made_under_the_first():
+    import weakref
+
+    gcpause.hold()  # a --forever burst: it holds for the life of the process
+    try:
+        made = Cycle()
+        ref = weakref.ref(made)
+        del made  # garbage made while the burst runs
+        with gcpause.frozen():  # an enqueue_many of the same process
+            pass
+        gc.collect()
+        assert ref() is None, "the enqueue's hold froze the burst's garbage: it would never be collected"
+    finally:
+        gcpause.release()
+    assert gc.get_freeze_count() == 0
