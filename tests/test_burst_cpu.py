@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import threading
+from collections.abc import Mapping
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -27,7 +28,7 @@ def _collected(make) -> bool:
     return ref() is None
 
 
-def test_frozen_keeps_old_garbage_until_the_last_holder_releases():
+def test_hold_keeps_old_garbage_until_the_last_holder_releases():
     assert gc.get_freeze_count() == 0
     old = Cycle()
     ref = __import__("weakref").ref(old)
@@ -47,19 +48,12 @@ def test_frozen_keeps_old_garbage_until_the_last_holder_releases():
     assert ref() is None, "handed back at the last release: the old cycle is collected"
 
 
-def test_frozen_releases_when_the_block_raises():
-    with pytest.raises(RuntimeError):
-        with gcpause.frozen():
-            assert gc.get_freeze_count() > 0
-            raise RuntimeError("boom")
-    assert gc.get_freeze_count() == 0
-
-
-def test_holders_of_several_threads_unfreeze_once_all_are_done():
+def test_paused_turns_the_collector_off_until_the_last_overlapping_loop_ends():
+    assert gc.isenabled()
     inside, leave = threading.Barrier(3), threading.Event()
 
     def loop() -> None:
-        with gcpause.frozen():
+        with gcpause.paused():
             inside.wait(10)
             leave.wait(10)
 
@@ -67,11 +61,75 @@ def test_holders_of_several_threads_unfreeze_once_all_are_done():
     for t in threads:
         t.start()
     inside.wait(10)
-    assert gc.get_freeze_count() > 0
+    assert not gc.isenabled()
+    with gcpause.paused():  # a third, nested in time: ends first, the others still run
+        pass
+    assert not gc.isenabled()
     leave.set()
     for t in threads:
         t.join(10)
-    assert gc.get_freeze_count() == 0
+    assert gc.isenabled()
+
+
+def test_paused_ends_when_the_block_raises_and_leaves_a_disabled_collector_off():
+    with pytest.raises(RuntimeError):
+        with gcpause.paused():
+            raise RuntimeError("boom")
+    assert gc.isenabled()
+    gc.disable()  # the application turned it off itself
+    try:
+        with gcpause.paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def test_paused_leaves_a_frozen_heap_frozen():
+    gc.freeze()  # a pre-fork server froze its heap (Python's advice): an enqueue must not undo that
+    try:
+        before = gc.get_freeze_count()
+        with gcpause.paused():
+            pass
+        assert gc.get_freeze_count() == before > 0
+    finally:
+        gc.unfreeze()
+
+
+class Watching(Mapping):
+    """A payload that notes whether the collector is on each time enqueue_many reads it."""
+
+    seen: list[bool] = []
+
+    def __init__(self, **items) -> None:
+        self._items = items
+
+    def __getitem__(self, key):
+        Watching.seen.append(gc.isenabled())
+        return self._items[key]
+
+    def __iter__(self):
+        Watching.seen.append(gc.isenabled())
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def test_enqueue_many_pauses_the_collector_while_it_builds_and_writes_the_batch(embedded_home, tmp_path):
+    import qkit
+    from qkit.errors import BadInput
+
+    with qkit.connect("gcq", home=embedded_home, database_url=f"sqlite:///{tmp_path / 'l.sqlite3'}") as q:
+        Watching.seen = []
+        ids = q.enqueue_many([{"type": "t", "payload": Watching(n=i)} for i in range(3)])
+        assert Watching.seen and not any(Watching.seen), "items were read with the collector on"
+        assert gc.isenabled()
+        assert [q.get(i).payload for i in ids] == [{"n": 0}, {"n": 1}, {"n": 2}]
+        Watching.seen = []
+        with pytest.raises(BadInput):  # refused on its second item: the collector is back on all the same
+            q.enqueue_many([{"type": "t", "payload": Watching(n=1)}, {"type": "t", "payload": 1}])
+        assert Watching.seen and not any(Watching.seen) and gc.isenabled()
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -165,8 +223,8 @@ def test_a_second_holder_does_not_freeze_the_garbage_made_under_the_first():
         made = Cycle()
         ref = weakref.ref(made)
         del made  # garbage made while the burst runs
-        with gcpause.frozen():  # an enqueue_many of the same process
-            pass
+        gcpause.hold()  # a second burst of the same process (qkit serve)
+        gcpause.release()
         gc.collect()
         assert ref() is None, "the enqueue's hold froze the burst's garbage: it would never be collected"
     finally:

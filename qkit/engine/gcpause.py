@@ -1,12 +1,17 @@
-"""The cyclic garbage collector kept off what existed before a hot loop (a burst, a batch of enqueues).
+"""The cyclic garbage collector kept out of a hot loop's way (a burst, the building of an enqueue batch).
 
 A hot loop allocates objects that live until it ends (a batch's items, rows, jobs and outcomes), so the
 collector's full collections come round while it runs, and each scans the whole heap: the modules, the
 engines' metadata, a notebook's data.  That was about a sixth of a no-op job's CPU in a burst and in
-``enqueue_many`` (bench/README.md#profiles).  While a loop holds the collector (:func:`hold`, :func:`frozen`),
-what existed when the first of them started is in the permanent generation (``gc.freeze``) and is not
-scanned; what is made meanwhile is collected as usual.  When the last holder of the process releases, everything is
-handed back (``gc.unfreeze``): cyclic garbage among the frozen objects is collected from then on.
+``enqueue_many`` (bench/README.md#profiles).  Two ways, both counted per process so that loops of several
+threads (bursts of ``qkit serve``, a handler's enqueues) leave the collector as the first found it:
+
+- :func:`hold` / :func:`release`, a burst, which may last a process's life (``--forever``): what existed
+  when the first holder started is put in the permanent generation (``gc.freeze``) and not scanned, what
+  is made meanwhile is collected as usual; the last release hands it all back (``gc.unfreeze``).
+- :func:`paused`, a short loop (one ``enqueue_many``): no collection at all until it ends
+  (``gc.disable``), unless the collector was off already.  It leaves ``gc.freeze`` alone: a process that
+  froze its heap before forking (Python's advice for pre-fork servers) keeps it frozen.
 """
 from __future__ import annotations
 
@@ -16,7 +21,9 @@ from contextlib import contextmanager
 from typing import Iterator
 
 _lock = threading.Lock()
-_holders = 0  # loops of this process holding the collector now (bursts of `qkit serve`, enqueues of threads)
+_holders = 0  # bursts of this process holding the heap frozen now
+_pausers = 0  # short loops of this process with the collector paused now
+_we_disabled = False  # whether the first of those turned the collector off (it was on)
 
 
 def hold() -> None:
@@ -41,10 +48,20 @@ def release() -> None:
 
 
 @contextmanager
-def frozen() -> Iterator[None]:
-    """:func:`hold` for the length of a ``with`` block."""
-    hold()
+def paused() -> Iterator[None]:
+    """No cyclic collection during the ``with`` block (nor during others' that overlap it); the collector
+    is turned back on when the last of them ends, if the first found it on."""
+    global _pausers, _we_disabled
+    with _lock:
+        if _pausers == 0:
+            _we_disabled = gc.isenabled()
+            if _we_disabled:
+                gc.disable()
+        _pausers += 1
     try:
         yield
     finally:
-        release()
+        with _lock:
+            _pausers -= 1
+            if _pausers == 0 and _we_disabled:
+                gc.enable()

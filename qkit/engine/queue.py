@@ -78,7 +78,7 @@ class Queue(ScheduleMethods):
         """
         if isinstance(items, (str, bytes, Mapping)):
             raise BadInput("enqueue_many takes a list of job objects")
-        with gcpause.frozen():  # what existed before the batch is not scanned while its items are built
+        with gcpause.paused():  # no cyclic collection scans the heap while the batch is built and written
             jobs: list[NewJob] = []
             total = 0
             for i, item in enumerate(items):
