@@ -230,3 +230,18 @@ def test_a_second_holder_does_not_freeze_the_garbage_made_under_the_first():
     finally:
         gcpause.release()
     assert gc.get_freeze_count() == 0
+
+
+def test_hold_leaves_a_heap_the_application_froze_frozen():
+    gc.freeze()  # a pre-fork server froze its heap before it forked this worker
+    try:
+        before = gc.get_freeze_count()
+        gcpause.hold()
+        gcpause.release()
+        assert gc.get_freeze_count() == before > 0, "the burst unfroze the application's heap"
+    finally:
+        gc.unfreeze()
+    gcpause.hold()  # nothing frozen before: the burst freezes, and unfreezes at its end
+    assert gc.get_freeze_count() > 0
+    gcpause.release()
+    assert gc.get_freeze_count() == 0

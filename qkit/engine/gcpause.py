@@ -8,7 +8,8 @@ threads (bursts of ``qkit serve``, a handler's enqueues) leave the collector as 
 
 - :func:`hold` / :func:`release`, a burst, which may last a process's life (``--forever``): what existed
   when the first holder started is put in the permanent generation (``gc.freeze``) and not scanned, what
-  is made meanwhile is collected as usual; the last release hands it all back (``gc.unfreeze``).
+  is made meanwhile is collected as usual; the last release hands it all back (``gc.unfreeze``).  A heap
+  frozen by the application before (a pre-fork server, as Python advises) is left frozen.
 - :func:`paused`, a short loop (one ``enqueue_many``): no collection at all until it ends
   (``gc.disable``), unless the collector was off already.  It leaves ``gc.freeze`` alone: a process that
   froze its heap before forking (Python's advice for pre-fork servers) keeps it frozen.
@@ -22,6 +23,7 @@ from typing import Iterator
 
 _lock = threading.Lock()
 _holders = 0  # bursts of this process holding the heap frozen now
+_we_froze = False  # whether the first of them froze it (nothing was frozen before)
 _pausers = 0  # short loops of this process with the collector paused now
 _we_disabled = False  # whether the first of those turned the collector off (it was on)
 
@@ -30,12 +32,15 @@ def hold() -> None:
     """Freeze what exists now, unless another loop holds already; pair with :func:`release`.
 
     Only the first holder freezes: a later freeze would also take in the garbage made since the
-    first (a ``--forever`` burst holds for the life of the process), and never collect it."""
-    global _holders
+    first (a ``--forever`` burst holds for the life of the process), and never collect it.  A heap the
+    application froze itself (a pre-fork server) is left as it is, and not unfrozen at the end."""
+    global _holders, _we_froze
     with _lock:
         _holders += 1
         if _holders == 1:
-            gc.freeze()
+            _we_froze = gc.get_freeze_count() == 0  # (a walk of the frozen objects: once per burst)
+            if _we_froze:
+                gc.freeze()
 
 
 def release() -> None:
@@ -43,7 +48,7 @@ def release() -> None:
     global _holders
     with _lock:
         _holders -= 1
-        if _holders == 0:
+        if _holders == 0 and _we_froze:
             gc.unfreeze()
 
 
