@@ -387,7 +387,9 @@ def test_v2_sqlite_ledger_is_upgraded_in_place_and_stops_reusing_ids(tmp_path):
 
 # ------------------------------------------------------------------ item 12: durability
 def test_acknowledging_transactions_commit_with_synchronous_full(setup):
-    """Enqueue, replay and purge commit with synchronous=FULL (2) on SQLite: acknowledged means on disk."""
+    """Replay and purge commit with synchronous=FULL (2) on SQLite: acknowledged means on disk.  An enqueue
+    commits with NORMAL (1) and fsyncs the write-ahead log after its push, before it returns
+    (tests/test_enqueue_sync.py watches that order with strace)."""
     _only(setup, "embedded-sqlite", "upstash-sqlite")
     q = setup.connect(backoff_base=0)
     seen: dict[str, set[int]] = {}
@@ -405,7 +407,7 @@ def test_acknowledging_transactions_commit_with_synchronous_full(setup):
     q.enqueue("record", {}, key="durable")
     q.replay(ids[0])
     q.purge_dead()
-    assert seen == {"enqueue": {2}, "replay": {2}, "purge": {2}}
+    assert seen == {"enqueue": {1}, "replay": {2}, "purge": {2}}
 
 
 # ------------------------------------------------------------------ item 10: data never in error text

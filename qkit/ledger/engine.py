@@ -58,9 +58,10 @@ class LedgerBase:
         for engine in {self.engine, self.read_engine}:
             event.listen(engine, "handle_error", _first_line_only)
         self.dialect = self.engine.dialect.name
-        #: writes whose commit acknowledges something to a user (enqueue, replay, purge): on SQLite
-        #: they commit with synchronous=FULL, so an acknowledged enqueue survives a power loss
-        #: (docs/semantics.md#the-promise); the worker's own writes keep NORMAL (a lost outcome is re-run, never lost)
+        #: writes whose commit acknowledges something to a user (replay, purge, a schedule's fire): on SQLite
+        #: they commit with synchronous=FULL, so what was acknowledged survives a power loss; an enqueue commits
+        #: with NORMAL and calls :meth:`sync` before it returns (docs/semantics.md#the-promise); the worker's own
+        #: writes keep NORMAL (a lost outcome is re-run, never lost)
         self.durable_engine = self.engine.execution_options(qkit_durable=True)
         #: SQLite's write-ahead log, which :meth:`sync` flushes to disk (None on PostgreSQL or in memory)
         self.wal_path: str | None = None
