@@ -91,7 +91,8 @@ def test_paused_leaves_a_frozen_heap_frozen():
         before = gc.get_freeze_count()
         with gcpause.paused():
             pass
-        assert gc.get_freeze_count() == before > 0
+        # unfrozen would be 0; a few frozen objects may be freed meanwhile (other tests' threads)
+        assert gc.get_freeze_count() > before // 2 > 0
     finally:
         gc.unfreeze()
 
@@ -238,7 +239,8 @@ def test_hold_leaves_a_heap_the_application_froze_frozen():
         before = gc.get_freeze_count()
         gcpause.hold()
         gcpause.release()
-        assert gc.get_freeze_count() == before > 0, "the burst unfroze the application's heap"
+        # unfrozen would be 0; a few frozen objects may be freed meanwhile (other tests' threads)
+        assert gc.get_freeze_count() > before // 2 > 0, "the burst unfroze the application's heap"
     finally:
         gc.unfreeze()
     gcpause.hold()  # nothing frozen before: the burst freezes, and unfreezes at its end
