@@ -20,6 +20,8 @@ SCRIPT = """
 import os, qkit
 q = qkit.connect(queue="syncq")
 q.enqueue("noop", {"warm": 1})  # the first call loads the scripts and opens the connections
+if os.environ.get("CHDIR_AWAY"):
+    os.chdir("/")  # a relative ledger path must still name the same log
 os.write(1, b"MARK-BEFORE\\n")
 job_id = q.enqueue("noop", {"n": 2})
 os.write(1, b"MARK-ACKED\\n")
@@ -33,14 +35,18 @@ def setup(embedded_home, tmp_path):
     return embedded_sqlite_setup(embedded_home, tmp_path, "syncq")
 
 
-def test_enqueue_pushes_then_flushes_the_log_then_returns(setup, tmp_path):
+@pytest.mark.parametrize("relative", [False, True], ids=["absolute-path", "relative-path-then-chdir"])
+def test_enqueue_pushes_then_flushes_the_log_then_returns(setup, tmp_path, relative):
     if not shutil.which("strace"):
         pytest.skip("strace is not installed (scripts/setup.sh installs it)")
     setup.connect()  # the embedded server runs before the traced process (strace -f would follow its start)
+    env = setup.env()
+    if relative:  # QKIT_DATABASE_URL relative to the directory the process started in, which it then leaves
+        env.update(QKIT_DATABASE_URL="sqlite:///ledger.sqlite3", CHDIR_AWAY="1")
     log = tmp_path / "strace.txt"
     proc = subprocess.run(["strace", "-f", "-qq", "-y", "-s", "48", "-o", str(log),
                            "-e", "trace=fsync,fdatasync,sendto,sendmsg,write,writev", sys.executable, "-c", SCRIPT],
-                          env=setup.env(), capture_output=True, text=True, timeout=120)
+                          env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = log.read_text().splitlines()
     start = next(i for i, line in enumerate(lines) if "MARK-BEFORE" in line)

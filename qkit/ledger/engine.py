@@ -6,6 +6,7 @@ ledger module builds on (its engines, transactions and error wording).
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from typing import Any, TYPE_CHECKING
@@ -69,7 +70,8 @@ class LedgerBase:
             from sqlalchemy.engine import make_url
 
             database = make_url(url).database
-            self.wal_path = f"{database}-wal" if database and database != ":memory:" else None
+            # absolute now: SQLite opened it from this directory, and the process may change directory later
+            self.wal_path = os.path.abspath(f"{database}-wal") if database and database != ":memory:" else None
         self.statements = 0  # SQL statements sent, for cost figures
         self._writer: EventWriter | None = None  # background writer of lease_renewed events
         self._writer_lock = threading.Lock()
@@ -134,8 +136,6 @@ class LedgerBase:
         durable by itself: nothing to do."""
         if self.wal_path is None:
             return
-        import os
-
         try:
             fd = os.open(self.wal_path, os.O_RDONLY)  # opened each time: SQLite may delete and recreate it
         except FileNotFoundError:
