@@ -10,8 +10,9 @@ is returned unchanged after one cheap check.
 """
 from __future__ import annotations
 
-import json
 from typing import Any
+
+from qkit.model import compact_json
 
 #: stored error and traceback text is capped at this many UTF-8 bytes (64 KiB; docs/semantics.md#bad-input-and-caps)
 MAX_ERROR_BYTES = 64 * 1024
@@ -20,8 +21,6 @@ MAX_RESULT_BYTES = 256 * 1024
 ESCAPED = " [qkit: unstorable characters escaped]"
 TRUNCATED = "…[truncated]"
 _MARK_BYTES = len((ESCAPED + TRUNCATED).encode())
-#: ``json.dumps(value, separators=(",", ":"), ensure_ascii=False)`` without building an encoder per call
-_DUMPS = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 def _escape(value: str, pg: bool) -> str:
@@ -75,12 +74,12 @@ def result_json(value: Any, pg: bool) -> tuple[str | None, bool]:
     """
     if value is None:
         return None, False
-    dumped = _DUMPS(value)
+    dumped = compact_json(value)  # (NaN was refused when the handler returned: pool.outcome_of)
     escaped = False
     if not dumped.isascii() or (pg and "\\u0000" in dumped):
         if _needs_escape(dumped, pg) or (pg and "\\u0000" in dumped):
             value, escaped = _clean(value, pg), True
-            dumped = _DUMPS(value)
+            dumped = compact_json(value)
     if len(dumped) > MAX_RESULT_BYTES // 4 and len(dumped.encode("utf-8")) > MAX_RESULT_BYTES:
         raise ValueError(f"the stored result would be over {MAX_RESULT_BYTES} bytes")
     return dumped, escaped

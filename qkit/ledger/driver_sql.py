@@ -111,7 +111,6 @@ SELECT_CLAIM = ("SELECT id, status, type, payload, priority, attempts, max_attem
 OpenAttempt = namedtuple("OpenAttempt", "job_id attempt worker started_at epoch")
 SELECT_OPEN = ("SELECT job_id, attempt, worker, started_at, epoch FROM job_attempts"
                " WHERE job_id {ids} AND outcome IS NULL")
-FenceRow = namedtuple("FenceRow", "id status attempts epoch")
 SELECT_FENCE = "SELECT id, status, attempts, epoch FROM jobs WHERE id {ids}"
 INSERT_JOB = ("INSERT INTO jobs (id, queue, type, payload, status, priority, attempts, max_attempts, run_at,"
               " created_at, updated_at, epoch, owner) VALUES (?, ?, ?, {json}, 'pending', ?, 0, ?, ?, ?, ?, 0, ?)")

@@ -316,7 +316,7 @@ class HotPath(LedgerBase):
         pg = self.driver.pg
         with self._write() as conn:
             d = self.driver
-            # (id, status, attempts, epoch) as the driver returns them (FenceRow's order)
+            # (id, status, attempts, epoch) as the driver returns them (SELECT_FENCE's columns)
             current = {r[0]: r for r in d.select_ids(conn, SELECT_FENCE, [o.job.id for o in outcomes], lock=True)}
             # read after the rows are locked: a cancel committed before this point ends its job cancelled
             cancels = cancel_requests(conn)
